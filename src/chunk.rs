@@ -1,0 +1,270 @@
+//! Chunk geometry, BLAKE3 digests of chunks and blocks, zero detection and the whole-volume digest.
+//!
+//! Pure computation, no I/O and no tokio. The definitions here are the ones in `proto/PROTOCOL.md`
+//! ("Chunks, blocks and digests"): both agents must compute them identically.
+
+use std::fmt;
+
+/// The finest unit that travels: guests write 4 KiB blocks. Frozen in protocol version 1.
+pub const BLOCK_SIZE: u32 = 4096;
+/// The default chunk size (first level of comparison); see "Choosing the chunk size" in the protocol.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+/// The largest chunk: 64 blocks, so a set of blocks fits a `u64` mask. Frozen in protocol version 1.
+pub const MAX_CHUNK_SIZE: u32 = 64 * BLOCK_SIZE;
+/// Key-derivation context of the volume digest. Frozen in protocol version 1.
+const VOLUME_DIGEST_CONTEXT: &str = "blockmover v1 2026-11 volume digest";
+
+/// A BLAKE3 digest of a chunk, a block or a whole volume.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The BLAKE3 digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Digest(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// Lowercase hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..16])
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// How a volume of a given size splits into chunks and blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    volume_size: u64,
+    chunk_size: u32,
+}
+
+impl Geometry {
+    /// Checks the chunk size (a power of two from [`BLOCK_SIZE`] to [`MAX_CHUNK_SIZE`]).
+    pub fn new(volume_size: u64, chunk_size: u32) -> Result<Self, String> {
+        if !chunk_size.is_power_of_two() || !(BLOCK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(format!(
+                "chunk size {chunk_size} must be a power of two from {BLOCK_SIZE} to {MAX_CHUNK_SIZE}"
+            ));
+        }
+        Ok(Geometry {
+            volume_size,
+            chunk_size,
+        })
+    }
+
+    /// The volume size in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// `ceil(volume_size / chunk_size)`.
+    pub fn chunk_count(&self) -> u64 {
+        self.volume_size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// Byte offset and length of chunk `index` (the last chunk may be short).
+    pub fn chunk_range(&self, index: u64) -> (u64, usize) {
+        let offset = index * u64::from(self.chunk_size);
+        let len = (self.volume_size.saturating_sub(offset)).min(u64::from(self.chunk_size));
+        (offset, len as usize)
+    }
+
+    /// How many blocks chunk `index` holds.
+    pub fn blocks_in_chunk(&self, index: u64) -> u32 {
+        blocks_in(self.chunk_range(index).1)
+    }
+}
+
+/// How many blocks a chunk of `len` bytes holds (the last one may be short).
+pub fn blocks_in(len: usize) -> u32 {
+    len.div_ceil(BLOCK_SIZE as usize) as u32
+}
+
+/// The byte range of block `b` inside a chunk of `chunk_len` bytes.
+pub fn block_range(chunk_len: usize, b: u32) -> std::ops::Range<usize> {
+    let start = b as usize * BLOCK_SIZE as usize;
+    start..(start + BLOCK_SIZE as usize).min(chunk_len)
+}
+
+/// Whether every byte is zero. Written as an OR-fold over fixed slices so that it vectorises.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |acc, b| acc | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// What a scan learns about one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkSummary {
+    /// BLAKE3 of the chunk's bytes.
+    pub digest: Digest,
+    /// Whether the chunk is all zeros.
+    pub zero: bool,
+}
+
+/// Digests of all-zero chunks, precomputed so that zero chunks are detected without hashing them.
+#[derive(Clone, Debug)]
+pub struct ZeroDigests {
+    full: Digest,
+    last: Digest,
+    geometry: Geometry,
+}
+
+impl ZeroDigests {
+    /// Precomputes the digests of a full zero chunk and of the (possibly short) last one.
+    pub fn new(geometry: Geometry) -> Self {
+        let full = Digest::of(&vec![0u8; geometry.chunk_size() as usize]);
+        let last_len = geometry
+            .chunk_count()
+            .checked_sub(1)
+            .map_or(0, |i| geometry.chunk_range(i).1);
+        ZeroDigests {
+            full,
+            last: Digest::of(&vec![0u8; last_len]),
+            geometry,
+        }
+    }
+
+    /// The digest of zeros the length of chunk `index`.
+    pub fn for_chunk(&self, index: u64) -> Digest {
+        if index + 1 == self.geometry.chunk_count() {
+            self.last
+        } else {
+            self.full
+        }
+    }
+
+    /// Hashes chunk `index`, skipping BLAKE3 when it is all zeros.
+    pub fn summarize(&self, index: u64, bytes: &[u8]) -> ChunkSummary {
+        if is_zero(bytes) {
+            ChunkSummary {
+                digest: self.for_chunk(index),
+                zero: true,
+            }
+        } else {
+            ChunkSummary {
+                digest: Digest::of(bytes),
+                zero: false,
+            }
+        }
+    }
+}
+
+/// Digests of each block of a chunk, in order.
+pub fn block_digests(chunk: &[u8]) -> Vec<Digest> {
+    chunk.chunks(BLOCK_SIZE as usize).map(Digest::of).collect()
+}
+
+/// The whole-volume digest, fed chunk digests in chunk order.
+#[derive(Clone, Debug)]
+pub struct VolumeDigest {
+    hasher: blake3::Hasher,
+    next: u64,
+}
+
+impl VolumeDigest {
+    /// Starts the digest of a volume of this geometry.
+    pub fn new(geometry: Geometry) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key(VOLUME_DIGEST_CONTEXT);
+        hasher.update(&geometry.volume_size().to_le_bytes());
+        hasher.update(&geometry.chunk_size().to_le_bytes());
+        VolumeDigest { hasher, next: 0 }
+    }
+
+    /// Adds the digest of the next chunk.
+    pub fn push(&mut self, digest: &Digest) {
+        self.hasher.update(&digest.0);
+        self.next += 1;
+    }
+
+    /// How many chunk digests were pushed.
+    pub fn chunks(&self) -> u64 {
+        self.next
+    }
+
+    /// The digest over everything pushed.
+    pub fn finish(&self) -> Digest {
+        Digest(*self.hasher.finalize().as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_rejects_chunk_sizes_that_do_not_fit_a_block_mask() {
+        assert!(Geometry::new(1 << 20, 3000).is_err());
+        assert!(Geometry::new(1 << 20, 2048).is_err());
+        assert!(Geometry::new(1 << 20, 512 * 1024).is_err());
+        assert!(Geometry::new(1 << 20, 64 * 1024).is_ok());
+    }
+
+    #[test]
+    fn short_last_chunk_and_block_are_counted() {
+        let g = Geometry::new(3 * 65536 + 5000, 65536).expect("valid geometry");
+        assert_eq!(g.chunk_count(), 4);
+        assert_eq!(g.chunk_range(3), (3 * 65536, 5000));
+        assert_eq!(g.blocks_in_chunk(3), 2);
+        assert_eq!(block_range(5000, 1), 4096..5000);
+        assert_eq!(g.blocks_in_chunk(0), 16);
+    }
+
+    #[test]
+    fn zero_detection_matches_the_digest_of_zeros() {
+        let g = Geometry::new(65536 + 100, 65536).expect("valid geometry");
+        let z = ZeroDigests::new(g);
+        let s = z.summarize(1, &[0u8; 100]);
+        assert!(s.zero);
+        assert_eq!(s.digest, Digest::of(&[0u8; 100]));
+        let mut data = vec![0u8; 65536];
+        data[65535] = 1;
+        let s = z.summarize(0, &data);
+        assert!(!s.zero);
+        assert_eq!(s.digest, Digest::of(&data));
+    }
+
+    #[test]
+    fn is_zero_finds_a_byte_anywhere() {
+        for pos in [0usize, 63, 64, 4095, 4099] {
+            let mut v = vec![0u8; 4100];
+            assert!(is_zero(&v));
+            v[pos] = 0x80;
+            assert!(!is_zero(&v), "byte at {pos}");
+        }
+    }
+
+    #[test]
+    fn volume_digest_depends_on_order_and_geometry() {
+        let g = Geometry::new(2 * 65536, 65536).expect("valid geometry");
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let digest = |g, ds: &[Digest]| {
+            let mut v = VolumeDigest::new(g);
+            ds.iter().for_each(|d| v.push(d));
+            v.finish()
+        };
+        assert_ne!(digest(g, &[a, b]), digest(g, &[b, a]));
+        let g2 = Geometry::new(2 * 65536 - 1, 65536).expect("valid geometry");
+        assert_ne!(digest(g, &[a, b]), digest(g2, &[a, b]));
+    }
+}

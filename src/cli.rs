@@ -1,0 +1,151 @@
+//! Command-line types (clap only), turned into the library's validated configurations.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use blockmover::chunk::DEFAULT_CHUNK_SIZE;
+use blockmover::destination::DestinationConfig;
+use blockmover::net::Timeouts;
+use blockmover::source::SourceConfig;
+use blockmover::tls::Psk;
+
+/// Replicate block volumes over TLS, sending only the 4 KiB blocks that changed.
+#[derive(Debug, Parser)]
+#[command(version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a new key file in VolSync's format (volsync:<128 hex digits>), mode 0600.
+    Keygen {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Receive a sync into a target block device or file.
+    Destination(DestinationArgs),
+    /// Send a snapshot (block device or file) to a destination.
+    Source(SourceArgs),
+    /// Make a sample volume, sync it, change 1% in scattered 4 KiB writes, sync again, and print the figures.
+    Demo(DemoArgs),
+}
+
+/// Flags shared by both agents.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Key file: <identity>:<hex secret> (VolSync rsync-tls format).
+    #[arg(long)]
+    pub psk: PathBuf,
+    /// Write a VolSync-shaped status (JSON) here.
+    #[arg(long)]
+    pub status: Option<PathBuf>,
+    /// Fail when the peer is silent this long (seconds).
+    #[arg(long, default_value_t = 600)]
+    pub idle_timeout: u64,
+    /// Limit on connect, TLS handshake, authentication and hello, each (seconds).
+    #[arg(long, default_value_t = 30)]
+    pub handshake_timeout: u64,
+}
+
+impl Common {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: Duration::from_secs(self.handshake_timeout),
+            handshake: Duration::from_secs(self.handshake_timeout),
+            idle: Duration::from_secs(self.idle_timeout),
+        }
+    }
+}
+
+/// `blockmover destination`.
+#[derive(Debug, Args)]
+pub struct DestinationArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8000 or 127.0.0.1:0.
+    #[arg(long)]
+    pub listen: String,
+    /// Target block device or file (must exist and hold at least the volume).
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Keep accepting syncs instead of exiting after one.
+    #[arg(long)]
+    pub serve: bool,
+    /// Shared flags.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `blockmover source`.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// Destination address, host:port.
+    #[arg(long)]
+    pub connect: String,
+    /// The snapshot to send: block device or file.
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// First-level chunk size in bytes (power of two, 4096..=262144).
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+    pub chunk_size: u32,
+    /// zstd compression level for changed blocks.
+    #[arg(long, default_value_t = 1)]
+    pub zstd_level: i32,
+    /// Shared flags.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `blockmover demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Sample volume size in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub size_mib: u64,
+    /// Share of 4 KiB blocks changed between the two syncs, in percent.
+    #[arg(long, default_value_t = 1.0)]
+    pub change_percent: f64,
+    /// Seed of the sample data and of the change.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Work here instead of a temporary directory (kept afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+impl DestinationArgs {
+    /// The validated configuration.
+    pub fn config(&self) -> blockmover::Result<DestinationConfig> {
+        Ok(DestinationConfig {
+            listen: self.listen.clone(),
+            target: self.target.clone(),
+            psk: Psk::load(&self.common.psk)?,
+            status: self.common.status.clone(),
+            serve: self.serve,
+            timeouts: self.common.timeouts(),
+        })
+    }
+}
+
+impl SourceArgs {
+    /// The validated configuration.
+    pub fn config(&self) -> blockmover::Result<SourceConfig> {
+        blockmover::chunk::Geometry::new(0, self.chunk_size).map_err(blockmover::Error::Config)?;
+        Ok(SourceConfig {
+            connect: self.connect.clone(),
+            volume: self.volume.clone(),
+            psk: Psk::load(&self.common.psk)?,
+            chunk_size: self.chunk_size,
+            zstd_level: self.zstd_level,
+            timeouts: self.common.timeouts(),
+        })
+    }
+}

@@ -1,0 +1,685 @@
+//! Frames and messages of the wire protocol, and the framed reader and writer over a byte stream.
+//!
+//! The specification, with byte tables, is `proto/PROTOCOL.md`; this module implements it. A header is checked
+//! (magic, version, length bound) before any payload memory is reserved, and a partial frame is a state of the
+//! reader, not an error, until the stream ends.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::chunk::Digest;
+use crate::error::{Error, Result};
+
+/// First two bytes of every frame ("BM"). Frozen.
+pub const MAGIC: [u8; 2] = *b"BM";
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Frame header length in bytes. Frozen.
+pub const HEADER_LEN: usize = 8;
+/// The largest payload a frame may carry. Frozen.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// The most digests one DIGESTS frame may carry.
+pub const MAX_DIGESTS_PER_FRAME: usize = 4096;
+/// The longest ABORT message, in bytes.
+pub const MAX_ABORT_MESSAGE: usize = 1024;
+
+/// Why a peer aborts a session (the ABORT frame's code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbortCode {
+    /// A message the protocol does not allow.
+    Protocol,
+    /// Protocol version mismatch.
+    Version,
+    /// The target cannot hold the volume.
+    TargetTooSmall,
+    /// An I/O error at the peer.
+    Io,
+    /// A chunk or the volume digest did not verify.
+    Digest,
+    /// The PSK proof did not verify.
+    Auth,
+    /// The peer was interrupted.
+    Cancelled,
+    /// The peer's configuration is wrong.
+    Config,
+    /// A code this build does not know.
+    Unknown(u16),
+}
+
+impl AbortCode {
+    fn to_u16(self) -> u16 {
+        match self {
+            AbortCode::Protocol => 1,
+            AbortCode::Version => 2,
+            AbortCode::TargetTooSmall => 3,
+            AbortCode::Io => 4,
+            AbortCode::Digest => 5,
+            AbortCode::Auth => 6,
+            AbortCode::Cancelled => 7,
+            AbortCode::Config => 8,
+            AbortCode::Unknown(c) => c,
+        }
+    }
+
+    fn from_u16(code: u16) -> Self {
+        match code {
+            1 => AbortCode::Protocol,
+            2 => AbortCode::Version,
+            3 => AbortCode::TargetTooSmall,
+            4 => AbortCode::Io,
+            5 => AbortCode::Digest,
+            6 => AbortCode::Auth,
+            7 => AbortCode::Cancelled,
+            8 => AbortCode::Config,
+            c => AbortCode::Unknown(c),
+        }
+    }
+
+    /// Whether the peer's failure may go away on a retry.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, AbortCode::Io | AbortCode::Cancelled)
+    }
+}
+
+/// How a DATA payload is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    /// The blocks as they are.
+    Raw,
+    /// One zstd frame of the concatenated blocks.
+    Zstd,
+}
+
+/// The changed blocks of one chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataFrame {
+    /// Chunk index.
+    pub chunk: u64,
+    /// Blocks carried as data.
+    pub send_mask: u64,
+    /// Blocks to zero.
+    pub zero_mask: u64,
+    /// Payload encoding.
+    pub encoding: Encoding,
+    /// Summed length of the blocks in `send_mask`.
+    pub raw_len: u32,
+    /// The encoded blocks.
+    pub payload: Bytes,
+}
+
+/// One protocol message (a frame's type and payload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// PSK proof.
+    Auth {
+        /// keyed BLAKE3 over the role label and the TLS exporter.
+        proof: [u8; 32],
+    },
+    /// The source announces the volume.
+    Hello {
+        /// Volume size in bytes.
+        volume_size: u64,
+        /// Chunk size in bytes.
+        chunk_size: u32,
+        /// Block size in bytes.
+        block_size: u32,
+    },
+    /// The destination accepts.
+    Ready {
+        /// Target size in bytes.
+        target_size: u64,
+        /// Max chunks announced and not acknowledged.
+        window: u32,
+    },
+    /// Source chunk digests, in order.
+    Digests {
+        /// Index of the first.
+        first: u64,
+        /// The digests.
+        digests: Vec<Digest>,
+    },
+    /// The destination asks for the changed blocks of a chunk.
+    Need {
+        /// Chunk index.
+        chunk: u64,
+        /// The target chunk's block digests, or `None` when the target chunk is all zeros.
+        blocks: Option<Vec<Digest>>,
+    },
+    /// Every chunk below `through` has been compared.
+    Ack {
+        /// Exclusive upper bound.
+        through: u64,
+    },
+    /// Changed blocks of a chunk.
+    Data(DataFrame),
+    /// The source has announced everything.
+    End {
+        /// Chunk count.
+        chunk_count: u64,
+        /// Volume size.
+        volume_size: u64,
+        /// Whole-volume digest.
+        digest: Digest,
+    },
+    /// The destination holds the volume durably.
+    Commit {
+        /// Chunk count.
+        chunk_count: u64,
+        /// Volume size.
+        volume_size: u64,
+        /// Whole-volume digest of what the target holds.
+        digest: Digest,
+    },
+    /// The sender gives up.
+    Abort {
+        /// Why.
+        code: AbortCode,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+mod kind {
+    pub const AUTH: u8 = 0x01;
+    pub const HELLO: u8 = 0x02;
+    pub const READY: u8 = 0x03;
+    pub const DIGESTS: u8 = 0x10;
+    pub const NEED: u8 = 0x11;
+    pub const ACK: u8 = 0x12;
+    pub const DATA: u8 = 0x13;
+    pub const END: u8 = 0x20;
+    pub const COMMIT: u8 = 0x21;
+    pub const ABORT: u8 = 0x7F;
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Auth { .. } => "AUTH",
+            Message::Hello { .. } => "HELLO",
+            Message::Ready { .. } => "READY",
+            Message::Digests { .. } => "DIGESTS",
+            Message::Need { .. } => "NEED",
+            Message::Ack { .. } => "ACK",
+            Message::Data(_) => "DATA",
+            Message::End { .. } => "END",
+            Message::Commit { .. } => "COMMIT",
+            Message::Abort { .. } => "ABORT",
+        }
+    }
+
+    /// Appends this message as one frame (header and payload) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let start = dst.len();
+        dst.put_slice(&MAGIC);
+        dst.put_u8(VERSION);
+        dst.put_u8(0);
+        dst.put_u32(0);
+        let ty = match self {
+            Message::Auth { proof } => {
+                dst.put_slice(proof);
+                kind::AUTH
+            }
+            Message::Hello {
+                volume_size,
+                chunk_size,
+                block_size,
+            } => {
+                dst.put_u64(*volume_size);
+                dst.put_u32(*chunk_size);
+                dst.put_u32(*block_size);
+                kind::HELLO
+            }
+            Message::Ready {
+                target_size,
+                window,
+            } => {
+                dst.put_u64(*target_size);
+                dst.put_u32(*window);
+                kind::READY
+            }
+            Message::Digests { first, digests } => {
+                dst.put_u64(*first);
+                dst.put_u32(digests.len() as u32);
+                digests.iter().for_each(|d| dst.put_slice(&d.0));
+                kind::DIGESTS
+            }
+            Message::Need { chunk, blocks } => {
+                dst.put_u64(*chunk);
+                match blocks {
+                    None => dst.put_u8(0),
+                    Some(ds) => {
+                        dst.put_u8(1);
+                        ds.iter().for_each(|d| dst.put_slice(&d.0));
+                    }
+                }
+                kind::NEED
+            }
+            Message::Ack { through } => {
+                dst.put_u64(*through);
+                kind::ACK
+            }
+            Message::Data(d) => {
+                dst.put_u64(d.chunk);
+                dst.put_u64(d.send_mask);
+                dst.put_u64(d.zero_mask);
+                dst.put_u8(match d.encoding {
+                    Encoding::Raw => 0,
+                    Encoding::Zstd => 1,
+                });
+                dst.put_u32(d.raw_len);
+                dst.put_slice(&d.payload);
+                kind::DATA
+            }
+            Message::End {
+                chunk_count,
+                volume_size,
+                digest,
+            }
+            | Message::Commit {
+                chunk_count,
+                volume_size,
+                digest,
+            } => {
+                dst.put_u64(*chunk_count);
+                dst.put_u64(*volume_size);
+                dst.put_slice(&digest.0);
+                if matches!(self, Message::End { .. }) {
+                    kind::END
+                } else {
+                    kind::COMMIT
+                }
+            }
+            Message::Abort { code, message } => {
+                dst.put_u16(code.to_u16());
+                let mut end = message.len().min(MAX_ABORT_MESSAGE);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                dst.put_slice(&message.as_bytes()[..end]);
+                kind::ABORT
+            }
+        };
+        let len = (dst.len() - start - HEADER_LEN) as u32;
+        dst[start + 3] = ty;
+        dst[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes the payload of a frame of type `ty`, checking every length against the payload.
+    pub fn decode(ty: u8, mut p: Bytes) -> Result<Message> {
+        let short = |what: &str| Error::Protocol(format!("{what} frame has a wrong length"));
+        let msg = match ty {
+            kind::AUTH => {
+                let proof = take_digest(&mut p).ok_or_else(|| short("AUTH"))?.0;
+                Message::Auth { proof }
+            }
+            kind::HELLO => {
+                need(&p, 16, "HELLO")?;
+                Message::Hello {
+                    volume_size: p.get_u64(),
+                    chunk_size: p.get_u32(),
+                    block_size: p.get_u32(),
+                }
+            }
+            kind::READY => {
+                need(&p, 12, "READY")?;
+                Message::Ready {
+                    target_size: p.get_u64(),
+                    window: p.get_u32(),
+                }
+            }
+            kind::DIGESTS => {
+                if p.len() < 12 {
+                    return Err(short("DIGESTS"));
+                }
+                let first = p.get_u64();
+                let count = p.get_u32() as usize;
+                if count == 0 || count > MAX_DIGESTS_PER_FRAME || p.len() != count * 32 {
+                    return Err(short("DIGESTS"));
+                }
+                let digests = (0..count).filter_map(|_| take_digest(&mut p)).collect();
+                Message::Digests { first, digests }
+            }
+            kind::NEED => {
+                if p.len() < 9 {
+                    return Err(short("NEED"));
+                }
+                let chunk = p.get_u64();
+                let blocks = match p.get_u8() {
+                    0 if p.is_empty() => None,
+                    1 if !p.is_empty() && p.len() % 32 == 0 && p.len() / 32 <= 64 => {
+                        Some((0..p.len() / 32).filter_map(|_| take_digest(&mut p)).collect())
+                    }
+                    _ => return Err(short("NEED")),
+                };
+                Message::Need { chunk, blocks }
+            }
+            kind::ACK => {
+                need(&p, 8, "ACK")?;
+                Message::Ack {
+                    through: p.get_u64(),
+                }
+            }
+            kind::DATA => {
+                if p.len() < 29 {
+                    return Err(short("DATA"));
+                }
+                let chunk = p.get_u64();
+                let send_mask = p.get_u64();
+                let zero_mask = p.get_u64();
+                let encoding = match p.get_u8() {
+                    0 => Encoding::Raw,
+                    1 => Encoding::Zstd,
+                    e => return Err(Error::Protocol(format!("DATA has unknown encoding {e}"))),
+                };
+                let raw_len = p.get_u32();
+                Message::Data(DataFrame {
+                    chunk,
+                    send_mask,
+                    zero_mask,
+                    encoding,
+                    raw_len,
+                    payload: p,
+                })
+            }
+            kind::END | kind::COMMIT => {
+                need(&p, 48, if ty == kind::END { "END" } else { "COMMIT" })?;
+                let chunk_count = p.get_u64();
+                let volume_size = p.get_u64();
+                let digest = take_digest(&mut p).ok_or_else(|| short("END"))?;
+                if ty == kind::END {
+                    Message::End {
+                        chunk_count,
+                        volume_size,
+                        digest,
+                    }
+                } else {
+                    Message::Commit {
+                        chunk_count,
+                        volume_size,
+                        digest,
+                    }
+                }
+            }
+            kind::ABORT => {
+                if p.len() < 2 || p.len() > 2 + MAX_ABORT_MESSAGE {
+                    return Err(short("ABORT"));
+                }
+                let code = AbortCode::from_u16(p.get_u16());
+                Message::Abort {
+                    code,
+                    message: String::from_utf8_lossy(&p).into_owned(),
+                }
+            }
+            t => return Err(Error::Protocol(format!("unknown frame type 0x{t:02x}"))),
+        };
+        Ok(msg)
+    }
+}
+
+fn need(p: &Bytes, len: usize, what: &str) -> Result<()> {
+    if p.len() == len {
+        Ok(())
+    } else {
+        Err(Error::Protocol(format!(
+            "{what} frame has {} payload bytes, expected {len}",
+            p.len()
+        )))
+    }
+}
+
+fn take_digest(p: &mut Bytes) -> Option<Digest> {
+    if p.len() < 32 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    p.copy_to_slice(&mut d);
+    Some(Digest(d))
+}
+
+/// Parses one frame from the front of `buf`: `Ok(None)` while the frame is incomplete.
+///
+/// The header is validated before the payload is waited for, so an absurd length fails at once and no memory is
+/// reserved for it.
+pub fn parse_frame(buf: &mut BytesMut) -> Result<Option<Message>> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    if buf[0..2] != MAGIC {
+        return Err(Error::Protocol(format!(
+            "bad frame magic {:02x}{:02x}",
+            buf[0], buf[1]
+        )));
+    }
+    if buf[2] != VERSION {
+        return Err(Error::VersionMismatch {
+            peer: buf[2],
+            ours: VERSION,
+        });
+    }
+    let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(Error::Protocol(format!(
+            "frame length {len} exceeds the maximum {MAX_PAYLOAD}"
+        )));
+    }
+    if buf.len() < HEADER_LEN + len {
+        buf.reserve(HEADER_LEN + len - buf.len());
+        return Ok(None);
+    }
+    let ty = buf[3];
+    buf.advance(HEADER_LEN);
+    let payload = buf.split_to(len).freeze();
+    Message::decode(ty, payload).map(Some)
+}
+
+/// Reads frames from a byte stream.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a stream.
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// The next message; `Ok(None)` on a clean end of stream between frames, an error inside one.
+    pub async fn read(&mut self, phase: &'static str) -> Result<Option<Message>> {
+        loop {
+            if let Some(msg) = parse_frame(&mut self.buf)? {
+                return Ok(Some(msg));
+            }
+            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
+                self.buf.reserve(64 * 1024);
+            }
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::net(phase, e))?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::Protocol(format!(
+                        "truncated frame: stream ended {} bytes into a frame",
+                        self.buf.len()
+                    )))
+                };
+            }
+        }
+    }
+
+    /// The next message, treating end of stream as the peer closing during `phase`.
+    pub async fn expect(&mut self, phase: &'static str) -> Result<Message> {
+        self.read(phase).await?.ok_or(Error::PeerClosed(phase))
+    }
+}
+
+/// Writes frames to a byte stream, batching small frames into one write.
+pub struct FrameWriter<W> {
+    inner: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps a stream.
+    pub fn new(inner: W) -> Self {
+        FrameWriter {
+            inner,
+            buf: BytesMut::with_capacity(256 * 1024),
+        }
+    }
+
+    /// Queues a message, writing out when the batch is large.
+    pub async fn queue(&mut self, msg: &Message) -> Result<()> {
+        msg.encode(&mut self.buf);
+        if self.buf.len() >= 128 * 1024 {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    /// Queues a message and flushes everything.
+    pub async fn send(&mut self, msg: &Message) -> Result<()> {
+        msg.encode(&mut self.buf);
+        self.flush().await
+    }
+
+    /// Writes every queued frame and flushes the stream.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.write_out().await?;
+        self.inner.flush().await.map_err(|e| Error::net("send", e))
+    }
+
+    async fn write_out(&mut self) -> Result<()> {
+        let buf = self.buf.split();
+        self.inner
+            .write_all(&buf)
+            .await
+            .map_err(|e| Error::net("send", e))
+    }
+
+    /// Flushes and shuts the stream down (TLS close_notify).
+    pub async fn shutdown(&mut self) -> Result<()> {
+        self.flush().await?;
+        self.inner
+            .shutdown()
+            .await
+            .map_err(|e| Error::net("close", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(msg: Message) {
+        let mut buf = BytesMut::new();
+        msg.encode(&mut buf);
+        let total = buf.len();
+        let mut partial = BytesMut::from(&buf[..total - 1]);
+        assert_eq!(parse_frame(&mut partial).expect("valid prefix"), None);
+        let got = parse_frame(&mut buf).expect("valid frame").expect("complete");
+        assert_eq!(got, msg);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        let d = Digest::of(b"x");
+        roundtrip(Message::Auth { proof: [7; 32] });
+        roundtrip(Message::Hello {
+            volume_size: 1 << 40,
+            chunk_size: 65536,
+            block_size: 4096,
+        });
+        roundtrip(Message::Ready {
+            target_size: 5,
+            window: 8192,
+        });
+        roundtrip(Message::Digests {
+            first: 9,
+            digests: vec![d, d],
+        });
+        roundtrip(Message::Need {
+            chunk: 3,
+            blocks: None,
+        });
+        roundtrip(Message::Need {
+            chunk: 3,
+            blocks: Some(vec![d; 16]),
+        });
+        roundtrip(Message::Ack { through: 1024 });
+        roundtrip(Message::Data(DataFrame {
+            chunk: 1,
+            send_mask: 0b101,
+            zero_mask: 0b10,
+            encoding: Encoding::Zstd,
+            raw_len: 8192,
+            payload: Bytes::from_static(b"abc"),
+        }));
+        roundtrip(Message::End {
+            chunk_count: 2,
+            volume_size: 3,
+            digest: d,
+        });
+        roundtrip(Message::Commit {
+            chunk_count: 2,
+            volume_size: 3,
+            digest: d,
+        });
+        roundtrip(Message::Abort {
+            code: AbortCode::TargetTooSmall,
+            message: "too small".into(),
+        });
+    }
+
+    #[test]
+    fn absurd_length_is_rejected_before_the_payload_arrives() {
+        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x13, 0xff, 0xff, 0xff, 0xff][..]);
+        let err = parse_frame(&mut buf).expect_err("must reject");
+        assert!(err.to_string().contains("exceeds the maximum"), "{err}");
+        assert!(buf.capacity() < 1024, "no memory reserved for the claimed length");
+    }
+
+    #[test]
+    fn other_version_is_a_version_mismatch() {
+        let mut buf = BytesMut::new();
+        Message::Ack { through: 1 }.encode(&mut buf);
+        buf[2] = 2;
+        let err = parse_frame(&mut buf).expect_err("must reject");
+        assert!(matches!(err, Error::VersionMismatch { peer: 2, ours: 1 }));
+    }
+
+    #[test]
+    fn bad_magic_and_wrong_payload_lengths_are_rejected() {
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert!(parse_frame(&mut buf).is_err());
+        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x12, 0, 0, 0, 3, 1, 2, 3][..]);
+        assert!(parse_frame(&mut buf).is_err());
+        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x10, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9][..]);
+        assert!(parse_frame(&mut buf).is_err(), "DIGESTS count without digests");
+        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x55, 0, 0, 0, 0][..]);
+        assert!(parse_frame(&mut buf).is_err(), "unknown type");
+    }
+
+    #[tokio::test]
+    async fn truncated_stream_is_an_error_and_clean_end_is_none() {
+        let mut buf = BytesMut::new();
+        Message::Ack { through: 1 }.encode(&mut buf);
+        let bytes = buf.to_vec();
+        let mut r = FrameReader::new(&bytes[..]);
+        assert!(r.read("test").await.expect("frame").is_some());
+        assert!(r.read("test").await.expect("clean end").is_none());
+        let mut r = FrameReader::new(&bytes[..bytes.len() - 2]);
+        let err = r.read("test").await.expect_err("truncated");
+        assert!(err.to_string().contains("truncated frame"), "{err}");
+    }
+}

@@ -1,0 +1,281 @@
+//! The destination agent: accepts a source, checks its key, hashes the target and applies the changes.
+//!
+//! One session per accepted connection (one sync, or many with `--serve`). The target is opened only after the
+//! source has proved it holds the key, so a wrong key never touches it. What is durable when the status says
+//! Successful: every byte of `[0, volume_size)` of the target, fsynced, whose volume digest matched the source's.
+
+mod apply;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub use apply::{decode_payload, ACK_EVERY};
+
+use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
+use crate::codec::{FrameReader, FrameWriter, Message};
+use crate::error::{Error, Result};
+use crate::net::{authenticate, spawn_writer, within, Counted, Timeouts};
+use crate::progress::Progress;
+use crate::stats::Figures;
+use crate::status::{Role, StatusFile};
+use crate::tls::{self, Psk, Side};
+use crate::volume::Volume;
+
+/// Chunks the source may announce ahead of our ACKs (the READY window).
+pub const WINDOW: u32 = 8192;
+/// Messages waiting between the socket reader and the session worker.
+const INBOX: usize = 64;
+
+/// What the destination needs to run.
+#[derive(Clone, Debug)]
+pub struct DestinationConfig {
+    /// Address to listen on.
+    pub listen: String,
+    /// The target: block device or file, at least as large as the volume.
+    pub target: PathBuf,
+    /// The pre-shared key.
+    pub psk: Psk,
+    /// Status file, if any.
+    pub status: Option<PathBuf>,
+    /// Keep serving syncs after the first.
+    pub serve: bool,
+    /// Network phase limits.
+    pub timeouts: Timeouts,
+}
+
+/// Binds the listener (so the caller learns the address before any sync).
+pub async fn bind(config: &DestinationConfig) -> Result<TcpListener> {
+    TcpListener::bind(&config.listen)
+        .await
+        .map_err(|e| Error::net("listen", e))
+}
+
+/// Serves syncs on `listener`: one, or until the process ends with `serve`. Returns the last session's result.
+pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<Digest> {
+    let acceptor = tls::acceptor()?;
+    loop {
+        let (tcp, peer) = listener
+            .accept()
+            .await
+            .map_err(|e| Error::net("accept", e))?;
+        let result = session_with_status(config, &acceptor, tcp, peer).await;
+        if !config.serve {
+            return result;
+        }
+    }
+}
+
+async fn session_with_status(
+    config: &DestinationConfig,
+    acceptor: &tls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<Digest> {
+    let started = Instant::now();
+    let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
+    status.set_rsync_tls_address(config.listen.clone());
+    status.begin(chrono::Utc::now())?;
+    let figures = Arc::new(Figures::default());
+    let span = tracing::info_span!("session", %peer);
+    let _enter = span.enter();
+    tracing::info!("source connected");
+    let result = session(config, acceptor, tcp, figures.clone(), &mut status, started).await;
+    if let Err(e) = &result {
+        tracing::error!("sync failed: {e}");
+        let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
+        status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
+    }
+    result
+}
+
+async fn session(
+    config: &DestinationConfig,
+    acceptor: &tls::TlsAcceptor,
+    tcp: TcpStream,
+    figures: Arc<Figures>,
+    status: &mut StatusFile,
+    started: Instant,
+) -> Result<Digest> {
+    let t = config.timeouts;
+    let _ = tcp.set_nodelay(true);
+    let stream = Counted::new(tcp, figures.wire.clone());
+    let tls = within("tls handshake", t.handshake, async {
+        acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| Error::net("tls handshake", e))
+    })
+    .await?;
+    let exporter = tls::server_exporter(&tls)?;
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    authenticate(&mut reader, &mut writer, &config.psk, Side::Destination, &exporter, t.handshake).await?;
+
+    let opened = match within("hello", t.handshake, reader.expect("hello")).await? {
+        Message::Hello {
+            volume_size,
+            chunk_size,
+            block_size,
+        } => open_target(config, volume_size, chunk_size, block_size),
+        Message::Abort { code, message } => return Err(Error::PeerAbort { code, message }),
+        other => Err(Error::Protocol(format!("expected HELLO, received {}", other.name()))),
+    };
+    let (target, geometry) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = writer
+                .send(&Message::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                })
+                .await;
+            return Err(e);
+        }
+    };
+    figures.set_geometry(&geometry);
+    tracing::info!(
+        target = %config.target.display(),
+        volume_size = geometry.volume_size(),
+        chunk_size = geometry.chunk_size(),
+        "sync started"
+    );
+    writer
+        .send(&Message::Ready {
+            target_size: target.size(),
+            window: WINDOW,
+        })
+        .await?;
+    let _progress = Progress::start("destination", figures.clone());
+
+    let target = Arc::new(target);
+    let local = spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone());
+    let (outbox, writer_task) = spawn_writer(writer, 256);
+    let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
+    let worker = {
+        let apply = apply::Apply::new(target, geometry, local, outbox.clone(), figures.clone(), WINDOW);
+        tokio::task::spawn_blocking(move || apply.run(&mut inbox_rx))
+    };
+    let result = pump(&mut reader, inbox_tx, worker, t.idle).await;
+    let digest = match result {
+        Ok(d) => d,
+        Err(e) => {
+            if !matches!(e, Error::PeerAbort { .. } | Error::PeerClosed(_) | Error::Net { .. }) {
+                let _ = outbox
+                    .send(Message::Abort {
+                        code: e.abort_code(),
+                        message: e.to_string(),
+                    })
+                    .await;
+            }
+            drop(outbox);
+            let _ = writer_task.await;
+            return Err(e);
+        }
+    };
+    // Durable and verified: record success first, then tell the source.
+    figures.set_volume_digest(digest);
+    let elapsed = started.elapsed();
+    let summary = figures.summary(elapsed);
+    for line in summary.lines() {
+        tracing::info!("{line}");
+    }
+    status.succeed(chrono::Utc::now(), figures.external(), summary)?;
+    let commit = Message::Commit {
+        chunk_count: geometry.chunk_count(),
+        volume_size: geometry.volume_size(),
+        digest,
+    };
+    if outbox.send(commit).await.is_ok() {
+        drop(outbox);
+        if let Ok(Ok(mut w)) = writer_task.await {
+            if let Err(e) = within("close", t.handshake, w.shutdown()).await {
+                tracing::warn!("the sync is durable, but closing the connection failed: {e}");
+            }
+        }
+    }
+    tracing::info!(digest = %digest, "sync completed in {:.2}s", elapsed.as_secs_f64());
+    Ok(digest)
+}
+
+fn open_target(
+    config: &DestinationConfig,
+    volume_size: u64,
+    chunk_size: u32,
+    block_size: u32,
+) -> Result<(Volume, Geometry)> {
+    if block_size != BLOCK_SIZE {
+        return Err(Error::Config(format!(
+            "the source uses {block_size}-byte blocks; protocol version 1 uses {BLOCK_SIZE}"
+        )));
+    }
+    let geometry = Geometry::new(volume_size, chunk_size).map_err(Error::Config)?;
+    let mut target = Volume::open_target(&config.target)?;
+    target.allow_writes_below(volume_size)?;
+    Ok((target, geometry))
+}
+
+/// Reads the source's frames into the worker's inbox until the worker finishes or something fails.
+async fn pump<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    inbox: mpsc::Sender<Message>,
+    mut worker: tokio::task::JoinHandle<Result<Digest>>,
+    idle: std::time::Duration,
+) -> Result<Digest> {
+    let joined = |r: std::result::Result<Result<Digest>, tokio::task::JoinError>| {
+        r.unwrap_or_else(|e| Err(Error::Protocol(format!("session worker failed: {e}"))))
+    };
+    loop {
+        tokio::select! {
+            r = &mut worker => return joined(r),
+            m = within("idle read", idle, reader.expect("sync")) => {
+                let msg = match m {
+                    Ok(Message::Abort { code, message }) => Err(Error::PeerAbort { code, message }),
+                    Ok(msg @ (Message::Digests { .. } | Message::Data(_) | Message::End { .. })) => Ok(msg),
+                    Ok(other) => Err(Error::Protocol(format!("unexpected {} from the source", other.name()))),
+                    Err(e) => Err(e),
+                };
+                match msg {
+                    Ok(msg) => {
+                        if inbox.send(msg).await.is_err() {
+                            return joined(worker.await);
+                        }
+                    }
+                    Err(e) => {
+                        drop(inbox);
+                        // The worker's own error, if it has one, is the cause; otherwise ours.
+                        return match worker.await {
+                            Ok(Err(w)) if !matches!(w, Error::PeerClosed(_)) => Err(w),
+                            _ => Err(e),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hashes the target's first `volume_size` bytes on a blocking thread, feeding the worker segment by segment.
+fn spawn_target_scan(
+    target: Arc<Volume>,
+    geometry: Geometry,
+    bytes_read: Arc<AtomicU64>,
+) -> apply::LocalDigests {
+    let (tx, rx) = std::sync::mpsc::sync_channel(crate::scan::READ_AHEAD + 2);
+    tokio::task::spawn_blocking(move || {
+        let r = crate::scan::scan(target, geometry, bytes_read, |first, s| {
+            tx.send(Ok((first, s)))
+                .map_err(|_| Error::Cancelled("session end"))
+        });
+        if let Err(e) = r {
+            let _ = tx.send(Err(e));
+        }
+    });
+    rx
+}

@@ -1,0 +1,182 @@
+//! The error policy: one enum for the data path, typed context in fields, and whether a retry can help.
+//!
+//! Messages are lowercase one-liners that do not repeat their source. An error is logged once, where it is
+//! handled (in `main` or the destination's session loop), and recorded in the status file.
+//! [`Error::is_retryable`] separates failures a retry may cure (network, timeouts, a vanished peer) from those it
+//! cannot (keys, configuration, digests, versions); `main` turns that into the exit code.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::codec::AbortCode;
+
+/// Everything that can end a sync early.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A volume, target or key file could not be opened.
+    #[error("cannot open {what} {}: {source}", path.display())]
+    Open {
+        /// What the file is ("volume", "target", "key file").
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reading, writing, zeroing or flushing a volume failed.
+    #[error("{op} {} at offset {offset}: {source}", path.display())]
+    Io {
+        /// The operation ("read", "write", "zero", "fsync").
+        op: &'static str,
+        /// The file or device.
+        path: PathBuf,
+        /// Byte offset of the failed operation.
+        offset: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The target cannot hold the volume.
+    #[error("target too small: {} holds {target_size} bytes, the volume needs {volume_size}", path.display())]
+    TargetTooSmall {
+        /// The target path.
+        path: PathBuf,
+        /// Its size in bytes.
+        target_size: u64,
+        /// The volume size in bytes.
+        volume_size: u64,
+    },
+    /// The key file is malformed or unsafe.
+    #[error("key file {}: {reason}", path.display())]
+    Key {
+        /// The key file path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Bad configuration (flags, sizes).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The peer's PSK proof did not verify.
+    #[error("authentication failed: pre-shared keys do not match ({0})")]
+    KeysDoNotMatch(String),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: peer speaks version {peer}, this build speaks version {ours}")]
+    VersionMismatch {
+        /// The version in the peer's frame.
+        peer: u8,
+        /// Ours.
+        ours: u8,
+    },
+    /// The peer sent something the protocol does not allow.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// A rebuilt chunk does not hash to the digest the source announced.
+    #[error("digest mismatch on chunk {chunk}: the data received does not match the source")]
+    DigestMismatch {
+        /// The chunk index.
+        chunk: u64,
+    },
+    /// The whole-volume digests of both sides differ.
+    #[error("volume digest mismatch: source {source_digest}, destination {destination_digest}")]
+    VolumeDigestMismatch {
+        /// The source's digest (hex).
+        source_digest: String,
+        /// The destination's digest (hex).
+        destination_digest: String,
+    },
+    /// A network phase took too long.
+    #[error("{phase} timed out after {}s", after.as_secs_f64())]
+    Timeout {
+        /// The phase ("connect", "tls handshake", "authentication", "hello", "idle read", "close").
+        phase: &'static str,
+        /// The limit that was hit.
+        after: Duration,
+    },
+    /// A socket or TLS operation failed.
+    #[error("network error during {phase}: {source}")]
+    Net {
+        /// The phase.
+        phase: &'static str,
+        /// The OS or TLS error.
+        source: io::Error,
+    },
+    /// The peer closed the connection before the session ended.
+    #[error("peer closed the connection during {0}")]
+    PeerClosed(&'static str),
+    /// The peer ended the session with an ABORT frame.
+    #[error("peer aborted the sync: {message}")]
+    PeerAbort {
+        /// The ABORT code.
+        code: AbortCode,
+        /// The peer's reason.
+        message: String,
+    },
+    /// TLS configuration failed.
+    #[error("tls setup: {0}")]
+    TlsSetup(String),
+    /// A signal asked us to stop.
+    #[error("interrupted by {0}")]
+    Cancelled(&'static str),
+    /// The status file could not be read or written.
+    #[error(transparent)]
+    Status(#[from] crate::status::StatusError),
+}
+
+impl Error {
+    /// Whether a later retry of the same sync may succeed without anyone changing anything.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Net { .. } | Error::PeerClosed(_) | Error::Cancelled(_) => true,
+            Error::PeerAbort { code, .. } => code.is_retryable(),
+            Error::Io { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// The ABORT code that tells the peer why this side gives up.
+    pub fn abort_code(&self) -> AbortCode {
+        match self {
+            Error::VersionMismatch { .. } => AbortCode::Version,
+            Error::TargetTooSmall { .. } => AbortCode::TargetTooSmall,
+            Error::Io { .. } | Error::Open { .. } | Error::Status(_) => AbortCode::Io,
+            Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
+            Error::KeysDoNotMatch(_) => AbortCode::Auth,
+            Error::Cancelled(_) => AbortCode::Cancelled,
+            Error::Config(_) | Error::Key { .. } | Error::TlsSetup(_) => AbortCode::Config,
+            _ => AbortCode::Protocol,
+        }
+    }
+
+    /// Wraps a socket error with the phase it happened in, turning a bare EOF into [`Error::PeerClosed`].
+    pub fn net(phase: &'static str, source: io::Error) -> Self {
+        if source.kind() == io::ErrorKind::UnexpectedEof {
+            Error::PeerClosed(phase)
+        } else {
+            Error::Net { phase, source }
+        }
+    }
+}
+
+/// The data path's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_failures_are_retryable_and_digest_failures_are_not() {
+        assert!(Error::PeerClosed("data").is_retryable());
+        assert!(Error::net("read", io::Error::from(io::ErrorKind::ConnectionReset)).is_retryable());
+        assert!(!Error::DigestMismatch { chunk: 3 }.is_retryable());
+        assert!(!Error::KeysDoNotMatch("x".into()).is_retryable());
+        assert!(!Error::VersionMismatch { peer: 2, ours: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn eof_becomes_peer_closed() {
+        let e = Error::net("hello", io::Error::from(io::ErrorKind::UnexpectedEof));
+        assert!(matches!(e, Error::PeerClosed("hello")));
+    }
+}

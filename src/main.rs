@@ -1,0 +1,113 @@
+//! The `blockmover` command: parse arguments, set up logging, run, and map the outcome to an exit code.
+//!
+//! Exit codes: 0 synced and durable; 1 a failure a retry will not cure (keys, configuration, digests, versions,
+//! a target too small); 75 (EX_TEMPFAIL) a failure a retry may cure (network, a vanished peer, timeouts);
+//! 2 bad usage. Every failure prints one line `error: ...` on stderr.
+
+mod cli;
+mod demo;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use blockmover::stats::Figures;
+use cli::{Cli, Command};
+
+/// Exit code of a failure a retry may cure.
+const EXIT_RETRYABLE: u8 = 75;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("BLOCKMOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let retryable = e
+                .downcast_ref::<blockmover::Error>()
+                .is_some_and(blockmover::Error::is_retryable);
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(if retryable { EXIT_RETRYABLE } else { 1 })
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    text.replace('\n', " ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Destination(args) => {
+            let config = args.config()?;
+            let listener = blockmover::destination::bind(&config).await?;
+            let addr = listener.local_addr()?;
+            println!("listening on {addr}");
+            std::io::stdout().flush()?;
+            tracing::info!(%addr, target = %config.target.display(), "destination listening");
+            let served = blockmover::destination::serve(&config, listener);
+            tokio::select! {
+                r = served => { r?; }
+                s = interrupted() => return Err(blockmover::Error::Cancelled(s).into()),
+            }
+            Ok(())
+        }
+        Command::Source(args) => {
+            let config = args.config()?;
+            let figures = Arc::new(Figures::default());
+            let sync = blockmover::source::sync(&config, args.common.status.clone(), figures);
+            tokio::select! {
+                r = sync => { r?; }
+                s = interrupted() => return Err(blockmover::Error::Cancelled(s).into()),
+            }
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn keygen(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .create_new(!force)
+        .truncate(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("cannot write key file {}: {e}", out.display()))?;
+    file.write_all(blockmover::tls::Psk::generate().as_bytes())?;
+    file.sync_all()?;
+    eprintln!("wrote a new key to {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Sockets: byte counting at the TCP level, phase timeouts, and the PSK authentication exchange.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::codec::{AbortCode, FrameReader, FrameWriter, Message};
+use crate::error::{Error, Result};
+use crate::tls::{Psk, Side};
+
+/// Limits of the network phases.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// TLS handshake, authentication and HELLO/READY, each.
+    pub handshake: Duration,
+    /// Longest silence from the peer once the session runs.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            handshake: Duration::from_secs(30),
+            idle: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Runs `fut` with a limit; the error names the phase.
+pub async fn within<T>(
+    phase: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| Error::Timeout {
+            phase,
+            after: limit,
+        })?
+}
+
+/// Bytes that crossed the socket in each direction: the "bytes on the wire", TLS records included.
+#[derive(Debug, Default)]
+pub struct WireCounters {
+    /// Bytes written to the socket.
+    pub sent: AtomicU64,
+    /// Bytes read from the socket.
+    pub received: AtomicU64,
+}
+
+/// A stream that counts the bytes read and written through it.
+pub struct Counted<S> {
+    inner: S,
+    counters: Arc<WireCounters>,
+}
+
+impl<S> Counted<S> {
+    /// Wraps `inner`, adding to `counters`.
+    pub fn new(inner: S, counters: Arc<WireCounters>) -> Self {
+        Counted { inner, counters }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        self.counters.received.fetch_add(n, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Exchanges PSK proofs: sends ours, checks the peer's. Fails with "keys do not match" on a wrong key.
+pub async fn authenticate<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    psk: &Psk,
+    side: Side,
+    exporter: &[u8; 32],
+    limit: Duration,
+) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    within("authentication", limit, async {
+        writer
+            .send(&Message::Auth {
+                proof: psk.proof(side, exporter),
+            })
+            .await?;
+        match reader.expect("authentication").await? {
+            Message::Auth { proof } if psk.verify(side.peer(), exporter, &proof) => Ok(()),
+            Message::Auth { .. } => {
+                let reason = "the peer's proof does not verify with our key".to_owned();
+                let _ = writer
+                    .send(&Message::Abort {
+                        code: AbortCode::Auth,
+                        message: "pre-shared keys do not match".into(),
+                    })
+                    .await;
+                Err(Error::KeysDoNotMatch(reason))
+            }
+            Message::Abort {
+                code: AbortCode::Auth,
+                ..
+            } => Err(Error::KeysDoNotMatch(
+                "the peer rejected our proof".to_owned(),
+            )),
+            Message::Abort { code, message } => Err(Error::PeerAbort { code, message }),
+            other => Err(Error::Protocol(format!(
+                "expected AUTH, received {}",
+                other.name()
+            ))),
+        }
+    })
+    .await
+}
+
+/// Frames queued for the peer; the capacity bounds what waits for the socket.
+pub type Outbox = tokio::sync::mpsc::Sender<Message>;
+
+/// Starts the task that owns the write half: it sends queued messages, batching what is queued together, and
+/// hands the writer back when every [`Outbox`] is dropped, so the caller can close the stream.
+pub fn spawn_writer<W>(
+    mut writer: FrameWriter<W>,
+    capacity: usize,
+) -> (Outbox, tokio::task::JoinHandle<Result<FrameWriter<W>>>)
+where
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(capacity);
+    let task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            writer.queue(&msg).await?;
+            while let Ok(msg) = rx.try_recv() {
+                writer.queue(&msg).await?;
+            }
+            writer.flush().await?;
+        }
+        Ok(writer)
+    });
+    (tx, task)
+}

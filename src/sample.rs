@@ -1,0 +1,472 @@
+//! Reproducible sample volumes and guest-like changes for the demo, tests and benchmarks.
+//!
+//! Everything here is a pure function of its seed: the same spec and seed give the same bytes on
+//! every machine (ChaCha8 from `rand_chacha`, whose output is frozen across versions).
+//! A volume is laid out in 1 MiB regions (the last one may be shorter); each region is zero,
+//! English-like text (compressible) or random bytes (incompressible). Changes overwrite 4 KiB
+//! blocks in place with fresh random bytes, so a changed block differs from its old content.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Size of a block, the unit a change overwrites (4 KiB).
+pub const BLOCK: u64 = 4096;
+
+/// Size of a region, the unit that is assigned zero, text or random content (1 MiB).
+pub const REGION: u64 = 1 << 20;
+
+/// Words the text regions are made of: a small fixed vocabulary so text compresses well.
+const VOCABULARY: [&str; 48] = [
+    "the", "volume", "block", "chunk", "of", "and", "a", "to", "in", "is", "replication", "data",
+    "source", "destination", "digest", "snapshot", "cluster", "storage", "that", "for", "it",
+    "with", "as", "was", "on", "be", "at", "by", "this", "from", "write", "read", "changed",
+    "every", "minute", "node", "disk", "copy", "sync", "status", "time", "while", "after",
+    "before", "each", "only", "when", "where",
+];
+
+/// How a sample volume is made: its size, the shares of region kinds and the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleSpec {
+    /// Volume size in bytes (need not be a multiple of the block or region size).
+    pub size: u64,
+    /// Share of regions left zero (holes on files).
+    pub zero_share: f64,
+    /// Share of regions filled with compressible English-like text.
+    pub text_share: f64,
+    /// Share of regions filled with incompressible random bytes.
+    pub random_share: f64,
+    /// Seed for the layout and the contents.
+    pub seed: u64,
+}
+
+impl SampleSpec {
+    /// A volume with one third each of zero, text and random regions.
+    pub fn mixed(size: u64, seed: u64) -> Self {
+        Self {
+            size,
+            zero_share: 1.0 / 3.0,
+            text_share: 1.0 / 3.0,
+            random_share: 1.0 / 3.0,
+            seed,
+        }
+    }
+}
+
+/// What a 1 MiB region of a sample volume holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Region {
+    /// All zero bytes (a hole on a file).
+    Zero,
+    /// Compressible English-like text.
+    Text,
+    /// Incompressible random bytes.
+    Random,
+}
+
+/// The kind of each 1 MiB region of the volume `spec` describes, in order.
+///
+/// Region counts follow the shares exactly up to rounding (largest remainder); their order is a
+/// seeded shuffle. Fails with `InvalidInput` for negative, non-finite or all-zero shares.
+pub fn region_layout(spec: &SampleSpec) -> io::Result<Vec<Region>> {
+    let shares = [spec.zero_share, spec.text_share, spec.random_share];
+    if shares.iter().any(|s| !s.is_finite() || *s < 0.0) || shares.iter().sum::<f64>() <= 0.0 {
+        return Err(invalid(format!("sample shares must be finite, >= 0 and not all zero: {shares:?}")));
+    }
+    let regions = usize::try_from(spec.size.div_ceil(REGION)).map_err(|_| invalid("volume too large"))?;
+    let counts = apportion(regions, shares);
+    let mut layout = Vec::with_capacity(regions);
+    for (kind, count) in [Region::Zero, Region::Text, Region::Random].into_iter().zip(counts) {
+        layout.extend(std::iter::repeat_n(kind, count));
+    }
+    layout.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.seed));
+    Ok(layout)
+}
+
+/// Create or overwrite `path` as a sample volume of `spec.size` bytes.
+///
+/// A regular file (or a new path) is truncated and grown sparse: zero regions stay holes and are
+/// never written. A block device must hold at least `spec.size` bytes; all of its first
+/// `spec.size` bytes are written, zero regions as zeros, and the device is synced.
+pub fn write_sample_volume(path: &Path, spec: &SampleSpec) -> io::Result<()> {
+    let layout = region_layout(spec)?;
+    let device = is_block_device(path)?;
+    let file = if device {
+        let mut file = OpenOptions::new().write(true).open(path)?;
+        let capacity = file.seek(SeekFrom::End(0))?;
+        if capacity < spec.size {
+            return Err(invalid(format!(
+                "block device {} holds {capacity} bytes, sample needs {}",
+                path.display(),
+                spec.size
+            )));
+        }
+        file
+    } else {
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        file.set_len(spec.size)?;
+        file
+    };
+    let mut buf = vec![0u8; REGION as usize];
+    for (index, kind) in (0u64..).zip(layout) {
+        let offset = index * REGION;
+        let len = REGION.min(spec.size - offset) as usize;
+        let region = &mut buf[..len];
+        let mut rng = region_rng(spec.seed, index);
+        match kind {
+            Region::Zero if !device => continue,
+            Region::Zero => region.fill(0),
+            Region::Text => fill_text(&mut rng, region),
+            Region::Random => rng.fill_bytes(region),
+        }
+        file.write_all_at(region, offset)?;
+    }
+    if device {
+        file.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The 4 KiB blocks a change overwrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Sorted, distinct indices of the 4 KiB blocks written.
+    pub blocks: Vec<u64>,
+}
+
+/// Overwrite `round(rate * blocks)` distinct, scattered 4 KiB blocks of the first `size` bytes of
+/// `path` with seeded random bytes, in place. Works on files and block devices.
+///
+/// `blocks` counts a trailing partial block; only its bytes below `size` are written.
+pub fn scattered_change(path: &Path, size: u64, rate: f64, seed: u64) -> io::Result<Change> {
+    let total = block_count(size)?;
+    let count = changed_count(total, rate)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut blocks: Vec<u64> = rand::seq::index::sample(&mut rng, total, count)
+        .into_iter()
+        .map(|b| b as u64)
+        .collect();
+    blocks.sort_unstable();
+    let file = OpenOptions::new().write(true).open(path)?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    for &block in &blocks {
+        write_random_blocks(&file, &mut rng, &mut buf, block, 1, size)?;
+    }
+    file.sync_data()?;
+    Ok(Change { blocks })
+}
+
+/// Like [`scattered_change`], but the blocks come in runs of `run_blocks` consecutive blocks (the
+/// last run may be shorter so that exactly `round(rate * blocks)` blocks are written), the way a
+/// guest filesystem writes extents. Runs start at a seeded phase, so they are usually not aligned
+/// to chunk boundaries.
+pub fn clustered_change(
+    path: &Path,
+    size: u64,
+    rate: f64,
+    run_blocks: u64,
+    seed: u64,
+) -> io::Result<Change> {
+    if run_blocks == 0 {
+        return Err(invalid("run_blocks must be at least 1"));
+    }
+    let total = block_count(size)? as u64;
+    let count = changed_count(total as usize, rate)? as u64;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let runs = count.div_ceil(run_blocks);
+    // Slots of run_blocks blocks starting at a random phase; fall back to phase 0 when the phase
+    // would leave too few slots, and to every block when even that is not enough.
+    let mut phase = rng.random_range(0..run_blocks);
+    if (total - phase.min(total)) / run_blocks < runs {
+        phase = 0;
+    }
+    let slots = (total - phase.min(total)) / run_blocks;
+    let mut starts: Vec<u64> = if slots < runs {
+        // Runs do not fit side by side: one long run from block 0 covers the count.
+        Vec::new()
+    } else {
+        rand::seq::index::sample(&mut rng, slots as usize, runs as usize)
+            .into_iter()
+            .map(|slot| phase + slot as u64 * run_blocks)
+            .collect()
+    };
+    starts.sort_unstable();
+    let run_len = if starts.is_empty() { count } else { run_blocks };
+    if starts.is_empty() && count > 0 {
+        starts.push(0);
+    }
+    let file = OpenOptions::new().write(true).open(path)?;
+    let mut buf = vec![0u8; (run_len * BLOCK) as usize];
+    let mut blocks = Vec::with_capacity(count as usize);
+    let mut left = count;
+    for start in starts {
+        let len = left.min(run_len);
+        write_random_blocks(&file, &mut rng, &mut buf, start, len, size)?;
+        blocks.extend(start..start + len);
+        left -= len;
+    }
+    file.sync_data()?;
+    Ok(Change { blocks })
+}
+
+/// BLAKE3 of the first `len` bytes of `path` (a file or block device); `UnexpectedEof` if shorter.
+pub fn file_digest(path: &Path, len: u64) -> io::Result<blake3::Hash> {
+    let mut file = File::open(path)?.take(len);
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; REGION as usize];
+    let mut seen = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        seen += n as u64;
+    }
+    if seen < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{} holds {seen} bytes, wanted {len}", path.display()),
+        ));
+    }
+    Ok(hasher.finalize())
+}
+
+/// Split `total` items by `shares` (largest remainder), so the counts sum to `total`.
+fn apportion(total: usize, shares: [f64; 3]) -> [usize; 3] {
+    let sum: f64 = shares.iter().sum();
+    let exact = shares.map(|s| s / sum * total as f64);
+    let mut counts = exact.map(|e| e.floor() as usize);
+    let mut order = [0, 1, 2];
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    let assigned: usize = counts.iter().sum();
+    for &i in order.iter().take(total.saturating_sub(assigned)) {
+        counts[i] += 1;
+    }
+    counts
+}
+
+/// The content RNG of one region: the volume seed with the region as its stream, so regions are
+/// independent of each other and of the layout shuffle.
+fn region_rng(seed: u64, region: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(region + 1);
+    rng
+}
+
+/// Fill `buf` with sentences of vocabulary words.
+fn fill_text(rng: &mut impl Rng, buf: &mut [u8]) {
+    let mut at = 0;
+    let mut words = 0;
+    while at < buf.len() {
+        let word = VOCABULARY[rng.random_range(0..VOCABULARY.len())].as_bytes();
+        for (k, &byte) in word.iter().enumerate() {
+            if at == buf.len() {
+                return;
+            }
+            buf[at] = if words == 0 && k == 0 { byte.to_ascii_uppercase() } else { byte };
+            at += 1;
+        }
+        words += 1;
+        let separator: &[u8] = if words >= 6 && rng.random_ratio(1, 5) {
+            words = 0;
+            if rng.random_ratio(1, 4) {
+                b".\n"
+            } else {
+                b". "
+            }
+        } else {
+            b" "
+        };
+        for &byte in separator {
+            if at == buf.len() {
+                return;
+            }
+            buf[at] = byte;
+            at += 1;
+        }
+    }
+}
+
+/// Overwrite `count` blocks from `first` with random bytes, clipped at `size`.
+fn write_random_blocks(
+    file: &File,
+    rng: &mut ChaCha8Rng,
+    buf: &mut [u8],
+    first: u64,
+    count: u64,
+    size: u64,
+) -> io::Result<()> {
+    let offset = first * BLOCK;
+    let len = (count * BLOCK).min(size.saturating_sub(offset)) as usize;
+    let bytes = &mut buf[..len];
+    rng.fill_bytes(bytes);
+    file.write_all_at(bytes, offset)
+}
+
+/// Number of 4 KiB blocks covering `size` bytes, counting a trailing partial block.
+fn block_count(size: u64) -> io::Result<usize> {
+    usize::try_from(size.div_ceil(BLOCK)).map_err(|_| invalid("volume too large"))
+}
+
+/// `round(rate * total)`, checked to lie within `0..=total`.
+fn changed_count(total: usize, rate: f64) -> io::Result<usize> {
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(invalid(format!("change rate must lie in 0..=1, got {rate}")));
+    }
+    Ok(((rate * total as f64).round() as usize).min(total))
+}
+
+fn is_block_device(path: &Path) -> io::Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(meta.file_type().is_block_device()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn blocks_of(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+        Ok(std::fs::read(path)?.chunks(BLOCK as usize).map(<[u8]>::to_vec).collect())
+    }
+
+    #[test]
+    fn same_seed_gives_same_bytes_and_other_seed_differs() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let size = 4 * REGION + 3000;
+        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        write_sample_volume(&a, &SampleSpec::mixed(size, 7))?;
+        write_sample_volume(&b, &SampleSpec::mixed(size, 7))?;
+        write_sample_volume(&c, &SampleSpec::mixed(size, 8))?;
+        assert_eq!(std::fs::metadata(&a)?.len(), size);
+        assert_eq!(std::fs::read(&a)?, std::fs::read(&b)?);
+        assert_ne!(file_digest(&a, size)?, file_digest(&c, size)?);
+        Ok(())
+    }
+
+    #[test]
+    fn overwriting_a_file_replaces_old_content() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        let size = 3 * REGION;
+        write_sample_volume(&path, &SampleSpec { size: 8 * REGION, ..SampleSpec::mixed(0, 1) })?;
+        write_sample_volume(&path, &SampleSpec::mixed(size, 2))?;
+        let fresh = dir.path().join("fresh");
+        write_sample_volume(&fresh, &SampleSpec::mixed(size, 2))?;
+        assert_eq!(std::fs::read(&path)?, std::fs::read(&fresh)?);
+        Ok(())
+    }
+
+    #[test]
+    fn layout_respects_shares() -> io::Result<()> {
+        let spec = SampleSpec { size: 1000 * REGION, zero_share: 0.5, text_share: 0.3, random_share: 0.2, seed: 3 };
+        let layout = region_layout(&spec)?;
+        let count = |kind| layout.iter().filter(|&&r| r == kind).count();
+        assert_eq!((count(Region::Zero), count(Region::Text), count(Region::Random)), (500, 300, 200));
+        let mixed = region_layout(&SampleSpec::mixed(32 * REGION + 1, 3))?;
+        let zeros = mixed.iter().filter(|&&r| r == Region::Zero).count();
+        assert!((10..=12).contains(&zeros), "{zeros} zero regions of 33");
+        assert!(region_layout(&SampleSpec { zero_share: -1.0, ..spec.clone() }).is_err());
+        assert!(region_layout(&SampleSpec { zero_share: 0.0, text_share: 0.0, random_share: 0.0, ..spec }).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn regions_hold_what_the_layout_says() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        let spec = SampleSpec::mixed(9 * REGION, 11);
+        write_sample_volume(&path, &spec)?;
+        let bytes = std::fs::read(&path)?;
+        for (region, kind) in bytes.chunks(REGION as usize).zip(region_layout(&spec)?) {
+            let compressed = zstd::bulk::compress(region, 3)?.len() as f64 / region.len() as f64;
+            match kind {
+                Region::Zero => assert!(region.iter().all(|&b| b == 0)),
+                Region::Text => {
+                    assert!(compressed < 0.5, "text compresses to {compressed}");
+                    assert!(region.iter().all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()));
+                }
+                Region::Random => assert!(compressed > 0.99, "random compresses to {compressed}"),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mostly_zero_volume_file_is_sparse() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        let size = 64 * REGION;
+        let spec = SampleSpec { size, zero_share: 0.9, text_share: 0.05, random_share: 0.05, seed: 5 };
+        write_sample_volume(&path, &spec)?;
+        let meta = std::fs::metadata(&path)?;
+        assert_eq!(meta.len(), size);
+        let allocated = meta.blocks() * 512;
+        assert!(allocated < size / 4, "{allocated} bytes allocated for a {size} byte volume");
+        Ok(())
+    }
+
+    #[test]
+    fn scattered_change_writes_exactly_the_reported_blocks() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        let size = 8 * REGION + 100; // 2049 blocks, the last one partial
+        write_sample_volume(&path, &SampleSpec::mixed(size, 1))?;
+        let before = blocks_of(&path)?;
+        let change = scattered_change(&path, size, 0.01, 9)?;
+        let after = blocks_of(&path)?;
+        assert_eq!(std::fs::metadata(&path)?.len(), size);
+        assert_eq!(change.blocks.len(), 20); // round(0.01 * 2049)
+        assert!(change.blocks.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        let differing: Vec<u64> = (0u64..).zip(before.iter().zip(&after)).filter(|(_, (b, a))| b != a).map(|(i, _)| i).collect();
+        assert_eq!(differing, change.blocks);
+        assert_eq!(scattered_change(&path, size, 0.01, 9)?, change, "same seed, same blocks");
+        Ok(())
+    }
+
+    #[test]
+    fn clustered_change_writes_runs_of_consecutive_blocks() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        let size = 16 * REGION; // 4096 blocks
+        write_sample_volume(&path, &SampleSpec::mixed(size, 2))?;
+        let before = blocks_of(&path)?;
+        let change = clustered_change(&path, size, 0.05, 8, 4)?;
+        let after = blocks_of(&path)?;
+        assert_eq!(change.blocks.len(), 205); // round(0.05 * 4096)
+        assert!(change.blocks.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        let runs = 1 + change.blocks.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        assert!(runs <= 205usize.div_ceil(8), "{runs} runs");
+        let differing: Vec<u64> = (0u64..).zip(before.iter().zip(&after)).filter(|(_, (b, a))| b != a).map(|(i, _)| i).collect();
+        assert_eq!(differing, change.blocks);
+        let all = clustered_change(&path, size, 1.0, 8, 4)?;
+        assert_eq!(all.blocks, (0..4096).collect::<Vec<u64>>());
+        Ok(())
+    }
+
+    #[test]
+    fn file_digest_hashes_a_prefix_and_rejects_short_files() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        write_sample_volume(&path, &SampleSpec::mixed(2 * REGION, 6))?;
+        let bytes = std::fs::read(&path)?;
+        assert_eq!(file_digest(&path, 2 * REGION)?, blake3::hash(&bytes));
+        assert_eq!(file_digest(&path, 5000)?, blake3::hash(&bytes[..5000]));
+        let short = file_digest(&path, 2 * REGION + 1).map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(short, Err(io::ErrorKind::UnexpectedEof));
+        Ok(())
+    }
+}

@@ -1,0 +1,438 @@
+//! The source agent: reads the snapshot, announces chunk digests, answers NEEDs with the changed blocks.
+//!
+//! Pipeline (see `proto/PROTOCOL.md`, "Session"):
+//! scan (read thread + all cores hashing) -> DIGESTS within the window -> writer task -> TLS;
+//! TLS -> reader (this task) -> NEED queue -> block diff + zstd on all cores -> DATA -> writer task.
+//! The reader only enqueues; at most `window` NEEDs can be open, and the NEED queue holds that many, so the
+//! reader never blocks on the writer and the session cannot deadlock.
+//! Success means a COMMIT from the destination equal to our END: the target is durable and verified.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rayon::prelude::*;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_SIZE};
+use crate::codec::{DataFrame, Encoding, FrameReader, FrameWriter, Message};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::status::{Role, StatusFile};
+use crate::net::{authenticate, spawn_writer, within, Counted, Outbox, Timeouts};
+use crate::stats::{add, Figures};
+use crate::tls::{self, Psk, Side};
+use crate::volume::Volume;
+
+/// The largest window a destination may ask for (bounds the source's NEED queue).
+const MAX_WINDOW: u32 = 1 << 16;
+/// NEEDs answered together on all cores.
+const NEED_BATCH: usize = 32;
+
+/// What the source needs to run one sync.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Destination address (`host:port`).
+    pub connect: String,
+    /// The snapshot: block device or file.
+    pub volume: PathBuf,
+    /// The pre-shared key.
+    pub psk: Psk,
+    /// First-level chunk size.
+    pub chunk_size: u32,
+    /// zstd level for DATA payloads.
+    pub zstd_level: i32,
+    /// Network phase limits.
+    pub timeouts: Timeouts,
+}
+
+/// The outcome of a successful sync.
+#[derive(Clone, Debug)]
+pub struct SyncReport {
+    /// The volume's geometry.
+    pub geometry: Geometry,
+    /// The whole-volume digest both sides agreed on.
+    pub volume_digest: Digest,
+}
+
+/// The source's window: chunks announced and acknowledged.
+struct Credit {
+    acked: Mutex<u64>,
+    moved: Condvar,
+    stop: AtomicBool,
+}
+
+impl Credit {
+    /// Waits until announcing chunks up to `through` keeps within `window`; false when the session stopped.
+    fn wait(&self, through: u64, window: u64) -> bool {
+        let Ok(mut acked) = self.acked.lock() else {
+            return false;
+        };
+        while through.saturating_sub(*acked) > window {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            acked = match self.moved.wait_timeout(acked, Duration::from_millis(100)) {
+                Ok((a, _)) => a,
+                Err(_) => return false,
+            };
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    fn ack(&self, through: u64) {
+        if let Ok(mut a) = self.acked.lock() {
+            *a = (*a).max(through);
+        }
+        self.moved.notify_all();
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.moved.notify_all();
+    }
+}
+
+/// Runs one sync and records it in the status file at `status` (if any): SyncInProgress, then Successful or
+/// Failed with the reason; a failure keeps the previous lastSyncTime.
+pub async fn sync(
+    config: &SourceConfig,
+    status: Option<PathBuf>,
+    figures: Arc<Figures>,
+) -> Result<SyncReport> {
+    let started = std::time::Instant::now();
+    let mut status = StatusFile::load(status, Role::Source)?;
+    status.begin(chrono::Utc::now())?;
+    let progress = Progress::start("source", figures.clone());
+    let result = run(config, figures.clone()).await;
+    drop(progress);
+    let summary = figures.summary(started.elapsed());
+    match &result {
+        Ok(_) => {
+            for line in summary.lines() {
+                tracing::info!("{line}");
+            }
+            status.succeed(chrono::Utc::now(), figures.external(), summary)?;
+        }
+        Err(e) => {
+            let logs = format!("{summary}error: {e}\n");
+            status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
+        }
+    }
+    result
+}
+
+/// Runs one sync of `config.volume` to the destination; `figures` fills as it goes.
+pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
+    let volume = Arc::new(Volume::open_source(&config.volume)?);
+    let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
+    figures.set_geometry(&geometry);
+    let t = config.timeouts;
+
+    let tcp = within("connect", t.connect, async {
+        TcpStream::connect(&config.connect)
+            .await
+            .map_err(|e| Error::net("connect", e))
+    })
+    .await?;
+    let _ = tcp.set_nodelay(true);
+    let peer: Option<SocketAddr> = tcp.peer_addr().ok();
+    tracing::info!(?peer, volume = %config.volume.display(), size = geometry.volume_size(), "connected");
+    let stream = Counted::new(tcp, figures.wire.clone());
+    let tls = within("tls handshake", t.handshake, async {
+        tls::connector()?
+            .connect(tls::server_name(), stream)
+            .await
+            .map_err(|e| Error::net("tls handshake", e))
+    })
+    .await?;
+    let exporter = tls::client_exporter(&tls)?;
+    let (r, w) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+    authenticate(&mut reader, &mut writer, &config.psk, Side::Source, &exporter, t.handshake).await?;
+
+    writer
+        .send(&Message::Hello {
+            volume_size: geometry.volume_size(),
+            chunk_size: geometry.chunk_size(),
+            block_size: BLOCK_SIZE,
+        })
+        .await?;
+    let window = match within("hello", t.handshake, reader.expect("hello")).await? {
+        Message::Ready { window, .. } if (1..=MAX_WINDOW).contains(&window) => window,
+        Message::Ready { window, .. } => {
+            return Err(Error::Protocol(format!("READY asks for window {window}")))
+        }
+        Message::Abort { code, message } => return Err(Error::PeerAbort { code, message }),
+        other => {
+            return Err(Error::Protocol(format!(
+                "expected READY, received {}",
+                other.name()
+            )))
+        }
+    };
+
+    let (outbox, writer_task) = spawn_writer(writer, 256);
+    let session = Session {
+        volume,
+        geometry,
+        figures,
+        credit: Arc::new(Credit {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            stop: AtomicBool::new(false),
+        }),
+        announced: Arc::new(AtomicU64::new(0)),
+        window: u64::from(window),
+        zstd_level: config.zstd_level,
+    };
+    let result = session.drive(&mut reader, outbox, t.idle).await;
+    session.credit.stop();
+    let writer = writer_task
+        .await
+        .map_err(|e| Error::Protocol(format!("writer task failed: {e}")))?;
+    let report = result?;
+    let mut writer = writer?;
+    within("close", t.handshake, writer.shutdown()).await?;
+    Ok(report)
+}
+
+struct Session {
+    volume: Arc<Volume>,
+    geometry: Geometry,
+    figures: Arc<Figures>,
+    credit: Arc<Credit>,
+    announced: Arc<AtomicU64>,
+    window: u64,
+    zstd_level: i32,
+}
+
+impl Session {
+    /// Runs the scan and the NEED service until COMMIT; on failure tells the peer why.
+    async fn drive<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        reader: &mut FrameReader<R>,
+        outbox: Outbox,
+        idle: Duration,
+    ) -> Result<SyncReport> {
+        let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<Error>();
+        let (need_tx, need_rx) = mpsc::channel::<(u64, Option<Vec<Digest>>)>(self.window as usize);
+        let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone());
+        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx);
+        let mut answered = vec![0u64; self.geometry.chunk_count().div_ceil(64) as usize];
+        let result = loop {
+            let msg = tokio::select! {
+                m = within("idle read", idle, reader.expect("sync")) => m,
+                Some(e) = fail_rx.recv() => Err(e),
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => break Err(e),
+            };
+            match msg {
+                Message::Ack { through } => {
+                    if through > self.announced.load(Ordering::Acquire) {
+                        break Err(Error::Protocol(format!("ACK through {through} is past the chunks announced")));
+                    }
+                    self.credit.ack(through);
+                }
+                Message::Need { chunk, blocks } => {
+                    if let Err(e) = self.check_need(chunk, blocks.as_deref(), &mut answered) {
+                        break Err(e);
+                    }
+                    if need_tx.try_send((chunk, blocks)).is_err() {
+                        break Err(Error::Protocol("the destination exceeded its window of open NEEDs".into()));
+                    }
+                }
+                Message::Commit { chunk_count, volume_size, digest } => {
+                    break match scanner.await {
+                        Ok(Some(ours)) if ours == digest && chunk_count == self.geometry.chunk_count()
+                            && volume_size == self.geometry.volume_size() => {
+                            self.figures.set_volume_digest(ours);
+                            Ok(SyncReport { geometry: self.geometry, volume_digest: ours })
+                        }
+                        Ok(Some(ours)) => Err(Error::VolumeDigestMismatch {
+                            source_digest: ours.to_hex(),
+                            destination_digest: digest.to_hex(),
+                        }),
+                        _ => Err(Error::Protocol("COMMIT before the scan finished".into())),
+                    };
+                }
+                Message::Abort { code, message } => break Err(Error::PeerAbort { code, message }),
+                other => break Err(Error::Protocol(format!("unexpected {} from the destination", other.name()))),
+            }
+        };
+        self.credit.stop();
+        drop(need_tx);
+        if let Err(e) = &result {
+            if !matches!(e, Error::PeerAbort { .. } | Error::PeerClosed(_) | Error::Net { .. }) {
+                let _ = outbox.try_send(Message::Abort { code: e.abort_code(), message: e.to_string() });
+            }
+        }
+        drop(outbox);
+        let _ = servicer.await;
+        result
+    }
+
+    fn check_need(&self, chunk: u64, blocks: Option<&[Digest]>, answered: &mut [u64]) -> Result<()> {
+        if chunk >= self.announced.load(Ordering::Acquire) {
+            return Err(Error::Protocol(format!("NEED for chunk {chunk}, which was not announced")));
+        }
+        let (word, bit) = ((chunk / 64) as usize, 1u64 << (chunk % 64));
+        if answered[word] & bit != 0 {
+            return Err(Error::Protocol(format!("second NEED for chunk {chunk}")));
+        }
+        answered[word] |= bit;
+        if let Some(b) = blocks {
+            if b.len() != self.geometry.blocks_in_chunk(chunk) as usize {
+                return Err(Error::Protocol(format!("NEED for chunk {chunk} carries {} block digests", b.len())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans the snapshot and announces its digests within the window, then END. Returns the volume digest.
+    fn spawn_scanner(
+        &self,
+        outbox: Outbox,
+        fail: mpsc::UnboundedSender<Error>,
+    ) -> tokio::task::JoinHandle<Option<Digest>> {
+        let (volume, geometry, credit, announced) =
+            (self.volume.clone(), self.geometry, self.credit.clone(), self.announced.clone());
+        let (window, bytes_read) = (self.window, self.figures.bytes_read.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut vd = VolumeDigest::new(geometry);
+            let stopped = || Error::Cancelled("session end");
+            let r = crate::scan::scan(volume, geometry, bytes_read, |first, summaries| {
+                let through = first + summaries.len() as u64;
+                if !credit.wait(through, window) {
+                    return Err(stopped());
+                }
+                let digests: Vec<Digest> = summaries.iter().map(|s| s.digest).collect();
+                digests.iter().for_each(|d| vd.push(d));
+                announced.store(through, Ordering::Release);
+                outbox
+                    .blocking_send(Message::Digests { first, digests })
+                    .map_err(|_| stopped())
+            })
+            .and_then(|()| {
+                let digest = vd.finish();
+                outbox
+                    .blocking_send(Message::End {
+                        chunk_count: geometry.chunk_count(),
+                        volume_size: geometry.volume_size(),
+                        digest,
+                    })
+                    .map_err(|_| stopped())?;
+                Ok(digest)
+            });
+            match r {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    let _ = fail.send(e);
+                    None
+                }
+            }
+        })
+    }
+
+    /// Answers NEEDs in batches, building DATA frames on all cores.
+    fn spawn_servicer(
+        &self,
+        mut needs: mpsc::Receiver<(u64, Option<Vec<Digest>>)>,
+        outbox: Outbox,
+        fail: mpsc::UnboundedSender<Error>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (volume, geometry, figures, level) =
+            (self.volume.clone(), self.geometry, self.figures.clone(), self.zstd_level);
+        tokio::task::spawn_blocking(move || {
+            while let Some(first) = needs.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < NEED_BATCH {
+                    match needs.try_recv() {
+                        Ok(n) => batch.push(n),
+                        Err(_) => break,
+                    }
+                }
+                let frames: Vec<Result<DataFrame>> = batch
+                    .into_par_iter()
+                    .map(|(chunk, blocks)| build_data(&volume, geometry, chunk, blocks.as_deref(), level))
+                    .collect();
+                for frame in frames {
+                    match frame {
+                        Ok(d) => {
+                            count_data(&figures, &d);
+                            if outbox.blocking_send(Message::Data(d)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = fail.send(e);
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn count_data(figures: &Figures, d: &DataFrame) {
+    add(&figures.chunks_changed, 1);
+    add(&figures.chunks_sent, 1);
+    add(&figures.blocks_sent, u64::from(d.send_mask.count_ones()));
+    add(&figures.zero_blocks, u64::from(d.zero_mask.count_ones()));
+    add(&figures.data_bytes, u64::from(d.raw_len));
+    add(&figures.compressed_bytes, d.payload.len() as u64);
+}
+
+/// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
+/// zeros, the non-zero blocks); zero blocks become marks; the payload is zstd when that is smaller, else raw.
+pub fn build_data(
+    volume: &Volume,
+    geometry: Geometry,
+    chunk: u64,
+    target_blocks: Option<&[Digest]>,
+    zstd_level: i32,
+) -> Result<DataFrame> {
+    let (offset, len) = geometry.chunk_range(chunk);
+    let mut buf = vec![0u8; len];
+    volume.read_exact_at(&mut buf, offset)?;
+    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    let mut raw = Vec::with_capacity(len);
+    for b in 0..geometry.blocks_in_chunk(chunk) {
+        let block = &buf[block_range(len, b)];
+        let zero = is_zero(block);
+        let differs = match target_blocks {
+            None => !zero,
+            Some(theirs) => Digest::of(block) != theirs[b as usize],
+        };
+        if !differs {
+            continue;
+        }
+        if zero {
+            zero_mask |= 1 << b;
+        } else {
+            send_mask |= 1 << b;
+            raw.extend_from_slice(block);
+        }
+    }
+    let raw_len = raw.len() as u32;
+    let (encoding, payload) = match zstd::bulk::compress(&raw, zstd_level) {
+        Ok(z) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
+        _ => (Encoding::Raw, Bytes::from(raw)),
+    };
+    Ok(DataFrame {
+        chunk,
+        send_mask,
+        zero_mask,
+        encoding,
+        raw_len,
+        payload,
+    })
+}

@@ -1,0 +1,733 @@
+//! VolSync-shaped status: the `.status` document of ReplicationSource / ReplicationDestination, written atomically.
+//!
+//! Invariants:
+//! - The file on disk is always a complete JSON document: it is written to `<path>.tmp`, fsynced, renamed over
+//!   `<path>`, and the directory is fsynced. A reader never sees a torn file.
+//! - `lastSyncStartTime` is set only while a sync runs ([`StatusFile::begin`]); both [`StatusFile::succeed`] and
+//!   [`StatusFile::fail`] clear it.
+//! - `lastSyncTime` / `lastSyncDuration` change only on success; a failure keeps the previous values.
+//! - There is one condition of type `Synchronizing`; its `lastTransitionTime` changes only when its `status`
+//!   changes (Kubernetes `meta.SetStatusCondition`).
+//! - `latestMoverStatus.logs` holds at most [`MOVER_LOG_MAX_BYTES`] (the last bytes, as VolSync keeps them).
+
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The bytes of mover logs VolSync keeps in `latestMoverStatus.logs` (its `MOVER_LOG_MAX_BYTES`).
+pub const MOVER_LOG_MAX_BYTES: usize = 1024;
+
+/// The CRD's `maxLength` of a condition message.
+pub const CONDITION_MESSAGE_MAX_LEN: usize = 32768;
+
+/// The only condition type VolSync uses.
+pub const CONDITION_SYNCHRONIZING: &str = "Synchronizing";
+
+/// `latestMoverStatus.result` of a sync that completed.
+pub const RESULT_SUCCESSFUL: &str = "Successful";
+
+/// `latestMoverStatus.result` of a sync that failed.
+pub const RESULT_FAILED: &str = "Failed";
+
+/// Go's `time.Duration` is an `int64` of nanoseconds; longer durations saturate here, as Go's `Time.Sub` does.
+const GO_DURATION_MAX_NANOS: u64 = 9_223_372_036_854_775_807;
+
+/// Which side of the replication this status describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The ReplicationSource side (reads the volume, sends).
+    Source,
+    /// The ReplicationDestination side (receives, writes the target).
+    Destination,
+}
+
+impl Role {
+    /// The label VolSync uses for this role in metrics: `source` or `destination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        }
+    }
+}
+
+/// Failures reading or writing the status file. All are about the local file, never about the sync itself.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The status file exists but could not be read.
+    #[error("cannot read status file {}", path.display())]
+    Read {
+        /// The status file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The status file is not a JSON status document.
+    #[error("status file {} is not a valid status document", path.display())]
+    Parse {
+        /// The status file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The status could not be encoded as JSON.
+    #[error("cannot encode status as json")]
+    Encode(#[source] serde_json::Error),
+    /// Writing, syncing or renaming the status file (or syncing its directory) failed.
+    #[error("cannot write status file {}", path.display())]
+    Write {
+        /// The file or directory the failing operation touched.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The `.status` document, field for field as VolSync's CRDs name them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MoverStatus {
+    /// RFC 3339 time of the last successful sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<String>,
+    /// RFC 3339 start time of the sync under way; absent when none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_start_time: Option<String>,
+    /// Go duration text of the last successful sync (`lastSyncTime - lastSyncStartTime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_duration: Option<String>,
+    /// RFC 3339 time the next scheduled sync is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_sync_time: Option<String>,
+    /// The value of `spec.trigger.manual` when the last sync completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_manual_sync: Option<String>,
+    /// Result and log tail of the latest mover run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_mover_status: Option<LatestMoverStatus>,
+    /// Kubernetes conditions; VolSync uses only `Synchronizing`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Free-form string map for a third-party mover (blockmover's counters).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub external: BTreeMap<String, String>,
+    /// Destination only: where the source connects and which Secret holds the key.
+    #[serde(default, rename = "rsyncTLS", skip_serializing_if = "Option::is_none")]
+    pub rsync_tls: Option<RsyncTlsStatus>,
+}
+
+/// `latestMoverStatus`: how the latest mover run ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatestMoverStatus {
+    /// [`RESULT_SUCCESSFUL`] or [`RESULT_FAILED`].
+    pub result: String,
+    /// The last [`MOVER_LOG_MAX_BYTES`] of the mover's summary log lines.
+    pub logs: String,
+}
+
+/// A Kubernetes `metav1.Condition`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type; always [`CONDITION_SYNCHRONIZING`] here.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason, e.g. `SyncInProgress`.
+    pub reason: String,
+    /// Human-readable detail, at most [`CONDITION_MESSAGE_MAX_LEN`] bytes.
+    pub message: String,
+    /// RFC 3339 time `status` last changed.
+    pub last_transition_time: String,
+}
+
+/// `rsyncTLS` of a ReplicationDestination.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RsyncTlsStatus {
+    /// The address the source connects to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The Secret holding the pre-shared key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
+}
+
+/// A status document bound to its file (or to none) and to a role; every transition writes it.
+#[derive(Debug)]
+pub struct StatusFile {
+    path: Option<PathBuf>,
+    status: MoverStatus,
+    role: Role,
+    /// Full-precision start of the sync under way (the file keeps whole seconds only).
+    started: Option<DateTime<Utc>>,
+}
+
+impl StatusFile {
+    /// Loads the status at `path`; a missing file (or no path) gives an empty status.
+    pub fn load(path: Option<PathBuf>, role: Role) -> Result<Self, StatusError> {
+        let status = match &path {
+            None => MoverStatus::default(),
+            Some(p) => match fs::read(p) {
+                Ok(bytes) => {
+                    serde_json::from_slice(&bytes).map_err(|source| StatusError::Parse {
+                        path: p.clone(),
+                        source,
+                    })?
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => MoverStatus::default(),
+                Err(source) => {
+                    return Err(StatusError::Read {
+                        path: p.clone(),
+                        source,
+                    })
+                }
+            },
+        };
+        Ok(Self {
+            path,
+            status,
+            role,
+            started: None,
+        })
+    }
+
+    /// The current document.
+    pub fn status(&self) -> &MoverStatus {
+        &self.status
+    }
+
+    /// The role this status belongs to.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The file written, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// A sync starts: sets `lastSyncStartTime`, condition `Synchronizing` True `SyncInProgress`; writes.
+    pub fn begin(&mut self, now: DateTime<Utc>) -> Result<(), StatusError> {
+        self.started = Some(now);
+        self.status.last_sync_start_time = Some(rfc3339(now));
+        self.set_condition(
+            now,
+            "True",
+            "SyncInProgress",
+            "Synchronization in-progress".to_owned(),
+        );
+        self.write()
+    }
+
+    /// A sync completed: sets `lastSyncTime`, `lastSyncDuration`, result `Successful` with `logs`,
+    /// condition False `WaitingForManual`, replaces `external`; clears `lastSyncStartTime`; writes.
+    pub fn succeed(
+        &mut self,
+        now: DateTime<Utc>,
+        external: BTreeMap<String, String>,
+        logs: String,
+    ) -> Result<(), StatusError> {
+        let start = self.start_time().unwrap_or(now);
+        // A clock that stepped back gives a negative span; report zero rather than fail the status.
+        let took = (now - start).to_std().unwrap_or(Duration::ZERO);
+        self.status.last_sync_time = Some(rfc3339(now));
+        self.status.last_sync_duration = Some(go_duration(took));
+        self.end(RESULT_SUCCESSFUL, logs, external);
+        self.set_condition(
+            now,
+            "False",
+            "WaitingForManual",
+            "Waiting for manual trigger".to_owned(),
+        );
+        self.write()
+    }
+
+    /// A sync failed: keeps `lastSyncTime`/`lastSyncDuration`, clears `lastSyncStartTime`, result `Failed` with
+    /// `logs` ending in the line `error: <reason>` (unless they already end with `reason`), condition False `Error`
+    /// with `reason` as message, replaces `external`; writes.
+    pub fn fail(
+        &mut self,
+        now: DateTime<Utc>,
+        reason: &str,
+        external: BTreeMap<String, String>,
+        logs: String,
+    ) -> Result<(), StatusError> {
+        let mut logs = logs;
+        if !logs.trim_end().ends_with(reason.trim_end()) || reason.trim().is_empty() {
+            let trimmed_len = logs.trim_end().len();
+            logs.truncate(trimmed_len);
+            if !logs.is_empty() {
+                logs.push('\n');
+            }
+            logs.push_str("error: ");
+            logs.push_str(reason);
+        }
+        self.end(RESULT_FAILED, logs, external);
+        self.set_condition(
+            now,
+            "False",
+            "Error",
+            truncate_start(reason, CONDITION_MESSAGE_MAX_LEN),
+        );
+        self.write()
+    }
+
+    /// Destination only: records the address the source should connect to. Ignored for [`Role::Source`]
+    /// (the ReplicationSource schema has no `rsyncTLS.address`). Takes effect at the next write.
+    pub fn set_rsync_tls_address(&mut self, address: String) {
+        if self.role == Role::Destination {
+            self.status
+                .rsync_tls
+                .get_or_insert_with(RsyncTlsStatus::default)
+                .address = Some(address);
+        }
+    }
+
+    /// Writes the document atomically (temp file, fsync, rename, fsync of the directory). No-op without a path.
+    pub fn write(&self) -> Result<(), StatusError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut json = serde_json::to_vec_pretty(&self.status).map_err(StatusError::Encode)?;
+        json.push(b'\n');
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".tmp");
+        let tmp = PathBuf::from(tmp_name);
+        let written = write_synced(&tmp, &json).and_then(|()| {
+            fs::rename(&tmp, path).map_err(|source| StatusError::Write {
+                path: path.clone(),
+                source,
+            })
+        });
+        if let Err(e) = written {
+            // Best effort: the error that matters is the one returned.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StatusError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })
+    }
+
+    /// The start of the sync under way: the in-memory instant from [`Self::begin`], else the file's value.
+    fn start_time(&self) -> Option<DateTime<Utc>> {
+        self.started.or_else(|| {
+            self.status
+                .last_sync_start_time
+                .as_deref()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.with_timezone(&Utc))
+        })
+    }
+
+    /// The bookkeeping both outcomes share.
+    fn end(&mut self, result: &str, logs: String, external: BTreeMap<String, String>) {
+        self.started = None;
+        self.status.last_sync_start_time = None;
+        self.status.latest_mover_status = Some(LatestMoverStatus {
+            result: result.to_owned(),
+            logs: truncate_logs(&logs, MOVER_LOG_MAX_BYTES),
+        });
+        self.status.external = external;
+    }
+
+    /// `meta.SetStatusCondition` for the `Synchronizing` condition.
+    fn set_condition(&mut self, now: DateTime<Utc>, status: &str, reason: &str, message: String) {
+        let existing = self
+            .status
+            .conditions
+            .iter_mut()
+            .find(|c| c.type_ == CONDITION_SYNCHRONIZING);
+        match existing {
+            Some(c) => {
+                if c.status != status {
+                    c.status = status.to_owned();
+                    c.last_transition_time = rfc3339(now);
+                }
+                c.reason = reason.to_owned();
+                c.message = message;
+            }
+            None => self.status.conditions.push(Condition {
+                type_: CONDITION_SYNCHRONIZING.to_owned(),
+                status: status.to_owned(),
+                reason: reason.to_owned(),
+                message,
+                last_transition_time: rfc3339(now),
+            }),
+        }
+    }
+}
+
+/// Creates `path`, writes `bytes` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StatusError> {
+    let wrap = |source| StatusError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::create(path).map_err(wrap)?;
+    f.write_all(bytes).map_err(wrap)?;
+    f.sync_all().map_err(wrap)
+}
+
+/// Formats `d` exactly as Go's `time.Duration.String()` does (saturating at Go's maximum of ~292 years).
+pub fn go_duration(d: Duration) -> String {
+    let nanos =
+        u64::try_from(d.as_nanos()).map_or(GO_DURATION_MAX_NANOS, |n| n.min(GO_DURATION_MAX_NANOS));
+    if nanos == 0 {
+        return "0s".to_owned();
+    }
+    if nanos < 1_000_000_000 {
+        // Below a second Go picks the largest unit that keeps the integer part non-zero.
+        let (unit, prec) = match nanos {
+            0..1_000 => ("ns", 0),
+            1_000..1_000_000 => ("µs", 3),
+            _ => ("ms", 6),
+        };
+        let (int, frac) = split_frac(nanos, prec);
+        return format!("{int}{frac}{unit}");
+    }
+    let (secs, frac) = split_frac(nanos, 9);
+    let mins = secs / 60;
+    let hours = mins / 60;
+    let mut out = String::new();
+    if hours > 0 {
+        out.push_str(&format!("{hours}h"));
+    }
+    if mins > 0 {
+        out.push_str(&format!("{}m", mins % 60));
+    }
+    out.push_str(&format!("{}{frac}s", secs % 60));
+    out
+}
+
+/// Splits `v` into `v / 10^prec` and the fraction text `.ddd` without trailing zeros (empty when zero),
+/// as Go's `fmtFrac`.
+fn split_frac(v: u64, prec: u32) -> (u64, String) {
+    let pow = 10u64.pow(prec);
+    let (int, frac) = (v / pow, v % pow);
+    if frac == 0 {
+        return (int, String::new());
+    }
+    let digits = format!("{frac:0width$}", width = prec as usize);
+    (int, format!(".{}", digits.trim_end_matches('0')))
+}
+
+/// Formats `t` as Kubernetes serialises `metav1.Time`: RFC 3339, whole seconds (truncated), `Z`.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Keeps the last `max` bytes of `s`, starting on a char boundary (so possibly fewer bytes).
+pub fn truncate_logs(s: &str, max: usize) -> String {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    s[start..].to_owned()
+}
+
+/// Keeps the first `max` bytes of `s`, ending on a char boundary.
+fn truncate_start(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(secs: i64, nanos: u32) -> anyhow::Result<DateTime<Utc>> {
+        Utc.timestamp_opt(1_795_000_000 + secs, nanos)
+            .single()
+            .ok_or_else(|| anyhow::anyhow!("bad test time"))
+    }
+
+    fn counters() -> BTreeMap<String, String> {
+        BTreeMap::from([("chunksTotal".to_owned(), "16".to_owned())])
+    }
+
+    fn sync_cond(s: &StatusFile) -> anyhow::Result<&Condition> {
+        s.status()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_SYNCHRONIZING)
+            .ok_or_else(|| anyhow::anyhow!("no Synchronizing condition"))
+    }
+
+    #[test]
+    fn go_duration_matches_go_duration_string() {
+        let ns = Duration::from_nanos;
+        let cases = [
+            (ns(0), "0s"),
+            (ns(1), "1ns"),
+            (ns(42), "42ns"),
+            (ns(999), "999ns"),
+            (ns(1_000), "1µs"),
+            (ns(1_001), "1.001µs"),
+            (ns(500_000), "500µs"),
+            (ns(999_999), "999.999µs"),
+            (ns(1_000_000), "1ms"),
+            (ns(1_500_000), "1.5ms"),
+            (ns(999_999_999), "999.999999ms"),
+            (ns(1_000_000_000), "1s"),
+            (ns(1_000_000_001), "1.000000001s"),
+            (ns(1_500_000_000), "1.5s"),
+            (ns(24_089_891_610), "24.08989161s"),
+            (ns(59_999_999_999), "59.999999999s"),
+            (ns(60_000_000_000), "1m0s"),
+            (ns(62_500_000_000), "1m2.5s"),
+            (ns(3_599_999_999_999), "59m59.999999999s"),
+            (Duration::from_secs(3600), "1h0m0s"),
+            (ns(7_384_000_000_005), "2h3m4.000000005s"),
+            (Duration::from_secs(100 * 3600), "100h0m0s"),
+            (ns(GO_DURATION_MAX_NANOS), "2562047h47m16.854775807s"),
+            (Duration::MAX, "2562047h47m16.854775807s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(go_duration(d), want, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_truncates_to_whole_seconds_with_z() -> anyhow::Result<()> {
+        let t = Utc
+            .with_ymd_and_hms(2026, 11, 24, 18, 31, 54)
+            .single()
+            .ok_or_else(|| anyhow::anyhow!("bad time"))?
+            + chrono::Duration::nanoseconds(999_999_999);
+        assert_eq!(rfc3339(t), "2026-11-24T18:31:54Z");
+        Ok(())
+    }
+
+    #[test]
+    fn truncate_logs_keeps_the_tail_on_a_char_boundary() {
+        assert_eq!(truncate_logs("hello", 10), "hello");
+        assert_eq!(truncate_logs("hello", 3), "llo");
+        assert_eq!(truncate_logs("hello", 0), "");
+        // "é" is two bytes: cutting inside it drops it whole.
+        assert_eq!(truncate_logs("aé", 1), "");
+        assert_eq!(truncate_logs("aéb", 2), "b");
+        assert_eq!(truncate_logs("aéb", 3), "éb");
+    }
+
+    #[test]
+    fn condition_transition_time_changes_only_when_status_changes() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.begin(at(0, 0)?)?;
+        assert_eq!(sync_cond(&s)?.status, "True");
+        assert_eq!(sync_cond(&s)?.reason, "SyncInProgress");
+        assert_eq!(sync_cond(&s)?.last_transition_time, rfc3339(at(0, 0)?));
+
+        s.succeed(at(10, 0)?, counters(), String::new())?;
+        assert_eq!(sync_cond(&s)?.status, "False");
+        assert_eq!(sync_cond(&s)?.reason, "WaitingForManual");
+        assert_eq!(sync_cond(&s)?.message, "Waiting for manual trigger");
+        assert_eq!(sync_cond(&s)?.last_transition_time, rfc3339(at(10, 0)?));
+
+        // False -> False (reason changes): the transition time stays.
+        s.fail(at(20, 0)?, "peer vanished", counters(), String::new())?;
+        assert_eq!(sync_cond(&s)?.reason, "Error");
+        assert_eq!(sync_cond(&s)?.message, "peer vanished");
+        assert_eq!(sync_cond(&s)?.last_transition_time, rfc3339(at(10, 0)?));
+        assert_eq!(s.status().conditions.len(), 1);
+
+        s.begin(at(30, 0)?)?;
+        assert_eq!(sync_cond(&s)?.last_transition_time, rfc3339(at(30, 0)?));
+        Ok(())
+    }
+
+    #[test]
+    fn succeed_records_time_duration_result_and_clears_start() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Destination)?;
+        s.begin(at(0, 250_000_000)?)?;
+        assert!(s.status().last_sync_start_time.is_some());
+        s.succeed(at(62, 750_000_000)?, counters(), "sent 10 bytes".to_owned())?;
+        let st = s.status();
+        assert_eq!(
+            st.last_sync_time.as_deref(),
+            Some(rfc3339(at(62, 0)?).as_str())
+        );
+        assert_eq!(st.last_sync_duration.as_deref(), Some("1m2.5s"));
+        assert_eq!(st.last_sync_start_time, None);
+        let mover = st.latest_mover_status.clone().unwrap_or_default();
+        assert_eq!(mover.result, RESULT_SUCCESSFUL);
+        assert_eq!(mover.logs, "sent 10 bytes");
+        assert_eq!(st.external, counters());
+        Ok(())
+    }
+
+    #[test]
+    fn succeed_without_begin_reports_zero_duration() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.succeed(at(5, 0)?, BTreeMap::new(), String::new())?;
+        assert_eq!(s.status().last_sync_duration.as_deref(), Some("0s"));
+        Ok(())
+    }
+
+    #[test]
+    fn fail_keeps_previous_last_sync_time_and_duration() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.begin(at(0, 0)?)?;
+        s.succeed(at(3, 0)?, counters(), String::new())?;
+        let before = s.status().clone();
+        s.begin(at(100, 0)?)?;
+        s.fail(
+            at(104, 0)?,
+            "keys do not match",
+            BTreeMap::new(),
+            "a\nb\n".to_owned(),
+        )?;
+        let st = s.status();
+        assert_eq!(st.last_sync_time, before.last_sync_time);
+        assert_eq!(st.last_sync_duration, before.last_sync_duration);
+        assert_eq!(st.last_sync_start_time, None);
+        assert!(st.external.is_empty());
+        let mover = st.latest_mover_status.clone().unwrap_or_default();
+        assert_eq!(mover.result, RESULT_FAILED);
+        assert_eq!(mover.logs, "a\nb\nerror: keys do not match");
+        Ok(())
+    }
+
+    #[test]
+    fn fail_logs_end_with_the_reason_even_after_truncation() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        let long = "x".repeat(5000);
+        s.fail(at(0, 0)?, "target too small", BTreeMap::new(), long)?;
+        let logs = s
+            .status()
+            .latest_mover_status
+            .clone()
+            .unwrap_or_default()
+            .logs;
+        assert!(logs.len() <= MOVER_LOG_MAX_BYTES);
+        assert!(logs.ends_with("\nerror: target too small"));
+
+        // Logs that already end with the reason are not given it twice.
+        s.fail(
+            at(1, 0)?,
+            "boom",
+            BTreeMap::new(),
+            "error: boom\n".to_owned(),
+        )?;
+        let logs = s
+            .status()
+            .latest_mover_status
+            .clone()
+            .unwrap_or_default()
+            .logs;
+        assert_eq!(logs, "error: boom\n");
+        Ok(())
+    }
+
+    #[test]
+    fn fail_truncates_the_condition_message_to_the_crd_max_length() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        let reason = "é".repeat(CONDITION_MESSAGE_MAX_LEN);
+        s.fail(at(0, 0)?, &reason, BTreeMap::new(), String::new())?;
+        let msg = &sync_cond(&s)?.message;
+        assert!(msg.len() <= CONDITION_MESSAGE_MAX_LEN);
+        assert_eq!(msg.len(), CONDITION_MESSAGE_MAX_LEN);
+        Ok(())
+    }
+
+    #[test]
+    fn rsync_tls_address_is_set_for_destination_only() -> anyhow::Result<()> {
+        let mut d = StatusFile::load(None, Role::Destination)?;
+        d.set_rsync_tls_address("10.0.0.1:8000".to_owned());
+        let tls = d.status().rsync_tls.clone().unwrap_or_default();
+        assert_eq!(tls.address.as_deref(), Some("10.0.0.1:8000"));
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.set_rsync_tls_address("10.0.0.1:8000".to_owned());
+        assert_eq!(s.status().rsync_tls, None);
+        Ok(())
+    }
+
+    #[test]
+    fn write_is_atomic_and_leaves_no_tmp_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("status.json");
+        let mut s = StatusFile::load(Some(path.clone()), Role::Source)?;
+        s.begin(at(0, 0)?)?;
+        s.succeed(at(1, 0)?, counters(), "done".to_owned())?;
+        let names: Vec<_> = fs::read_dir(dir.path())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        assert_eq!(names, vec![std::ffi::OsString::from("status.json")]);
+        let json: serde_json::Value = serde_json::from_slice(&fs::read(&path)?)?;
+        assert_eq!(json["latestMoverStatus"]["result"], "Successful");
+        assert_eq!(json["external"]["chunksTotal"], "16");
+        assert!(json.get("lastSyncStartTime").is_none());
+        assert!(json.get("rsyncTLS").is_none());
+
+        let reloaded = StatusFile::load(Some(path), Role::Source)?;
+        assert_eq!(reloaded.status(), s.status());
+        Ok(())
+    }
+
+    #[test]
+    fn duration_uses_the_start_time_from_the_file_after_a_restart() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("status.json");
+        StatusFile::load(Some(path.clone()), Role::Source)?.begin(at(0, 0)?)?;
+        let mut s = StatusFile::load(Some(path), Role::Source)?;
+        s.succeed(at(90, 0)?, BTreeMap::new(), String::new())?;
+        assert_eq!(s.status().last_sync_duration.as_deref(), Some("1m30s"));
+        Ok(())
+    }
+
+    #[test]
+    fn load_of_a_missing_file_gives_an_empty_status() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let s = StatusFile::load(Some(dir.path().join("absent.json")), Role::Destination)?;
+        assert_eq!(s.status(), &MoverStatus::default());
+        Ok(())
+    }
+
+    #[test]
+    fn load_of_garbage_fails_naming_the_path() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("garbage.json");
+        fs::write(&path, b"{not json")?;
+        let err = match StatusFile::load(Some(path.clone()), Role::Source) {
+            Ok(_) => anyhow::bail!("garbage was accepted"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, StatusError::Parse { .. }));
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn write_without_a_path_is_a_no_op() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.begin(at(0, 0)?)?;
+        s.write()?;
+        Ok(())
+    }
+}

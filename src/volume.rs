@@ -1,0 +1,224 @@
+//! Volumes on disk: the source snapshot (read-only) and the destination target (read-write), block device or file.
+//!
+//! Reads and writes are positional (`pread`/`pwrite`) so that a media error is an `EIO` with an offset, not a
+//! `SIGBUS` as it would be through a memory map. Zeroing uses `fallocate`: a hole punched in a regular file, and
+//! `ZERO_RANGE` on a block device (the kernel guarantees zeros on read back); where that is not supported, zeros are
+//! written. The target never receives a write outside `[0, volume_size)`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{fallocate, FallocateFlags};
+
+use crate::error::{Error, Result};
+
+/// What kind of object a volume is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A block device (`/dev/...`).
+    BlockDevice,
+    /// A regular file, possibly sparse.
+    File,
+}
+
+/// An open volume or target.
+#[derive(Debug)]
+pub struct Volume {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    kind: Kind,
+    /// Writes are refused at or past this offset.
+    limit: u64,
+}
+
+impl Volume {
+    /// Opens a source volume read-only.
+    pub fn open_source(path: &Path) -> Result<Volume> {
+        Volume::open(path, false, "volume")
+    }
+
+    /// Opens a target read-write (it must exist: a target is never created by accident).
+    pub fn open_target(path: &Path) -> Result<Volume> {
+        Volume::open(path, true, "target")
+    }
+
+    fn open(path: &Path, write: bool, what: &'static str) -> Result<Volume> {
+        let open_err = |source| Error::Open {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(open_err)?;
+        let ft = file.metadata().map_err(open_err)?.file_type();
+        let kind = if ft.is_block_device() {
+            Kind::BlockDevice
+        } else if ft.is_file() {
+            Kind::File
+        } else {
+            return Err(open_err(io::Error::other(
+                "not a block device or a regular file",
+            )));
+        };
+        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        Ok(Volume {
+            path: path.to_owned(),
+            file,
+            size,
+            kind,
+            limit: 0,
+        })
+    }
+
+    /// Allows writes below `volume_size`, after checking that the target can hold it.
+    pub fn allow_writes_below(&mut self, volume_size: u64) -> Result<()> {
+        if self.size < volume_size {
+            return Err(Error::TargetTooSmall {
+                path: self.path.clone(),
+                target_size: self.size,
+                volume_size,
+            });
+        }
+        self.limit = volume_size;
+        Ok(())
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Block device or file.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fills `buf` from `offset` (the caller keeps the range inside the volume).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| self.io_err("read", offset, source))
+    }
+
+    /// Writes `buf` at `offset`, refusing anything outside the allowed range.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| self.io_err("write", offset, source))
+    }
+
+    /// Makes `[offset, offset+len)` read back as zeros: a hole in a file, a zeroing on a device.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_range(offset, len)?;
+        let flags = match self.kind {
+            Kind::File => FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            Kind::BlockDevice => FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
+        };
+        match fallocate(&self.file, flags, offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zeros(offset, len),
+        }
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], offset)
+                .map_err(|source| self.io_err("zero", offset, source))?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes data (and the device cache) to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|source| self.io_err("fsync", 0, source))
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.limit => Ok(()),
+            _ => Err(Error::Protocol(format!(
+                "refused write of {len} bytes at offset {offset}: outside the volume's {} bytes",
+                self.limit
+            ))),
+        }
+    }
+
+    fn io_err(&self, op: &'static str, offset: u64, source: io::Error) -> Error {
+        Error::Io {
+            op,
+            path: self.path.clone(),
+            offset,
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn writes_outside_the_volume_are_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.img");
+        File::create(&p)?.set_len(1 << 20)?;
+        let mut t = Volume::open_target(&p)?;
+        assert!(t.write_all_at(b"x", 0).is_err(), "no writes before the range is set");
+        t.allow_writes_below(65536)?;
+        t.write_all_at(&[1u8; 4096], 61440)?;
+        assert!(t.write_all_at(&[1u8; 4096], 61441).is_err());
+        assert!(t.zero_range(65536, 1).is_err());
+        assert!(matches!(
+            t.allow_writes_below(2 << 20),
+            Err(Error::TargetTooSmall { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn zeroing_a_file_punches_a_hole_that_reads_back_zero() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.img");
+        std::fs::write(&p, vec![0xAAu8; 1 << 20])?;
+        let mut t = Volume::open_target(&p)?;
+        t.allow_writes_below(1 << 20)?;
+        let before = std::fs::metadata(&p)?.blocks();
+        t.zero_range(0, 512 * 1024)?;
+        t.sync()?;
+        let mut buf = vec![1u8; 1 << 20];
+        t.read_exact_at(&mut buf, 0)?;
+        assert!(buf[..512 * 1024].iter().all(|&b| b == 0));
+        assert!(buf[512 * 1024..].iter().all(|&b| b == 0xAA));
+        assert!(std::fs::metadata(&p)?.blocks() <= before);
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_volume_names_its_path() {
+        let err = Volume::open_source(Path::new("/nonexistent/vol")).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/vol"), "{err}");
+    }
+}
