@@ -15,8 +15,22 @@ fn random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn text(len: usize) -> Vec<u8> {
-    let words = ["volume ", "block ", "replica ", "snapshot ", "the ", "of ", "chunk ", "digest "];
-    words.iter().cycle().flat_map(|w| w.bytes()).take(len).collect()
+    let words = [
+        "volume ",
+        "block ",
+        "replica ",
+        "snapshot ",
+        "the ",
+        "of ",
+        "chunk ",
+        "digest ",
+    ];
+    words
+        .iter()
+        .cycle()
+        .flat_map(|w| w.bytes())
+        .take(len)
+        .collect()
 }
 
 fn hashing(c: &mut Criterion) {
@@ -24,9 +38,11 @@ fn hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("hash");
     g.throughput(Throughput::Bytes(data.len() as u64));
     for chunk in [4096usize, 65536, 1 << 20] {
-        g.bench_with_input(BenchmarkId::new("blake3_chunks", chunk), &chunk, |b, &chunk| {
-            b.iter(|| data.chunks(chunk).map(Digest::of).count())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("blake3_chunks", chunk),
+            &chunk,
+            |b, &chunk| b.iter(|| data.chunks(chunk).map(Digest::of).count()),
+        );
     }
     g.bench_function("block_digests_64k", |b| {
         b.iter(|| data.chunks(65536).map(block_digests).count())

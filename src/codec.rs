@@ -348,9 +348,11 @@ impl Message {
                 let chunk = p.get_u64();
                 let blocks = match p.get_u8() {
                     0 if p.is_empty() => None,
-                    1 if !p.is_empty() && p.len() % 32 == 0 && p.len() / 32 <= 64 => {
-                        Some((0..p.len() / 32).filter_map(|_| take_digest(&mut p)).collect())
-                    }
+                    1 if !p.is_empty() && p.len() % 32 == 0 && p.len() / 32 <= 64 => Some(
+                        (0..p.len() / 32)
+                            .filter_map(|_| take_digest(&mut p))
+                            .collect(),
+                    ),
                     _ => return Err(short("NEED")),
                 };
                 Message::Need { chunk, blocks }
@@ -586,7 +588,9 @@ mod tests {
         let total = buf.len();
         let mut partial = BytesMut::from(&buf[..total - 1]);
         assert_eq!(parse_frame(&mut partial).expect("valid prefix"), None);
-        let got = parse_frame(&mut buf).expect("valid frame").expect("complete");
+        let got = parse_frame(&mut buf)
+            .expect("valid frame")
+            .expect("complete");
         assert_eq!(got, msg);
         assert!(buf.is_empty());
     }
@@ -646,7 +650,10 @@ mod tests {
         let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x13, 0xff, 0xff, 0xff, 0xff][..]);
         let err = parse_frame(&mut buf).expect_err("must reject");
         assert!(err.to_string().contains("exceeds the maximum"), "{err}");
-        assert!(buf.capacity() < 1024, "no memory reserved for the claimed length");
+        assert!(
+            buf.capacity() < 1024,
+            "no memory reserved for the claimed length"
+        );
     }
 
     #[test]
@@ -664,8 +671,15 @@ mod tests {
         assert!(parse_frame(&mut buf).is_err());
         let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x12, 0, 0, 0, 3, 1, 2, 3][..]);
         assert!(parse_frame(&mut buf).is_err());
-        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x10, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9][..]);
-        assert!(parse_frame(&mut buf).is_err(), "DIGESTS count without digests");
+        let mut buf = BytesMut::from(
+            &[
+                b'B', b'M', 1, 0x10, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+            ][..],
+        );
+        assert!(
+            parse_frame(&mut buf).is_err(),
+            "DIGESTS count without digests"
+        );
         let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x55, 0, 0, 0, 0][..]);
         assert!(parse_frame(&mut buf).is_err(), "unknown type");
     }

@@ -53,12 +53,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!(
         "{:<12} {:>9} {:>14} {:>12} {:>9} {:>11} {:>7} {:>13}  target == volume",
-        "sync", "duration", "wire src->dst", "dst->src", "chunks", "4K blocks", "zero", "data bytes"
+        "sync",
+        "duration",
+        "wire src->dst",
+        "dst->src",
+        "chunks",
+        "4K blocks",
+        "zero",
+        "data bytes"
     );
     let full = sync_once(&dir, &volume, &target, &psk).await?;
     full.print("full", &volume, &target, size)?;
 
-    let change = sample::scattered_change(&volume, size, args.change_percent / 100.0, args.seed + 1)?;
+    let change =
+        sample::scattered_change(&volume, size, args.change_percent / 100.0, args.seed + 1)?;
     let incr = sync_once(&dir, &volume, &target, &psk).await?;
     incr.print("incremental", &volume, &target, size)?;
 
@@ -105,7 +113,10 @@ impl Outcome {
             get(&f.data_bytes),
             if same { "yes" } else { "NO" }
         );
-        ensure!(same, "the target differs from the volume after the {name} sync");
+        ensure!(
+            same,
+            "the target differs from the volume after the {name} sync"
+        );
         Ok(())
     }
 }

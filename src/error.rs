@@ -61,7 +61,9 @@ pub enum Error {
     #[error("authentication failed: pre-shared keys do not match ({0})")]
     KeysDoNotMatch(String),
     /// The peer speaks another protocol version.
-    #[error("protocol version mismatch: peer speaks version {peer}, this build speaks version {ours}")]
+    #[error(
+        "protocol version mismatch: peer speaks version {peer}, this build speaks version {ours}"
+    )]
     VersionMismatch {
         /// The version in the peer's frame.
         peer: u8,
@@ -127,7 +129,10 @@ impl Error {
     /// Whether a later retry of the same sync may succeed without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::Net { .. } | Error::PeerClosed(_) | Error::Cancelled(_) => true,
+            Error::Timeout { .. }
+            | Error::Net { .. }
+            | Error::PeerClosed(_)
+            | Error::Cancelled(_) => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
             Error::Io { .. } => true,
             _ => false,

@@ -15,6 +15,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use blockmover::stats::Figures;
+use blockmover::status::{Role, StatusFile};
 use cli::{Cli, Command};
 
 /// Exit code of a failure a retry may cure.
@@ -22,13 +23,18 @@ const EXIT_RETRYABLE: u8 = 75;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("BLOCKMOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("BLOCKMOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -49,7 +55,11 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    let text = format!("{e:#}");
+    // The library's errors already name their cause; other errors carry it as context.
+    let text = match e.downcast_ref::<blockmover::Error>() {
+        Some(own) => own.to_string(),
+        None => format!("{e:#}"),
+    };
     text.replace('\n', " ")
 }
 
@@ -66,7 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let served = blockmover::destination::serve(&config, listener);
             tokio::select! {
                 r = served => { r?; }
-                s = interrupted() => return Err(blockmover::Error::Cancelled(s).into()),
+                s = interrupted() => return Err(cancelled(s, config.status, Role::Destination)),
             }
             Ok(())
         }
@@ -76,7 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sync = blockmover::source::sync(&config, args.common.status.clone(), figures);
             tokio::select! {
                 r = sync => { r?; }
-                s = interrupted() => return Err(blockmover::Error::Cancelled(s).into()),
+                s = interrupted() => return Err(cancelled(s, args.common.status, Role::Source)),
             }
             Ok(())
         }
@@ -84,10 +94,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Records an interrupted sync as Failed (keeping the previous lastSyncTime) and returns the error to report.
+/// Nothing is reported as synchronised: the status says Failed whatever the target holds.
+fn cancelled(
+    signal: &'static str,
+    status: Option<std::path::PathBuf>,
+    role: Role,
+) -> anyhow::Error {
+    let err = blockmover::Error::Cancelled(signal);
+    let recorded = StatusFile::load(status, role).and_then(|mut s| {
+        if s.status().last_sync_start_time.is_some() {
+            s.fail(
+                chrono::Utc::now(),
+                &err.to_string(),
+                Default::default(),
+                format!("error: {err}\n"),
+            )?;
+        }
+        Ok(())
+    });
+    if let Err(e) = recorded {
+        tracing::warn!("cannot record the interruption in the status file: {e}");
+    }
+    err.into()
+}
+
 /// Resolves when SIGINT or SIGTERM arrives, naming it.
 async fn interrupted() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

@@ -49,6 +49,9 @@ pub async fn within<T>(
         })?
 }
 
+/// How long a failing session waits to deliver its ABORT.
+pub const ABORT_GRACE: Duration = Duration::from_secs(5);
+
 /// Bytes that crossed the socket in each direction: the "bytes on the wire", TLS records included.
 #[derive(Debug, Default)]
 pub struct WireCounters {
@@ -107,6 +110,33 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// Whether the peer should be told about this error with an ABORT (it cannot be when the link itself failed, and
+/// need not be when the peer is the one that aborted).
+pub fn tell_peer(e: &Error) -> bool {
+    !matches!(
+        e,
+        Error::PeerAbort { .. } | Error::PeerClosed(_) | Error::Net { .. } | Error::Timeout { .. }
+    )
+}
+
+/// Passes `result` through; on an error the peer should know about, sends it an ABORT first (best effort).
+pub async fn abort_on_error<W: AsyncWrite + Unpin, T>(
+    writer: &mut FrameWriter<W>,
+    result: Result<T>,
+) -> Result<T> {
+    if let Err(e) = &result {
+        if tell_peer(e) {
+            let _ = writer
+                .send(&Message::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                })
+                .await;
+        }
+    }
+    result
+}
+
 /// Exchanges PSK proofs: sends ours, checks the peer's. Fails with "keys do not match" on a wrong key.
 pub async fn authenticate<R, W>(
     reader: &mut FrameReader<R>,
@@ -126,7 +156,8 @@ where
                 proof: psk.proof(side, exporter),
             })
             .await?;
-        match reader.expect("authentication").await? {
+        let msg = reader.expect("authentication").await;
+        match abort_on_error(writer, msg).await? {
             Message::Auth { proof } if psk.verify(side.peer(), exporter, &proof) => Ok(()),
             Message::Auth { .. } => {
                 let reason = "the peer's proof does not verify with our key".to_owned();
@@ -178,4 +209,24 @@ where
         Ok(writer)
     });
     (tx, task)
+}
+
+/// Waits for the writer task to drain (after every [`Outbox`] is dropped) and returns the writer; a peer that stops
+/// reading cannot hold us: after `limit` the task is aborted and the phase named "send" times out.
+pub async fn finish_writer<W>(
+    task: tokio::task::JoinHandle<Result<FrameWriter<W>>>,
+    limit: Duration,
+) -> Result<FrameWriter<W>> {
+    let abort = task.abort_handle();
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Error::Protocol(format!("writer task failed: {e}"))),
+        Err(_) => {
+            abort.abort();
+            Err(Error::Timeout {
+                phase: "send",
+                after: limit,
+            })
+        }
+    }
 }

@@ -22,13 +22,10 @@ pub const BLOCK: u64 = 4096;
 pub const REGION: u64 = 1 << 20;
 
 /// Words the text regions are made of: a small fixed vocabulary so text compresses well.
-const VOCABULARY: [&str; 48] = [
-    "the", "volume", "block", "chunk", "of", "and", "a", "to", "in", "is", "replication", "data",
-    "source", "destination", "digest", "snapshot", "cluster", "storage", "that", "for", "it",
-    "with", "as", "was", "on", "be", "at", "by", "this", "from", "write", "read", "changed",
-    "every", "minute", "node", "disk", "copy", "sync", "status", "time", "while", "after",
-    "before", "each", "only", "when", "where",
-];
+const VOCABULARY: &str = "the volume block chunk of and a to in is replication data source \
+    destination digest snapshot cluster storage that for it with as was on be at by this from \
+    write read changed every minute node disk copy sync status time while after before each only \
+    when where";
 
 /// How a sample volume is made: its size, the shares of region kinds and the seed.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,12 +73,18 @@ pub enum Region {
 pub fn region_layout(spec: &SampleSpec) -> io::Result<Vec<Region>> {
     let shares = [spec.zero_share, spec.text_share, spec.random_share];
     if shares.iter().any(|s| !s.is_finite() || *s < 0.0) || shares.iter().sum::<f64>() <= 0.0 {
-        return Err(invalid(format!("sample shares must be finite, >= 0 and not all zero: {shares:?}")));
+        return Err(invalid(format!(
+            "sample shares must be finite, >= 0 and not all zero: {shares:?}"
+        )));
     }
-    let regions = usize::try_from(spec.size.div_ceil(REGION)).map_err(|_| invalid("volume too large"))?;
+    let regions =
+        usize::try_from(spec.size.div_ceil(REGION)).map_err(|_| invalid("volume too large"))?;
     let counts = apportion(regions, shares);
     let mut layout = Vec::with_capacity(regions);
-    for (kind, count) in [Region::Zero, Region::Text, Region::Random].into_iter().zip(counts) {
+    for (kind, count) in [Region::Zero, Region::Text, Region::Random]
+        .into_iter()
+        .zip(counts)
+    {
         layout.extend(std::iter::repeat_n(kind, count));
     }
     layout.shuffle(&mut ChaCha8Rng::seed_from_u64(spec.seed));
@@ -108,7 +111,11 @@ pub fn write_sample_volume(path: &Path, spec: &SampleSpec) -> io::Result<()> {
         }
         file
     } else {
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         file.set_len(spec.size)?;
         file
     };
@@ -179,16 +186,15 @@ pub fn clustered_change(
     let count = changed_count(total as usize, rate)? as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let runs = count.div_ceil(run_blocks);
-    // Slots of run_blocks blocks starting at a random phase; fall back to phase 0 when the phase
-    // would leave too few slots, and to every block when even that is not enough.
+    // Slots of run_blocks blocks starting at a random phase; phase 0 when the phase leaves too
+    // few slots; adjacent runs from block 0 when even that is not enough (count close to total).
     let mut phase = rng.random_range(0..run_blocks);
-    if (total - phase.min(total)) / run_blocks < runs {
+    if total.saturating_sub(phase) / run_blocks < runs {
         phase = 0;
     }
-    let slots = (total - phase.min(total)) / run_blocks;
+    let slots = total.saturating_sub(phase) / run_blocks;
     let mut starts: Vec<u64> = if slots < runs {
-        // Runs do not fit side by side: one long run from block 0 covers the count.
-        Vec::new()
+        (0..runs).map(|run| run * run_blocks).collect()
     } else {
         rand::seq::index::sample(&mut rng, slots as usize, runs as usize)
             .into_iter()
@@ -196,16 +202,12 @@ pub fn clustered_change(
             .collect()
     };
     starts.sort_unstable();
-    let run_len = if starts.is_empty() { count } else { run_blocks };
-    if starts.is_empty() && count > 0 {
-        starts.push(0);
-    }
     let file = OpenOptions::new().write(true).open(path)?;
-    let mut buf = vec![0u8; (run_len * BLOCK) as usize];
+    let mut buf = vec![0u8; (run_blocks * BLOCK) as usize];
     let mut blocks = Vec::with_capacity(count as usize);
     let mut left = count;
     for start in starts {
-        let len = left.min(run_len);
+        let len = left.min(run_blocks);
         write_random_blocks(&file, &mut rng, &mut buf, start, len, size)?;
         blocks.extend(start..start + len);
         left -= len;
@@ -261,15 +263,20 @@ fn region_rng(seed: u64, region: u64) -> ChaCha8Rng {
 
 /// Fill `buf` with sentences of vocabulary words.
 fn fill_text(rng: &mut impl Rng, buf: &mut [u8]) {
+    let vocabulary: Vec<&str> = VOCABULARY.split_whitespace().collect();
     let mut at = 0;
     let mut words = 0;
     while at < buf.len() {
-        let word = VOCABULARY[rng.random_range(0..VOCABULARY.len())].as_bytes();
+        let word = vocabulary[rng.random_range(0..vocabulary.len())].as_bytes();
         for (k, &byte) in word.iter().enumerate() {
             if at == buf.len() {
                 return;
             }
-            buf[at] = if words == 0 && k == 0 { byte.to_ascii_uppercase() } else { byte };
+            buf[at] = if words == 0 && k == 0 {
+                byte.to_ascii_uppercase()
+            } else {
+                byte
+            };
             at += 1;
         }
         words += 1;
@@ -317,7 +324,9 @@ fn block_count(size: u64) -> io::Result<usize> {
 /// `round(rate * total)`, checked to lie within `0..=total`.
 fn changed_count(total: usize, rate: f64) -> io::Result<usize> {
     if !(0.0..=1.0).contains(&rate) {
-        return Err(invalid(format!("change rate must lie in 0..=1, got {rate}")));
+        return Err(invalid(format!(
+            "change rate must lie in 0..=1, got {rate}"
+        )));
     }
     Ok(((rate * total as f64).round() as usize).min(total))
 }
@@ -339,48 +348,78 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
-    fn blocks_of(path: &Path) -> io::Result<Vec<Vec<u8>>> {
-        Ok(std::fs::read(path)?.chunks(BLOCK as usize).map(<[u8]>::to_vec).collect())
+    fn spec(size: u64, [zero_share, text_share, random_share]: [f64; 3], seed: u64) -> SampleSpec {
+        SampleSpec {
+            size,
+            zero_share,
+            text_share,
+            random_share,
+            seed,
+        }
+    }
+
+    /// Run `change` on a fresh mixed volume; return the change and the blocks whose bytes differ.
+    fn observe(
+        size: u64,
+        change: impl Fn(&Path) -> io::Result<Change>,
+    ) -> io::Result<(Change, Vec<u64>)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        write_sample_volume(&path, &SampleSpec::mixed(size, 1))?;
+        let before = std::fs::read(&path)?;
+        let done = change(&path)?;
+        let after = std::fs::read(&path)?;
+        assert_eq!(
+            after.len() as u64,
+            size,
+            "a change must not resize the volume"
+        );
+        let blocks = before
+            .chunks(BLOCK as usize)
+            .zip(after.chunks(BLOCK as usize));
+        let differing = (0u64..)
+            .zip(blocks)
+            .filter(|(_, (b, a))| b != a)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            done.blocks.windows(2).all(|w| w[0] < w[1]),
+            "sorted and distinct"
+        );
+        Ok((done, differing))
     }
 
     #[test]
     fn same_seed_gives_same_bytes_and_other_seed_differs() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let size = 4 * REGION + 3000;
-        let (a, b, c) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        let [a, b, c] = ["a", "b", "c"].map(|name| dir.path().join(name));
         write_sample_volume(&a, &SampleSpec::mixed(size, 7))?;
         write_sample_volume(&b, &SampleSpec::mixed(size, 7))?;
         write_sample_volume(&c, &SampleSpec::mixed(size, 8))?;
         assert_eq!(std::fs::metadata(&a)?.len(), size);
         assert_eq!(std::fs::read(&a)?, std::fs::read(&b)?);
         assert_ne!(file_digest(&a, size)?, file_digest(&c, size)?);
-        Ok(())
-    }
-
-    #[test]
-    fn overwriting_a_file_replaces_old_content() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("v");
-        let size = 3 * REGION;
-        write_sample_volume(&path, &SampleSpec { size: 8 * REGION, ..SampleSpec::mixed(0, 1) })?;
-        write_sample_volume(&path, &SampleSpec::mixed(size, 2))?;
-        let fresh = dir.path().join("fresh");
-        write_sample_volume(&fresh, &SampleSpec::mixed(size, 2))?;
-        assert_eq!(std::fs::read(&path)?, std::fs::read(&fresh)?);
+        // Overwriting a larger file leaves exactly the fresh sample.
+        write_sample_volume(&c, &SampleSpec::mixed(2 * size, 9))?;
+        write_sample_volume(&c, &SampleSpec::mixed(size, 7))?;
+        assert_eq!(std::fs::read(&a)?, std::fs::read(&c)?);
         Ok(())
     }
 
     #[test]
     fn layout_respects_shares() -> io::Result<()> {
-        let spec = SampleSpec { size: 1000 * REGION, zero_share: 0.5, text_share: 0.3, random_share: 0.2, seed: 3 };
-        let layout = region_layout(&spec)?;
+        let layout = region_layout(&spec(1000 * REGION, [0.5, 0.3, 0.2], 3))?;
         let count = |kind| layout.iter().filter(|&&r| r == kind).count();
-        assert_eq!((count(Region::Zero), count(Region::Text), count(Region::Random)), (500, 300, 200));
+        assert_eq!(
+            [Region::Zero, Region::Text, Region::Random].map(count),
+            [500, 300, 200]
+        );
         let mixed = region_layout(&SampleSpec::mixed(32 * REGION + 1, 3))?;
         let zeros = mixed.iter().filter(|&&r| r == Region::Zero).count();
         assert!((10..=12).contains(&zeros), "{zeros} zero regions of 33");
-        assert!(region_layout(&SampleSpec { zero_share: -1.0, ..spec.clone() }).is_err());
-        assert!(region_layout(&SampleSpec { zero_share: 0.0, text_share: 0.0, random_share: 0.0, ..spec }).is_err());
+        assert!(region_layout(&spec(REGION, [-1.0, 1.0, 1.0], 3)).is_err());
+        assert!(region_layout(&spec(REGION, [0.0, 0.0, 0.0], 3)).is_err());
         Ok(())
     }
 
@@ -392,14 +431,16 @@ mod tests {
         write_sample_volume(&path, &spec)?;
         let bytes = std::fs::read(&path)?;
         for (region, kind) in bytes.chunks(REGION as usize).zip(region_layout(&spec)?) {
-            let compressed = zstd::bulk::compress(region, 3)?.len() as f64 / region.len() as f64;
+            let ratio = zstd::bulk::compress(region, 3)?.len() as f64 / region.len() as f64;
             match kind {
                 Region::Zero => assert!(region.iter().all(|&b| b == 0)),
                 Region::Text => {
-                    assert!(compressed < 0.5, "text compresses to {compressed}");
-                    assert!(region.iter().all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()));
+                    assert!(ratio < 0.5, "text compresses to {ratio}");
+                    assert!(region
+                        .iter()
+                        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()));
                 }
-                Region::Random => assert!(compressed > 0.99, "random compresses to {compressed}"),
+                Region::Random => assert!(ratio > 0.99, "random compresses to {ratio}"),
             }
         }
         Ok(())
@@ -410,50 +451,51 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("v");
         let size = 64 * REGION;
-        let spec = SampleSpec { size, zero_share: 0.9, text_share: 0.05, random_share: 0.05, seed: 5 };
-        write_sample_volume(&path, &spec)?;
+        write_sample_volume(&path, &spec(size, [0.9, 0.05, 0.05], 5))?;
         let meta = std::fs::metadata(&path)?;
         assert_eq!(meta.len(), size);
         let allocated = meta.blocks() * 512;
-        assert!(allocated < size / 4, "{allocated} bytes allocated for a {size} byte volume");
+        assert!(
+            allocated < size / 4,
+            "{allocated} bytes allocated for a {size} byte volume"
+        );
         Ok(())
     }
 
     #[test]
     fn scattered_change_writes_exactly_the_reported_blocks() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("v");
         let size = 8 * REGION + 100; // 2049 blocks, the last one partial
-        write_sample_volume(&path, &SampleSpec::mixed(size, 1))?;
-        let before = blocks_of(&path)?;
-        let change = scattered_change(&path, size, 0.01, 9)?;
-        let after = blocks_of(&path)?;
-        assert_eq!(std::fs::metadata(&path)?.len(), size);
+        let (change, differing) = observe(size, |path| scattered_change(path, size, 0.01, 9))?;
         assert_eq!(change.blocks.len(), 20); // round(0.01 * 2049)
-        assert!(change.blocks.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
-        let differing: Vec<u64> = (0u64..).zip(before.iter().zip(&after)).filter(|(_, (b, a))| b != a).map(|(i, _)| i).collect();
         assert_eq!(differing, change.blocks);
-        assert_eq!(scattered_change(&path, size, 0.01, 9)?, change, "same seed, same blocks");
+        let (again, _) = observe(size, |path| scattered_change(path, size, 0.01, 9))?;
+        assert_eq!(again, change, "same seed, same blocks");
         Ok(())
     }
 
     #[test]
     fn clustered_change_writes_runs_of_consecutive_blocks() -> io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("v");
         let size = 16 * REGION; // 4096 blocks
-        write_sample_volume(&path, &SampleSpec::mixed(size, 2))?;
-        let before = blocks_of(&path)?;
-        let change = clustered_change(&path, size, 0.05, 8, 4)?;
-        let after = blocks_of(&path)?;
+        let (change, differing) = observe(size, |path| clustered_change(path, size, 0.05, 8, 4))?;
         assert_eq!(change.blocks.len(), 205); // round(0.05 * 4096)
-        assert!(change.blocks.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
-        let runs = 1 + change.blocks.windows(2).filter(|w| w[1] != w[0] + 1).count();
-        assert!(runs <= 205usize.div_ceil(8), "{runs} runs");
-        let differing: Vec<u64> = (0u64..).zip(before.iter().zip(&after)).filter(|(_, (b, a))| b != a).map(|(i, _)| i).collect();
         assert_eq!(differing, change.blocks);
-        let all = clustered_change(&path, size, 1.0, 8, 4)?;
+        let runs = 1 + change
+            .blocks
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .count();
+        assert!(runs <= 205usize.div_ceil(8), "{runs} runs");
+        let (all, differing) = observe(size, |path| clustered_change(path, size, 1.0, 8, 4))?;
         assert_eq!(all.blocks, (0..4096).collect::<Vec<u64>>());
+        assert_eq!(differing, all.blocks);
+        let (tiny, _) = observe(3 * BLOCK, |path| {
+            clustered_change(path, 3 * BLOCK, 0.0, 8, 4)
+        })?;
+        assert!(tiny.blocks.is_empty());
+        let (odd, differing) = observe(10 * BLOCK, |path| {
+            clustered_change(path, 10 * BLOCK, 0.9, 8, 4)
+        })?;
+        assert_eq!((odd.blocks.len(), differing), (9, (0..9).collect()));
         Ok(())
     }
 
@@ -465,8 +507,8 @@ mod tests {
         let bytes = std::fs::read(&path)?;
         assert_eq!(file_digest(&path, 2 * REGION)?, blake3::hash(&bytes));
         assert_eq!(file_digest(&path, 5000)?, blake3::hash(&bytes[..5000]));
-        let short = file_digest(&path, 2 * REGION + 1).map(|_| ()).map_err(|e| e.kind());
-        assert_eq!(short, Err(io::ErrorKind::UnexpectedEof));
+        let short = file_digest(&path, 2 * REGION + 1).map_err(|e| e.kind());
+        assert_eq!(short.err(), Some(io::ErrorKind::UnexpectedEof));
         Ok(())
     }
 }

@@ -74,7 +74,9 @@ fn read_segments(
         let len = (last_off + last_len as u64 - offset) as usize;
         let mut buf = free.try_recv().unwrap_or_default();
         buf.resize(len, 0);
-        let item = volume.read_exact_at(&mut buf, offset).map(|()| (first, buf));
+        let item = volume
+            .read_exact_at(&mut buf, offset)
+            .map(|()| (first, buf));
         let failed = item.is_err();
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         if full.send(item).is_err() || failed {

@@ -21,10 +21,13 @@ use tokio::sync::mpsc;
 use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_SIZE};
 use crate::codec::{DataFrame, Encoding, FrameReader, FrameWriter, Message};
 use crate::error::{Error, Result};
+use crate::net::{
+    abort_on_error, authenticate, finish_writer, spawn_writer, tell_peer, within, Counted, Outbox,
+    Timeouts, ABORT_GRACE,
+};
 use crate::progress::Progress;
-use crate::status::{Role, StatusFile};
-use crate::net::{authenticate, spawn_writer, within, Counted, Outbox, Timeouts};
 use crate::stats::{add, Figures};
+use crate::status::{Role, StatusFile};
 use crate::tls::{self, Psk, Side};
 use crate::volume::Volume;
 
@@ -154,7 +157,15 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
-    authenticate(&mut reader, &mut writer, &config.psk, Side::Source, &exporter, t.handshake).await?;
+    authenticate(
+        &mut reader,
+        &mut writer,
+        &config.psk,
+        Side::Source,
+        &exporter,
+        t.handshake,
+    )
+    .await?;
 
     writer
         .send(&Message::Hello {
@@ -163,7 +174,8 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
             block_size: BLOCK_SIZE,
         })
         .await?;
-    let window = match within("hello", t.handshake, reader.expect("hello")).await? {
+    let ready = within("hello", t.handshake, reader.expect("hello")).await;
+    let window = match abort_on_error(&mut writer, ready).await? {
         Message::Ready { window, .. } if (1..=MAX_WINDOW).contains(&window) => window,
         Message::Ready { window, .. } => {
             return Err(Error::Protocol(format!("READY asks for window {window}")))
@@ -193,9 +205,8 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     };
     let result = session.drive(&mut reader, outbox, t.idle).await;
     session.credit.stop();
-    let writer = writer_task
-        .await
-        .map_err(|e| Error::Protocol(format!("writer task failed: {e}")))?;
+    let limit = if result.is_ok() { t.idle } else { ABORT_GRACE };
+    let writer = finish_writer(writer_task, limit).await;
     let report = result?;
     let mut writer = writer?;
     within("close", t.handshake, writer.shutdown()).await?;
@@ -237,7 +248,9 @@ impl Session {
             match msg {
                 Message::Ack { through } => {
                     if through > self.announced.load(Ordering::Acquire) {
-                        break Err(Error::Protocol(format!("ACK through {through} is past the chunks announced")));
+                        break Err(Error::Protocol(format!(
+                            "ACK through {through} is past the chunks announced"
+                        )));
                     }
                     self.credit.ack(through);
                 }
@@ -246,15 +259,27 @@ impl Session {
                         break Err(e);
                     }
                     if need_tx.try_send((chunk, blocks)).is_err() {
-                        break Err(Error::Protocol("the destination exceeded its window of open NEEDs".into()));
+                        break Err(Error::Protocol(
+                            "the destination exceeded its window of open NEEDs".into(),
+                        ));
                     }
                 }
-                Message::Commit { chunk_count, volume_size, digest } => {
+                Message::Commit {
+                    chunk_count,
+                    volume_size,
+                    digest,
+                } => {
                     break match scanner.await {
-                        Ok(Some(ours)) if ours == digest && chunk_count == self.geometry.chunk_count()
-                            && volume_size == self.geometry.volume_size() => {
+                        Ok(Some(ours))
+                            if ours == digest
+                                && chunk_count == self.geometry.chunk_count()
+                                && volume_size == self.geometry.volume_size() =>
+                        {
                             self.figures.set_volume_digest(ours);
-                            Ok(SyncReport { geometry: self.geometry, volume_digest: ours })
+                            Ok(SyncReport {
+                                geometry: self.geometry,
+                                volume_digest: ours,
+                            })
                         }
                         Ok(Some(ours)) => Err(Error::VolumeDigestMismatch {
                             source_digest: ours.to_hex(),
@@ -264,14 +289,22 @@ impl Session {
                     };
                 }
                 Message::Abort { code, message } => break Err(Error::PeerAbort { code, message }),
-                other => break Err(Error::Protocol(format!("unexpected {} from the destination", other.name()))),
+                other => {
+                    break Err(Error::Protocol(format!(
+                        "unexpected {} from the destination",
+                        other.name()
+                    )))
+                }
             }
         };
         self.credit.stop();
         drop(need_tx);
         if let Err(e) = &result {
-            if !matches!(e, Error::PeerAbort { .. } | Error::PeerClosed(_) | Error::Net { .. }) {
-                let _ = outbox.try_send(Message::Abort { code: e.abort_code(), message: e.to_string() });
+            if tell_peer(e) {
+                let _ = outbox.try_send(Message::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                });
             }
         }
         drop(outbox);
@@ -279,9 +312,16 @@ impl Session {
         result
     }
 
-    fn check_need(&self, chunk: u64, blocks: Option<&[Digest]>, answered: &mut [u64]) -> Result<()> {
+    fn check_need(
+        &self,
+        chunk: u64,
+        blocks: Option<&[Digest]>,
+        answered: &mut [u64],
+    ) -> Result<()> {
         if chunk >= self.announced.load(Ordering::Acquire) {
-            return Err(Error::Protocol(format!("NEED for chunk {chunk}, which was not announced")));
+            return Err(Error::Protocol(format!(
+                "NEED for chunk {chunk}, which was not announced"
+            )));
         }
         let (word, bit) = ((chunk / 64) as usize, 1u64 << (chunk % 64));
         if answered[word] & bit != 0 {
@@ -290,7 +330,10 @@ impl Session {
         answered[word] |= bit;
         if let Some(b) = blocks {
             if b.len() != self.geometry.blocks_in_chunk(chunk) as usize {
-                return Err(Error::Protocol(format!("NEED for chunk {chunk} carries {} block digests", b.len())));
+                return Err(Error::Protocol(format!(
+                    "NEED for chunk {chunk} carries {} block digests",
+                    b.len()
+                )));
             }
         }
         Ok(())
@@ -302,8 +345,12 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
     ) -> tokio::task::JoinHandle<Option<Digest>> {
-        let (volume, geometry, credit, announced) =
-            (self.volume.clone(), self.geometry, self.credit.clone(), self.announced.clone());
+        let (volume, geometry, credit, announced) = (
+            self.volume.clone(),
+            self.geometry,
+            self.credit.clone(),
+            self.announced.clone(),
+        );
         let (window, bytes_read) = (self.window, self.figures.bytes_read.clone());
         tokio::task::spawn_blocking(move || {
             let mut vd = VolumeDigest::new(geometry);
@@ -348,8 +395,12 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
     ) -> tokio::task::JoinHandle<()> {
-        let (volume, geometry, figures, level) =
-            (self.volume.clone(), self.geometry, self.figures.clone(), self.zstd_level);
+        let (volume, geometry, figures, level) = (
+            self.volume.clone(),
+            self.geometry,
+            self.figures.clone(),
+            self.zstd_level,
+        );
         tokio::task::spawn_blocking(move || {
             while let Some(first) = needs.blocking_recv() {
                 let mut batch = vec![first];
@@ -361,7 +412,9 @@ impl Session {
                 }
                 let frames: Vec<Result<DataFrame>> = batch
                     .into_par_iter()
-                    .map(|(chunk, blocks)| build_data(&volume, geometry, chunk, blocks.as_deref(), level))
+                    .map(|(chunk, blocks)| {
+                        build_data(&volume, geometry, chunk, blocks.as_deref(), level)
+                    })
                     .collect();
                 for frame in frames {
                     match frame {

@@ -138,7 +138,10 @@ mod tests {
         add(&f.wire.received, 20);
         let s = f.summary(Duration::from_secs(1));
         let first = s.lines().next().expect("line");
-        assert!(first.starts_with("sent 10 bytes  received 20 bytes"), "{first}");
+        assert!(
+            first.starts_with("sent 10 bytes  received 20 bytes"),
+            "{first}"
+        );
         assert!(s.lines().nth(1).expect("line").starts_with("total size is"));
     }
 }

@@ -140,9 +140,7 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn acceptor() -> Result<TlsAcceptor> {
     let certified = rcgen::generate_simple_self_signed(vec!["blockmover".to_owned()])
         .map_err(|e| Error::TlsSetup(format!("certificate generation: {e}")))?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        certified.key_pair.serialize_der(),
-    ));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::TlsSetup(e.to_string()))?
@@ -225,7 +223,12 @@ impl ServerCertVerifier for PskBoundCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -256,7 +259,9 @@ mod tests {
         let k = Psk::generate();
         let hexpart = k.trim().strip_prefix("volsync:").expect("prefix");
         assert_eq!(hexpart.len(), 128);
-        assert!(hexpart.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(hexpart
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert!(Psk::parse(&k).is_ok());
         assert_ne!(Psk::generate(), k);
     }
@@ -264,8 +269,9 @@ mod tests {
     #[test]
     fn proofs_bind_key_role_and_session() {
         let a = Psk::parse(KEY).expect("key");
-        let b = Psk::parse("volsync:ff112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
-            .expect("key");
+        let b =
+            Psk::parse("volsync:ff112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+                .expect("key");
         let ex = [1u8; 32];
         let p = a.proof(Side::Source, &ex);
         assert!(a.verify(Side::Source, &ex, &p));

@@ -186,7 +186,10 @@ mod tests {
         let p = dir.path().join("t.img");
         File::create(&p)?.set_len(1 << 20)?;
         let mut t = Volume::open_target(&p)?;
-        assert!(t.write_all_at(b"x", 0).is_err(), "no writes before the range is set");
+        assert!(
+            t.write_all_at(b"x", 0).is_err(),
+            "no writes before the range is set"
+        );
         t.allow_writes_below(65536)?;
         t.write_all_at(&[1u8; 4096], 61440)?;
         assert!(t.write_all_at(&[1u8; 4096], 61441).is_err());

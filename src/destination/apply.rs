@@ -10,7 +10,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use crate::chunk::{block_digests, blocks_in, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests};
+use crate::chunk::{
+    block_digests, block_range, blocks_in, ChunkSummary, Digest, Geometry, VolumeDigest,
+    ZeroDigests,
+};
+use rayon::prelude::*;
+
 use crate::codec::{DataFrame, Encoding, Message};
 use crate::error::{Error, Result};
 use crate::net::Outbox;
@@ -19,6 +24,9 @@ use crate::volume::Volume;
 
 /// The destination acknowledges compared chunks this often.
 pub const ACK_EVERY: u64 = 1024;
+
+/// DATA frames verified together on all cores.
+const DATA_BATCH: usize = 32;
 
 /// Segments of local digests from the target's scan.
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
@@ -36,8 +44,8 @@ pub struct Apply {
     /// The next chunk index DIGESTS must announce.
     next: u64,
     last_ack: u64,
-    /// Source digests of chunks with an open NEED.
-    open: HashMap<u64, Digest>,
+    /// Source digests of chunks with an open NEED, and whether the target chunk was all zeros.
+    open: HashMap<u64, (Digest, bool)>,
     finals: FinalDigests,
     end: Option<Digest>,
     /// A run of zeroing not yet issued: (offset, len).
@@ -74,16 +82,30 @@ impl Apply {
 
     /// Applies messages until the sync is durable and verified; returns the volume digest.
     pub fn run(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+        let mut held = None;
         loop {
             if self.done() {
                 return self.finish();
             }
-            let Some(msg) = inbox.blocking_recv() else {
+            let Some(msg) = held.take().or_else(|| inbox.blocking_recv()) else {
                 return Err(Error::PeerClosed("sync"));
             };
             match msg {
                 Message::Digests { first, digests } => self.on_digests(first, &digests)?,
-                Message::Data(d) => self.on_data(d)?,
+                Message::Data(d) => {
+                    let mut batch = vec![d];
+                    while batch.len() < DATA_BATCH {
+                        match inbox.try_recv() {
+                            Ok(Message::Data(d)) => batch.push(d),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_data(batch)?;
+                }
                 Message::End {
                     chunk_count,
                     volume_size,
@@ -118,7 +140,9 @@ impl Apply {
 
     fn finish(mut self) -> Result<Digest> {
         self.flush_zero_run()?;
+        let flushing = std::time::Instant::now();
         self.target.sync()?;
+        tracing::info!("target fsynced in {:.2}s", flushing.elapsed().as_secs_f64());
         let ours = self.finals.finish()?;
         let theirs = self.end.unwrap_or(ours);
         if ours != theirs {
@@ -182,7 +206,7 @@ impl Apply {
                 } else {
                     Some(block_digests(&self.read_chunk(i)?))
                 };
-                self.open.insert(i, *theirs);
+                self.open.insert(i, (*theirs, ours.zero));
                 self.send(Message::Need { chunk: i, blocks })?;
             }
             self.next = i + 1;
@@ -202,31 +226,35 @@ impl Apply {
         Ok(buf)
     }
 
-    fn on_data(&mut self, d: DataFrame) -> Result<()> {
-        let Some(expected) = self.open.remove(&d.chunk) else {
-            return Err(Error::Protocol(format!(
-                "DATA for chunk {} that has no open NEED (unsolicited, replayed or duplicated)",
-                d.chunk
-            )));
+    /// Verifies a batch of DATA frames on all cores, then writes them in order.
+    fn on_data(&mut self, batch: Vec<DataFrame>) -> Result<()> {
+        let mut claimed = Vec::with_capacity(batch.len());
+        for d in batch {
+            let Some((expected, target_zero)) = self.open.remove(&d.chunk) else {
+                return Err(Error::Protocol(format!(
+                    "DATA for chunk {} that has no open NEED (unsolicited, replayed or duplicated)",
+                    d.chunk
+                )));
+            };
+            claimed.push((d, expected, target_zero));
+        }
+        let rebuilt: Vec<Result<Vec<u8>>> = {
+            let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
+            claimed
+                .par_iter()
+                .map(|(d, expected, tz)| rebuild(target, geometry, figures, d, *expected, *tz))
+                .collect()
         };
+        for ((d, expected, _), chunk) in claimed.into_iter().zip(rebuilt) {
+            self.write_rebuilt(&d, &chunk?)?;
+            self.finals.push(d.chunk, expected);
+        }
+        Ok(())
+    }
+
+    /// Writes the changed blocks of a verified chunk: data runs with pwrite, zero runs as holes or zeroing.
+    fn write_rebuilt(&mut self, d: &DataFrame, chunk: &[u8]) -> Result<()> {
         let (offset, len) = self.geometry.chunk_range(d.chunk);
-        let raw = decode_payload(&d, len)?;
-        let mut chunk = self.read_chunk(d.chunk)?;
-        let mut at = 0;
-        for b in 0..blocks_in(len) {
-            let r = block_range(len, b);
-            if d.send_mask & (1 << b) != 0 {
-                let n = r.len();
-                chunk[r].copy_from_slice(&raw[at..at + n]);
-                at += n;
-            } else if d.zero_mask & (1 << b) != 0 {
-                chunk[r].fill(0);
-            }
-        }
-        let digest = Digest::of(&chunk);
-        if digest != expected {
-            return Err(Error::DigestMismatch { chunk: d.chunk });
-        }
         for (mask, zero) in [(d.send_mask, false), (d.zero_mask, true)] {
             for (b0, b1) in runs(mask) {
                 let start = block_range(len, b0).start;
@@ -234,16 +262,22 @@ impl Apply {
                 if zero {
                     self.zero(offset + start as u64, (end - start) as u64)?;
                 } else {
-                    self.target.write_all_at(&chunk[start..end], offset + start as u64)?;
+                    self.target
+                        .write_all_at(&chunk[start..end], offset + start as u64)?;
                 }
             }
         }
         add(&self.figures.chunks_sent, 1);
-        add(&self.figures.blocks_sent, u64::from(d.send_mask.count_ones()));
-        add(&self.figures.zero_blocks, u64::from(d.zero_mask.count_ones()));
+        add(
+            &self.figures.blocks_sent,
+            u64::from(d.send_mask.count_ones()),
+        );
+        add(
+            &self.figures.zero_blocks,
+            u64::from(d.zero_mask.count_ones()),
+        );
         add(&self.figures.data_bytes, u64::from(d.raw_len));
         add(&self.figures.compressed_bytes, d.payload.len() as u64);
-        self.finals.push(d.chunk, digest);
         Ok(())
     }
 
@@ -267,31 +301,82 @@ impl Apply {
     }
 }
 
+/// Rebuilds a chunk (the target's bytes with the DATA's blocks replaced or zeroed) and checks it against the
+/// source's digest. Nothing is written here.
+fn rebuild(
+    target: &Volume,
+    geometry: Geometry,
+    figures: &Figures,
+    d: &DataFrame,
+    expected: Digest,
+    target_zero: bool,
+) -> Result<Vec<u8>> {
+    let (offset, len) = geometry.chunk_range(d.chunk);
+    let raw = decode_payload(d, len)?;
+    let mut chunk = vec![0u8; len];
+    if !target_zero {
+        target.read_exact_at(&mut chunk, offset)?;
+        add(&figures.bytes_read, len as u64);
+    }
+    let mut at = 0;
+    for b in 0..blocks_in(len) {
+        let r = block_range(len, b);
+        if d.send_mask & (1 << b) != 0 {
+            let n = r.len();
+            chunk[r].copy_from_slice(&raw[at..at + n]);
+            at += n;
+        } else if d.zero_mask & (1 << b) != 0 {
+            chunk[r].fill(0);
+        }
+    }
+    if Digest::of(&chunk) != expected {
+        return Err(Error::DigestMismatch { chunk: d.chunk });
+    }
+    Ok(chunk)
+}
+
 /// Checks a DATA frame's masks and lengths against its chunk and decodes its payload (zstd capped at `raw_len`).
 pub fn decode_payload(d: &DataFrame, chunk_len: usize) -> Result<Vec<u8>> {
     let blocks = blocks_in(chunk_len);
-    let valid = if blocks == 64 { u64::MAX } else { (1u64 << blocks) - 1 };
+    let valid = if blocks == 64 {
+        u64::MAX
+    } else {
+        (1u64 << blocks) - 1
+    };
     let bad = |why: String| Error::Protocol(format!("DATA for chunk {}: {why}", d.chunk));
     if d.send_mask & d.zero_mask != 0 || (d.send_mask | d.zero_mask) & !valid != 0 {
-        return Err(bad("block masks overlap or name blocks outside the chunk".into()));
+        return Err(bad(
+            "block masks overlap or name blocks outside the chunk".into()
+        ));
     }
     let expected: usize = (0..blocks)
         .filter(|b| d.send_mask & (1 << b) != 0)
         .map(|b| block_range(chunk_len, b).len())
         .sum();
     if d.raw_len as usize != expected {
-        return Err(bad(format!("raw_len {} but its blocks hold {expected}", d.raw_len)));
+        return Err(bad(format!(
+            "raw_len {} but its blocks hold {expected}",
+            d.raw_len
+        )));
     }
     match d.encoding {
         Encoding::Raw if d.payload.len() == expected => Ok(d.payload.to_vec()),
-        Encoding::Raw => Err(bad(format!("raw payload of {} bytes, expected {expected}", d.payload.len()))),
+        Encoding::Raw => Err(bad(format!(
+            "raw payload of {} bytes, expected {expected}",
+            d.payload.len()
+        ))),
         Encoding::Zstd if d.payload.len() >= expected => {
             Err(bad("a zstd payload no smaller than its raw data".into()))
         }
         Encoding::Zstd => match zstd::bulk::decompress(&d.payload, expected) {
             Ok(v) if v.len() == expected => Ok(v),
-            Ok(v) => Err(bad(format!("zstd payload decompresses to {} bytes, expected {expected}", v.len()))),
-            Err(e) => Err(bad(format!("zstd payload does not decompress within {expected} bytes: {e}"))),
+            Ok(v) => Err(bad(format!(
+                "zstd payload decompresses to {} bytes, expected {expected}",
+                v.len()
+            ))),
+            Err(e) => Err(bad(format!(
+                "zstd payload does not decompress within {expected} bytes: {e}"
+            ))),
         },
     }
 }
@@ -385,8 +470,12 @@ mod tests {
     #[test]
     fn decompression_is_capped_at_raw_len() {
         let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).expect("compress");
-        let err = decode_payload(&frame(0b1, 0, Encoding::Zstd, 4096, bomb), 65536).expect_err("bomb");
-        assert!(err.to_string().contains("does not decompress within 4096"), "{err}");
+        let err =
+            decode_payload(&frame(0b1, 0, Encoding::Zstd, 4096, bomb), 65536).expect_err("bomb");
+        assert!(
+            err.to_string().contains("does not decompress within 4096"),
+            "{err}"
+        );
         let inflated = zstd::bulk::compress(&[7u8; 10], 3).expect("compress");
         let err = decode_payload(&frame(0b1, 0, Encoding::Zstd, 4096, inflated), 65536)
             .expect_err("short");

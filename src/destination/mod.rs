@@ -20,7 +20,10 @@ pub use apply::{decode_payload, ACK_EVERY};
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{FrameReader, FrameWriter, Message};
 use crate::error::{Error, Result};
-use crate::net::{authenticate, spawn_writer, within, Counted, Timeouts};
+use crate::net::{
+    abort_on_error, authenticate, finish_writer, spawn_writer, tell_peer, within, Counted,
+    Timeouts, ABORT_GRACE,
+};
 use crate::progress::Progress;
 use crate::stats::Figures;
 use crate::status::{Role, StatusFile};
@@ -64,7 +67,10 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
             .accept()
             .await
             .map_err(|e| Error::net("accept", e))?;
-        let result = session_with_status(config, &acceptor, tcp, peer).await;
+        let local = listener
+            .local_addr()
+            .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+        let result = session_with_status(config, &acceptor, tcp, peer, local).await;
         if !config.serve {
             return result;
         }
@@ -76,10 +82,11 @@ async fn session_with_status(
     acceptor: &tls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
+    local: String,
 ) -> Result<Digest> {
     let started = Instant::now();
     let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
-    status.set_rsync_tls_address(config.listen.clone());
+    status.set_rsync_tls_address(local);
     status.begin(chrono::Utc::now())?;
     let figures = Arc::new(Figures::default());
     let span = tracing::info_span!("session", %peer);
@@ -116,16 +123,28 @@ async fn session(
     let (r, w) = tokio::io::split(tls);
     let mut reader = FrameReader::new(r);
     let mut writer = FrameWriter::new(w);
-    authenticate(&mut reader, &mut writer, &config.psk, Side::Destination, &exporter, t.handshake).await?;
+    authenticate(
+        &mut reader,
+        &mut writer,
+        &config.psk,
+        Side::Destination,
+        &exporter,
+        t.handshake,
+    )
+    .await?;
 
-    let opened = match within("hello", t.handshake, reader.expect("hello")).await? {
+    let hello = within("hello", t.handshake, reader.expect("hello")).await;
+    let opened = match abort_on_error(&mut writer, hello).await? {
         Message::Hello {
             volume_size,
             chunk_size,
             block_size,
         } => open_target(config, volume_size, chunk_size, block_size),
         Message::Abort { code, message } => return Err(Error::PeerAbort { code, message }),
-        other => Err(Error::Protocol(format!("expected HELLO, received {}", other.name()))),
+        other => Err(Error::Protocol(format!(
+            "expected HELLO, received {}",
+            other.name()
+        ))),
     };
     let (target, geometry) = match opened {
         Ok(o) => o,
@@ -159,14 +178,21 @@ async fn session(
     let (outbox, writer_task) = spawn_writer(writer, 256);
     let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
     let worker = {
-        let apply = apply::Apply::new(target, geometry, local, outbox.clone(), figures.clone(), WINDOW);
+        let apply = apply::Apply::new(
+            target,
+            geometry,
+            local,
+            outbox.clone(),
+            figures.clone(),
+            WINDOW,
+        );
         tokio::task::spawn_blocking(move || apply.run(&mut inbox_rx))
     };
     let result = pump(&mut reader, inbox_tx, worker, t.idle).await;
     let digest = match result {
         Ok(d) => d,
         Err(e) => {
-            if !matches!(e, Error::PeerAbort { .. } | Error::PeerClosed(_) | Error::Net { .. }) {
+            if tell_peer(&e) {
                 let _ = outbox
                     .send(Message::Abort {
                         code: e.abort_code(),
@@ -175,7 +201,7 @@ async fn session(
                     .await;
             }
             drop(outbox);
-            let _ = writer_task.await;
+            let _ = finish_writer(writer_task, ABORT_GRACE).await;
             return Err(e);
         }
     };
@@ -194,7 +220,7 @@ async fn session(
     };
     if outbox.send(commit).await.is_ok() {
         drop(outbox);
-        if let Ok(Ok(mut w)) = writer_task.await {
+        if let Ok(mut w) = finish_writer(writer_task, t.handshake).await {
             if let Err(e) = within("close", t.handshake, w.shutdown()).await {
                 tracing::warn!("the sync is durable, but closing the connection failed: {e}");
             }

@@ -1,0 +1,7 @@
+//! Integration tests: real `blockmover` agents on loopback with real TLS, sparse files and loop devices.
+mod common;
+mod faults;
+mod hostile;
+mod loopdev;
+mod schema;
+mod sync;
