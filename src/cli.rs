@@ -38,6 +38,8 @@ pub enum Command {
     Source(SourceArgs),
     /// Make a sample volume, sync it, change 1% in scattered 4 KiB writes, sync again, and print the figures.
     Demo(DemoArgs),
+    /// Measure full and incremental syncs (duration, bytes on the wire, RSS, max RPO), optionally against rsync.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Flags shared by both agents.

@@ -4,6 +4,7 @@
 //! a target too small); 75 (EX_TEMPFAIL) a failure a retry may cure (network, a vanished peer, timeouts);
 //! 2 bad usage. Every failure prints one line `error: ...` on stderr.
 
+mod bench;
 mod cli;
 mod demo;
 
@@ -91,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }
 
