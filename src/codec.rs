@@ -77,7 +77,8 @@ impl AbortCode {
 
     /// Whether the peer's failure may go away on a retry.
     pub fn is_retryable(self) -> bool {
-        matches!(self, AbortCode::Io | AbortCode::Cancelled)
+        // The peer's I/O errors are a full, read-only or failing disk: they need someone to act.
+        matches!(self, AbortCode::Cancelled)
     }
 }
 

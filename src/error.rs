@@ -134,7 +134,11 @@ impl Error {
             | Error::PeerClosed(_)
             | Error::Cancelled(_) => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
-            Error::Io { .. } => true,
+            // A full disk, a read-only or failing device stay that way until someone acts.
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
             _ => false,
         }
     }

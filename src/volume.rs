@@ -66,6 +66,10 @@ impl Volume {
                 "not a block device or a regular file",
             )));
         };
+        if write && kind == Kind::BlockDevice && device_is_read_only(&file) {
+            // Opening a read-only device for writing succeeds; its first write would fail. Say so now.
+            return Err(open_err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem)));
+        }
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         Ok(Volume {
             path: path.to_owned(),
@@ -173,6 +177,18 @@ impl Volume {
             source,
         }
     }
+}
+
+/// Whether the kernel marks this block device read-only (`/sys/dev/block/MAJ:MIN/ro`).
+fn device_is_read_only(file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    let rdev = meta.rdev();
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/ro"))
+        .is_ok_and(|ro| ro.trim() == "1")
 }
 
 #[cfg(test)]

@@ -28,7 +28,13 @@ struct LoopDevice {
 impl LoopDevice {
     /// `losetup --find --show FILE`.
     fn attach(file: &Path) -> Result<LoopDevice> {
+        LoopDevice::attach_with(file, &[])
+    }
+
+    /// `losetup --find --show [extra] FILE`, e.g. `--read-only`.
+    fn attach_with(file: &Path, extra: &[&str]) -> Result<LoopDevice> {
         let output = Command::new("losetup")
+            .args(extra)
             .arg("--find")
             .arg("--show")
             .arg(file)
@@ -175,4 +181,52 @@ fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+#[test]
+fn read_only_target_device_fails_the_sync_and_nothing_is_reported_synced() -> Result<()> {
+    if let Some(reason) = unavailable_reason() {
+        println!("skipped: loop devices unavailable ({reason})");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let volume = dir.path().join("volume.img");
+    let target_file = dir.path().join("target.img");
+    sample::write_sample_volume(&volume, &SampleSpec::mixed(8 * MIB, SEED + 7))?;
+    sparse_file(&target_file, 8 * MIB)?;
+    let before = sample::file_digest(&target_file, 8 * MIB)?;
+    let target = LoopDevice::attach_with(&target_file, &["--read-only"])?;
+    let psk = crate::common::keygen(dir.path())?;
+    let status = dir.path().join("destination.json");
+    let mut destination = Destination::spawn(&target.path, &psk, &status, &[])?;
+    let source = run_source(
+        destination.addr,
+        &volume,
+        &psk,
+        &dir.path().join("source.json"),
+    )?;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
+    let stderr = crate::common::expect_failure("destination", finished.status, &finished.stderr);
+    assert_eq!(
+        finished.status.code(),
+        Some(1),
+        "a read-only target is permanent"
+    );
+    assert!(
+        stderr.contains("cannot open target") && stderr.contains("read-only"),
+        "the error names the target and why: {stderr}"
+    );
+    assert_eq!(
+        source.status.code(),
+        Some(1),
+        "the source fails for good too"
+    );
+    let failed = crate::common::expect_failed(&status, Kind::Destination)?;
+    assert!(
+        failed.get("lastSyncTime").is_none(),
+        "never synced: {failed}"
+    );
+    drop(target);
+    assert_eq!(sample::file_digest(&target_file, 8 * MIB)?, before);
+    Ok(())
 }
