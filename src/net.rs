@@ -137,6 +137,26 @@ pub async fn abort_on_error<W: AsyncWrite + Unpin, T>(
     result
 }
 
+/// The framed halves of an authenticated session.
+pub type Halves<S> = (
+    FrameReader<tokio::io::ReadHalf<S>>,
+    FrameWriter<tokio::io::WriteHalf<S>>,
+);
+
+/// Splits an established TLS stream into framed halves and runs the PSK exchange on them.
+pub async fn authenticated<S: AsyncRead + AsyncWrite>(
+    tls: S,
+    exporter: [u8; 32],
+    psk: &Psk,
+    side: Side,
+    limit: Duration,
+) -> Result<Halves<S>> {
+    let (r, w) = tokio::io::split(tls);
+    let (mut reader, mut writer) = (FrameReader::new(r), FrameWriter::new(w));
+    authenticate(&mut reader, &mut writer, psk, side, &exporter, limit).await?;
+    Ok((reader, writer))
+}
+
 /// Exchanges PSK proofs: sends ours, checks the peer's. Fails with "keys do not match" on a wrong key.
 pub async fn authenticate<R, W>(
     reader: &mut FrameReader<R>,

@@ -19,10 +19,10 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_SIZE};
-use crate::codec::{DataFrame, Encoding, FrameReader, FrameWriter, Message};
+use crate::codec::{DataFrame, Encoding, FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticate, finish_writer, spawn_writer, tell_peer, within, Counted, Outbox,
+    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted, Outbox,
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
@@ -154,18 +154,8 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     })
     .await?;
     let exporter = tls::client_exporter(&tls)?;
-    let (r, w) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
-    authenticate(
-        &mut reader,
-        &mut writer,
-        &config.psk,
-        Side::Source,
-        &exporter,
-        t.handshake,
-    )
-    .await?;
+    let (mut reader, mut writer) =
+        authenticated(tls, exporter, &config.psk, Side::Source, t.handshake).await?;
 
     writer
         .send(&Message::Hello {

@@ -18,10 +18,10 @@ use tokio::sync::mpsc;
 pub use apply::{decode_payload, ACK_EVERY};
 
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
-use crate::codec::{FrameReader, FrameWriter, Message};
+use crate::codec::{FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticate, finish_writer, spawn_writer, tell_peer, within, Counted,
+    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted,
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
@@ -120,18 +120,8 @@ async fn session(
     })
     .await?;
     let exporter = tls::server_exporter(&tls)?;
-    let (r, w) = tokio::io::split(tls);
-    let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
-    authenticate(
-        &mut reader,
-        &mut writer,
-        &config.psk,
-        Side::Destination,
-        &exporter,
-        t.handshake,
-    )
-    .await?;
+    let (mut reader, mut writer) =
+        authenticated(tls, exporter, &config.psk, Side::Destination, t.handshake).await?;
 
     let hello = within("hello", t.handshake, reader.expect("hello")).await;
     let opened = match abort_on_error(&mut writer, hello).await? {
