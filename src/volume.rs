@@ -109,10 +109,43 @@ impl Volume {
     }
 
     /// Fills `buf` from `offset` (the caller keeps the range inside the volume).
+    ///
+    /// On a regular file, holes are found with `SEEK_DATA`/`SEEK_HOLE` and filled with zeros here instead of being
+    /// read: the kernel would zero a page and copy it for every hole, which costs more than hashing the data.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if self.kind == Kind::File {
+            return self.read_sparse_at(buf, offset);
+        }
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| self.io_err("read", offset, source))
+    }
+
+    fn read_sparse_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let at = |p: u64| (p - offset) as usize;
+            let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(d) => d.min(end),
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(e) => return Err(self.io_err("seek", pos, e.into())),
+            };
+            buf[at(pos)..at(data)].fill(0);
+            if data == end {
+                break;
+            }
+            let hole = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(data)) {
+                Ok(h) => h.min(end),
+                Err(e) => return Err(self.io_err("seek", data, e.into())),
+            };
+            let hole = if hole <= data { end } else { hole };
+            self.file
+                .read_exact_at(&mut buf[at(data)..at(hole)], data)
+                .map_err(|source| self.io_err("read", data, source))?;
+            pos = hole;
+        }
+        Ok(())
     }
 
     /// Writes `buf` at `offset`, refusing anything outside the allowed range.
@@ -232,6 +265,36 @@ mod tests {
         assert!(buf[..512 * 1024].iter().all(|&b| b == 0));
         assert!(buf[512 * 1024..].iter().all(|&b| b == 0xAA));
         assert!(std::fs::metadata(&p)?.blocks() <= before);
+        Ok(())
+    }
+
+    #[test]
+    fn sparse_reads_return_holes_as_zeros_and_data_as_written() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("s.img");
+        let f = File::create(&p)?;
+        f.set_len(8 << 20)?;
+        let pattern: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8 + 1).collect();
+        f.write_all_at(&pattern, 3 << 20)?;
+        f.write_all_at(&pattern[..10], (8 << 20) - 10)?;
+        f.sync_all()?;
+        let v = Volume::open_source(&p)?;
+        let mut expected = vec![0u8; 8 << 20];
+        expected[3 << 20..(3 << 20) + pattern.len()].copy_from_slice(&pattern);
+        expected[(8 << 20) - 10..].copy_from_slice(&pattern[..10]);
+        for (off, len) in [
+            (0u64, 8usize << 20),
+            ((3 << 20) - 7, 70_000),
+            ((8 << 20) - 4096, 4096),
+            (0, 4096),
+        ] {
+            let mut buf = vec![0xEEu8; len];
+            v.read_exact_at(&mut buf, off)?;
+            assert!(
+                buf == expected[off as usize..off as usize + len],
+                "range {off}+{len}"
+            );
+        }
         Ok(())
     }
 
