@@ -466,7 +466,7 @@ pub fn build_data(
         }
     }
     let raw_len = raw.len() as u32;
-    let (encoding, payload) = match zstd::bulk::compress(&raw, zstd_level) {
+    let (encoding, payload) = match compress(&raw, zstd_level) {
         Ok(z) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
         _ => (Encoding::Raw, Bytes::from(raw)),
     };
@@ -477,5 +477,23 @@ pub fn build_data(
         encoding,
         raw_len,
         payload,
+    })
+}
+
+/// zstd with one reusable context per thread: a fresh context per 64 KiB chunk costs as much as compressing it.
+fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(raw),
+            None => zstd::bulk::compress(raw, level),
+        }
     })
 }

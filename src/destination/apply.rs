@@ -368,7 +368,7 @@ pub fn decode_payload(d: &DataFrame, chunk_len: usize) -> Result<Vec<u8>> {
         Encoding::Zstd if d.payload.len() >= expected => {
             Err(bad("a zstd payload no smaller than its raw data".into()))
         }
-        Encoding::Zstd => match zstd::bulk::decompress(&d.payload, expected) {
+        Encoding::Zstd => match decompress(&d.payload, expected) {
             Ok(v) if v.len() == expected => Ok(v),
             Ok(v) => Err(bad(format!(
                 "zstd payload decompresses to {} bytes, expected {expected}",
@@ -379,6 +379,24 @@ pub fn decode_payload(d: &DataFrame, chunk_len: usize) -> Result<Vec<u8>> {
             ))),
         },
     }
+}
+
+/// zstd decompression capped at `capacity`, with one reusable context per thread.
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(payload, capacity),
+            None => zstd::bulk::decompress(payload, capacity),
+        }
+    })
 }
 
 /// Runs of set bits as half-open block ranges.
