@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub use apply::{decode_payload, ACK_EVERY};
 
@@ -21,7 +22,7 @@ use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted,
+    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted, Halves,
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
@@ -59,57 +60,68 @@ pub async fn bind(config: &DestinationConfig) -> Result<TcpListener> {
         .map_err(|e| Error::net("listen", e))
 }
 
+/// The framed halves of an authenticated source connection.
+type Session = Halves<tokio_rustls::server::TlsStream<Counted<TcpStream>>>;
+
+/// A connection that completed TLS and proved it holds the key, or one whose key did not match.
+struct Arrival {
+    peer: SocketAddr,
+    figures: Arc<Figures>,
+    started: Instant,
+    session: Result<Session>,
+}
+
 /// Serves syncs on `listener`: one, or until the process ends with `serve`. Returns the last session's result.
+///
+/// Each connection does its TLS handshake and PSK exchange in a task of its own, under the handshake timeout, so
+/// a client that sends nothing or garbage (a port scanner, a health check) is logged and dropped without
+/// touching the target, the status or a sync under way. A source that proves the key starts a sync; one whose
+/// proof does not verify fails the sync ("pre-shared keys do not match"): a wrong key is a configuration error
+/// that waiting will not cure.
 pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<Digest> {
     let acceptor = tls::acceptor()?;
+    let local = listener
+        .local_addr()
+        .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+    let (arrived_tx, mut arrived) = mpsc::channel::<Arrival>(4);
     loop {
-        let (tcp, peer) = listener
-            .accept()
-            .await
-            .map_err(|e| Error::net("accept", e))?;
-        let local = listener
-            .local_addr()
-            .map_or_else(|_| config.listen.clone(), |a| a.to_string());
-        let result = session_with_status(config, &acceptor, tcp, peer, local).await;
-        if !config.serve {
-            return result;
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (tcp, peer) = accepted.map_err(|e| Error::net("accept", e))?;
+                let (acceptor, psk, t, tx) =
+                    (acceptor.clone(), config.psk.clone(), config.timeouts, arrived_tx.clone());
+                tokio::spawn(async move {
+                    let figures = Arc::new(Figures::default());
+                    let started = Instant::now();
+                    let session = handshake(&acceptor, tcp, &psk, t, &figures).await;
+                    match session {
+                        Err(e) if !matches!(e, Error::KeysDoNotMatch(_)) => {
+                            tracing::warn!(%peer, "connection dropped before authentication: {e}");
+                        }
+                        session => {
+                            let _ = tx.send(Arrival { peer, figures, started, session }).await;
+                        }
+                    }
+                });
+            }
+            Some(arrival) = arrived.recv() => {
+                let result = session_with_status(config, arrival, local.clone()).await;
+                if !config.serve {
+                    return result;
+                }
+            }
         }
     }
 }
 
-async fn session_with_status(
-    config: &DestinationConfig,
+/// TLS handshake and PSK exchange of one connection, bytes counted from the first.
+async fn handshake(
     acceptor: &tls::TlsAcceptor,
     tcp: TcpStream,
-    peer: SocketAddr,
-    local: String,
-) -> Result<Digest> {
-    let started = Instant::now();
-    let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
-    status.set_rsync_tls_address(local);
-    status.begin(chrono::Utc::now())?;
-    let figures = Arc::new(Figures::default());
-    let span = tracing::info_span!("session", %peer);
-    let _enter = span.enter();
-    tracing::info!("source connected");
-    let result = session(config, acceptor, tcp, figures.clone(), &mut status, started).await;
-    if let Err(e) = &result {
-        tracing::error!("sync failed: {e}");
-        let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
-        status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
-    }
-    result
-}
-
-async fn session(
-    config: &DestinationConfig,
-    acceptor: &tls::TlsAcceptor,
-    tcp: TcpStream,
-    figures: Arc<Figures>,
-    status: &mut StatusFile,
-    started: Instant,
-) -> Result<Digest> {
-    let t = config.timeouts;
+    psk: &Psk,
+    t: Timeouts,
+    figures: &Figures,
+) -> Result<Session> {
     let _ = tcp.set_nodelay(true);
     let stream = Counted::new(tcp, figures.wire.clone());
     let tls = within("tls handshake", t.handshake, async {
@@ -120,9 +132,50 @@ async fn session(
     })
     .await?;
     let exporter = tls::server_exporter(&tls)?;
-    let (mut reader, mut writer) =
-        authenticated(tls, exporter, &config.psk, Side::Destination, t.handshake).await?;
+    authenticated(tls, exporter, psk, Side::Destination, t.handshake).await
+}
 
+async fn session_with_status(
+    config: &DestinationConfig,
+    arrival: Arrival,
+    local: String,
+) -> Result<Digest> {
+    let Arrival {
+        peer,
+        figures,
+        started,
+        session: connection,
+    } = arrival;
+    let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
+    status.set_rsync_tls_address(local);
+    status.begin(chrono::Utc::now())?;
+    let span = tracing::info_span!("session", %peer);
+    span.in_scope(|| tracing::info!("source connected"));
+    let result = match connection {
+        Ok(halves) => {
+            session(config, halves, figures.clone(), &mut status, started)
+                .instrument(span.clone())
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let _enter = span.enter();
+    if let Err(e) = &result {
+        tracing::error!("sync failed: {e}");
+        let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
+        status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
+    }
+    result
+}
+
+async fn session(
+    config: &DestinationConfig,
+    (mut reader, mut writer): Session,
+    figures: Arc<Figures>,
+    status: &mut StatusFile,
+    started: Instant,
+) -> Result<Digest> {
+    let t = config.timeouts;
     let hello = within("hello", t.handshake, reader.expect("hello")).await;
     let opened = match abort_on_error(&mut writer, hello).await? {
         Message::Hello {

@@ -214,27 +214,46 @@ fn slow_link_still_syncs() -> Result<()> {
 }
 
 #[test]
-fn garbage_client_fails_destination_and_writes_nothing() -> Result<()> {
+fn garbage_and_silent_clients_are_dropped_and_the_real_sync_still_completes() -> Result<()> {
     let fx = Fixture::new(4 * MIB, SEED + 6)?;
     sample::write_sample_volume(&fx.target, &SampleSpec::mixed(4 * MIB, SEED + 7))?;
     let before = fx.target_digest()?;
     let mut destination = fx.destination()?;
 
+    // A client that stays connected and silent for the whole sync, and one speaking garbage.
+    let silent = TcpStream::connect(destination.addr)?;
     let mut client = TcpStream::connect(destination.addr)?;
     client.set_read_timeout(Some(AGENT_TIMEOUT))?;
     let garbage = b"this is not tls, it is a hostile client speaking nonsense\r\n".repeat(64);
     let _ = client.write_all(&garbage); // the destination may hang up before reading it all
     let _ = client.shutdown(Shutdown::Write);
     let mut reply = Vec::new();
-    let _ = client.read_to_end(&mut reply); // an alert, EOF or a reset
-
-    let finished = destination.wait(AGENT_TIMEOUT)?;
-    expect_failure("destination", finished.status, &finished.stderr);
-    expect_failed(&fx.destination_status, Kind::Destination)?;
+    let _ = client.read_to_end(&mut reply); // an alert, EOF or a reset: the garbage was handled
+    assert!(
+        !fx.destination_status.exists(),
+        "a connection that never authenticated must not start a sync"
+    );
     assert_eq!(
         fx.target_digest()?,
         before,
         "target changed after a garbage connection"
     );
+
+    let source = fx.source(destination.addr)?;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
+    drop(silent);
+    assert!(
+        source.status.success() && finished.status.success(),
+        "the real sync must complete:\n{}\n{}",
+        String::from_utf8_lossy(&source.stderr),
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("dropped before authentication"),
+        "the garbage connection is logged: {}",
+        finished.stderr
+    );
+    fx.expect_target_matches_volume()?;
+    crate::common::expect_successful(&fx.destination_status, Kind::Destination)?;
     Ok(())
 }
