@@ -65,6 +65,8 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Registered before anything is bound or opened, so a signal at any point is recorded, not fatal.
+    let mut signals = Signals::new()?;
     match cli.command {
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Destination(args) => {
@@ -77,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let served = blockmover::destination::serve(&config, listener);
             tokio::select! {
                 r = served => { r?; }
-                s = interrupted() => return Err(cancelled(s, config.status, Role::Destination)),
+                s = signals.recv() => return Err(cancelled(s, config.status, Role::Destination)),
             }
             Ok(())
         }
@@ -87,7 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let sync = blockmover::source::sync(&config, args.common.status.clone(), figures);
             tokio::select! {
                 r = sync => { r?; }
-                s = interrupted() => return Err(cancelled(s, args.common.status, Role::Source)),
+                s = signals.recv() => return Err(cancelled(s, args.common.status, Role::Source)),
             }
             Ok(())
         }
@@ -121,18 +123,27 @@ fn cancelled(
     err.into()
 }
 
-/// Resolves when SIGINT or SIGTERM arrives, naming it.
-async fn interrupted() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, registered up front.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves when a signal arrives, naming it.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
