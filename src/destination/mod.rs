@@ -318,9 +318,10 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
                     }
                     Err(e) => {
                         drop(inbox);
-                        // The worker's own error, if it has one, is the cause; otherwise ours.
-                        return match worker.await {
-                            Ok(Err(w)) if !matches!(w, Error::PeerClosed(_)) => Err(w),
+                        // The worker's own error, if it has one, is the cause; otherwise ours. A worker stuck
+                        // sending to a peer that stopped reading is not waited for past the grace period.
+                        return match tokio::time::timeout(ABORT_GRACE, worker).await {
+                            Ok(Ok(Err(w))) if !matches!(w, Error::PeerClosed(_)) => Err(w),
                             _ => Err(e),
                         };
                     }
