@@ -81,6 +81,9 @@ pub struct DestinationArgs {
     /// Keep accepting syncs instead of exiting after one.
     #[arg(long)]
     pub serve: bool,
+    /// Chunks the source may announce beyond those settled (flow-control window; for testing).
+    #[arg(long, hide = true, default_value_t = blockmover::destination::WINDOW)]
+    pub window: u32,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
@@ -126,7 +129,15 @@ pub struct DemoArgs {
 impl DestinationArgs {
     /// The validated configuration.
     pub fn config(&self) -> blockmover::Result<DestinationConfig> {
+        use blockmover::destination::{MIN_WINDOW, WINDOW};
+        if !(MIN_WINDOW..=WINDOW * 8).contains(&self.window) {
+            return Err(blockmover::Error::Config(format!(
+                "--window must be from {MIN_WINDOW} to {}",
+                WINDOW * 8
+            )));
+        }
         Ok(DestinationConfig {
+            window: self.window,
             listen: self.listen.clone(),
             target: self.target.clone(),
             psk: Psk::load(&self.common.psk)?,

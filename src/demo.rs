@@ -130,6 +130,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         status: Some(dir.join("dst-status.json")),
         serve: false,
         timeouts: Timeouts::default(),
+        window: destination::WINDOW,
     };
     let listener = destination::bind(&dconfig).await?;
     let addr = listener.local_addr()?;

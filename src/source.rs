@@ -33,6 +33,8 @@ use crate::volume::Volume;
 
 /// The largest window a destination may ask for (bounds the source's NEED queue).
 const MAX_WINDOW: u32 = 1 << 16;
+/// The smallest window a destination may ask for: one scan segment.
+const MIN_WINDOW: u32 = crate::scan::SEGMENT_CHUNKS as u32;
 /// NEEDs answered together on all cores.
 const NEED_BATCH: usize = 32;
 
@@ -166,7 +168,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         .await?;
     let ready = within("hello", t.handshake, reader.expect("hello")).await;
     let window = match abort_on_error(&mut writer, ready).await? {
-        Message::Ready { window, .. } if (1..=MAX_WINDOW).contains(&window) => window,
+        Message::Ready { window, .. } if (MIN_WINDOW..=MAX_WINDOW).contains(&window) => window,
         Message::Ready { window, .. } => {
             return Err(Error::Protocol(format!("READY asks for window {window}")))
         }

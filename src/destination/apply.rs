@@ -91,7 +91,10 @@ impl Apply {
                 return Err(Error::PeerClosed("sync"));
             };
             match msg {
-                Message::Digests { first, digests } => self.on_digests(first, &digests)?,
+                Message::Digests { first, digests } => {
+                    self.on_digests(first, &digests)?;
+                    self.acknowledge()?;
+                }
                 Message::Data(d) => {
                     let mut batch = vec![d];
                     while batch.len() < DATA_BATCH {
@@ -105,6 +108,7 @@ impl Apply {
                         }
                     }
                     self.on_data(batch)?;
+                    self.acknowledge()?;
                 }
                 Message::End {
                     chunk_count,
@@ -210,10 +214,21 @@ impl Apply {
                 self.send(Message::Need { chunk: i, blocks })?;
             }
             self.next = i + 1;
-            if self.next - self.last_ack >= ACK_EVERY || self.next == count {
-                self.last_ack = self.next;
-                self.send(Message::Ack { through: self.next })?;
-            }
+        }
+        Ok(())
+    }
+
+    /// Sends ACK for the chunks *settled* in order: compared, and written when they needed data. Acknowledging
+    /// only settled chunks is what bounds the open NEEDs by the window (see "Flow control" in the protocol). An
+    /// ACK goes out every quarter window, and whenever the destination has caught up with the announcements.
+    fn acknowledge(&mut self) -> Result<()> {
+        let settled = self.finals.settled();
+        let every = (self.window / 4).clamp(1, ACK_EVERY);
+        // Caught up (every announced chunk settled): the source may be waiting for exactly this credit.
+        let due = settled - self.last_ack >= every || settled == self.next;
+        if settled > self.last_ack && due {
+            self.last_ack = settled;
+            self.send(Message::Ack { through: settled })?;
         }
         Ok(())
     }
@@ -434,6 +449,11 @@ impl FinalDigests {
         while let Some(d) = self.waiting.remove(&self.digest.chunks()) {
             self.digest.push(&d);
         }
+    }
+
+    /// Chunks settled in order: every chunk below this index has its final digest.
+    fn settled(&self) -> u64 {
+        self.digest.chunks()
     }
 
     fn finish(&self) -> Result<Digest> {

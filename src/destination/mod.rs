@@ -31,8 +31,10 @@ use crate::status::{Role, StatusFile};
 use crate::tls::{self, Psk, Side};
 use crate::volume::Volume;
 
-/// Chunks the source may announce ahead of our ACKs (the READY window).
+/// Chunks the source may announce ahead of our ACKs (the READY window), by default.
 pub const WINDOW: u32 = 8192;
+/// The smallest window: one scan segment must fit in it.
+pub const MIN_WINDOW: u32 = crate::scan::SEGMENT_CHUNKS as u32;
 /// Messages waiting between the socket reader and the session worker.
 const INBOX: usize = 64;
 
@@ -51,6 +53,8 @@ pub struct DestinationConfig {
     pub serve: bool,
     /// Network phase limits.
     pub timeouts: Timeouts,
+    /// Chunks the source may announce beyond those settled ([`WINDOW`] unless testing flow control).
+    pub window: u32,
 }
 
 /// Binds the listener (so the caller learns the address before any sync).
@@ -211,7 +215,7 @@ async fn session(
     writer
         .send(&Message::Ready {
             target_size: target.size(),
-            window: WINDOW,
+            window: config.window,
         })
         .await?;
     let _progress = Progress::start("destination", figures.clone());
@@ -227,7 +231,7 @@ async fn session(
             local,
             outbox.clone(),
             figures.clone(),
-            WINDOW,
+            config.window,
         );
         tokio::task::spawn_blocking(move || apply.run(&mut inbox_rx))
     };

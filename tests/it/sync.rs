@@ -252,3 +252,31 @@ fn cli_without_subcommand_is_a_usage_error() -> Result<()> {
     assert_eq!(status.code(), Some(2), "clap usage errors exit 2");
     Ok(())
 }
+
+#[test]
+fn full_sync_with_a_small_window_keeps_open_needs_within_it() -> Result<()> {
+    // A window of one scan segment: the destination must acknowledge only settled chunks, or the source's queue
+    // of open NEEDs (sized by the window) overflows as soon as compression lags the scan.
+    let fx = Fixture::new(24 * MIB, SEED + 40)?;
+    let mut destination = Destination::spawn(
+        &fx.target,
+        &fx.psk,
+        &fx.destination_status,
+        &["--window", "64"],
+    )?;
+    let source = fx.source(destination.addr)?;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
+    assert!(
+        source.status.success() && finished.status.success(),
+        "sync with window 64 failed:\n{}\n{}",
+        String::from_utf8_lossy(&source.stderr),
+        finished.stderr
+    );
+    fx.expect_target_matches_volume()?;
+    let status = expect_successful(&fx.destination_status, Kind::Destination)?;
+    assert!(
+        external_u64(&status, "chunksSent")? > 64,
+        "more NEEDs than the window: {status}"
+    );
+    Ok(())
+}
