@@ -1,14 +1,192 @@
-//! `blockmover bench`: measures syncs between separate agent processes over loopback TLS (placeholder).
+//! `blockmover bench`: full and incremental syncs between separate agent processes over loopback TLS, measured
+//! (duration, scan rate, bytes on the wire, peak RSS, max RPO, hashing against the raw BLAKE3 rate) and optionally
+//! compared with rsync and VolSync's rsync-tls on the same volume and change, in the same run.
+//!
+//! Layout: `scenario` runs the syncs, `agents` starts blockmover's agents, `rsync` the comparisons, `procs` the
+//! process guards and RSS probes, `hashrate` the raw rate, `report` the table and JSON, `chart` the SVG.
+
+mod agents;
+mod chart;
+mod hashrate;
+mod procs;
+mod report;
+mod rsync;
+mod scenario;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Context};
+
+use rsync::Flavour;
 
 /// `blockmover bench` flags.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Volume size in MiB.
+    /// Volume size in MiB of the generated sample volume.
     #[arg(long, default_value_t = 2048)]
     pub size_mib: u64,
+    /// Relative share of all-zero 1 MiB regions in the sample volume (sparse holes).
+    #[arg(long, default_value_t = 1.0)]
+    pub zero_share: f64,
+    /// Relative share of compressible text regions.
+    #[arg(long, default_value_t = 1.0)]
+    pub text_share: f64,
+    /// Relative share of incompressible random regions.
+    #[arg(long, default_value_t = 1.0)]
+    pub random_share: f64,
+    /// Seed of the sample volume and of the change (same seed, same bytes on every machine).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Change between the full and the incremental sync, percent of the volume's 4 KiB blocks.
+    #[arg(long, default_value_t = 1.0)]
+    pub change_percent: f64,
+    /// Fraction (0..=1) of the changed blocks written as clustered runs (extents) instead of scattered 4 KiB
+    /// writes.
+    #[arg(long, default_value_t = 0.0)]
+    pub clustered_share: f64,
+    /// Length of a clustered run, in 4 KiB blocks.
+    #[arg(long, default_value_t = 16)]
+    pub run_blocks: u64,
+    /// Use this existing volume (file or block device) instead of a generated one; needs --target.
+    #[arg(long, requires = "target")]
+    pub volume: Option<PathBuf>,
+    /// Sync into this existing target (file or block device, at least the volume's size); needs --volume. A
+    /// regular file is emptied first (sparse), so the first sync is a full one. Its contents are overwritten.
+    #[arg(long, requires = "volume")]
+    pub target: Option<PathBuf>,
+    /// With --volume: write the change into the volume (otherwise the second sync runs on an unchanged volume).
+    #[arg(long, requires = "volume")]
+    pub modify_volume: bool,
+    /// Sync interval in seconds, for max RPO = interval + sync duration.
+    #[arg(long, default_value_t = 60.0)]
+    pub interval: f64,
+    /// Run every volume size in --sizes with every change rate in --rates.
+    #[arg(long, conflicts_with = "volume")]
+    pub sweep: bool,
+    /// Volume sizes in MiB for --sweep.
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    pub sizes: Vec<u64>,
+    /// Change rates in percent for --sweep.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,1,10")]
+    pub rates: Vec<f64>,
+    /// Also run these on the same volume and change: rsync (daemon on loopback, --inplace --no-whole-file -z),
+    /// volsync-rsync-tls (-aAhHSxz through stunnel with the PSK). Repeat or separate with commas.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub compare: Vec<Flavour>,
+    /// Print JSON on stdout instead of the table (progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Draw sync duration and bytes on the wire against change rate and volume size into this SVG file.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// Checks the numbers that clap cannot.
+    fn validate(&self) -> anyhow::Result<()> {
+        let rates: &[f64] = if self.sweep {
+            &self.rates
+        } else {
+            std::slice::from_ref(&self.change_percent)
+        };
+        for rate in rates {
+            ensure!(
+                (0.0..=100.0).contains(rate),
+                "change rates must be between 0 and 100 percent, not {rate}"
+            );
+        }
+        let sizes: &[u64] = if self.sweep {
+            &self.sizes
+        } else {
+            std::slice::from_ref(&self.size_mib)
+        };
+        ensure!(!sizes.is_empty(), "--sizes needs at least one size");
+        ensure!(!rates.is_empty(), "--rates needs at least one rate");
+        ensure!(
+            sizes.iter().all(|s| *s > 0),
+            "volume sizes must be at least 1 MiB"
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.clustered_share),
+            "--clustered-share must be between 0 and 1"
+        );
+        ensure!(self.run_blocks > 0, "--run-blocks must be at least 1");
+        ensure!(
+            self.interval.is_finite() && self.interval >= 0.0,
+            "--interval must be a number of seconds"
+        );
+        if self.volume.is_some() && self.volume == self.target {
+            bail!("--volume and --target must differ");
+        }
+        Ok(())
+    }
 }
 
 /// Runs the benchmark.
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("blockmover bench is not implemented yet")
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    tokio::task::spawn_blocking(move || run_blocking(&args))
+        .await
+        .context("the bench thread failed")?
+}
+
+fn run_blocking(args: &BenchArgs) -> anyhow::Result<()> {
+    let mut tmp = None;
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("blockmover-bench")
+                .tempdir()?;
+            let path = t.path().to_owned();
+            tmp = Some(t);
+            path
+        }
+    };
+    let report = match scenario::run(args, &dir) {
+        Ok(report) => report,
+        Err(e) => {
+            if let Some(t) = tmp {
+                // Keep the logs and status files of a failed run; drop the (large) volume images.
+                let kept = t.keep();
+                remove_images(&kept);
+                eprintln!(
+                    "bench: kept the logs and status files in {}",
+                    kept.display()
+                );
+            }
+            return Err(e);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report::table(&report));
+    }
+    if let Some(svg) = &args.svg {
+        chart::write_svg(&report, svg)?;
+        eprintln!("bench: wrote the chart to {}", svg.display());
+    }
+    Ok(())
+}
+
+/// Removes the `*.img` files (volumes and targets) under `dir`, best effort.
+fn remove_images(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            remove_images(&path);
+        } else if path.extension().is_some_and(|e| e == "img") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }

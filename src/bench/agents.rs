@@ -1,0 +1,209 @@
+//! One blockmover sync with source and destination as separate processes of this binary over loopback TLS:
+//! spawn, time, sample peak RSS, read both status files' `external` figures.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+
+use super::procs::{self, ChildGuard, Probe};
+
+/// The longest one sync may take before the bench gives up on it.
+pub const SYNC_LIMIT: Duration = Duration::from_secs(3600);
+
+/// What one blockmover sync measured.
+#[derive(Debug, Clone)]
+pub struct AgentSync {
+    /// Wall time from starting the source process to its exit (it exits after the destination's COMMIT, which
+    /// follows the target's fsync); the destination was already listening.
+    pub duration: Duration,
+    /// Peak RSS of the source process, bytes.
+    pub rss_source: Option<u64>,
+    /// Peak RSS of the destination process, bytes.
+    pub rss_destination: Option<u64>,
+    /// CPU time of the source process, seconds.
+    pub cpu_source: Option<f64>,
+    /// CPU time of the destination process, seconds.
+    pub cpu_destination: Option<f64>,
+    /// The source status' `external` map.
+    pub source: BTreeMap<String, String>,
+    /// The destination status' `external` map.
+    pub destination: BTreeMap<String, String>,
+}
+
+impl AgentSync {
+    /// A figure from the source's `external` map, if present and numeric.
+    pub fn src(&self, key: &str) -> Option<u64> {
+        self.source.get(key).and_then(|v| v.parse().ok())
+    }
+
+    /// A figure from the destination's `external` map, if present and numeric.
+    pub fn dst(&self, key: &str) -> Option<u64> {
+        self.destination.get(key).and_then(|v| v.parse().ok())
+    }
+}
+
+/// Runs the agents: this binary, a key made by `blockmover keygen`, and a directory for logs and status files.
+pub struct Agents {
+    exe: PathBuf,
+    dir: PathBuf,
+    psk: PathBuf,
+    runs: u32,
+}
+
+impl Agents {
+    /// Makes a key with `blockmover keygen` in `dir`.
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find this program's path")?;
+        let psk = dir.join("psk.txt");
+        let out = Command::new(&exe)
+            .arg("keygen")
+            .arg("--out")
+            .arg(&psk)
+            .output()
+            .with_context(|| format!("cannot run {} keygen", exe.display()))?;
+        ensure!(
+            out.status.success(),
+            "blockmover keygen failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(Self {
+            exe,
+            dir: dir.to_owned(),
+            psk,
+            runs: 0,
+        })
+    }
+
+    /// The key file (`volsync:<hex>`), also usable as stunnel's `PSKsecrets`.
+    pub fn psk(&self) -> &Path {
+        &self.psk
+    }
+
+    /// One sync of `volume` into `target`.
+    pub fn sync(&mut self, volume: &Path, target: &Path) -> anyhow::Result<AgentSync> {
+        self.runs += 1;
+        let n = self.runs;
+        let dst_status = self.dir.join(format!("dst-status-{n}.json"));
+        let src_status = self.dir.join(format!("src-status-{n}.json"));
+        let mut dcmd = Command::new(&self.exe);
+        dcmd.arg("destination")
+            .args(["--listen", "127.0.0.1:0", "--target"])
+            .arg(target)
+            .arg("--psk")
+            .arg(&self.psk)
+            .arg("--status")
+            .arg(&dst_status);
+        let mut dest = ChildGuard::spawn(
+            "blockmover destination",
+            dcmd,
+            &self.dir.join(format!("destination-{n}.log")),
+            true,
+        )?;
+        let stdout = dest.take_stdout().context("destination stdout")?;
+        let mut lines = BufReader::new(stdout);
+        let mut line = String::new();
+        lines
+            .read_line(&mut line)
+            .context("cannot read the destination's stdout")?;
+        let Some(addr) = line.trim().strip_prefix("listening on ") else {
+            return Err(dest.failure(&format!(
+                "did not print `listening on ADDR` (printed {:?})",
+                line.trim()
+            )));
+        };
+        let addr = addr.to_owned();
+
+        let mut scmd = Command::new(&self.exe);
+        scmd.arg("source")
+            .arg("--connect")
+            .arg(&addr)
+            .arg("--volume")
+            .arg(volume)
+            .arg("--psk")
+            .arg(&self.psk)
+            .arg("--status")
+            .arg(&src_status);
+        let start = Instant::now();
+        let mut source = ChildGuard::spawn(
+            "blockmover source",
+            scmd,
+            &self.dir.join(format!("source-{n}.log")),
+            false,
+        )?;
+        let mut src_probe = Probe::process(source.pid());
+        let mut dst_probe = Probe::process(dest.pid());
+        let ended = procs::wait_all(
+            &mut [&mut source, &mut dest],
+            &mut [&mut src_probe, &mut dst_probe],
+            SYNC_LIMIT,
+        )?;
+        drop(lines);
+        let (src_exit, src_end) = ended[0];
+        let (dst_exit, _) = ended[1];
+        if !src_exit.success() {
+            return Err(source.failure(&format!("failed ({src_exit})")));
+        }
+        if !dst_exit.success() {
+            return Err(dest.failure(&format!("failed ({dst_exit})")));
+        }
+        Ok(AgentSync {
+            duration: src_end - start,
+            rss_source: src_probe.peak(),
+            rss_destination: dst_probe.peak(),
+            cpu_source: src_probe.cpu_secs(),
+            cpu_destination: dst_probe.cpu_secs(),
+            source: external(&src_status)?,
+            destination: external(&dst_status)?,
+        })
+    }
+}
+
+/// The `external` map of a Successful status file.
+fn external(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read status {}", path.display()))?;
+    let status: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("status {} is not JSON", path.display()))?;
+    let result = status
+        .pointer("/latestMoverStatus/result")
+        .and_then(|r| r.as_str());
+    if result != Some("Successful") {
+        bail!(
+            "status {} says {:?}, not Successful",
+            path.display(),
+            result
+        );
+    }
+    let map = status
+        .get("external")
+        .and_then(|e| e.as_object())
+        .with_context(|| format!("status {} has no `external` map", path.display()))?;
+    Ok(map
+        .iter()
+        .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_figures_are_read_from_a_successful_status() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("s.json");
+        std::fs::write(
+            &path,
+            r#"{"latestMoverStatus":{"result":"Successful"},"external":{"wireBytesSent":"12"}}"#,
+        )?;
+        assert_eq!(external(&path)?["wireBytesSent"], "12");
+        std::fs::write(&path, r#"{"latestMoverStatus":{"result":"Failed"}}"#)?;
+        assert!(external(&path).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,297 @@
+//! What the bench measured, as rows, and how it is shown: a readable table with ratios against rsync, or JSON.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::hashrate::HashRate;
+
+/// Which sync of a run a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncKind {
+    /// Into an empty (all-zero, sparse) target.
+    Full,
+    /// Into an existing target as it was (a block device given with `--target`).
+    First,
+    /// After the change, from the state the previous sync left.
+    Incremental,
+}
+
+impl SyncKind {
+    /// How tables and progress lines name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncKind::Full => "full",
+            SyncKind::First => "first",
+            SyncKind::Incremental => "incremental",
+        }
+    }
+}
+
+/// One sync by one tool.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncRow {
+    /// `blockmover`, `rsync` or `volsync-rsync-tls`.
+    pub tool: &'static str,
+    /// Full, first or incremental.
+    pub kind: SyncKind,
+    /// Volume size in bytes.
+    pub volume_bytes: u64,
+    /// Change before this sync, percent of the volume's 4 KiB blocks (None for a full or first sync).
+    pub change_percent: Option<f64>,
+    /// Distinct 4 KiB blocks the change wrote.
+    pub changed_blocks: Option<u64>,
+    /// Wall time of the sync until durable, seconds.
+    pub duration_secs: f64,
+    /// Volume bytes per second of the sync.
+    pub scan_bytes_per_sec: f64,
+    /// Bytes source to destination (blockmover: TCP payload incl. TLS; rsync: its `sent` count).
+    pub wire_sent: u64,
+    /// Bytes destination to source.
+    pub wire_received: u64,
+    /// Chunks that got a DATA message (blockmover only).
+    pub chunks_sent: Option<u64>,
+    /// 4 KiB blocks carried as data (blockmover only).
+    pub blocks_sent: Option<u64>,
+    /// Raw bytes of the blocks carried (blockmover only).
+    pub data_bytes: Option<u64>,
+    /// Those bytes after compression (blockmover only).
+    pub compressed_bytes: Option<u64>,
+    /// Bytes the source read (blockmover only).
+    pub bytes_read_source: Option<u64>,
+    /// Bytes the destination read (blockmover only).
+    pub bytes_read_destination: Option<u64>,
+    /// Peak RSS of the source agent (rsync: the client), bytes.
+    pub rss_source: Option<u64>,
+    /// Peak RSS of the destination agent (rsync: the processes serving the connection), bytes.
+    pub rss_destination: Option<u64>,
+    /// CPU time (user + system) of the source agent (rsync: the client), seconds.
+    pub cpu_source_secs: Option<f64>,
+    /// CPU time of the destination agent (rsync: the processes serving the connection), seconds.
+    pub cpu_destination_secs: Option<f64>,
+    /// `--interval` plus the sync duration, seconds.
+    pub max_rpo_secs: f64,
+    /// (2 × volume / duration) / raw all-core BLAKE3 rate: both agents hash the whole volume (blockmover only).
+    pub hashed_share_of_raw: Option<f64>,
+    /// The target's BLAKE3 equalled the volume's after the sync (the bench fails otherwise).
+    pub verified: bool,
+}
+
+/// Everything one bench run measured.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// Logical cores of this machine.
+    pub cores: usize,
+    /// The raw all-core BLAKE3 rate measured in this run.
+    pub blake3_raw: HashRate,
+    /// The volume: a sample spec or the paths given.
+    pub volume: String,
+    /// The change: rate(s) and how it is written.
+    pub change: String,
+    /// `--interval`, seconds.
+    pub interval_secs: f64,
+    /// Every sync, in the order run.
+    pub syncs: Vec<SyncRow>,
+    /// Comparisons that were asked for but could not run, with the reason.
+    pub skipped: Vec<String>,
+    /// How to read the figures.
+    pub notes: Vec<String>,
+}
+
+/// `1.5 GiB`, `20.0 MiB`, `512 B`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else if value >= 100.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn opt_bytes(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_owned(), bytes)
+}
+
+fn opt_count(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
+/// Seconds with a precision that suits them.
+pub fn secs(s: f64) -> String {
+    if s < 10.0 {
+        format!("{s:.2} s")
+    } else if s < 1000.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{s:.0} s")
+    }
+}
+
+/// `1.20+0.95 s`: CPU seconds of both sides.
+fn cpu(src: Option<f64>, dst: Option<f64>) -> String {
+    let one = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    format!("{}+{} s", one(src), one(dst))
+}
+
+fn percent(p: f64) -> String {
+    format!("{}%", trim_float(p))
+}
+
+/// `0.1`, `1`, `10`: no trailing zeros.
+pub fn trim_float(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// The report as a table, then ratios against rsync, then skips and notes.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "blockmover bench: {}; change: {}; interval {} s for max RPO",
+        report.volume,
+        report.change,
+        trim_float(report.interval_secs)
+    );
+    let _ = writeln!(
+        out,
+        "raw BLAKE3 on this machine: {}/s on {} threads ({} in memory, {} per hash, best of 3)",
+        bytes(report.blake3_raw.bytes_per_sec as u64),
+        report.blake3_raw.threads,
+        bytes(report.blake3_raw.buffer_bytes),
+        bytes(report.blake3_raw.piece_bytes)
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{:>9} {:>7} {:<11} {:<17} {:>9} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  verified",
+        "volume",
+        "change",
+        "sync",
+        "tool",
+        "duration",
+        "scan rate",
+        "wire sent",
+        "wire recv",
+        "chunks",
+        "4K blocks",
+        "RSS src",
+        "RSS dst",
+        "max RPO",
+        "hashed",
+        "CPU src+dst",
+    );
+    for row in &report.syncs {
+        let _ = writeln!(
+            out,
+            "{:>9} {:>7} {:<11} {:<17} {:>9} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  {}",
+            bytes(row.volume_bytes),
+            row.change_percent.map_or_else(|| "-".to_owned(), percent),
+            row.kind.name(),
+            row.tool,
+            secs(row.duration_secs),
+            format!("{}/s", bytes(row.scan_bytes_per_sec as u64)),
+            bytes(row.wire_sent),
+            bytes(row.wire_received),
+            opt_count(row.chunks_sent),
+            opt_count(row.blocks_sent),
+            opt_bytes(row.rss_source),
+            opt_bytes(row.rss_destination),
+            secs(row.max_rpo_secs),
+            row.hashed_share_of_raw
+                .map_or_else(|| "-".to_owned(), |h| format!("{:.0}%", h * 100.0)),
+            cpu(row.cpu_source_secs, row.cpu_destination_secs),
+            if row.verified { "yes" } else { "NO" }
+        );
+    }
+    let ratios = ratio_lines(&report.syncs);
+    if !ratios.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "ratios (other tool / blockmover; above 1 means blockmover is faster or sends less):"
+        );
+        for line in ratios {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    if !report.skipped.is_empty() {
+        let _ = writeln!(out);
+        for skip in &report.skipped {
+            let _ = writeln!(out, "skipped: {skip}");
+        }
+    }
+    if !report.notes.is_empty() {
+        let _ = writeln!(out);
+        for note in &report.notes {
+            let _ = writeln!(out, "note: {note}");
+        }
+    }
+    out
+}
+
+/// One line per (other tool, sync) pair with a blockmover sync of the same volume, kind and change.
+fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for other in rows.iter().filter(|r| r.tool != "blockmover") {
+        let Some(ours) = rows.iter().find(|r| {
+            r.tool == "blockmover"
+                && r.kind == other.kind
+                && r.volume_bytes == other.volume_bytes
+                && r.change_percent == other.change_percent
+        }) else {
+            continue;
+        };
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.1}x", a / b)
+            } else {
+                "-".to_owned()
+            }
+        };
+        lines.push(format!(
+            "{:<17} {:>9} {:<11} {:>7}  duration {:>7}  wire sent {:>7}  wire total {:>7}",
+            other.tool,
+            bytes(other.volume_bytes),
+            other.kind.name(),
+            other.change_percent.map_or_else(|| "-".to_owned(), percent),
+            ratio(other.duration_secs, ours.duration_secs),
+            ratio(other.wire_sent as f64, ours.wire_sent as f64),
+            ratio(
+                (other.wire_sent + other.wire_received) as f64,
+                (ours.wire_sent + ours.wire_received) as f64
+            ),
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(2 << 30), "2.0 GiB");
+        assert_eq!(bytes(300 << 20), "300 MiB");
+    }
+
+    #[test]
+    fn floats_lose_trailing_zeros() {
+        assert_eq!(trim_float(0.1), "0.1");
+        assert_eq!(trim_float(10.0), "10");
+    }
+}
