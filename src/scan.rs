@@ -1,10 +1,13 @@
-//! Scanning a volume in chunk order: one thread reads segments ahead, all cores hash the chunks of a segment.
+//! Scanning a volume in chunk order: every core reads and hashes chunks of a segment, one thread delivers them.
 //!
-//! Memory budget: a segment is [`SEGMENT_CHUNKS`] chunks (4 MiB at 64 KiB); at most [`READ_AHEAD`] segments wait
-//! between the reader and the hashers, plus one being read and one being hashed.
+//! Each worker reads a chunk into its own buffer and hashes it while the bytes are still in its cache: reading
+//! whole segments on one thread and hashing them on others moved every byte through memory twice, and the copy out
+//! of the page cache was the largest cost of an unchanged scan. Memory budget: one chunk buffer per worker, and at
+//! most [`READ_AHEAD`] segments of summaries (33 bytes per chunk) waiting for the sink.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::thread;
 
@@ -14,10 +17,10 @@ use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 
-/// Chunks per segment: the unit of read-ahead and of a DIGESTS frame.
+/// Chunks per segment: the unit of a DIGESTS frame.
 pub const SEGMENT_CHUNKS: u64 = 64;
-/// Segments read ahead of hashing.
-pub const READ_AHEAD: usize = 2;
+/// Segments scanned ahead of the sink (summaries only, so this costs almost no memory).
+pub const READ_AHEAD: usize = 8;
 
 /// Scans the first `geometry.volume_size()` bytes of `volume`, calling `sink` with each segment's first chunk
 /// index and chunk summaries, in order. `bytes_read` counts progress. Stops at the first error from the volume or
@@ -28,62 +31,59 @@ pub fn scan(
     bytes_read: Arc<AtomicU64>,
     mut sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
 ) -> Result<()> {
-    let zeros = ZeroDigests::new(geometry);
-    let chunk = geometry.chunk_size() as usize;
-    let (full_tx, full_rx) = sync_channel::<Result<(u64, Vec<u8>)>>(READ_AHEAD);
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(READ_AHEAD + 2);
-    let reader = {
-        let volume = volume.clone();
-        thread::Builder::new()
-            .name("scan-read".into())
-            .spawn(move || read_segments(&volume, geometry, &bytes_read, &full_tx, &free_rx))
-            .map_err(|e| Error::Config(format!("cannot start the scan thread: {e}")))?
-    };
-    let result = (|| {
-        for segment in full_rx.iter() {
-            let (first, buf) = segment?;
-            let summaries: Vec<ChunkSummary> = buf
-                .par_chunks(chunk)
-                .enumerate()
-                .map(|(i, bytes)| zeros.summarize(first + i as u64, bytes))
-                .collect();
-            let _ = free_tx.try_send(buf);
-            sink(first, summaries)?;
-        }
-        Ok(())
-    })();
-    drop(full_rx);
-    drop(free_tx);
-    let _ = reader.join();
+    let (tx, rx) = sync_channel::<Result<(u64, Vec<ChunkSummary>)>>(READ_AHEAD);
+    let scanner = thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || {
+            let zeros = ZeroDigests::new(geometry);
+            let count = geometry.chunk_count();
+            let mut first = 0;
+            while first < count {
+                let n = SEGMENT_CHUNKS.min(count - first);
+                let item = summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n)
+                    .map(|s| (first, s));
+                let failed = item.is_err();
+                if tx.send(item).is_err() || failed {
+                    return;
+                }
+                first += n;
+            }
+        })
+        .map_err(|e| Error::Config(format!("cannot start the scan thread: {e}")))?;
+    let result = rx.iter().try_for_each(|segment| {
+        let (first, summaries) = segment?;
+        sink(first, summaries)
+    });
+    drop(rx);
+    let _ = scanner.join();
     result
 }
 
-fn read_segments(
+/// Reads and summarizes chunks `first..first + n` on all cores.
+fn summarize_segment(
     volume: &Volume,
     geometry: Geometry,
+    zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
-    full: &SyncSender<Result<(u64, Vec<u8>)>>,
-    free: &Receiver<Vec<u8>>,
-) {
-    let count = geometry.chunk_count();
-    let mut first = 0;
-    while first < count {
-        let n = SEGMENT_CHUNKS.min(count - first);
-        let (offset, _) = geometry.chunk_range(first);
-        let (last_off, last_len) = geometry.chunk_range(first + n - 1);
-        let len = (last_off + last_len as u64 - offset) as usize;
-        let mut buf = free.try_recv().unwrap_or_default();
-        buf.resize(len, 0);
-        let item = volume
-            .read_exact_at(&mut buf, offset)
-            .map(|()| (first, buf));
-        let failed = item.is_err();
-        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        if full.send(item).is_err() || failed {
-            return;
-        }
-        first += n;
+    first: u64,
+    n: u64,
+) -> Result<Vec<ChunkSummary>> {
+    thread_local! {
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
+    (first..first + n)
+        .into_par_iter()
+        .map(|i| {
+            let (offset, len) = geometry.chunk_range(i);
+            BUFFER.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                buf.resize(len, 0);
+                volume.read_exact_at(&mut buf, offset)?;
+                bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                Ok(zeros.summarize(i, &buf))
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -445,9 +445,26 @@ pub fn build_data(
     target_blocks: Option<&[Digest]>,
     zstd_level: i32,
 ) -> Result<DataFrame> {
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|cell| {
+        let buf = &mut *cell.borrow_mut();
+        build_data_from(volume, geometry, chunk, target_blocks, zstd_level, buf)
+    })
+}
+
+fn build_data_from(
+    volume: &Volume,
+    geometry: Geometry,
+    chunk: u64,
+    target_blocks: Option<&[Digest]>,
+    zstd_level: i32,
+    buf: &mut Vec<u8>,
+) -> Result<DataFrame> {
     let (offset, len) = geometry.chunk_range(chunk);
-    let mut buf = vec![0u8; len];
-    volume.read_exact_at(&mut buf, offset)?;
+    buf.resize(len, 0);
+    volume.read_exact_at(buf, offset)?;
     let (mut send_mask, mut zero_mask) = (0u64, 0u64);
     let mut raw = Vec::with_capacity(len);
     for b in 0..geometry.blocks_in_chunk(chunk) {
@@ -468,10 +485,11 @@ pub fn build_data(
         }
     }
     let raw_len = raw.len() as u32;
-    let (encoding, payload) = match compress(&raw, zstd_level) {
-        Ok(z) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
-        _ => (Encoding::Raw, Bytes::from(raw)),
-    };
+    let (encoding, payload) =
+        match compressible(&raw, zstd_level).then(|| compress(&raw, zstd_level)) {
+            Some(Ok(z)) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
+            _ => (Encoding::Raw, Bytes::from(raw)),
+        };
     Ok(DataFrame {
         chunk,
         send_mask,
@@ -480,6 +498,20 @@ pub fn build_data(
         raw_len,
         payload,
     })
+}
+
+/// Bytes compressed as a probe before compressing a whole payload.
+const PROBE: usize = 2 * BLOCK_SIZE as usize;
+
+/// Whether compressing `raw` looks worthwhile, judged by compressing its first [`PROBE`] bytes: zstd spends as long
+/// on random data (encrypted or already compressed guest files) as on text, only to have the result discarded. A
+/// probe that saves less than 1/32 sends the payload raw; a payload that small is compressed without probing.
+fn compressible(raw: &[u8], level: i32) -> bool {
+    if raw.len() <= 2 * PROBE {
+        return true;
+    }
+    let probe = &raw[..PROBE];
+    compress(probe, level).is_ok_and(|z| z.len() < probe.len() - probe.len() / 32)
 }
 
 /// zstd with one reusable context per thread: a fresh context per 64 KiB chunk costs as much as compressing it.
@@ -498,4 +530,65 @@ fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
             None => zstd::bulk::compress(raw, level),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::block_digests;
+    use rand::{RngCore, SeedableRng};
+
+    fn volume_of(dir: &tempfile::TempDir, data: &[u8]) -> anyhow::Result<(Volume, Geometry)> {
+        let p = dir.path().join("v.img");
+        std::fs::write(&p, data)?;
+        let g = Geometry::new(data.len() as u64, 65536).map_err(anyhow::Error::msg)?;
+        Ok((Volume::open_source(&p)?, g))
+    }
+
+    #[test]
+    fn random_chunks_travel_raw_and_text_chunks_compressed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut data = vec![0u8; 2 * 65536];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut data[..65536]);
+        let words = b"the replica of a volume keeps every block of the snapshot ";
+        for (i, b) in data[65536..].iter_mut().enumerate() {
+            *b = words[i % words.len()];
+        }
+        let (volume, g) = volume_of(&dir, &data)?;
+
+        let random = build_data(&volume, g, 0, None, 1)?;
+        assert_eq!(random.encoding, Encoding::Raw);
+        assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
+        assert_eq!(&random.payload[..], &data[..65536]);
+
+        let text = build_data(&volume, g, 1, None, 1)?;
+        assert_eq!(text.encoding, Encoding::Zstd);
+        assert_eq!(text.raw_len, 65536);
+        assert!(
+            text.payload.len() < 65536 / 8,
+            "{} bytes",
+            text.payload.len()
+        );
+        let back = zstd::bulk::decompress(&text.payload, 65536)?;
+        assert_eq!(&back[..], &data[65536..]);
+        Ok(())
+    }
+
+    #[test]
+    fn only_blocks_that_differ_from_the_target_travel_and_zero_blocks_as_a_mask(
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut data = vec![7u8; 65536];
+        data[4096..8192].fill(0);
+        data[40960] = 1;
+        let (volume, g) = volume_of(&dir, &data)?;
+        let mut theirs = block_digests(&data);
+        theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
+        theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
+        let d = build_data(&volume, g, 0, Some(&theirs), 1)?;
+        assert_eq!(d.send_mask, 1 << 10);
+        assert_eq!(d.zero_mask, 1 << 1);
+        assert_eq!(d.raw_len, 4096);
+        Ok(())
+    }
 }
