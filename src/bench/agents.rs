@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 
+use super::delay::DelayProxy;
 use super::procs::{self, ChildGuard, Probe};
 
 /// The longest one sync may take before the bench gives up on it.
@@ -85,7 +86,13 @@ impl Agents {
     }
 
     /// One sync of `volume` into `target`.
-    pub fn sync(&mut self, volume: &Path, target: &Path) -> anyhow::Result<AgentSync> {
+    /// With `rtt`, the source connects through a [`DelayProxy`] adding that round-trip time.
+    pub fn sync(
+        &mut self,
+        volume: &Path,
+        target: &Path,
+        rtt: Option<Duration>,
+    ) -> anyhow::Result<AgentSync> {
         self.runs += 1;
         let n = self.runs;
         let dst_status = self.dir.join(format!("dst-status-{n}.json"));
@@ -116,7 +123,15 @@ impl Agents {
                 line.trim()
             )));
         };
-        let addr = addr.to_owned();
+        let addr = match rtt {
+            Some(rtt) => {
+                let target: std::net::SocketAddr = addr
+                    .parse()
+                    .with_context(|| format!("the destination printed an odd address {addr:?}"))?;
+                DelayProxy::start(target, rtt)?.addr().to_string()
+            }
+            None => addr.to_owned(),
+        };
 
         let mut scmd = Command::new(&self.exe);
         scmd.arg("source")

@@ -7,6 +7,7 @@
 
 mod agents;
 mod chart;
+mod delay;
 mod hashrate;
 mod procs;
 mod report;
@@ -60,6 +61,10 @@ pub struct BenchArgs {
     /// Sync interval in seconds, for max RPO = interval + sync duration.
     #[arg(long, default_value_t = 60.0)]
     pub interval: f64,
+    /// Also run each blockmover incremental sync again, from the same target state, through a proxy that adds
+    /// this round-trip time (milliseconds) on loopback, and print how much longer it took.
+    #[arg(long)]
+    pub rtt_ms: Option<u64>,
     /// Run every volume size in --sizes with every change rate in --rates.
     #[arg(long, conflicts_with = "volume")]
     pub sweep: bool,

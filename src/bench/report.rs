@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::hashrate::HashRate;
+use super::scenario::DELAYED;
 
 /// Which sync of a run a row is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -226,6 +227,17 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    let latency = latency_lines(&report.syncs);
+    if !latency.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "added round-trip time (--rtt-ms), same change from the same target state:"
+        );
+        for line in latency {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     if !report.skipped.is_empty() {
         let _ = writeln!(out);
         for skip in &report.skipped {
@@ -244,7 +256,10 @@ pub fn table(report: &Report) -> String {
 /// One line per (other tool, sync) pair with a blockmover sync of the same volume, kind and change.
 fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
     let mut lines = Vec::new();
-    for other in rows.iter().filter(|r| r.tool != "blockmover") {
+    for other in rows
+        .iter()
+        .filter(|r| r.tool != "blockmover" && r.tool != DELAYED)
+    {
         let Some(ours) = rows.iter().find(|r| {
             r.tool == "blockmover"
                 && r.kind == other.kind
@@ -275,6 +290,25 @@ fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// One line per blockmover sync repeated through the delaying proxy: how much longer it took.
+fn latency_lines(rows: &[SyncRow]) -> Vec<String> {
+    rows.windows(2)
+        .filter(|w| w[0].tool == "blockmover" && w[1].tool == DELAYED)
+        .map(|w| {
+            let (plain, delayed) = (&w[0], &w[1]);
+            format!(
+                "{:>9} {:<11} {:>7}  {} -> {}: {:+.2} s",
+                bytes(plain.volume_bytes),
+                plain.kind.name(),
+                plain.change_percent.map_or_else(|| "-".to_owned(), percent),
+                secs(plain.duration_secs),
+                secs(delayed.duration_secs),
+                delayed.duration_secs - plain.duration_secs
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 
@@ -30,6 +31,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
+        delayed: None,
     };
     let mut skipped = Vec::new();
     let device_volume = match &args.volume {
@@ -153,6 +155,14 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
          volume (BLAKE3) after every sync."
             .to_owned(),
     ];
+    if let Some(ms) = args.rtt_ms {
+        notes.push(format!(
+            "{DELAYED}: the same incremental sync as the blockmover row above it, from a copy of the same target, \
+             with the source connected through a proxy that delays every byte by {} ms each way ({ms} ms round \
+             trip).",
+            ms as f64 / 2.0
+        ));
+    }
     if let Some(load) = load.filter(|l| *l >= 0.5) {
         notes.push(format!(
             "the 1-minute load average was {load:.2} when the bench started: other processes were using the \
@@ -213,6 +223,19 @@ struct Bench<'a> {
     setups: Vec<RsyncSetup>,
     rows: Vec<SyncRow>,
     raw: HashRate,
+    /// The round-trip time added to the blockmover sync under way, if any.
+    delayed: Option<Duration>,
+}
+
+/// The tool name of blockmover's syncs through the delaying proxy (`--rtt-ms`).
+pub const DELAYED: &str = "blockmover+rtt";
+
+/// Copies a target aside (sparse files stay sparse only where the copy can; this is outside the timed part).
+fn keep_copy(target: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let copy = target.with_extension("before.img");
+    std::fs::copy(target, &copy)
+        .with_context(|| format!("cannot copy {} aside", target.display()))?;
+    Ok(copy)
 }
 
 impl Bench<'_> {
@@ -247,7 +270,20 @@ impl Bench<'_> {
             let rate = if write_changes { rate } else { 0.0 };
             digest = sample::file_digest(volume, size)?;
             let change = Some((rate, changed));
+            let before = match self.args.rtt_ms {
+                Some(_) => Some(keep_copy(target)?),
+                None => None,
+            };
             self.blockmover(volume, target, size, SyncKind::Incremental, change, &digest)?;
+            if let (Some(before), Some(ms)) = (before, self.args.rtt_ms) {
+                std::fs::copy(&before, target).context("cannot restore the target")?;
+                std::fs::remove_file(&before)?;
+                self.delayed = Some(Duration::from_millis(ms));
+                let r =
+                    self.blockmover(volume, target, size, SyncKind::Incremental, change, &digest);
+                self.delayed = None;
+                r?;
+            }
             for s in 0..self.setups.len() {
                 self.rsync(s, volume, size, SyncKind::Incremental, change, &digest)?;
             }
@@ -269,7 +305,7 @@ impl Bench<'_> {
             kind.name(),
             bytes(size)
         );
-        let s = self.agents.sync(volume, target)?;
+        let s = self.agents.sync(volume, target, self.delayed)?;
         verify("blockmover", kind, target, size, digest)?;
         let secs = s.duration.as_secs_f64().max(1e-9);
         let wire = |key: &str| {
@@ -277,7 +313,11 @@ impl Bench<'_> {
                 .with_context(|| format!("the source status has no {key}"))
         };
         self.rows.push(SyncRow {
-            tool: "blockmover",
+            tool: if self.delayed.is_some() {
+                DELAYED
+            } else {
+                "blockmover"
+            },
             kind,
             volume_bytes: size,
             change_percent: change.map(|c| c.0),
