@@ -38,6 +38,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         psk: psk.clone(),
         chunk_size: DEFAULT_CHUNK_SIZE,
         zstd_level: 1,
+        compression: Default::default(),
         timeouts: Timeouts::default(),
     };
     let figures = Arc::new(Figures::default());

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
 use blockmover::destination::DestinationConfig;
 use blockmover::net::Timeouts;
-use blockmover::source::SourceConfig;
+use blockmover::source::{Compression, SourceConfig};
 use blockmover::tls::Psk;
 
 /// Replicate block volumes over TLS, sending only the 4 KiB blocks that changed.
@@ -104,6 +104,10 @@ pub struct SourceArgs {
     /// zstd compression level for changed blocks.
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
+    /// When to compress: auto (changed blocks always; whole chunks of a first sync only while the network is
+    /// behind), always (fewest bytes), never (links faster than zstd).
+    #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
+    pub compress: CompressArg,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
@@ -158,7 +162,23 @@ impl SourceArgs {
             psk: Psk::load(&self.common.psk)?,
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
+            compression: match self.compress {
+                CompressArg::Auto => Compression::Auto,
+                CompressArg::Always => Compression::Always,
+                CompressArg::Never => Compression::Never,
+            },
             timeouts: self.common.timeouts(),
         })
     }
+}
+
+/// `--compress` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressArg {
+    /// Changed blocks always; whole chunks of a first sync only while the network is behind.
+    Auto,
+    /// Every payload that compresses.
+    Always,
+    /// No payload.
+    Never,
 }

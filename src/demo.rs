@@ -141,6 +141,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         psk: psk.clone(),
         chunk_size: blockmover::chunk::DEFAULT_CHUNK_SIZE,
         zstd_level: 1,
+        compression: Default::default(),
         timeouts: Timeouts::default(),
     };
     let figures = Arc::new(Figures::default());

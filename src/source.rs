@@ -51,8 +51,37 @@ pub struct SourceConfig {
     pub chunk_size: u32,
     /// zstd level for DATA payloads.
     pub zstd_level: i32,
+    /// When DATA payloads are compressed.
+    pub compression: Compression,
     /// Network phase limits.
     pub timeouts: Timeouts,
+}
+
+/// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compression {
+    /// Changed blocks of an incremental sync always; whole chunks copied into an empty target only while the
+    /// network is behind (the send queue at least half full). Compressing text-like data costs about as much CPU
+    /// as the rest of a full sync: on a fast link it makes the sync slower, on a slow one the queue fills and
+    /// compression turns on. Incremental changes are few, so compressing them is cheap next to the scan.
+    #[default]
+    Auto,
+    /// Every payload: fewest bytes on the wire, whatever the CPU cost.
+    Always,
+    /// No payload: for links much faster than zstd.
+    Never,
+}
+
+impl Compression {
+    /// Whether to compress a payload; `incremental` when the NEED carried block digests, `behind` when the send
+    /// queue is at least half full.
+    fn wanted(self, incremental: bool, behind: bool) -> bool {
+        match self {
+            Compression::Always => true,
+            Compression::Never => false,
+            Compression::Auto => incremental || behind,
+        }
+    }
 }
 
 /// The outcome of a successful sync.
@@ -194,6 +223,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         announced: Arc::new(AtomicU64::new(0)),
         window: u64::from(window),
         zstd_level: config.zstd_level,
+        compression: config.compression,
     };
     let result = session.drive(&mut reader, outbox, t.idle).await;
     session.credit.stop();
@@ -213,6 +243,7 @@ struct Session {
     announced: Arc<AtomicU64>,
     window: u64,
     zstd_level: i32,
+    compression: Compression,
 }
 
 impl Session {
@@ -387,11 +418,12 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
     ) -> tokio::task::JoinHandle<()> {
-        let (volume, geometry, figures, level) = (
+        let (volume, geometry, figures, level, compression) = (
             self.volume.clone(),
             self.geometry,
             self.figures.clone(),
             self.zstd_level,
+            self.compression,
         );
         tokio::task::spawn_blocking(move || {
             while let Some(first) = needs.blocking_recv() {
@@ -402,9 +434,13 @@ impl Session {
                         Err(_) => break,
                     }
                 }
+                let behind = outbox.max_capacity() - outbox.capacity() >= outbox.max_capacity() / 2;
                 let frames: Vec<Result<DataFrame>> = batch
                     .into_par_iter()
                     .map(|(chunk, blocks)| {
+                        let level = compression
+                            .wanted(blocks.is_some(), behind)
+                            .then_some(level);
                         build_data(&volume, geometry, chunk, blocks.as_deref(), level)
                     })
                     .collect();
@@ -437,13 +473,14 @@ fn count_data(figures: &Figures, d: &DataFrame) {
 }
 
 /// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
-/// zeros, the non-zero blocks); zero blocks become marks; the payload is zstd when that is smaller, else raw.
+/// zeros, the non-zero blocks); zero blocks become marks; with a `zstd_level`, the payload is zstd when that is
+/// smaller, else raw.
 pub fn build_data(
     volume: &Volume,
     geometry: Geometry,
     chunk: u64,
     target_blocks: Option<&[Digest]>,
-    zstd_level: i32,
+    zstd_level: Option<i32>,
 ) -> Result<DataFrame> {
     thread_local! {
         static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -459,7 +496,7 @@ fn build_data_from(
     geometry: Geometry,
     chunk: u64,
     target_blocks: Option<&[Digest]>,
-    zstd_level: i32,
+    zstd_level: Option<i32>,
     buf: &mut Vec<u8>,
 ) -> Result<DataFrame> {
     let (offset, len) = geometry.chunk_range(chunk);
@@ -485,11 +522,13 @@ fn build_data_from(
         }
     }
     let raw_len = raw.len() as u32;
-    let (encoding, payload) =
-        match compressible(&raw, zstd_level).then(|| compress(&raw, zstd_level)) {
-            Some(Ok(z)) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
-            _ => (Encoding::Raw, Bytes::from(raw)),
-        };
+    let (encoding, payload) = match zstd_level
+        .filter(|l| compressible(&raw, *l))
+        .map(|l| compress(&raw, l))
+    {
+        Some(Ok(z)) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
+        _ => (Encoding::Raw, Bytes::from(raw)),
+    };
     Ok(DataFrame {
         chunk,
         send_mask,
@@ -556,12 +595,12 @@ mod tests {
         }
         let (volume, g) = volume_of(&dir, &data)?;
 
-        let random = build_data(&volume, g, 0, None, 1)?;
+        let random = build_data(&volume, g, 0, None, Some(1))?;
         assert_eq!(random.encoding, Encoding::Raw);
         assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
         assert_eq!(&random.payload[..], &data[..65536]);
 
-        let text = build_data(&volume, g, 1, None, 1)?;
+        let text = build_data(&volume, g, 1, None, Some(1))?;
         assert_eq!(text.encoding, Encoding::Zstd);
         assert_eq!(text.raw_len, 65536);
         assert!(
@@ -585,7 +624,7 @@ mod tests {
         let mut theirs = block_digests(&data);
         theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
         theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
-        let d = build_data(&volume, g, 0, Some(&theirs), 1)?;
+        let d = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
         assert_eq!(d.send_mask, 1 << 10);
         assert_eq!(d.zero_mask, 1 << 1);
         assert_eq!(d.raw_len, 4096);

@@ -159,6 +159,17 @@ impl Drop for Destination {
 
 /// Start `blockmover source --connect ADDR --volume V --psk P --status S` with piped output.
 pub fn spawn_source(addr: SocketAddr, volume: &Path, psk: &Path, status: &Path) -> Result<Child> {
+    spawn_source_with(addr, volume, psk, status, &[])
+}
+
+/// [`spawn_source`] with extra flags.
+pub fn spawn_source_with(
+    addr: SocketAddr,
+    volume: &Path,
+    psk: &Path,
+    status: &Path,
+    extra: &[&str],
+) -> Result<Child> {
     Command::new(bin())
         .arg("source")
         .arg("--connect")
@@ -169,6 +180,7 @@ pub fn spawn_source(addr: SocketAddr, volume: &Path, psk: &Path, status: &Path) 
         .arg(psk)
         .arg("--status")
         .arg(status)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -178,7 +190,18 @@ pub fn spawn_source(addr: SocketAddr, volume: &Path, psk: &Path, status: &Path) 
 
 /// Run a source to completion (120 s safety net) and return its exit status and output.
 pub fn run_source(addr: SocketAddr, volume: &Path, psk: &Path, status: &Path) -> Result<Output> {
-    let mut child = spawn_source(addr, volume, psk, status)?;
+    run_source_with(addr, volume, psk, status, &[])
+}
+
+/// [`run_source`] with extra flags.
+pub fn run_source_with(
+    addr: SocketAddr,
+    volume: &Path,
+    psk: &Path,
+    status: &Path,
+    extra: &[&str],
+) -> Result<Output> {
+    let mut child = spawn_source_with(addr, volume, psk, status, extra)?;
     let stdout = drain(child.stdout.take().context("source stdout")?);
     let stderr = drain(child.stderr.take().context("source stderr")?);
     let status = wait_with_timeout(&mut child, AGENT_TIMEOUT)?;
@@ -398,8 +421,19 @@ impl Fixture {
 
     /// One sync over loopback, directly from source to destination.
     pub fn sync(&self) -> Result<SyncRun> {
+        self.sync_with(&[])
+    }
+
+    /// [`Fixture::sync`] with extra source flags.
+    pub fn sync_with(&self, source_flags: &[&str]) -> Result<SyncRun> {
         let mut destination = self.destination()?;
-        let source = self.source(destination.addr)?;
+        let source = run_source_with(
+            destination.addr,
+            &self.volume,
+            &self.psk,
+            &self.source_status,
+            source_flags,
+        )?;
         let destination = destination.wait(AGENT_TIMEOUT)?;
         Ok(SyncRun {
             source,
