@@ -172,13 +172,14 @@ async fn session_with_status(
         Err(e) => Err(e),
     };
     let _enter = span.enter();
+    // Before the status write below, which may fail: the metrics must not show this sync under way forever.
+    if let Some(m) = &config.metrics {
+        m.finished(result.is_ok(), started.elapsed());
+    }
     if let Err(e) = &result {
         tracing::error!("sync failed: {e}");
         let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
         status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
-    }
-    if let Some(m) = &config.metrics {
-        m.finished(result.is_ok(), started.elapsed());
     }
     result
 }
