@@ -28,6 +28,8 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         serve: false,
         timeouts: Timeouts::default(),
         window: destination::WINDOW,
+        schedule: None,
+        metrics: None,
     };
     let listener = destination::bind(&dconfig).await.expect("bind");
     let addr = listener.local_addr().expect("address");

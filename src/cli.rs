@@ -7,8 +7,11 @@ use clap::{Args, Parser, Subcommand};
 
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
 use blockmover::destination::DestinationConfig;
+use blockmover::metrics::Labels;
 use blockmover::net::Timeouts;
+use blockmover::schedule::Schedule;
 use blockmover::source::{Compression, SourceConfig};
+use blockmover::status::Role;
 use blockmover::tls::Psk;
 
 /// Replicate block volumes over TLS, sending only the 4 KiB blocks that changed.
@@ -36,6 +39,10 @@ pub enum Command {
     Destination(DestinationArgs),
     /// Send a snapshot (block device or file) to a destination.
     Source(SourceArgs),
+    /// Show status files like `kubectl get replicationsource` (or the whole document with -o yaml|json).
+    Status(StatusArgs),
+    /// Ask a running scheduled source for a sync now: writes TOKEN to <STATUS>.trigger.
+    Trigger(TriggerArgs),
     /// Make a sample volume, sync it, change 1% in scattered 4 KiB writes, sync again, and print the figures.
     Demo(DemoArgs),
     /// Measure full and incremental syncs (duration, bytes on the wire, RSS, max RPO), optionally against rsync.
@@ -57,9 +64,46 @@ pub struct Common {
     /// Limit on connect, TLS handshake, authentication and hello, each (seconds).
     #[arg(long, default_value_t = 30)]
     pub handshake_timeout: u64,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9090, or port 0 for any).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// The `obj_name` metrics label (VolSync: the ReplicationSource/Destination name). Default: the file name of
+    /// the volume or target.
+    #[arg(long, env = "BLOCKMOVER_NAME")]
+    pub name: Option<String>,
+    /// The `obj_namespace` metrics label (VolSync: the object's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Cron schedule: five fields ("*/5 * * * *") or @hourly, @daily, @weekly, @monthly, @yearly (UTC).
+    #[arg(long)]
+    pub schedule: Option<String>,
 }
 
 impl Common {
+    /// The parsed schedule, if any.
+    pub fn schedule(&self) -> blockmover::Result<Option<Schedule>> {
+        self.schedule
+            .as_deref()
+            .map(Schedule::parse)
+            .transpose()
+            .map_err(|e| blockmover::Error::Config(e.to_string()))
+    }
+
+    /// The metrics labels for `role`, naming the object after `device` unless `--name` is given.
+    pub fn labels(&self, role: Role, device: &std::path::Path) -> Labels {
+        let name = self.name.clone().unwrap_or_else(|| {
+            device
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "blockmover".to_owned())
+        });
+        Labels {
+            name,
+            namespace: self.namespace.clone(),
+            role,
+        }
+    }
+
     fn timeouts(&self) -> Timeouts {
         Timeouts {
             connect: Duration::from_secs(self.handshake_timeout),
@@ -108,9 +152,43 @@ pub struct SourceArgs {
     /// behind), always (fewest bytes), never (links faster than zstd).
     #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
     pub compress: CompressArg,
+    /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
+    pub manual: Option<String>,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
+}
+
+/// How `blockmover status` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Columns like `kubectl get`.
+    Table,
+    /// The whole status document as YAML.
+    Yaml,
+    /// The whole status document as JSON.
+    Json,
+}
+
+/// `blockmover status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Status files written by `--status`.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `blockmover trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// The status file of the running source (its `--status`).
+    pub status: PathBuf,
+    /// The manual trigger token; recorded as lastManualSync once synced. Default: the current time.
+    pub token: Option<String>,
 }
 
 /// `blockmover demo`.
@@ -140,7 +218,15 @@ impl DestinationArgs {
                 WINDOW * 8
             )));
         }
+        let schedule = self.common.schedule()?;
+        if schedule.is_some() && !self.serve {
+            return Err(blockmover::Error::Config(
+                "--schedule on the destination needs --serve (a one-shot destination serves one sync)".into(),
+            ));
+        }
         Ok(DestinationConfig {
+            schedule,
+            metrics: None,
             window: self.window,
             listen: self.listen.clone(),
             target: self.target.clone(),

@@ -131,6 +131,8 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         serve: false,
         timeouts: Timeouts::default(),
         window: destination::WINDOW,
+        schedule: None,
+        metrics: None,
     };
     let listener = destination::bind(&dconfig).await?;
     let addr = listener.local_addr()?;

@@ -6,14 +6,18 @@
 //! agents record a VolSync-shaped [`status`]. Frames are in [`codec`], TLS and the PSK proof in [`tls`] and [`net`].
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod chunk;
 pub mod codec;
 pub mod destination;
 pub mod error;
+pub mod listing;
+pub mod metrics;
 pub mod net;
 pub mod progress;
 pub mod sample;
 pub mod scan;
+pub mod schedule;
 pub mod source;
 pub mod stats;
 pub mod status;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use blockmover::stats::Figures;
+use blockmover::agent::SourceAgent;
+use blockmover::metrics::{Labels, Metrics};
 use blockmover::status::{Role, StatusFile};
 use cli::{Cli, Command};
 
@@ -70,7 +71,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Destination(args) => {
-            let config = args.config()?;
+            let mut config = args.config()?;
+            let status = StatusFile::load(config.status.clone(), Role::Destination)?;
+            let labels = args.common.labels(Role::Destination, &config.target);
+            let _metrics = match &args.common.metrics_listen {
+                Some(addr) => {
+                    let (m, task) =
+                        serve_metrics(addr, labels, config.schedule.clone(), &status).await?;
+                    config.metrics = Some(m);
+                    Some(task)
+                }
+                None => None,
+            };
             let listener = blockmover::destination::bind(&config).await?;
             let addr = listener.local_addr()?;
             println!("listening on {addr}");
@@ -85,17 +97,111 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Source(args) => {
             let config = args.config()?;
-            let figures = Arc::new(Figures::default());
-            let sync = blockmover::source::sync(&config, args.common.status.clone(), figures);
+            let schedule = args.common.schedule()?;
+            let status_path = args.common.status.clone();
+            let status = StatusFile::load(status_path.clone(), Role::Source)?;
+            let labels = args.common.labels(Role::Source, &config.volume);
+            let (metrics, _task) = match &args.common.metrics_listen {
+                Some(addr) => {
+                    let (m, task) = serve_metrics(addr, labels, schedule.clone(), &status).await?;
+                    (Some(m), Some(task))
+                }
+                None => (None, None),
+            };
+            let scheduled = schedule.is_some();
+            let agent = SourceAgent::new(
+                config,
+                status_path.clone(),
+                schedule,
+                args.manual.clone(),
+                metrics,
+                blockmover::schedule::system_clock(),
+            );
             tokio::select! {
-                r = sync => { r?; }
-                s = signals.recv() => return Err(cancelled(s, args.common.status, Role::Source)),
+                r = agent.run() => { r?; }
+                s = signals.recv() => {
+                    if scheduled && !agent.busy() {
+                        tracing::info!("stopped by {s} while waiting");
+                        return Ok(());
+                    }
+                    return Err(cancelled(s, status_path, Role::Source));
+                }
             }
+            Ok(())
+        }
+        Command::Status(args) => show_status(&args),
+        Command::Trigger(args) => {
+            let token = args.token.clone().unwrap_or_else(|| {
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+            });
+            let path = blockmover::agent::request_sync(&args.status, &token)?;
+            println!("{token}");
+            eprintln!(
+                "requested a sync with token {token:?} in {}",
+                path.display()
+            );
             Ok(())
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
+}
+
+/// Binds the metrics endpoint, prints `metrics on http://ADDR/metrics` on stdout and serves it in the background.
+async fn serve_metrics(
+    addr: &str,
+    labels: Labels,
+    schedule: Option<blockmover::schedule::Schedule>,
+    status: &StatusFile,
+) -> anyhow::Result<(Arc<Metrics>, tokio::task::JoinHandle<()>)> {
+    let metrics = Arc::new(Metrics::new(
+        labels,
+        schedule,
+        blockmover::schedule::system_clock(),
+        status.last_sync_time(),
+    ));
+    let (bound, task) = blockmover::metrics::http::spawn(addr, metrics.clone()).await?;
+    println!("metrics on http://{bound}/metrics");
+    std::io::stdout().flush()?;
+    tracing::info!(%bound, "serving metrics");
+    Ok((metrics, task))
+}
+
+/// `blockmover status`: every file, as a table or as documents.
+fn show_status(args: &cli::StatusArgs) -> anyhow::Result<()> {
+    use blockmover::listing::{table, Entry};
+    let mut entries = Vec::new();
+    for path in &args.files {
+        if !path.exists() {
+            anyhow::bail!("status file {} does not exist", path.display());
+        }
+        let status = StatusFile::load(Some(path.clone()), Role::Source)?;
+        entries.push(Entry {
+            path: path.clone(),
+            status: status.status().clone(),
+        });
+    }
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        cli::Output::Table => out.write_all(table(&entries).as_bytes())?,
+        cli::Output::Json => {
+            let docs: Vec<_> = entries.iter().map(|e| &e.status).collect();
+            let text = match docs.as_slice() {
+                [one] => serde_json::to_string_pretty(one)?,
+                many => serde_json::to_string_pretty(many)?,
+            };
+            writeln!(out, "{text}")?;
+        }
+        cli::Output::Yaml => {
+            for (i, e) in entries.iter().enumerate() {
+                if i > 0 {
+                    writeln!(out, "---")?;
+                }
+                out.write_all(serde_yaml::to_string(&e.status)?.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Records an interrupted sync as Failed (keeping the previous lastSyncTime) and returns the error to report.

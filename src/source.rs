@@ -138,8 +138,17 @@ pub async fn sync(
     status: Option<PathBuf>,
     figures: Arc<Figures>,
 ) -> Result<SyncReport> {
-    let started = std::time::Instant::now();
     let mut status = StatusFile::load(status, Role::Source)?;
+    sync_recorded(config, &mut status, figures).await
+}
+
+/// Runs one sync and records it in `status` (which may carry a schedule and a manual token), as [`sync`] does.
+pub async fn sync_recorded(
+    config: &SourceConfig,
+    status: &mut StatusFile,
+    figures: Arc<Figures>,
+) -> Result<SyncReport> {
+    let started = std::time::Instant::now();
     status.begin(chrono::Utc::now())?;
     let progress = Progress::start("source", figures.clone());
     let result = run(config, figures.clone()).await;

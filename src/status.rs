@@ -21,6 +21,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::schedule::Schedule;
+
 /// The bytes of mover logs VolSync keeps in `latestMoverStatus.logs` (its `MOVER_LOG_MAX_BYTES`).
 pub const MOVER_LOG_MAX_BYTES: usize = 1024;
 
@@ -172,6 +174,10 @@ pub struct StatusFile {
     role: Role,
     /// Full-precision start of the sync under way (the file keeps whole seconds only).
     started: Option<DateTime<Utc>>,
+    /// The agent's schedule: sets `nextSyncTime` and `WaitingForSchedule` after a success.
+    schedule: Option<Schedule>,
+    /// The manual token the sync under way satisfies; becomes `lastManualSync` on success.
+    manual: Option<String>,
 }
 
 impl StatusFile {
@@ -200,7 +206,25 @@ impl StatusFile {
             status,
             role,
             started: None,
+            schedule: None,
+            manual: None,
         })
+    }
+
+    /// After a success, wait for `schedule` (set `nextSyncTime`, reason `WaitingForSchedule`) instead of a manual
+    /// trigger. Takes effect at the next [`Self::succeed`].
+    pub fn set_schedule(&mut self, schedule: Option<Schedule>) {
+        self.schedule = schedule;
+    }
+
+    /// The manual token the next sync satisfies: [`Self::succeed`] records it as `lastManualSync`.
+    pub fn set_manual(&mut self, token: Option<String>) {
+        self.manual = token;
+    }
+
+    /// `lastSyncTime` parsed, if present and valid.
+    pub fn last_sync_time(&self) -> Option<DateTime<Utc>> {
+        parse_time(self.status.last_sync_time.as_deref())
     }
 
     /// The current document.
@@ -231,8 +255,10 @@ impl StatusFile {
         self.write()
     }
 
-    /// A sync completed: sets `lastSyncTime`, `lastSyncDuration`, result `Successful` with `logs`,
-    /// condition False `WaitingForManual`, replaces `external`; clears `lastSyncStartTime`; writes.
+    /// A sync completed: sets `lastSyncTime`, `lastSyncDuration`, result `Successful` with `logs`, replaces
+    /// `external`, clears `lastSyncStartTime`; with a schedule sets `nextSyncTime` to the next cron time after now and
+    /// condition False `WaitingForSchedule`, otherwise clears it and sets False `WaitingForManual`; records the
+    /// manual token (if any) as `lastManualSync`; writes.
     pub fn succeed(
         &mut self,
         now: DateTime<Utc>,
@@ -245,12 +271,29 @@ impl StatusFile {
         self.status.last_sync_time = Some(rfc3339(now));
         self.status.last_sync_duration = Some(go_duration(took));
         self.end(RESULT_SUCCESSFUL, logs, external);
-        self.set_condition(
-            now,
-            "False",
-            "WaitingForManual",
-            "Waiting for manual trigger".to_owned(),
-        );
+        if let Some(token) = self.manual.take() {
+            self.status.last_manual_sync = Some(token);
+        }
+        match &self.schedule {
+            Some(schedule) => {
+                self.status.next_sync_time = schedule.next_after(now).map(rfc3339);
+                self.set_condition(
+                    now,
+                    "False",
+                    "WaitingForSchedule",
+                    "Waiting for next scheduled synchronization".to_owned(),
+                );
+            }
+            None => {
+                self.status.next_sync_time = None;
+                self.set_condition(
+                    now,
+                    "False",
+                    "WaitingForManual",
+                    "Waiting for manual trigger".to_owned(),
+                );
+            }
+        }
         self.write()
     }
 
@@ -330,13 +373,8 @@ impl StatusFile {
 
     /// The start of the sync under way: the in-memory instant from [`Self::begin`], else the file's value.
     fn start_time(&self) -> Option<DateTime<Utc>> {
-        self.started.or_else(|| {
-            self.status
-                .last_sync_start_time
-                .as_deref()
-                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                .map(|t| t.with_timezone(&Utc))
-        })
+        self.started
+            .or_else(|| parse_time(self.status.last_sync_start_time.as_deref()))
     }
 
     /// The bookkeeping both outcomes share.
@@ -375,6 +413,12 @@ impl StatusFile {
             }),
         }
     }
+}
+
+/// Parses an RFC 3339 timestamp of the status document.
+pub fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
+    text.and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Creates `path`, writes `bytes` and fsyncs it.
@@ -720,6 +764,42 @@ mod tests {
             err.to_string().contains(&path.display().to_string()),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn scheduled_success_sets_next_sync_time_and_waits_for_schedule() -> anyhow::Result<()> {
+        let mut s = StatusFile::load(None, Role::Source)?;
+        s.set_schedule(Some(Schedule::parse("*/5 * * * *")?));
+        s.set_manual(Some("token-1".to_owned()));
+        s.begin(at(0, 0)?)?;
+        // Manual and schedule are recorded only on success.
+        assert_eq!(s.status().last_manual_sync, None);
+        s.succeed(at(10, 0)?, counters(), String::new())?;
+        let next = Schedule::parse("*/5 * * * *")?
+            .next_after(at(10, 0)?)
+            .map(rfc3339);
+        assert_eq!(s.status().next_sync_time, next);
+        assert_eq!(s.status().last_manual_sync.as_deref(), Some("token-1"));
+        assert_eq!(sync_cond(&s)?.reason, "WaitingForSchedule");
+        assert_eq!(
+            sync_cond(&s)?.message,
+            "Waiting for next scheduled synchronization"
+        );
+        // A failure keeps nextSyncTime and lastManualSync and says Error.
+        s.set_manual(Some("token-2".to_owned()));
+        s.begin(at(20, 0)?)?;
+        s.fail(at(21, 0)?, "peer vanished", counters(), String::new())?;
+        assert_eq!(s.status().next_sync_time, next);
+        assert_eq!(s.status().last_manual_sync.as_deref(), Some("token-1"));
+        assert_eq!(sync_cond(&s)?.reason, "Error");
+        // Without a schedule: no nextSyncTime, WaitingForManual.
+        s.set_schedule(None);
+        s.begin(at(30, 0)?)?;
+        s.succeed(at(31, 0)?, counters(), String::new())?;
+        assert_eq!(s.status().next_sync_time, None);
+        assert_eq!(s.status().last_manual_sync.as_deref(), Some("token-2"));
+        assert_eq!(sync_cond(&s)?.reason, "WaitingForManual");
         Ok(())
     }
 

@@ -55,6 +55,10 @@ pub struct DestinationConfig {
     pub timeouts: Timeouts,
     /// Chunks the source may announce beyond those settled ([`WINDOW`] unless testing flow control).
     pub window: u32,
+    /// With `serve`: the schedule syncs are expected on (sets `nextSyncTime`; deadlines count in the metrics).
+    pub schedule: Option<crate::schedule::Schedule>,
+    /// Metrics to feed, if served.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Binds the listener (so the caller learns the address before any sync).
@@ -152,7 +156,11 @@ async fn session_with_status(
     } = arrival;
     let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
     status.set_rsync_tls_address(local);
+    status.set_schedule(config.schedule.clone());
     status.begin(chrono::Utc::now())?;
+    if let Some(m) = &config.metrics {
+        m.started(figures.clone());
+    }
     let span = tracing::info_span!("session", %peer);
     span.in_scope(|| tracing::info!("source connected"));
     let result = match connection {
@@ -164,6 +172,10 @@ async fn session_with_status(
         Err(e) => Err(e),
     };
     let _enter = span.enter();
+    // Before the status write below, which may fail: the metrics must not show this sync under way forever.
+    if let Some(m) = &config.metrics {
+        m.finished(result.is_ok(), started.elapsed());
+    }
     if let Err(e) = &result {
         tracing::error!("sync failed: {e}");
         let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));

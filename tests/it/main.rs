@@ -4,5 +4,6 @@ mod entrypoint;
 mod faults;
 mod hostile;
 mod loopdev;
+mod schedule;
 mod schema;
 mod sync;

@@ -242,7 +242,9 @@ mod tests {
                 "type": "Synchronizing", "status": "False", "reason": "WaitingForManual",
                 "message": "Waiting for manual trigger", "lastTransitionTime": "2026-11-24T18:31:54Z"
             }],
-            "external": {"chunksTotal": "16"}
+            "external": {"chunksTotal": "16"},
+            "nextSyncTime": "2026-11-24T18:35:00Z",
+            "lastManualSync": "manual-1"
         })
     }
 
@@ -284,6 +286,41 @@ mod tests {
             check_status_file(&path, kind)?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn scheduled_and_manual_status_file_validates_for_both_kinds() -> anyhow::Result<()> {
+        for (role, kind) in [
+            (Role::Source, Kind::Source),
+            (Role::Destination, Kind::Destination),
+        ] {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("status.json");
+            let mut s = StatusFile::load(Some(path.clone()), role)?;
+            s.set_schedule(Some(blockmover::schedule::Schedule::parse("*/5 * * * *")?));
+            s.set_manual(Some("2026-11-24T18:31:54.123456789Z".to_owned()));
+            s.begin(start()?)?;
+            s.succeed(
+                start()? + chrono::Duration::seconds(3),
+                counters(),
+                String::new(),
+            )?;
+            let json: Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+            anyhow::ensure!(json.get("nextSyncTime").is_some(), "{json}");
+            anyhow::ensure!(json.get("lastManualSync").is_some(), "{json}");
+            check_status_file(&path, kind)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_next_sync_time_and_non_string_manual_are_rejected() -> anyhow::Result<()> {
+        let mut s = valid();
+        s["nextSyncTime"] = json!("in five minutes");
+        assert_rejected(&s, Kind::Source, "/nextSyncTime")?;
+        let mut s = valid();
+        s["lastManualSync"] = json!(42);
+        assert_rejected(&s, Kind::Destination, "/lastManualSync")
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct Destination {
     pub child: Child,
     /// The address it printed in `listening on ADDR`.
     pub addr: SocketAddr,
+    /// The address it printed in `metrics on http://ADDR/metrics` (with `--metrics-listen`).
+    pub metrics: Option<SocketAddr>,
     stderr: Option<JoinHandle<String>>,
 }
 
@@ -101,12 +103,17 @@ impl Destination {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             let mut announced = false;
+            // The metrics line, if any, comes before `listening on`.
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if let Some(addr) = metrics_line(&line) {
+                    metrics = Some(addr);
+                }
                 if !announced {
                     if let Some(addr) = line.strip_prefix("listening on ") {
                         announced = true;
-                        let _ = tx.send(addr.trim().to_owned());
+                        let _ = tx.send((addr.trim().to_owned(), metrics.take()));
                     }
                 }
             }
@@ -114,13 +121,18 @@ impl Destination {
         let mut destination = Destination {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics: None,
             stderr: Some(stderr),
         };
         match rx.recv_timeout(LISTEN_TIMEOUT) {
-            Ok(addr) => {
+            Ok((addr, metrics)) => {
                 destination.addr = addr
                     .parse()
                     .with_context(|| format!("bad listen address {addr:?}"))?;
+                destination.metrics = metrics
+                    .map(|m| m.parse())
+                    .transpose()
+                    .with_context(|| "bad metrics address")?;
                 Ok(destination)
             }
             Err(_) => {
@@ -155,6 +167,13 @@ impl Drop for Destination {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The address in a `metrics on http://ADDR/metrics` line.
+pub fn metrics_line(line: &str) -> Option<String> {
+    line.strip_prefix("metrics on http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .map(str::to_owned)
 }
 
 /// Start `blockmover source --connect ADDR --volume V --psk P --status S` with piped output.
@@ -232,7 +251,7 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitSta
     }
 }
 
-fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+pub fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
         let _ = pipe.read_to_end(&mut bytes);

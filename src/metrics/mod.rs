@@ -1,0 +1,577 @@
+//! Prometheus metrics of one agent: VolSync's `volsync_*` metrics with its names and labels, and blockmover's
+//! own `blockmover_*` figures, rendered in the Prometheus text exposition format (version 0.0.4) and served over
+//! HTTP by [`http`].
+//!
+//! Why hand-rendered: VolSync's `volsync_sync_duration_seconds` is a *summary* (quantiles 0.5, 0.9, 0.99 over the
+//! last 24 h), and the `prometheus-client` crate has no summary type; the text format is a few lines per metric
+//! and is checked in the tests by an independent parser (`prometheus-parse`).
+//!
+//! Invariants: counters only grow (a sync's figures move from "under way" to "completed" in one step under the
+//! lock); `volsync_volume_out_of_sync` is computed at each scrape from the clock, so a deadline missed while the
+//! agent waits shows without a sync.
+
+pub mod http;
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::schedule::{out_of_sync, Clock, Schedule};
+use crate::stats::{get, Figures};
+use crate::status::Role;
+
+/// VolSync's `method` label for this mover.
+pub const METHOD: &str = "blockmover";
+
+/// How long a duration observation counts in the summary's quantiles (VolSync's MaxAge).
+pub const SUMMARY_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The most duration observations kept (one sync a minute for a day is 1440).
+const SUMMARY_MAX_SAMPLES: usize = 10_000;
+
+/// The quantiles of `volsync_sync_duration_seconds` (VolSync's objectives 0.5, 0.9, 0.99).
+const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// The labels every metric carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Labels {
+    /// `obj_name`: the ReplicationSource / ReplicationDestination name.
+    pub name: String,
+    /// `obj_namespace`: its namespace.
+    pub namespace: String,
+    /// `role`: `source` or `destination`.
+    pub role: Role,
+}
+
+/// Totals of the syncs that ended.
+#[derive(Clone, Copy, Debug, Default)]
+struct Totals {
+    wire_sent: u64,
+    wire_received: u64,
+    chunks_sent: u64,
+    blocks_sent: u64,
+    data_bytes: u64,
+    bytes_read: u64,
+    succeeded: u64,
+    failed: u64,
+}
+
+/// The sync under way.
+#[derive(Debug)]
+struct Current {
+    figures: Arc<Figures>,
+    since: Instant,
+    previous_last_sync: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+struct State {
+    current: Option<Current>,
+    totals: Totals,
+    last_sync: Option<DateTime<Utc>>,
+    latest_failed: bool,
+    missed: u64,
+    durations: VecDeque<(DateTime<Utc>, f64)>,
+    duration_sum: f64,
+    duration_count: u64,
+    last_scan_rate: f64,
+    next_sync: Option<DateTime<Utc>>,
+}
+
+/// The metrics of one agent, shared between its syncs and the HTTP server.
+#[derive(Debug)]
+pub struct Metrics {
+    labels: Labels,
+    schedule: Option<Schedule>,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+}
+
+impl Metrics {
+    /// Metrics for an agent with `labels` and `schedule`, whose previous successful sync (from its status file)
+    /// was at `last_sync`.
+    pub fn new(
+        labels: Labels,
+        schedule: Option<Schedule>,
+        clock: Arc<dyn Clock>,
+        last_sync: Option<DateTime<Utc>>,
+    ) -> Metrics {
+        let next_sync = schedule
+            .as_ref()
+            .zip(last_sync)
+            .and_then(|(s, t)| s.next_after(t));
+        Metrics {
+            labels,
+            schedule,
+            clock,
+            state: Mutex::new(State {
+                current: None,
+                totals: Totals::default(),
+                last_sync,
+                latest_failed: false,
+                missed: 0,
+                durations: VecDeque::new(),
+                duration_sum: 0.0,
+                duration_count: 0,
+                last_scan_rate: 0.0,
+                next_sync,
+            }),
+        }
+    }
+
+    /// The schedule the deadlines are counted against.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere while holding the lock leaves consistent counters: keep serving them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sync starts; its `figures` fill as it runs. Counts the previous one as ended if it was not reported.
+    pub fn started(&self, figures: Arc<Figures>) {
+        let mut st = self.state();
+        if st.current.is_some() {
+            drop(st);
+            self.finished(false, Duration::ZERO);
+            st = self.state();
+        }
+        st.current = Some(Current {
+            figures,
+            since: Instant::now(),
+            previous_last_sync: st.last_sync,
+        });
+    }
+
+    /// Whether a sync is under way.
+    pub fn in_progress(&self) -> bool {
+        self.state().current.is_some()
+    }
+
+    /// The sync under way ended, successfully or not, after `duration`. A success observes the duration, counts a
+    /// missed interval when it completes after its deadline (`next(next(lastSyncTime))` before now), and clears
+    /// the out-of-sync gauge; a failure sets it.
+    pub fn finished(&self, ok: bool, duration: Duration) {
+        let now = self.clock.now();
+        let mut st = self.state();
+        let previous = st.current.take();
+        if let Some(cur) = &previous {
+            let f = &cur.figures;
+            let t = &mut st.totals;
+            t.wire_sent += get(&f.wire.sent);
+            t.wire_received += get(&f.wire.received);
+            t.chunks_sent += get(&f.chunks_sent);
+            t.blocks_sent += get(&f.blocks_sent);
+            t.data_bytes += get(&f.data_bytes);
+            t.bytes_read += get(&f.bytes_read);
+            st.last_scan_rate = scan_rate(f, cur.since.elapsed());
+        }
+        if ok {
+            st.totals.succeeded += 1;
+            let prev_last = previous.and_then(|c| c.previous_last_sync);
+            if let (Some(s), Some(last)) = (&self.schedule, prev_last) {
+                if s.deadline_missed(last, now) {
+                    st.missed += 1;
+                }
+            }
+            st.last_sync = Some(now);
+            st.latest_failed = false;
+            st.next_sync = self.schedule.as_ref().and_then(|s| s.next_after(now));
+            let secs = duration.as_secs_f64();
+            st.durations.push_back((now, secs));
+            if st.durations.len() > SUMMARY_MAX_SAMPLES {
+                st.durations.pop_front();
+            }
+            st.duration_sum += secs;
+            st.duration_count += 1;
+        } else {
+            st.totals.failed += 1;
+            st.latest_failed = true;
+        }
+    }
+
+    /// The metrics in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let now = self.clock.now();
+        let mut st = self.state();
+        let cutoff =
+            now - chrono::Duration::from_std(SUMMARY_MAX_AGE).unwrap_or(chrono::Duration::days(1));
+        while st.durations.front().is_some_and(|(t, _)| *t < cutoff) {
+            st.durations.pop_front();
+        }
+        let labels = self.label_text();
+        let mut out = String::new();
+
+        head(
+            &mut out,
+            "volsync_sync_duration_seconds",
+            "summary",
+            "Duration of the synchronization interval in seconds",
+        );
+        let mut values: Vec<f64> = st.durations.iter().map(|(_, v)| *v).collect();
+        values.sort_by(f64::total_cmp);
+        for q in QUANTILES {
+            let _ = writeln!(
+                out,
+                "volsync_sync_duration_seconds{{{labels},quantile=\"{q}\"}} {}",
+                number(quantile(&values, q))
+            );
+        }
+        sample(
+            &mut out,
+            "volsync_sync_duration_seconds_sum",
+            &labels,
+            st.duration_sum,
+        );
+        sample(
+            &mut out,
+            "volsync_sync_duration_seconds_count",
+            &labels,
+            st.duration_count as f64,
+        );
+
+        let missed = st.missed as f64;
+        metric(
+            &mut out,
+            "volsync_missed_intervals_total",
+            "counter",
+            "The number of times a synchronization failed to complete before the next scheduled start",
+            &labels,
+            missed,
+        );
+        let oos = out_of_sync(self.schedule.as_ref(), st.last_sync, st.latest_failed, now);
+        metric(
+            &mut out,
+            "volsync_volume_out_of_sync",
+            "gauge",
+            "Set to 1 if the volume is not properly synchronized",
+            &labels,
+            f64::from(u8::from(oos)),
+        );
+
+        let t = st.totals;
+        let live = |f: fn(&Figures) -> u64| st.current.as_ref().map_or(0, |c| f(&c.figures));
+        let counters: [(&str, &str, u64); 6] = [
+            (
+                "blockmover_wire_sent_bytes_total",
+                "Bytes sent on the socket (TCP payload including TLS), all syncs",
+                t.wire_sent + live(|f| get(&f.wire.sent)),
+            ),
+            (
+                "blockmover_wire_received_bytes_total",
+                "Bytes received on the socket (TCP payload including TLS), all syncs",
+                t.wire_received + live(|f| get(&f.wire.received)),
+            ),
+            (
+                "blockmover_chunks_sent_total",
+                "Chunks that travelled as DATA, all syncs",
+                t.chunks_sent + live(|f| get(&f.chunks_sent)),
+            ),
+            (
+                "blockmover_blocks_sent_total",
+                "4 KiB blocks carried as data, all syncs",
+                t.blocks_sent + live(|f| get(&f.blocks_sent)),
+            ),
+            (
+                "blockmover_data_bytes_total",
+                "Raw bytes of the blocks carried (before compression), all syncs",
+                t.data_bytes + live(|f| get(&f.data_bytes)),
+            ),
+            (
+                "blockmover_scanned_bytes_total",
+                "Bytes read and hashed from the local volume or target, all syncs",
+                t.bytes_read + live(|f| get(&f.bytes_read)),
+            ),
+        ];
+        for (name, help, value) in counters {
+            metric(&mut out, name, "counter", help, &labels, value as f64);
+        }
+        head(
+            &mut out,
+            "blockmover_syncs_total",
+            "counter",
+            "Syncs that ended, by result",
+        );
+        for (result, n) in [("Successful", t.succeeded), ("Failed", t.failed)] {
+            sample(
+                &mut out,
+                "blockmover_syncs_total",
+                &format!("{labels},result=\"{result}\""),
+                n as f64,
+            );
+        }
+
+        let (in_progress, scanned, total, rate) = match &st.current {
+            Some(c) => (
+                1.0,
+                get(&c.figures.bytes_read) as f64,
+                get(&c.figures.volume_size) as f64,
+                scan_rate(&c.figures, c.since.elapsed()),
+            ),
+            None => (0.0, 0.0, 0.0, st.last_scan_rate),
+        };
+        let gauges: [(&str, &str, f64); 4] = [
+            (
+                "blockmover_sync_in_progress",
+                "1 while a sync is under way",
+                in_progress,
+            ),
+            (
+                "blockmover_progress_scanned_bytes",
+                "Bytes scanned so far by the sync under way (0 when idle)",
+                scanned,
+            ),
+            (
+                "blockmover_progress_total_bytes",
+                "Volume size of the sync under way (0 when idle or not yet known)",
+                total,
+            ),
+            (
+                "blockmover_scan_rate_bytes_per_second",
+                "Scan rate of the sync under way, or of the last one when idle",
+                rate,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            metric(&mut out, name, "gauge", help, &labels, value);
+        }
+        let stamp = |t: Option<DateTime<Utc>>| t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1e3);
+        metric(
+            &mut out,
+            "blockmover_last_sync_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful sync (0 if none)",
+            &labels,
+            stamp(st.last_sync),
+        );
+        metric(
+            &mut out,
+            "blockmover_next_sync_timestamp_seconds",
+            "gauge",
+            "Unix time the next scheduled sync is due (0 without a schedule)",
+            &labels,
+            stamp(st.next_sync),
+        );
+        out
+    }
+
+    fn label_text(&self) -> String {
+        format!(
+            "obj_name=\"{}\",obj_namespace=\"{}\",role=\"{}\",method=\"{METHOD}\"",
+            escape(&self.labels.name),
+            escape(&self.labels.namespace),
+            self.labels.role.as_str()
+        )
+    }
+}
+
+/// Bytes scanned per second over `elapsed`.
+fn scan_rate(f: &Figures, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs <= 0.0 {
+        0.0
+    } else {
+        get(&f.bytes_read) as f64 / secs
+    }
+}
+
+/// The `q` quantile of sorted `values` (nearest rank); NaN when empty, as Prometheus clients report it.
+fn quantile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * values.len() as f64).ceil() as usize;
+    values[rank.clamp(1, values.len()) - 1]
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &str, value: f64) {
+    let _ = writeln!(out, "{name}{{{labels}}} {}", number(value));
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, value: f64) {
+    head(out, name, kind, help);
+    sample(out, name, labels, value);
+}
+
+/// A sample value as the text format spells it.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Escapes a label value: backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::add;
+    use chrono::TimeZone;
+
+    #[derive(Debug)]
+    struct FakeClock(Mutex<DateTime<Utc>>);
+
+    impl FakeClock {
+        fn set(&self, t: DateTime<Utc>) {
+            if let Ok(mut c) = self.0.lock() {
+                *c = t;
+            }
+        }
+    }
+
+    impl Clock for FakeClock {
+        fn now(&self) -> DateTime<Utc> {
+            self.0.lock().map(|t| *t).unwrap_or_default()
+        }
+    }
+
+    fn t(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 24, h, m, s)
+            .single()
+            .unwrap_or_default()
+    }
+
+    fn labels() -> Labels {
+        Labels {
+            name: "vm-\"disk\"".to_owned(),
+            namespace: "ns".to_owned(),
+            role: Role::Source,
+        }
+    }
+
+    fn value(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn missed_interval_counted_when_a_sync_completes_after_its_deadline() -> anyhow::Result<()> {
+        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let m = Metrics::new(
+            labels(),
+            Some(Schedule::parse("*/5 * * * *")?),
+            clock.clone(),
+            None,
+        );
+        assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(1.0));
+        m.started(Arc::new(Figures::default()));
+        m.finished(true, Duration::from_secs(3));
+        let r = m.render();
+        assert_eq!(value(&r, "volsync_volume_out_of_sync{"), Some(0.0));
+        assert_eq!(value(&r, "volsync_missed_intervals_total{"), Some(0.0));
+        // Last sync 18:00:00, next 18:05, deadline 18:10: still in sync at 18:10:00.
+        clock.set(t(18, 10, 0));
+        assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(0.0));
+        clock.set(t(18, 10, 1));
+        assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(1.0));
+        m.started(Arc::new(Figures::default()));
+        m.finished(true, Duration::from_secs(5));
+        let r = m.render();
+        assert_eq!(value(&r, "volsync_missed_intervals_total{"), Some(1.0));
+        assert_eq!(value(&r, "volsync_volume_out_of_sync{"), Some(0.0));
+        assert_eq!(value(&r, "volsync_sync_duration_seconds_count{"), Some(2.0));
+        assert_eq!(value(&r, "volsync_sync_duration_seconds_sum{"), Some(8.0));
+        assert_eq!(
+            value(&r, "blockmover_next_sync_timestamp_seconds{"),
+            Some(t(18, 15, 0).timestamp() as f64)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn failure_sets_out_of_sync_until_the_next_success() {
+        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let m = Metrics::new(labels(), None, clock, Some(t(17, 0, 0)));
+        assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(0.0));
+        m.started(Arc::new(Figures::default()));
+        assert_eq!(
+            value(&m.render(), "blockmover_sync_in_progress{"),
+            Some(1.0)
+        );
+        m.finished(false, Duration::from_secs(1));
+        let r = m.render();
+        assert_eq!(value(&r, "volsync_volume_out_of_sync{"), Some(1.0));
+        assert!(r.contains("result=\"Failed\"} 1\n"), "{r}");
+        // A failed sync is not a duration observation.
+        assert_eq!(value(&r, "volsync_sync_duration_seconds_count{"), Some(0.0));
+        m.started(Arc::new(Figures::default()));
+        m.finished(true, Duration::from_secs(1));
+        assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(0.0));
+    }
+
+    #[test]
+    fn counters_include_the_sync_under_way_and_never_go_back() {
+        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let m = Metrics::new(labels(), None, clock, None);
+        let f = Arc::new(Figures::default());
+        m.started(f.clone());
+        add(&f.wire.sent, 100);
+        add(&f.bytes_read, 4096);
+        add(&f.volume_size, 8192);
+        let r = m.render();
+        assert_eq!(value(&r, "blockmover_wire_sent_bytes_total{"), Some(100.0));
+        assert_eq!(
+            value(&r, "blockmover_progress_scanned_bytes{"),
+            Some(4096.0)
+        );
+        assert_eq!(value(&r, "blockmover_progress_total_bytes{"), Some(8192.0));
+        m.finished(true, Duration::from_secs(1));
+        let r = m.render();
+        assert_eq!(value(&r, "blockmover_wire_sent_bytes_total{"), Some(100.0));
+        assert_eq!(value(&r, "blockmover_progress_scanned_bytes{"), Some(0.0));
+        assert_eq!(value(&r, "blockmover_sync_in_progress{"), Some(0.0));
+    }
+
+    #[test]
+    fn summary_quantiles_are_nan_when_empty_and_forget_observations_after_a_day() {
+        let clock = Arc::new(FakeClock(Mutex::new(t(0, 0, 0))));
+        let m = Metrics::new(labels(), None, clock.clone(), None);
+        assert!(m.render().contains("quantile=\"0.5\"} NaN\n"));
+        for secs in [1, 2, 3, 4, 100] {
+            m.started(Arc::new(Figures::default()));
+            m.finished(true, Duration::from_secs(secs));
+        }
+        let r = m.render();
+        assert!(r.contains("quantile=\"0.5\"} 3\n"), "{r}");
+        assert!(r.contains("quantile=\"0.99\"} 100\n"), "{r}");
+        clock.set(t(0, 0, 0) + chrono::Duration::hours(25));
+        let r = m.render();
+        assert!(r.contains("quantile=\"0.9\"} NaN\n"), "{r}");
+        // _sum and _count are cumulative, as in Prometheus clients.
+        assert_eq!(value(&r, "volsync_sync_duration_seconds_count{"), Some(5.0));
+    }
+
+    #[test]
+    fn labels_are_escaped_and_carry_volsyncs_names() {
+        let clock = Arc::new(FakeClock(Mutex::new(t(0, 0, 0))));
+        let m = Metrics::new(labels(), None, clock, None);
+        let r = m.render();
+        assert!(
+            r.contains(
+                "volsync_missed_intervals_total{obj_name=\"vm-\\\"disk\\\"\",obj_namespace=\"ns\",\
+                 role=\"source\",method=\"blockmover\"} 0\n"
+            ),
+            "{r}"
+        );
+    }
+}
