@@ -1,0 +1,7 @@
+//! DATA payloads (masks, lengths, zstd) against a chunk: exactly raw_len bytes or a refusal, never a bomb.
+#![no_main]
+
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::data_payload(data));
