@@ -4,5 +4,7 @@ mod entrypoint;
 mod faults;
 mod hostile;
 mod loopdev;
+mod pressure;
 mod schema;
+mod security;
 mod sync;
