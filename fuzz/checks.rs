@@ -201,7 +201,9 @@ fn key_text(text: &str) {
             assert!(s.len() >= 32 && s.len() % 2 == 0 && s.bytes().all(|b| b.is_ascii_hexdigit()));
         }
         Err(reason) => {
-            if let Some(s) = secret.filter(|s| s.len() >= 8) {
+            // A secret-like value (8+ hex digits), not text that happens to be in the reason's own wording.
+            let secret_like = |s: &&str| s.len() >= 8 && s.bytes().all(|b| b.is_ascii_hexdigit());
+            if let Some(s) = secret.filter(secret_like) {
                 assert!(
                     !reason.contains(s),
                     "the reason quotes the secret: {reason}"
