@@ -62,6 +62,13 @@ check_volume_and_key() {
         die "no block device at $BLOCK_DEVICE: mount a PVC with volumeMode: Block at devicePath $BLOCK_DEVICE"
     fi
     [[ -r $KEY_FILE ]] || die "cannot read the key file $KEY_FILE: mount the key Secret at ${KEY_FILE%/*}"
+    # The binary refuses a key file that group or others can read. VolSync mounts the Secret with mode 0600, but
+    # under a pod fsGroup the kubelet adds group read (0640), and the file belongs to root, not to a non-root mover:
+    # hand the binary a private copy, mode 0600, in the work directory (under /tmp, an in-memory emptyDir in the
+    # mover pod; removed on exit).
+    local private=$WORK_DIR/psk.txt
+    (umask 077 && cat -- "$KEY_FILE" >"$private") || die "cannot copy the key file $KEY_FILE to $private"
+    KEY_FILE=$private
 }
 
 WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/blockmover.XXXXXX") || die "cannot create a work directory in ${TMPDIR:-/tmp}"

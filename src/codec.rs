@@ -312,6 +312,7 @@ impl Message {
         let short = |what: &str| Error::Protocol(format!("{what} frame has a wrong length"));
         let msg = match ty {
             kind::AUTH => {
+                need(&p, 32, "AUTH")?;
                 let proof = take_digest(&mut p).ok_or_else(|| short("AUTH"))?.0;
                 Message::Auth { proof }
             }
@@ -441,40 +442,73 @@ fn take_digest(p: &mut Bytes) -> Option<Digest> {
     Some(Digest(d))
 }
 
-/// Parses one frame from the front of `buf`: `Ok(None)` while the frame is incomplete.
-///
-/// The header is validated before the payload is waited for, so an absurd length fails at once and no memory is
-/// reserved for it.
-pub fn parse_frame(buf: &mut BytesMut) -> Result<Option<Message>> {
-    if buf.len() < HEADER_LEN {
+/// Checks a frame header at the front of `bytes`: `Ok(None)` while fewer than [`HEADER_LEN`] bytes are there,
+/// else the frame's type and payload length, the length already checked against [`MAX_PAYLOAD`].
+pub fn check_header(bytes: &[u8]) -> Result<Option<(u8, usize)>> {
+    let Some(h) = bytes.get(..HEADER_LEN) else {
         return Ok(None);
-    }
-    if buf[0..2] != MAGIC {
+    };
+    if h[0..2] != MAGIC {
         return Err(Error::Protocol(format!(
             "bad frame magic {:02x}{:02x}",
-            buf[0], buf[1]
+            h[0], h[1]
         )));
     }
-    if buf[2] != VERSION {
+    if h[2] != VERSION {
         return Err(Error::VersionMismatch {
-            peer: buf[2],
+            peer: h[2],
             ours: VERSION,
         });
     }
-    let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+    let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
     if len > MAX_PAYLOAD {
         return Err(Error::Protocol(format!(
             "frame length {len} exceeds the maximum {MAX_PAYLOAD}"
         )));
     }
+    Ok(Some((h[3], len)))
+}
+
+/// Parses one frame from the front of `buf`: `Ok(None)` while the frame is incomplete.
+///
+/// The header is validated before the payload is waited for, so an absurd length fails at once and no memory is
+/// reserved for it.
+pub fn parse_frame(buf: &mut BytesMut) -> Result<Option<Message>> {
+    let Some((ty, len)) = check_header(buf)? else {
+        return Ok(None);
+    };
     if buf.len() < HEADER_LEN + len {
-        buf.reserve(HEADER_LEN + len - buf.len());
+        make_room(buf, HEADER_LEN + len - buf.len());
         return Ok(None);
     }
-    let ty = buf[3];
     buf.advance(HEADER_LEN);
     let payload = buf.split_to(len).freeze();
     Message::decode(ty, payload).map(Some)
+}
+
+/// Makes room for `additional` more bytes, exactly: `BytesMut::reserve` may double the capacity, and since a peer
+/// chooses the frame sizes, that would let it make a reader hold twice the largest frame.
+fn make_room(buf: &mut BytesMut, additional: usize) {
+    if buf.capacity() - buf.len() >= additional || buf.try_reclaim(additional) {
+        return;
+    }
+    let mut bigger = BytesMut::with_capacity(buf.len() + additional);
+    bigger.extend_from_slice(buf);
+    *buf = bigger;
+}
+
+/// Decodes the frame at the front of `bytes` without a reader: `Ok(None)` while it is incomplete, else the
+/// message and the bytes it took. The same checks as [`parse_frame`] (it is what the fuzz targets drive); memory
+/// is reserved only for a payload that is complete and within [`MAX_PAYLOAD`].
+pub fn decode_frame(bytes: &[u8]) -> Result<Option<(Message, usize)>> {
+    let Some((ty, len)) = check_header(bytes)? else {
+        return Ok(None);
+    };
+    let Some(payload) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    let msg = Message::decode(ty, Bytes::copy_from_slice(payload))?;
+    Ok(Some((msg, HEADER_LEN + len)))
 }
 
 /// Reads frames from a byte stream.
@@ -498,8 +532,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(msg) = parse_frame(&mut self.buf)? {
                 return Ok(Some(msg));
             }
-            if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-                self.buf.reserve(64 * 1024);
+            // parse_frame made room for the rest of a frame whose header it has read; otherwise read ahead.
+            let spare = self.buf.capacity() - self.buf.len();
+            let pending = matches!(check_header(&self.buf), Ok(Some(_)));
+            if spare == 0 || (spare < 16 * 1024 && !pending) {
+                make_room(&mut self.buf, 64 * 1024);
             }
             let n = self
                 .inner
@@ -683,6 +720,27 @@ mod tests {
         );
         let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x55, 0, 0, 0, 0][..]);
         assert!(parse_frame(&mut buf).is_err(), "unknown type");
+    }
+
+    #[test]
+    fn auth_with_trailing_bytes_is_rejected() {
+        let mut buf = BytesMut::new();
+        Message::Auth { proof: [1; 32] }.encode(&mut buf);
+        buf[7] = 33;
+        buf.put_u8(0);
+        let err = parse_frame(&mut buf).expect_err("a 33-byte AUTH");
+        assert!(err.to_string().contains("AUTH frame has 33"), "{err}");
+    }
+
+    #[test]
+    fn decode_frame_takes_one_frame_from_a_slice() {
+        let mut buf = BytesMut::new();
+        Message::Ack { through: 7 }.encode(&mut buf);
+        Message::Ack { through: 8 }.encode(&mut buf);
+        let (msg, used) = decode_frame(&buf).expect("valid").expect("complete");
+        assert_eq!((msg, used), (Message::Ack { through: 7 }, HEADER_LEN + 8));
+        assert_eq!(decode_frame(&buf[..used - 1]).expect("valid prefix"), None);
+        assert_eq!(decode_frame(&buf[..3]).expect("short header"), None);
     }
 
     #[tokio::test]

@@ -66,13 +66,31 @@ impl std::fmt::Debug for Psk {
 }
 
 impl Psk {
-    /// Reads and checks a key file.
+    /// Reads and checks a key file, refusing one that group or others may read or write (like ssh with a
+    /// private key): the key is the only secret of a sync. In a cluster, the entrypoints copy the mounted Secret
+    /// to a private file first, since `fsGroup` makes Secret files group-readable (`container/common.sh`).
     pub fn load(path: &Path) -> Result<Psk> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Open {
+        use std::os::unix::fs::PermissionsExt;
+        let open_err = |source| Error::Open {
             what: "key file",
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(open_err)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(Error::Key {
+                path: path.to_owned(),
+                reason: format!(
+                    "mode {:04o} lets group or others access the key; run `chmod 600 {}`",
+                    mode & 0o7777,
+                    path.display()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(open_err)?;
         Psk::parse(&text).map_err(|reason| Error::Key {
             path: path.to_owned(),
             reason,
@@ -252,6 +270,31 @@ mod tests {
         assert!(Psk::parse("00112233445566778899aabbccddeeff").is_err());
         assert!(Psk::parse(":00112233445566778899aabbccddeeff").is_err());
         assert!(Psk::parse("volsync:00112233445566778899aabbccddeefg").is_err());
+    }
+
+    #[test]
+    fn key_file_readable_by_group_or_others_is_refused_with_the_fix() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("psk.txt");
+        std::fs::write(&path, KEY)?;
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o606, 0o610] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            let err = Psk::load(&path).expect_err("an exposed key file");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("chmod 600 {}", path.display())),
+                "{text}"
+            );
+            assert!(text.contains(&format!("mode {mode:04o}")), "{text}");
+            assert!(!text.contains("00112233"), "{text}");
+            assert!(!text.contains('\n'));
+        }
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            Psk::load(&path)?;
+        }
+        Ok(())
     }
 
     #[test]

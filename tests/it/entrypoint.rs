@@ -327,6 +327,29 @@ fn failure_filter(line: &str) -> bool {
         || contains_word(line, "error")
 }
 
+#[test]
+fn key_secret_mounted_group_readable_under_fs_group_still_syncs() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // As the kubelet lays out a Secret volume under a pod fsGroup: `psk.txt` a symlink into `..data/`, the file
+    // mode 0600 from VolSync's DefaultMode plus group read. The binary alone refuses such a key; the entrypoints
+    // hand it a private copy.
+    let fixture = Fixture::new(47)?;
+    let data = fixture.path("keys/..data");
+    std::fs::create_dir_all(&data)?;
+    std::fs::copy(fixture.path("psk.txt"), data.join("psk.txt"))?;
+    std::fs::set_permissions(data.join("psk.txt"), std::fs::Permissions::from_mode(0o640))?;
+    std::os::unix::fs::symlink("..data/psk.txt", fixture.path("keys/psk.txt"))?;
+    let key = fixture.path("keys/psk.txt");
+    let port = free_port(LOCALHOST)?;
+    let (server, _) = start_server(fixture.server(port).env("KEY_FILE", &key))?;
+    let mut client = fixture.client("127.0.0.1", port);
+    let client = run("client.sh", client.env("KEY_FILE", &key))?;
+    expect_success(&fixture, server.finish()?, client)?;
+    let mode = std::fs::metadata(&key)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "the mounted key is left as it is");
+    Ok(())
+}
+
 /// Start `server.sh` and wait for its `listening on` line.
 fn start_server(command: &mut Command) -> Result<(Running, String)> {
     let mut server = Running::spawn("server.sh", command)?;

@@ -4,6 +4,7 @@
 //! untouched.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use blockmover::chunk::Digest;
@@ -47,6 +48,8 @@ fn site(seed: u64) -> Result<Site> {
     let dir = tempfile::tempdir()?;
     let psk_path = dir.path().join("psk.txt");
     std::fs::write(&psk_path, Psk::generate())?;
+    // The agents refuse a key file that group or others can read.
+    std::fs::set_permissions(&psk_path, std::fs::Permissions::from_mode(0o600))?;
     let target = dir.path().join("target.img");
     write_sample_volume(&target, &SampleSpec::mixed(SIZE, seed))?;
     Ok(Site {
@@ -104,12 +107,19 @@ impl Agent {
     }
 
     fn destination(site: &Site) -> Result<(Agent, String)> {
+        Agent::destination_with(site, &[])
+    }
+
+    /// A destination for `site` with `extra` flags (e.g. shorter phase timeouts).
+    fn destination_with(site: &Site, extra: &[&str]) -> Result<(Agent, String)> {
         let flags = [
             ("--target", &*site.target),
             ("--psk", &site.psk_path),
             ("--status", &site.status),
         ];
-        let agent = Agent::spawn(&["destination", "--listen", "127.0.0.1:0"], flags)?;
+        let mut args = vec!["destination", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let agent = Agent::spawn(&args, flags)?;
         let line = agent
             .stdout
             .recv_timeout(LIMIT)
@@ -201,7 +211,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
 
 /// Starts a destination for `site` and connects to it as a hostile source: TCP, TLS 1.3, the right PSK proof.
 async fn hostile_source(site: &Site) -> Result<(Agent, Peer<impl AsyncRead + AsyncWrite + Unpin>)> {
-    let (dest, addr) = Agent::destination(site)?;
+    hostile_source_with(site, &[]).await
+}
+
+/// [`hostile_source`] against a destination started with `extra` flags.
+async fn hostile_source_with(
+    site: &Site,
+    extra: &[&str],
+) -> Result<(Agent, Peer<impl AsyncRead + AsyncWrite + Unpin>)> {
+    let (dest, addr) = Agent::destination_with(site, extra)?;
     let wire = Arc::new(WireCounters::default());
     let tcp = TcpStream::connect(addr).await?;
     let connecting = tls::connector()?.connect(tls::server_name(), Counted::new(tcp, wire.clone()));
@@ -476,5 +494,232 @@ async fn failed_syncs_never_set_last_sync_time_and_a_later_sync_does() -> Result
         v["lastSyncTime"] == sentinel,
         "replaced by a failure: {v:#}"
     );
+    Ok(())
+}
+
+/// The target's chunk digests: what the destination computes for what it holds.
+fn target_digests(site: &Site) -> Result<Vec<Digest>> {
+    let bytes = std::fs::read(&site.target)?;
+    let bytes = bytes
+        .get(..SIZE as usize)
+        .context("target shorter than SIZE")?;
+    Ok(bytes.chunks(CHUNK as usize).map(Digest::of).collect())
+}
+
+/// Announces every chunk as the target already holds it except chunk 0, announced as `chunk0`, and waits for the
+/// destination's NEED for chunk 0.
+async fn need_chunk_0<S>(peer: &mut Peer<S>, site: &Site, chunk0: Digest) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut digests = target_digests(site)?;
+    digests[0] = chunk0;
+    peer.send(&Message::Digests { first: 0, digests }).await?;
+    loop {
+        match peer.recv().await? {
+            Message::Need { chunk: 0, .. } => return Ok(()),
+            Message::Ack { .. } => {}
+            other => bail!("expected NEED for chunk 0, received {other:?}"),
+        }
+    }
+}
+
+/// Chunk 0 of the target with its block 0 replaced by `0xA5` bytes, as the DATA of [`unsolicited_data`] makes it.
+fn chunk_0_rebuilt(site: &Site) -> Result<Vec<u8>> {
+    let mut chunk = std::fs::read(&site.target)?;
+    chunk.truncate(CHUNK as usize);
+    chunk[..4096].fill(0xA5);
+    Ok(chunk)
+}
+
+#[tokio::test]
+async fn zstd_bomb_answering_a_need_is_refused_at_the_block_size_and_not_written() -> Result<()> {
+    let site = site(10)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    need_chunk_0(&mut peer, &site, Digest::of(b"anything")).await?;
+    // 64 MiB of zeros in a few KiB of zstd, claiming to be the one 4 KiB block of the NEED.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3)?;
+    ensure!(bomb.len() < 4096, "the bomb is {} bytes", bomb.len());
+    peer.send(&Message::Data(DataFrame {
+        chunk: 0,
+        send_mask: 1,
+        zero_mask: 0,
+        encoding: Encoding::Zstd,
+        raw_len: 4096,
+        payload: Bytes::from(bomb),
+    }))
+    .await?;
+    let needle = "does not decompress within 4096 bytes";
+    let got = refused(&site, dest, peer, 1, needle).await?;
+    aborted(&got, AbortCode::Protocol, needle)
+}
+
+#[tokio::test]
+async fn data_not_hashing_to_the_announced_digest_is_a_digest_mismatch_and_not_written(
+) -> Result<()> {
+    let site = site(11)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    need_chunk_0(&mut peer, &site, Digest::of(b"not what the data hashes to")).await?;
+    peer.send(&unsolicited_data()).await?;
+    let got = refused(&site, dest, peer, 1, "digest mismatch on chunk 0").await?;
+    aborted(&got, AbortCode::Digest, "digest mismatch on chunk 0")
+}
+
+#[tokio::test]
+async fn duplicated_data_is_rejected_and_the_chunk_is_old_or_verified() -> Result<()> {
+    let site = site(12)?;
+    let rebuilt = chunk_0_rebuilt(&site)?;
+    let old = std::fs::read(&site.target)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    need_chunk_0(&mut peer, &site, Digest::of(&rebuilt)).await?;
+    // The right answer, then the same frame again (a replay within the session).
+    let mut twice = frame(&unsolicited_data());
+    twice.extend_from_slice(&frame(&unsolicited_data()));
+    peer.raw(&twice).await?;
+    let got = peer.drain().await;
+    aborted(&got, AbortCode::Protocol, "no open NEED")?;
+    let exit = dest.exit().await?;
+    failed(&exit, 1, &["no open NEED"], &site.status, Kind::Destination)?;
+    // The first DATA verified, so chunk 0 may hold it; nothing else may have changed.
+    let now = std::fs::read(&site.target)?;
+    let chunk = CHUNK as usize;
+    ensure!(
+        now[..chunk] == old[..chunk] || now[..chunk] == rebuilt[..],
+        "chunk 0"
+    );
+    ensure!(
+        now[chunk..] == old[chunk..],
+        "a chunk beyond chunk 0 changed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn digests_past_the_last_chunk_are_rejected() -> Result<()> {
+    let site = site(13)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    let count = SIZE / u64::from(CHUNK);
+    let digests = vec![Digest::of(b"past the end"); count as usize + 1];
+    peer.send(&Message::Digests { first: 0, digests }).await?;
+    let needle = format!("DIGESTS for chunks 0..{}", count + 1);
+    let got = refused(&site, dest, peer, 1, &needle).await?;
+    aborted(&got, AbortCode::Protocol, &needle)
+}
+
+#[tokio::test]
+async fn digests_before_hello_are_rejected() -> Result<()> {
+    let site = site(14)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.send(&digests_from_chunk_5()).await?;
+    let got = refused(&site, dest, peer, 1, "expected HELLO, received DIGESTS").await?;
+    aborted(&got, AbortCode::Protocol, "expected HELLO")
+}
+
+#[tokio::test]
+async fn second_hello_mid_session_is_rejected() -> Result<()> {
+    let site = site(15)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    peer.send(&hello(SIZE)).await?;
+    let got = refused(&site, dest, peer, 1, "unexpected HELLO").await?;
+    aborted(&got, AbortCode::Protocol, "unexpected HELLO")
+}
+
+#[tokio::test]
+async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result<()> {
+    let site = site(16)?;
+    let (dest, addr) = Agent::destination(&site)?;
+    let connect = || async {
+        let tcp = TcpStream::connect(&addr).await?;
+        anyhow::Ok(tls::connector()?.connect(tls::server_name(), tcp).await?)
+    };
+    // Session A: the honest proof for A's exporter, as an eavesdropper on A might learn it.
+    let a = connect().await?;
+    let recorded = site.psk.proof(Side::Source, &tls::client_exporter(&a)?);
+    // Session B: the recorded proof, replayed.
+    let mut b = connect().await?;
+    b.write_all(&frame(&Message::Auth { proof: recorded }))
+        .await?;
+    b.flush().await?;
+    let mut reader = FrameReader::new(b);
+    let mut got = Vec::new();
+    while let Ok(Ok(Some(m))) = tokio::time::timeout(LIMIT, reader.read("drain")).await {
+        got.push(m);
+    }
+    aborted(&got, AbortCode::Auth, "pre-shared keys do not match")?;
+    destination_failed(&site, &dest.exit().await?, 1, &["keys do not match"])?;
+    drop(a);
+    Ok(())
+}
+
+#[tokio::test]
+async fn authenticated_source_silent_before_hello_times_out_retryably() -> Result<()> {
+    let site = site(17)?;
+    let (dest, peer) = hostile_source_with(&site, &["--handshake-timeout", "2"]).await?;
+    let got = refused(&site, dest, peer, RETRYABLE, "hello timed out after 2s").await?;
+    ensure!(got.is_empty(), "no ABORT for a silent peer: {got:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn source_silent_after_ready_hits_the_idle_timeout() -> Result<()> {
+    let site = site(18)?;
+    let (dest, mut peer) = hostile_source_with(&site, &["--idle-timeout", "1"]).await?;
+    peer.hello_ready().await?;
+    refused(&site, dest, peer, RETRYABLE, "idle read timed out after 1s").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn silent_clients_are_dropped_at_their_phase_timeout_and_a_real_sync_follows() -> Result<()> {
+    let site = site(19)?;
+    let (dest, addr) = Agent::destination_with(&site, &["--handshake-timeout", "2"])?;
+    // One client silent after TCP, one silent after TLS: each is hung up on at its phase's timeout.
+    let mut tcp_only = TcpStream::connect(&addr).await?;
+    let tcp = TcpStream::connect(&addr).await?;
+    let mut tls_only = tls::connector()?.connect(tls::server_name(), tcp).await?;
+    let mut sink = Vec::new();
+    let hung_up = tokio::time::timeout(LIMIT, tcp_only.read_to_end(&mut sink)).await?;
+    ensure!(matches!(hung_up, Ok(0)), "{hung_up:?}");
+    // It received the destination's proof, then the end of the connection (without close_notify: an error).
+    let _ = tokio::time::timeout(LIMIT, tls_only.read_to_end(&mut sink)).await?;
+    ensure!(!site.status.exists(), "a silent client started a sync");
+
+    let volume = site.dir.path().join("volume.img");
+    write_sample_volume(&volume, &SampleSpec::mixed(SIZE, 190))?;
+    let source_status = site.dir.path().join("source-status.json");
+    let source = Agent::source(&addr, &volume, &site.psk_path, &source_status)?;
+    let (src, dst) = (source.exit().await?, dest.exit().await?);
+    ensure!(src.code == Some(0) && dst.code == Some(0), "{}", dst.stderr);
+    for needle in ["tls handshake timed out", "authentication timed out"] {
+        ensure!(
+            dst.stderr.contains(needle),
+            "no {needle:?}:\n{}",
+            dst.stderr
+        );
+    }
+    unchanged(&site.target, file_digest(&volume, SIZE)?)
+}
+
+#[tokio::test]
+async fn source_facing_a_silent_destination_times_out_in_the_tls_handshake() -> Result<()> {
+    let site = site(20)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let flags = [
+        ("--volume", &*site.target),
+        ("--psk", &site.psk_path),
+        ("--status", &site.status),
+    ];
+    let args = ["source", "--connect", &addr, "--handshake-timeout", "1"];
+    let source = Agent::spawn(&args, flags)?;
+    let (_silent, _) = tokio::time::timeout(LIMIT, listener.accept()).await??;
+    let exit = source.exit().await?;
+    let needles = ["tls handshake timed out after 1s"];
+    failed(&exit, RETRYABLE, &needles, &site.status, Kind::Source)?;
     Ok(())
 }

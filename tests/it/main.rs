@@ -4,6 +4,8 @@ mod entrypoint;
 mod faults;
 mod hostile;
 mod loopdev;
+mod pressure;
 mod schedule;
 mod schema;
+mod security;
 mod sync;

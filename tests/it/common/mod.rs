@@ -85,7 +85,19 @@ impl Destination {
         status: &Path,
         extra_args: &[&str],
     ) -> Result<Destination> {
+        Destination::spawn_env(target, psk, status, extra_args, &[])
+    }
+
+    /// [`Destination::spawn`] with environment variables set for the process (e.g. `BLOCKMOVER_LOG`).
+    pub fn spawn_env(
+        target: &Path,
+        psk: &Path,
+        status: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Destination> {
         let mut child = Command::new(bin())
+            .envs(env.iter().copied())
             .args(["destination", "--listen", "127.0.0.1:0", "--target"])
             .arg(target)
             .arg("--psk")
