@@ -1,8 +1,10 @@
 //! Integration tests: real `blockmover` agents on loopback with real TLS, sparse files and loop devices.
+mod chaos;
 mod common;
 mod entrypoint;
 mod faults;
 mod hostile;
 mod loopdev;
+mod resume;
 mod schema;
 mod sync;

@@ -159,7 +159,11 @@ fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
     let (fx, chunks) = random_fixture(0x5e5_0002)?;
     let half = chunks * CHUNK / 2;
     let mut destination = fx.destination()?;
-    let proxy = Proxy::start(destination.addr, Faults::none().stall_at(half), Faults::none())?;
+    let proxy = Proxy::start(
+        destination.addr,
+        Faults::none().stall_at(half),
+        Faults::none(),
+    )?;
     let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
     proxy.wait_stalled(AGENT_TIMEOUT)?;
     destination.child.kill()?; // SIGKILL: no status update, no fsync, no goodbye
@@ -187,7 +191,11 @@ fn source_killed_mid_sync_resumes() -> Result<()> {
     let (fx, chunks) = random_fixture(0x5e5_0003)?;
     let half = chunks * CHUNK / 2;
     let mut destination = fx.destination()?;
-    let proxy = Proxy::start(destination.addr, Faults::none().stall_at(half), Faults::none())?;
+    let proxy = Proxy::start(
+        destination.addr,
+        Faults::none().stall_at(half),
+        Faults::none(),
+    )?;
     let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
     proxy.wait_stalled(AGENT_TIMEOUT)?;
     source.kill()?;
@@ -215,10 +223,7 @@ fn resume_after_a_new_snapshot_and_a_torn_chunk_converges_to_the_new_snapshot() 
     let source = fx.source(proxy.addr())?;
     destination.wait(AGENT_TIMEOUT)?;
     assert!(!source.status.success());
-    let written = external_u64(
-        &read_status(&fx.destination_status)?,
-        "chunksSent",
-    )?;
+    let written = external_u64(&read_status(&fx.destination_status)?, "chunksSent")?;
 
     // A new snapshot: 1% of the volume's blocks rewritten in place.
     let change = sample::scattered_change(&fx.volume, VOLUME, 0.01, 0x5e5_0005)?;

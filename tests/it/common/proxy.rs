@@ -583,9 +583,17 @@ mod tests {
         assert!(proxy.try_marked().is_none(), "a mark is reported once");
         assert_eq!(proxy.fired(), 1);
 
-        let beyond = Proxy::start(echo, Faults::none().flip_at(PAYLOAD_LEN as u64 + 1), Faults::none())?;
+        let beyond = Proxy::start(
+            echo,
+            Faults::none().flip_at(PAYLOAD_LEN as u64 + 1),
+            Faults::none(),
+        )?;
         assert_eq!(exchange(beyond.addr(), payload())?, payload());
-        assert_eq!(beyond.fired(), 0, "a fault past the end of the stream never fires");
+        assert_eq!(
+            beyond.fired(),
+            0,
+            "a fault past the end of the stream never fires"
+        );
         Ok(())
     }
 }

@@ -1,0 +1,834 @@
+//! Chaos: seeded random faults against real agents, then retries like the entrypoint, checking one invariant.
+//!
+//! Each iteration changes the volume (or the target) in a seeded way, then syncs it through the fault proxy with
+//! one fault on the first try (a cut, a flipped byte, a stall that ends in a cut, a stall that is released, a
+//! partition that only timeouts end, or `kill -9` of the source or of the destination when the stream passes a
+//! seeded byte offset), and retries like
+//! `container/client.sh` (up to 5 tries, only after a retryable failure) with the destination behaving like
+//! `container/server.sh` (still listening after a connection that never authenticated, restarted after a failed
+//! or killed session). Now and then the volume changes again between two tries (a new snapshot), or every try
+//! gets a fault (a link that keeps failing), so that some syncs fail for good.
+//!
+//! The invariant, checked after every try and at the end of each iteration:
+//! - whenever an agent claims success (exit 0, or its status rewritten as Successful), the target equals the
+//!   volume, and the destination claimed it too (the source never succeeds alone);
+//! - an agent that does not claim success keeps its previous lastSyncTime;
+//! - an iteration ends either Successful on both sides with target == volume, or Failed with the previous
+//!   lastSyncTime. A success with a differing target is a **mismatch**; there must be none.
+//!
+//! `BLOCKMOVER_CHAOS_ITERATIONS` (default 20) and `BLOCKMOVER_CHAOS_SEED` (decimal or 0x-hex; default from the
+//! clock, printed) set the run. Kill points depend on the seed but land wherever the agents are at that moment,
+//! so a seed reproduces the faults, not every interleaving. Timeouts are safety nets: one that fires is a hang,
+//! reported as a failure with the seed and iteration.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blockmover::sample::{self, SampleSpec, BLOCK};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use crate::common::proxy::{Direction, Faults, Proxy};
+use crate::common::{bin, keygen, last_sync_time, result_of, sparse_file, AGENT_TIMEOUT};
+
+const MIB: u64 = 1 << 20;
+/// Volume size: large enough for a few hundred chunks, small enough for many iterations.
+const VOLUME: u64 = 8 * MIB + 12_288;
+/// Iterations when `BLOCKMOVER_CHAOS_ITERATIONS` is not set (the CI run).
+const CI_ITERATIONS: u64 = 20;
+/// Tries per sync, as in `container/client.sh` (without its sleeps: nothing here waits on time).
+const TRIES: usize = 5;
+/// Passed to both agents: a partition, or a flipped TLS length field, leaves a reader waiting for bytes that never
+/// come; the idle and handshake timeouts end that wait (as in production, only sooner). A timeout that fires
+/// spuriously on a loaded machine is just one more retryable failure: the invariant holds all the same.
+const IDLE_TIMEOUT: &str = "3";
+const HANDSHAKE_TIMEOUT: &str = "3";
+/// Exit code of a failure a retry may cure.
+const RETRYABLE: i32 = 75;
+/// Chunk sizes the source is started with (one per iteration).
+const CHUNK_SIZES: [u32; 3] = [16_384, 65_536, 262_144];
+/// READY windows the destination is started with: the smallest, a small one, the default.
+const WINDOWS: [u32; 3] = [64, 256, 8192];
+/// The destination's log line for a connection that never authenticated (it keeps listening).
+const DROPPED: &str = "dropped before authentication";
+
+/// One fault on one try.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// The connection is cut after `at` bytes in that direction.
+    Cut(Direction, u64),
+    /// Byte `at` is flipped in that direction (TLS must reject it).
+    Flip(Direction, u64),
+    /// The link hangs after `at` bytes, then dies.
+    StallThenCut(Direction, u64),
+    /// The link pauses after `at` bytes, then carries on: the sync must ride it out.
+    Hiccup(Direction, u64),
+    /// The link hangs after `at` bytes and stays hung (no FIN, no reset): only the agents' timeouts end the try.
+    Partition(Direction, u64),
+    /// `kill -9` of the source once `at` bytes passed in that direction.
+    KillSource(Direction, u64),
+    /// `kill -9` of the destination once `at` bytes passed in that direction.
+    KillDestination(Direction, u64),
+}
+
+impl Fault {
+    fn kind(self) -> &'static str {
+        match self {
+            Fault::Cut(..) => "cut",
+            Fault::Flip(..) => "flip",
+            Fault::StallThenCut(..) => "stall+cut",
+            Fault::Hiccup(..) => "hiccup",
+            Fault::Partition(..) => "partition",
+            Fault::KillSource(..) => "kill-9-source",
+            Fault::KillDestination(..) => "kill-9-destination",
+        }
+    }
+
+    /// The proxy's faults for (up, down).
+    fn faults(self) -> (Faults, Faults) {
+        let (direction, f) = match self {
+            Fault::Cut(d, at) => (d, Faults::none().cut_at(at)),
+            Fault::Flip(d, at) => (d, Faults::none().flip_at(at)),
+            Fault::StallThenCut(d, at) | Fault::Hiccup(d, at) | Fault::Partition(d, at) => {
+                (d, Faults::none().stall_at(at))
+            }
+            Fault::KillSource(d, at) | Fault::KillDestination(d, at) => {
+                (d, Faults::none().mark_at(at))
+            }
+        };
+        match direction {
+            Direction::Up => (f, Faults::none()),
+            Direction::Down => (Faults::none(), f),
+        }
+    }
+
+    /// A seeded fault at a seeded offset within the expected length of the stream in its direction.
+    fn random(rng: &mut ChaCha8Rng, expected: Expected) -> Fault {
+        let direction = if rng.random_bool(0.7) {
+            Direction::Up
+        } else {
+            Direction::Down
+        };
+        let len = match direction {
+            Direction::Up => expected.up,
+            Direction::Down => expected.down,
+        };
+        let at = rng.random_range(0..((len as f64 * REACH) as u64).max(1));
+        // A partition costs two timeouts: it is drawn half as often as the others.
+        match rng.random_range(0..13) {
+            0 | 1 => Fault::Cut(direction, at),
+            2 | 3 => Fault::Flip(direction, at),
+            4 | 5 => Fault::StallThenCut(direction, at),
+            6 | 7 => Fault::Hiccup(direction, at),
+            8 | 9 => Fault::KillSource(direction, at),
+            10 | 11 => Fault::KillDestination(direction, at),
+            _ => Fault::Partition(direction, at),
+        }
+    }
+}
+
+/// Rough lengths of the two streams of the next sync, to place fault offsets where bytes will flow.
+#[derive(Clone, Copy, Debug)]
+struct Expected {
+    up: u64,
+    down: u64,
+}
+
+/// Bytes each way of TLS set-up and the first frames, about.
+const SETUP_BYTES: u64 = 1500;
+/// Share of the uncompressed estimate that fault offsets are drawn from: zstd shrinks the text regions, and an
+/// offset past the end of the stream never fires.
+const REACH: f64 = 0.6;
+
+impl Expected {
+    /// From the blocks and chunks that differ between volume and target (before compression, so an upper bound).
+    fn of(volume: &[u8], target: &[u8], chunk_size: u32) -> Expected {
+        let chunk = chunk_size as usize;
+        let (mut blocks, mut chunks) = (0u64, 0u64);
+        for (v, t) in volume.chunks(chunk).zip(target.chunks(chunk)) {
+            let differing = v
+                .chunks(BLOCK as usize)
+                .zip(t.chunks(BLOCK as usize))
+                .filter(|(a, b)| a != b)
+                .count() as u64;
+            blocks += differing;
+            chunks += u64::from(differing > 0);
+        }
+        let count = volume.len().div_ceil(chunk) as u64;
+        let per_need = 32 * (chunk_size / 4096) as u64 + 40;
+        Expected {
+            up: SETUP_BYTES + count * 33 + chunks * 60 + blocks * BLOCK,
+            down: SETUP_BYTES + chunks * per_need + count / 8,
+        }
+    }
+}
+
+/// How the volume (or the target) changes before an iteration's sync.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Unchanged,
+    /// A share of 4 KiB blocks rewritten at scattered places.
+    Scattered(f64),
+    /// A share of blocks rewritten in runs of consecutive blocks.
+    Clustered(f64, u64),
+    /// A whole new volume (a full sync).
+    NewVolume,
+    /// Blocks of the target overwritten behind the mover's back.
+    TargetTampered,
+}
+
+impl Change {
+    fn random(rng: &mut ChaCha8Rng) -> Change {
+        match rng.random_range(0..10) {
+            0 => Change::Unchanged,
+            1..=3 => Change::Scattered([0.002, 0.01, 0.05][rng.random_range(0..3)]),
+            4..=6 => Change::Clustered([0.01, 0.05, 0.2][rng.random_range(0..3)], 16),
+            7 | 8 => Change::NewVolume,
+            _ => Change::TargetTampered,
+        }
+    }
+
+    fn apply(self, site: &Site, seed: u64) -> Result<()> {
+        match self {
+            Change::Unchanged => {}
+            Change::Scattered(rate) => {
+                sample::scattered_change(&site.volume, VOLUME, rate, seed)?;
+            }
+            Change::Clustered(rate, run) => {
+                sample::clustered_change(&site.volume, VOLUME, rate, run, seed)?;
+            }
+            Change::NewVolume => {
+                sample::write_sample_volume(&site.volume, &SampleSpec::mixed(VOLUME, seed))?;
+            }
+            Change::TargetTampered => {
+                sample::scattered_change(&site.target, VOLUME, 0.01, seed)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The files one chaos run keeps across iterations: the volume, the target and both status files.
+struct Site {
+    /// Holds every file below; removed on drop.
+    _dir: tempfile::TempDir,
+    psk: PathBuf,
+    volume: PathBuf,
+    target: PathBuf,
+    source_status: PathBuf,
+    destination_status: PathBuf,
+}
+
+impl Site {
+    fn new(seed: u64) -> Result<Site> {
+        let dir = tempfile::tempdir()?;
+        let psk = keygen(dir.path())?;
+        let volume = dir.path().join("volume.img");
+        let target = dir.path().join("target.img");
+        sample::write_sample_volume(&volume, &SampleSpec::mixed(VOLUME, seed))?;
+        sparse_file(&target, VOLUME)?;
+        Ok(Site {
+            source_status: dir.path().join("source-status.json"),
+            destination_status: dir.path().join("destination-status.json"),
+            _dir: dir,
+            psk,
+            volume,
+            target,
+        })
+    }
+
+    fn target_matches_volume(&self) -> Result<bool> {
+        Ok(
+            sample::file_digest(&self.target, VOLUME)?
+                == sample::file_digest(&self.volume, VOLUME)?,
+        )
+    }
+
+    fn expected(&self, chunk_size: u32) -> Result<Expected> {
+        let volume = std::fs::read(&self.volume)?;
+        let target = std::fs::read(&self.target)?;
+        let len = VOLUME as usize;
+        Ok(Expected::of(
+            volume.get(..len).context("short volume")?,
+            target.get(..len).context("short target")?,
+            chunk_size,
+        ))
+    }
+}
+
+/// A status file as it was at one moment: whether it was rewritten since is told by any of its inode, its
+/// modification time or its text changing (status writes are atomic renames of a new file).
+#[derive(Clone, Debug, PartialEq)]
+struct Stamp {
+    file: Option<(u64, i64, i64)>,
+    text: String,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Stamp {
+        match (std::fs::metadata(path), std::fs::read_to_string(path)) {
+            (Ok(m), Ok(text)) => Stamp {
+                file: Some((m.ino(), m.mtime(), m.mtime_nsec())),
+                text,
+            },
+            _ => Stamp {
+                file: None,
+                text: String::new(),
+            },
+        }
+    }
+
+    fn status(&self) -> Result<Option<Value>> {
+        if self.file.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(&self.text).with_context(
+            || format!("status file is not JSON: {}", self.text),
+        )?))
+    }
+}
+
+/// What a status file says about the try that just ended.
+#[derive(Debug)]
+struct Verdict {
+    /// Rewritten as Successful during the try: the agent claims the sync.
+    claims: bool,
+    /// lastSyncTime after the try.
+    last_sync: Option<String>,
+    /// Result after the try ("" without a status).
+    result: String,
+}
+
+fn verdict(before: &Stamp, path: &Path) -> Result<Verdict> {
+    let after = Stamp::of(path);
+    let status = after.status()?;
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+    let (last_sync, result, in_progress) = match &status {
+        Some(s) => (
+            text(s, "lastSyncTime"),
+            result_of(s).to_owned(),
+            s.get("lastSyncStartTime").is_some(),
+        ),
+        None => (None, String::new(), false),
+    };
+    if let Some(s) = &status {
+        // Parses, or the test fails: the timestamps must stay RFC 3339.
+        last_sync_time(s)?;
+    }
+    Ok(Verdict {
+        claims: after != *before && result == "Successful" && !in_progress,
+        last_sync,
+        result,
+    })
+}
+
+/// A running agent whose stdout and stderr lines arrive on channels.
+struct Agent {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    /// Every stderr line received so far (for reports).
+    log: Vec<String>,
+}
+
+impl Agent {
+    fn spawn(args: &[&std::ffi::OsStr]) -> Result<Agent> {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {}", bin()))?;
+        let lines = |pipe: Box<dyn Read + Send>| {
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(std::io::Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        };
+        let stdout = lines(Box::new(child.stdout.take().context("stdout")?));
+        let stderr = lines(Box::new(child.stderr.take().context("stderr")?));
+        Ok(Agent {
+            child,
+            stdout,
+            stderr,
+            log: Vec::new(),
+        })
+    }
+
+    fn collect(&mut self) {
+        self.log.extend(self.stderr.try_iter());
+    }
+
+    /// Waits (safety net: `AGENT_TIMEOUT`) for the exit, then for the rest of stderr.
+    fn wait(&mut self, what: &str) -> Result<ExitStatus> {
+        let status = crate::common::wait_with_timeout(&mut self.child, AGENT_TIMEOUT)
+            .with_context(|| format!("waiting for the {what}"))?;
+        // The pipe closes with the process: the reader thread ends and the channel disconnects.
+        self.log.extend(self.stderr.iter());
+        Ok(status)
+    }
+
+    fn kill(&mut self) -> Result<bool> {
+        let running = self.child.try_wait()?.is_none();
+        let _ = self.child.kill();
+        Ok(running)
+    }
+
+    fn tail(&self) -> String {
+        let from = self.log.len().saturating_sub(12);
+        self.log[from..].join("\n")
+    }
+}
+
+/// A listening destination (like `server.sh`, it outlives connections that never authenticate).
+struct Listening {
+    agent: Agent,
+    addr: SocketAddr,
+}
+
+fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
+    let window = window.to_string();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "destination".as_ref(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--target".as_ref(),
+        site.target.as_os_str(),
+        "--psk".as_ref(),
+        site.psk.as_os_str(),
+        "--status".as_ref(),
+        site.destination_status.as_os_str(),
+        "--idle-timeout".as_ref(),
+        IDLE_TIMEOUT.as_ref(),
+        "--handshake-timeout".as_ref(),
+        HANDSHAKE_TIMEOUT.as_ref(),
+        "--window".as_ref(),
+        window.as_ref(),
+    ];
+    let agent = Agent::spawn(&args)?;
+    let line = agent
+        .stdout
+        .recv_timeout(Duration::from_secs(30))
+        .context("the destination printed no `listening on` line")?;
+    let addr = line
+        .strip_prefix("listening on ")
+        .with_context(|| format!("unexpected first stdout line {line:?}"))?
+        .parse()?;
+    Ok(Listening { agent, addr })
+}
+
+fn spawn_source(site: &Site, addr: SocketAddr, chunk_size: u32) -> Result<Agent> {
+    let (addr, chunk) = (addr.to_string(), chunk_size.to_string());
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "source".as_ref(),
+        "--connect".as_ref(),
+        addr.as_ref(),
+        "--volume".as_ref(),
+        site.volume.as_os_str(),
+        "--psk".as_ref(),
+        site.psk.as_os_str(),
+        "--status".as_ref(),
+        site.source_status.as_os_str(),
+        "--chunk-size".as_ref(),
+        chunk.as_ref(),
+        "--idle-timeout".as_ref(),
+        IDLE_TIMEOUT.as_ref(),
+        "--handshake-timeout".as_ref(),
+        HANDSHAKE_TIMEOUT.as_ref(),
+    ];
+    Agent::spawn(&args)
+}
+
+/// How one try ended.
+#[derive(Debug)]
+struct Try {
+    source: ExitStatus,
+    /// The fault took effect (its offset was reached; for a kill, the process was still running).
+    fired: bool,
+    /// The source claimed success (exit 0, or killed after recording Successful).
+    claimed: bool,
+}
+
+/// Figures of the whole run.
+#[derive(Default)]
+struct Tally {
+    planned: BTreeMap<&'static str, u64>,
+    injected: BTreeMap<&'static str, u64>,
+    tries: u64,
+    completed: u64,
+    failed_as_expected: u64,
+    /// Successes (claimed by either agent) with a target that differs from the volume.
+    mismatches: Vec<String>,
+    /// Other breaches of the invariant: a source succeeding alone, a lastSyncTime moved by a failure, ...
+    violations: Vec<String>,
+}
+
+/// The run's state between tries: statuses before the try, the destination still listening.
+struct Chaos {
+    site: Site,
+    tally: Tally,
+    destination: Option<Listening>,
+    chunk_size: u32,
+    window: u32,
+    /// Where a failure is reported: seed and iteration.
+    at: String,
+}
+
+impl Chaos {
+    /// One try through the proxy with `fault`, the invariant checked after it.
+    fn attempt(&mut self, fault: Option<Fault>) -> Result<Try> {
+        self.tally.tries += 1;
+        let src_before = Stamp::of(&self.site.source_status);
+        let dst_before = Stamp::of(&self.site.destination_status);
+        if self.destination.is_none() {
+            self.destination = Some(spawn_destination(&self.site, self.window)?);
+        }
+        let Some(destination) = self.destination.as_mut() else {
+            bail!("no destination");
+        };
+        let (up, down) = fault.map_or((Faults::none(), Faults::none()), Fault::faults);
+        let proxy = Proxy::start(destination.addr, up, down)?;
+        let mut source = spawn_source(&self.site, proxy.addr(), self.chunk_size)?;
+
+        // Act on the fault while the source runs; the proxy's reports are the triggers.
+        let deadline = Instant::now() + AGENT_TIMEOUT;
+        let mut killed_destination = false;
+        let mut kill_landed = false;
+        let source_exit = loop {
+            if let Some(status) = source.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = source.child.kill();
+                bail!(
+                    "{}: source still running after {AGENT_TIMEOUT:?} with {fault:?}: hang\n{}",
+                    self.at,
+                    source.tail()
+                );
+            }
+            source.collect();
+            match fault {
+                Some(Fault::KillSource(..)) if proxy.try_marked().is_some() => {
+                    kill_landed = source.kill()?;
+                }
+                Some(Fault::KillDestination(..)) if proxy.try_marked().is_some() => {
+                    kill_landed = destination.agent.kill()?;
+                    killed_destination = true;
+                }
+                Some(Fault::Hiccup(..)) if proxy.try_stalled().is_some() => proxy.release(),
+                Some(Fault::StallThenCut(..)) if proxy.try_stalled().is_some() => proxy.close(),
+                _ => thread::sleep(Duration::from_millis(2)),
+            }
+        };
+        source.wait("source")?;
+        let fired = match fault {
+            Some(Fault::KillSource(..) | Fault::KillDestination(..)) => kill_landed,
+            Some(_) => proxy.fired() > 0,
+            None => false,
+        };
+        // Whatever is left of the connection goes; the destination then ends its session or, if the connection
+        // never authenticated, logs that and keeps listening for the next try.
+        proxy.close();
+        let destination_exit = if killed_destination {
+            Some(destination.agent.wait("killed destination")?)
+        } else {
+            wait_session_end(&mut destination.agent, &self.at)?
+        };
+        if destination_exit.is_some() {
+            self.destination = None;
+        }
+        let claimed = self.check_try(
+            &src_before,
+            &dst_before,
+            source_exit,
+            destination_exit,
+            fault,
+        )?;
+        Ok(Try {
+            source: source_exit,
+            fired,
+            claimed,
+        })
+    }
+
+    /// The invariant after one try; returns whether the source claimed success.
+    fn check_try(
+        &mut self,
+        src_before: &Stamp,
+        dst_before: &Stamp,
+        source: ExitStatus,
+        destination: Option<ExitStatus>,
+        fault: Option<Fault>,
+    ) -> Result<bool> {
+        let src = verdict(src_before, &self.site.source_status)?;
+        let dst = verdict(dst_before, &self.site.destination_status)?;
+        let src_claims = source.success() || src.claims;
+        let dst_claims = destination.is_some_and(|s| s.success()) || dst.claims;
+        let what = format!(
+            "{} fault {fault:?}: source {source} ({}), destination {destination:?} ({})",
+            self.at, src.result, dst.result
+        );
+        if (src_claims || dst_claims) && !self.site.target_matches_volume()? {
+            println!("MISMATCH: {what}");
+            self.tally.mismatches.push(what.clone());
+        }
+        // The status is written before the exit code; a source killed by the test may have written either.
+        let killed = source.signal() == Some(9);
+        if !killed && source.success() != src.claims {
+            self.tally
+                .violations
+                .push(format!("source exit and status disagree: {what}"));
+        }
+        if src_claims && !dst_claims {
+            self.tally
+                .violations
+                .push(format!("source succeeded without the destination: {what}"));
+        }
+        for (who, claims, before, after) in [
+            ("source", src_claims, src_before, &src),
+            ("destination", dst_claims, dst_before, &dst),
+        ] {
+            let previous = before.status()?.and_then(|s| {
+                s.get("lastSyncTime")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            if !claims && after.last_sync != previous {
+                self.tally.violations.push(format!(
+                    "{who} moved lastSyncTime without a success ({previous:?} -> {:?}): {what}",
+                    after.last_sync
+                ));
+            }
+        }
+        Ok(src_claims)
+    }
+
+    /// One iteration: a change, a faulty first try, retries like the entrypoint, the end state checked.
+    fn iteration(&mut self, rng: &mut ChaCha8Rng) -> Result<()> {
+        let change = Change::random(rng);
+        change.apply(&self.site, rng.next_u64())?;
+        let new_chunk_size = CHUNK_SIZES[rng.random_range(0..CHUNK_SIZES.len())];
+        let new_window = WINDOWS[rng.random_range(0..WINDOWS.len())];
+        if new_window != self.window {
+            // A new window needs a new destination (a new pod, in a cluster).
+            if let Some(mut d) = self.destination.take() {
+                let _ = d.agent.kill();
+                let _ = d.agent.wait("replaced destination");
+            }
+        }
+        (self.chunk_size, self.window) = (new_chunk_size, new_window);
+        let keeps_failing = rng.random_bool(0.1);
+        let new_snapshot_between = rng.random_bool(0.2);
+        let src_time_before = Stamp::of(&self.site.source_status)
+            .status()?
+            .and_then(|s| s.get("lastSyncTime").cloned());
+        println!(
+            "{}: {change:?}, chunk {} window {}{}{}",
+            self.at,
+            self.chunk_size,
+            self.window,
+            if keeps_failing {
+                ", every try faulty"
+            } else {
+                ""
+            },
+            if new_snapshot_between {
+                ", new snapshot after the first try"
+            } else {
+                ""
+            },
+        );
+
+        let mut last = None;
+        let mut claimed_any = false;
+        for attempt in 0..TRIES {
+            let fault = if attempt == 0 || keeps_failing {
+                let fault = Fault::random(rng, self.site.expected(self.chunk_size)?);
+                *self.tally.planned.entry(fault.kind()).or_default() += 1;
+                Some(fault)
+            } else {
+                None
+            };
+            let t = self.attempt(fault)?;
+            if let (Some(f), true) = (fault, t.fired) {
+                *self.tally.injected.entry(f.kind()).or_default() += 1;
+            }
+            let reached = match (fault, t.fired) {
+                (Some(_), false) => " (not reached)",
+                _ => "",
+            };
+            println!(
+                "  try {}: {fault:?}{reached} -> source {}",
+                attempt + 1,
+                t.source
+            );
+            // Like client.sh: retry after exit 75; a killed source is a new pod, which tries again.
+            let retry =
+                (t.source.code() == Some(RETRYABLE) || t.source.signal() == Some(9)) && !t.claimed;
+            claimed_any |= t.claimed;
+            last = Some(t);
+            if !retry {
+                break;
+            }
+            if attempt == 0 && new_snapshot_between {
+                Change::Scattered(0.005).apply(&self.site, rng.next_u64())?;
+            }
+        }
+        let Some(last) = last else { bail!("no try") };
+
+        let src = crate::common::read_status(&self.site.source_status)?;
+        if last.claimed && !last.source.success() {
+            // Killed after recording success: the try's check compared the target with the volume.
+            self.tally.completed += 1;
+        } else if last.source.success() {
+            let dst = crate::common::read_status(&self.site.destination_status)?;
+            let both = result_of(&src) == "Successful" && result_of(&dst) == "Successful";
+            if !both || !self.site.target_matches_volume()? {
+                self.tally.mismatches.push(format!(
+                    "{}: the sync ended Successful ({}, {}) but the target differs",
+                    self.at,
+                    result_of(&src),
+                    result_of(&dst)
+                ));
+            }
+            self.tally.completed += 1;
+        } else {
+            // Failed for good: the source's status is Failed (or still in progress, if it was killed on the
+            // last try) and its lastSyncTime is the one before this iteration (unless an earlier try succeeded
+            // and a new snapshot came after it).
+            let kept = claimed_any || src.get("lastSyncTime").cloned() == src_time_before;
+            let failed = result_of(&src) == "Failed" || src.get("lastSyncStartTime").is_some();
+            if !failed || !kept {
+                self.tally.violations.push(format!(
+                    "{}: the sync failed ({}) but the source status says {} with lastSyncTime {:?} (was {:?})",
+                    self.at,
+                    last.source,
+                    result_of(&src),
+                    src.get("lastSyncTime"),
+                    src_time_before
+                ));
+            }
+            self.tally.failed_as_expected += 1;
+        }
+        Ok(())
+    }
+}
+
+/// After the proxy closed the try's connection: waits until the destination exits (its session ended: returns
+/// its exit status) or logs that the connection never authenticated (it keeps listening: returns `None`).
+fn wait_session_end(agent: &mut Agent, at: &str) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + AGENT_TIMEOUT;
+    loop {
+        match agent.stderr.recv_timeout(Duration::from_millis(20)) {
+            Ok(line) => {
+                let dropped = line.contains(DROPPED);
+                agent.log.push(line);
+                if dropped {
+                    return Ok(None);
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(Some(agent.wait("destination")?)),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            let _ = agent.child.kill();
+            bail!(
+                "{at}: the destination neither ended nor dropped the connection: hang\n{}",
+                agent.tail()
+            );
+        }
+    }
+}
+
+fn env_u64(name: &str) -> Result<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) => {
+            let v = v.trim();
+            let parsed = match v.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => v.parse(),
+            };
+            Ok(Some(parsed.with_context(|| format!("{name}={v:?}"))?))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+#[test]
+fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
+    let iterations = env_u64("BLOCKMOVER_CHAOS_ITERATIONS")?.unwrap_or(CI_ITERATIONS);
+    let seed = match env_u64("BLOCKMOVER_CHAOS_SEED")? {
+        Some(s) => s,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos() as u64,
+    };
+    println!("chaos: seed {seed:#x} ({iterations} iterations); reproduce with BLOCKMOVER_CHAOS_SEED={seed:#x}");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut chaos = Chaos {
+        site: Site::new(rng.next_u64())?,
+        tally: Tally::default(),
+        destination: None,
+        chunk_size: CHUNK_SIZES[1],
+        window: WINDOWS[2],
+        at: String::new(),
+    };
+    for i in 0..iterations {
+        chaos.at = format!("seed {seed:#x} iteration {i}");
+        chaos.iteration(&mut rng)?;
+    }
+    if let Some(mut d) = chaos.destination.take() {
+        let _ = d.agent.kill();
+        let _ = d.agent.wait("last destination");
+    }
+    let t = &chaos.tally;
+    let list = |m: &BTreeMap<&str, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "chaos summary: seed {seed:#x}, {iterations} iterations, {} tries in {:.1}s; faults injected {} ({}), \
+         planned {} ({}); syncs completed {}, failed as expected {}, mismatches {}, other violations {}",
+        t.tries,
+        started.elapsed().as_secs_f64(),
+        t.injected.values().sum::<u64>(),
+        list(&t.injected),
+        t.planned.values().sum::<u64>(),
+        list(&t.planned),
+        t.completed,
+        t.failed_as_expected,
+        t.mismatches.len(),
+        t.violations.len(),
+    );
+    assert!(
+        t.mismatches.is_empty(),
+        "mismatches:\n{}",
+        t.mismatches.join("\n")
+    );
+    assert!(
+        t.violations.is_empty(),
+        "violations:\n{}",
+        t.violations.join("\n")
+    );
+    assert_eq!(t.completed + t.failed_as_expected, iterations);
+    Ok(())
+}
