@@ -33,6 +33,8 @@ const VOLUME: u64 = 64 * MIB;
 const CHUNK: u64 = 65536;
 /// Exit code of a failure a retry may cure.
 const RETRYABLE: i32 = 75;
+/// A 4 KiB block.
+const BLOCK: usize = sample::BLOCK as usize;
 
 /// A fixture whose volume is a quarter zeros and three quarters random bytes, and whose target is all zeros: a
 /// full sync sends every non-zero chunk, raw.
@@ -180,6 +182,23 @@ fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
     let left = read_status(&fx.destination_status)?;
     assert!(left.get("lastSyncTime").is_none(), "{left:#}");
     assert!(left.get("lastSyncStartTime").is_some(), "{left:#}");
+    // What the killed process wrote is in the page cache: each block is the old (zero) or the new one.
+    let (target, volume) = (std::fs::read(&fx.target)?, std::fs::read(&fx.volume)?);
+    let blocks = target.chunks(BLOCK).zip(volume.chunks(BLOCK));
+    let (mut new, mut torn) = (0u64, 0u64);
+    for (t, v) in blocks.take((VOLUME / BLOCK as u64) as usize) {
+        if t == v && t.iter().any(|&b| b != 0) {
+            new += 1;
+        } else if t.iter().any(|&b| b != 0) {
+            torn += 1;
+        }
+    }
+    println!("after kill -9 of the destination: {new} non-zero blocks written, {torn} neither old nor new");
+    assert_eq!(torn, 0, "a block is neither the old nor the new one");
+    assert!(
+        new > 0,
+        "the killed destination wrote nothing before the kill"
+    );
 
     let resumed = retry(&fx)?;
     check_resumed("destination killed at half", &resumed, chunks, half, 0.75);
