@@ -7,7 +7,9 @@
 //! `container/client.sh` (up to 5 tries, only after a retryable failure) with the destination behaving like
 //! `container/server.sh` (still listening after a connection that never authenticated, restarted after a failed
 //! or killed session). Now and then the volume changes again between two tries (a new snapshot), or every try
-//! gets a fault (a link that keeps failing), so that some syncs fail for good.
+//! gets a fault (a link that keeps failing), so that some syncs fail for good. Some tries run over a slow link,
+//! and when there is nothing to send the fault is often aimed at the last bytes of the session (END, the
+//! destination's fsync and digest, COMMIT, the closing of TLS), whose offsets a clean sync measured before.
 //!
 //! The invariant, checked after every try and at the end of each iteration:
 //! - whenever an agent claims success (exit 0, or its status rewritten as Successful), the target equals the
@@ -59,6 +61,8 @@ const RETRYABLE: i32 = 75;
 const CHUNK_SIZES: [u32; 3] = [16_384, 65_536, 262_144];
 /// READY windows the destination is started with: the smallest, a small one, the default.
 const WINDOWS: [u32; 3] = [64, 256, 8192];
+/// The delay of a slow link, per piece of up to 16 KiB forwarded.
+const SLOW_LINK: Duration = Duration::from_micros(300);
 /// The destination's log line for a connection that never authenticated (it keeps listening).
 const DROPPED: &str = "dropped before authentication";
 
@@ -114,16 +118,36 @@ impl Fault {
 
     /// A seeded fault at a seeded offset within the expected length of the stream in its direction.
     fn random(rng: &mut ChaCha8Rng, expected: Expected) -> Fault {
-        let direction = if rng.random_bool(0.7) {
-            Direction::Up
-        } else {
-            Direction::Down
-        };
+        let direction = Fault::direction(rng);
         let len = match direction {
             Direction::Up => expected.up,
             Direction::Down => expected.down,
         };
         let at = rng.random_range(0..((len as f64 * REACH) as u64).max(1));
+        Fault::pick(rng, direction, at)
+    }
+
+    /// A seeded fault in the last bytes of a stream whose lengths are known (a sync with nothing to send): END,
+    /// the destination's fsync and digest, COMMIT and the closing of TLS.
+    fn near_end(rng: &mut ChaCha8Rng, ends: (u64, u64)) -> Fault {
+        let direction = Fault::direction(rng);
+        let len = match direction {
+            Direction::Up => ends.0,
+            Direction::Down => ends.1,
+        };
+        let at = len.saturating_sub(rng.random_range(1..=END_BYTES));
+        Fault::pick(rng, direction, at)
+    }
+
+    fn direction(rng: &mut ChaCha8Rng) -> Direction {
+        if rng.random_bool(0.7) {
+            Direction::Up
+        } else {
+            Direction::Down
+        }
+    }
+
+    fn pick(rng: &mut ChaCha8Rng, direction: Direction, at: u64) -> Fault {
         // A partition costs two timeouts: it is drawn half as often as the others.
         match rng.random_range(0..13) {
             0 | 1 => Fault::Cut(direction, at),
@@ -136,6 +160,10 @@ impl Fault {
         }
     }
 }
+
+/// How far before the end of a stream a fault aimed at the end of a session is placed, at most: END or COMMIT
+/// and TLS's closing alert are about 100 bytes each way.
+const END_BYTES: u64 = 200;
 
 /// Rough lengths of the two streams of the next sync, to place fault offsets where bytes will flow.
 #[derive(Clone, Copy, Debug)]
@@ -190,10 +218,10 @@ enum Change {
 impl Change {
     fn random(rng: &mut ChaCha8Rng) -> Change {
         match rng.random_range(0..10) {
-            0 => Change::Unchanged,
-            1..=3 => Change::Scattered([0.002, 0.01, 0.05][rng.random_range(0..3)]),
-            4..=6 => Change::Clustered([0.01, 0.05, 0.2][rng.random_range(0..3)], 16),
-            7 | 8 => Change::NewVolume,
+            0 | 1 => Change::Unchanged,
+            2 | 3 => Change::Scattered([0.002, 0.01, 0.05][rng.random_range(0..3)]),
+            4 | 5 => Change::Clustered([0.01, 0.05, 0.2][rng.random_range(0..3)], 16),
+            6 | 7 => Change::NewVolume,
             _ => Change::TargetTampered,
         }
     }
@@ -463,6 +491,8 @@ struct Try {
     fired: bool,
     /// The source claimed success (exit 0, or killed after recording Successful).
     claimed: bool,
+    /// Bytes the proxy forwarded (up, down).
+    streams: (u64, u64),
 }
 
 /// Figures of the whole run.
@@ -471,6 +501,8 @@ struct Tally {
     planned: BTreeMap<&'static str, u64>,
     injected: BTreeMap<&'static str, u64>,
     tries: u64,
+    /// Clean syncs run only to measure the stream lengths of a sync with nothing to send.
+    probes: u64,
     completed: u64,
     failed_as_expected: u64,
     /// Successes (claimed by either agent) with a target that differs from the volume.
@@ -486,13 +518,17 @@ struct Chaos {
     destination: Option<Listening>,
     chunk_size: u32,
     window: u32,
+    /// Stream lengths (up, down) of a sync with nothing to send, by (chunk size, window): learnt from clean
+    /// tries, to aim faults at the end of a session.
+    ends: std::collections::HashMap<(u32, u32), (u64, u64)>,
     /// Where a failure is reported: seed and iteration.
     at: String,
 }
 
 impl Chaos {
     /// One try through the proxy with `fault`, the invariant checked after it.
-    fn attempt(&mut self, fault: Option<Fault>) -> Result<Try> {
+    /// A `slow` link delays every piece the proxy forwards, so faults land while the agents lag behind.
+    fn attempt(&mut self, fault: Option<Fault>, slow: bool) -> Result<Try> {
         self.tally.tries += 1;
         let src_before = Stamp::of(&self.site.source_status);
         let dst_before = Stamp::of(&self.site.destination_status);
@@ -502,7 +538,10 @@ impl Chaos {
         let Some(destination) = self.destination.as_mut() else {
             bail!("no destination");
         };
-        let (up, down) = fault.map_or((Faults::none(), Faults::none()), Fault::faults);
+        let (mut up, mut down) = fault.map_or((Faults::none(), Faults::none()), Fault::faults);
+        if slow {
+            (up, down) = (up.delay(SLOW_LINK), down.delay(SLOW_LINK));
+        }
         let proxy = Proxy::start(destination.addr, up, down)?;
         let mut source = spawn_source(&self.site, proxy.addr(), self.chunk_size)?;
 
@@ -542,6 +581,10 @@ impl Chaos {
             Some(_) => proxy.fired() > 0,
             None => false,
         };
+        let streams = (
+            proxy.bytes_forwarded(Direction::Up),
+            proxy.bytes_forwarded(Direction::Down),
+        );
         // Whatever is left of the connection goes; the destination then ends its session or, if the connection
         // never authenticated, logs that and keeps listening for the next try.
         proxy.close();
@@ -560,10 +603,17 @@ impl Chaos {
             destination_exit,
             fault,
         )?;
+        if fault.is_none() && source_exit.success() {
+            let dst = crate::common::read_status(&self.site.destination_status)?;
+            if crate::common::external_u64(&dst, "chunksChanged")? == 0 {
+                self.ends.insert((self.chunk_size, self.window), streams);
+            }
+        }
         Ok(Try {
             source: source_exit,
             fired,
             claimed,
+            streams,
         })
     }
 
@@ -635,14 +685,35 @@ impl Chaos {
         (self.chunk_size, self.window) = (new_chunk_size, new_window);
         let keeps_failing = rng.random_bool(0.1);
         let new_snapshot_between = rng.random_bool(0.2);
+        let slow = rng.random_bool(0.2);
+        // Nothing to send: aim the first fault at the end of the session (END, fsync, COMMIT, close) once the
+        // stream lengths of such a sync are known, measuring them with a clean sync if need be.
+        let nothing_to_send =
+            matches!(change, Change::Unchanged) && self.site.target_matches_volume()?;
+        let key = (self.chunk_size, self.window);
+        if nothing_to_send && !self.ends.contains_key(&key) {
+            let probe = self.attempt(None, false)?;
+            self.tally.probes += 1;
+            println!(
+                "  probe: a clean sync to measure its streams -> source {}, {:?} bytes",
+                probe.source, probe.streams
+            );
+        }
+        let aim_at_end = nothing_to_send && rng.random_bool(0.8);
         let src_time_before = Stamp::of(&self.site.source_status)
             .status()?
             .and_then(|s| s.get("lastSyncTime").cloned());
         println!(
-            "{}: {change:?}, chunk {} window {}{}{}",
+            "{}: {change:?}, chunk {} window {}{}{}{}{}",
             self.at,
             self.chunk_size,
             self.window,
+            if slow { ", slow link" } else { "" },
+            if aim_at_end {
+                ", fault aimed at the end"
+            } else {
+                ""
+            },
             if keeps_failing {
                 ", every try faulty"
             } else {
@@ -659,13 +730,16 @@ impl Chaos {
         let mut claimed_any = false;
         for attempt in 0..TRIES {
             let fault = if attempt == 0 || keeps_failing {
-                let fault = Fault::random(rng, self.site.expected(self.chunk_size)?);
+                let fault = match self.ends.get(&key) {
+                    Some(&ends) if attempt == 0 && aim_at_end => Fault::near_end(rng, ends),
+                    _ => Fault::random(rng, self.site.expected(self.chunk_size)?),
+                };
                 *self.tally.planned.entry(fault.kind()).or_default() += 1;
                 Some(fault)
             } else {
                 None
             };
-            let t = self.attempt(fault)?;
+            let t = self.attempt(fault, slow && fault.is_some())?;
             if let (Some(f), true) = (fault, t.fired) {
                 *self.tally.injected.entry(f.kind()).or_default() += 1;
             }
@@ -788,6 +862,7 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
         destination: None,
         chunk_size: CHUNK_SIZES[1],
         window: WINDOWS[2],
+        ends: Default::default(),
         at: String::new(),
     };
     for i in 0..iterations {
@@ -806,9 +881,10 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
             .join(", ")
     };
     println!(
-        "chaos summary: seed {seed:#x}, {iterations} iterations, {} tries in {:.1}s; faults injected {} ({}), \
+        "chaos summary: seed {seed:#x}, {iterations} iterations, {} tries ({} of them probes) in {:.1}s; faults injected {} ({}), \
          planned {} ({}); syncs completed {}, failed as expected {}, mismatches {}, other violations {}",
         t.tries,
+        t.probes,
         started.elapsed().as_secs_f64(),
         t.injected.values().sum::<u64>(),
         list(&t.injected),
