@@ -15,6 +15,8 @@
 //! - whenever an agent claims success (exit 0, or its status rewritten as Successful), the target equals the
 //!   volume, and the destination claimed it too (the source never succeeds alone);
 //! - an agent that does not claim success keeps its previous lastSyncTime;
+//! - a failure is reported as retryable (exit 75), never permanent (exit 1): every fault here is one a retry cures,
+//!   and a permanent failure would make the entrypoints give up;
 //! - an iteration ends either Successful on both sides with target == volume, or Failed with the previous
 //!   lastSyncTime. A success with a differing target is a **mismatch**; there must be none.
 //!
@@ -644,6 +646,12 @@ impl Chaos {
             self.tally
                 .violations
                 .push(format!("source exit and status disagree: {what}"));
+        }
+        // Every fault here is one a retry cures; exit 1 would make the entrypoints give up on the sync.
+        if source.code() == Some(1) || destination.and_then(|s| s.code()) == Some(1) {
+            self.tally.violations.push(format!(
+                "a transport fault reported as permanent (exit 1): {what}"
+            ));
         }
         if src_claims && !dst_claims {
             self.tally
