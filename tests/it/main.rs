@@ -1,10 +1,12 @@
 //! Integration tests: real `blockmover` agents on loopback with real TLS, sparse files and loop devices.
+mod chaos;
 mod common;
 mod entrypoint;
 mod faults;
 mod hostile;
 mod loopdev;
 mod pressure;
+mod resume;
 mod schedule;
 mod schema;
 mod security;

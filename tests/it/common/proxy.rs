@@ -9,7 +9,12 @@
 //!   connection (like a peer that vanished: later data from either end is answered with a reset);
 //! - `stall_at(n)`: forward exactly `n` bytes, report [`Stalled`] and forward nothing more until
 //!   [`Proxy::release`] (or until [`Proxy::close`] tears the connection down);
+//! - `mark_at(n)`: forward exactly `n` bytes, report [`Marked`], and go on forwarding (a seeded trigger
+//!   for something the test does next, such as `kill -9` of an agent while bytes still flow);
 //! - `delay(d)`: sleep `d` before forwarding each chunk read (a slow link, not synchronisation).
+//!
+//! [`Proxy::fired`] counts the faults that took effect (a flip, cut, stall or mark whose offset the stream
+//! reached), so a test can tell an injected fault from one planned past the end of the stream.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -40,6 +45,7 @@ pub struct Faults {
     flip_at: Option<u64>,
     cut_at: Option<u64>,
     stall_at: Option<u64>,
+    mark_at: Option<u64>,
     delay: Option<Duration>,
 }
 
@@ -69,6 +75,13 @@ impl Faults {
             ..self
         }
     }
+    /// Forward exactly `offset` bytes, report [`Marked`], then keep forwarding.
+    pub fn mark_at(self, offset: u64) -> Self {
+        Self {
+            mark_at: Some(offset),
+            ..self
+        }
+    }
     /// Sleep `delay` before forwarding each chunk.
     pub fn delay(self, delay: Duration) -> Self {
         Self {
@@ -84,6 +97,15 @@ pub struct Stalled {
     /// The stalled direction.
     pub direction: Direction,
     /// Bytes forwarded in that direction of that connection when it stalled.
+    pub offset: u64,
+}
+
+/// Report that a direction reached its `mark_at` offset; forwarding goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marked {
+    /// The marked direction.
+    pub direction: Direction,
+    /// Bytes forwarded in that direction of that connection when the mark was reached.
     pub offset: u64,
 }
 
@@ -115,6 +137,7 @@ struct Shared {
     wake: Condvar,
     up_bytes: AtomicU64,
     down_bytes: AtomicU64,
+    fired: AtomicU64,
 }
 
 impl Shared {
@@ -137,6 +160,7 @@ pub struct Proxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
     stalled: Receiver<Stalled>,
+    marked: Receiver<Marked>,
 }
 
 impl Proxy {
@@ -149,16 +173,23 @@ impl Proxy {
             wake: Condvar::new(),
             up_bytes: AtomicU64::new(0),
             down_bytes: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
         });
-        let (tx, stalled) = mpsc::channel();
+        let (stall_tx, stalled) = mpsc::channel();
+        let (mark_tx, marked) = mpsc::channel();
         let accept_shared = Arc::clone(&shared);
+        let reports = Reports {
+            stalled: stall_tx,
+            marked: mark_tx,
+        };
         thread::Builder::new()
             .name("proxy-accept".into())
-            .spawn(move || accept_loop(listener, target, up, down, accept_shared, tx))?;
+            .spawn(move || accept_loop(listener, target, up, down, accept_shared, reports))?;
         Ok(Proxy {
             addr,
             shared,
             stalled,
+            marked,
         })
     }
 
@@ -172,10 +203,32 @@ impl Proxy {
         self.shared.counter(direction).load(Ordering::SeqCst)
     }
 
+    /// Faults that took effect so far: flips applied, cuts made, stall and mark points reached.
+    pub fn fired(&self) -> u64 {
+        self.shared.fired.load(Ordering::SeqCst)
+    }
+
+    /// A mark reached since the last call, if any (does not wait).
+    pub fn try_marked(&self) -> Option<Marked> {
+        self.marked.try_recv().ok()
+    }
+
+    /// A stall point reached since the last call, if any (does not wait).
+    pub fn try_stalled(&self) -> Option<Stalled> {
+        self.stalled.try_recv().ok()
+    }
+
     /// Block until a direction reaches its stall point; `timeout` is a safety net only.
     pub fn wait_stalled(&self, timeout: Duration) -> anyhow::Result<Stalled> {
         self.stalled.recv_timeout(timeout).map_err(|e| {
             anyhow::anyhow!("proxy did not reach its stall point within {timeout:?}: {e}")
+        })
+    }
+
+    /// Block until a direction reaches its mark point; `timeout` is a safety net only.
+    pub fn wait_marked(&self, timeout: Duration) -> anyhow::Result<Marked> {
+        self.marked.recv_timeout(timeout).map_err(|e| {
+            anyhow::anyhow!("proxy did not reach its mark point within {timeout:?}: {e}")
         })
     }
 
@@ -214,7 +267,7 @@ fn accept_loop(
     up: Faults,
     down: Faults,
     shared: Arc<Shared>,
-    stalled: Sender<Stalled>,
+    reports: Reports,
 ) {
     for client in listener.incoming() {
         if shared.gate().closed {
@@ -235,7 +288,7 @@ fn accept_loop(
                 connection: Arc::clone(&connection),
                 faults,
                 shared: Arc::clone(&shared),
-                stalled: stalled.clone(),
+                reports: reports.clone(),
             };
             let spawned = thread::Builder::new()
                 .name(format!("proxy-{direction:?}"))
@@ -247,13 +300,20 @@ fn accept_loop(
     }
 }
 
+/// Where pumps report the stall and mark points they reach.
+#[derive(Clone)]
+struct Reports {
+    stalled: Sender<Stalled>,
+    marked: Sender<Marked>,
+}
+
 /// One direction of one connection.
 struct Pump {
     direction: Direction,
     connection: Arc<Connection>,
     faults: Faults,
     shared: Arc<Shared>,
-    stalled: Sender<Stalled>,
+    reports: Reports,
 }
 
 impl Pump {
@@ -271,20 +331,31 @@ impl Pump {
         let mut buf = vec![0u8; PUMP_BUF];
         let mut offset = 0u64;
         let mut stall = self.faults.stall_at;
+        let mut mark = self.faults.mark_at;
         loop {
             if self.faults.cut_at == Some(offset) {
+                self.fire();
                 self.connection.shutdown();
                 return;
             }
+            if mark == Some(offset) {
+                mark = None;
+                self.fire();
+                let _ = self.reports.marked.send(Marked {
+                    direction: self.direction,
+                    offset,
+                });
+            }
             if stall == Some(offset) {
                 stall = None;
+                self.fire();
                 if !self.hold(offset) {
                     self.connection.shutdown();
                     return;
                 }
             }
-            // Never read past the next cut or stall point, so exactly that many bytes go through.
-            let next_event = [self.faults.cut_at, stall]
+            // Never read past the next cut, mark or stall point, so exactly that many bytes go through.
+            let next_event = [self.faults.cut_at, stall, mark]
                 .into_iter()
                 .flatten()
                 .filter(|&at| at > offset)
@@ -306,6 +377,7 @@ impl Pump {
             if let Some(at) = self.faults.flip_at {
                 if (offset..offset + n as u64).contains(&at) {
                     buf[(at - offset) as usize] ^= FLIP_MASK;
+                    self.fire();
                 }
             }
             if let Some(delay) = self.faults.delay {
@@ -322,9 +394,13 @@ impl Pump {
         }
     }
 
+    fn fire(&self) {
+        self.shared.fired.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Report the stall and wait for release (true) or close (false).
     fn hold(&self, offset: u64) -> bool {
-        let _ = self.stalled.send(Stalled {
+        let _ = self.reports.stalled.send(Stalled {
             direction: self.direction,
             offset,
         });
@@ -488,6 +564,36 @@ mod tests {
         let _ = stream.read_to_end(&mut rest); // EOF or reset, but never a hang
         assert!(rest.len() <= 1_000);
         assert_eq!(stalls.bytes_forwarded(Direction::Up), 1_000);
+        Ok(())
+    }
+
+    #[test]
+    fn mark_at_reports_once_and_forwards_everything() -> anyhow::Result<()> {
+        let (echo, received) = echo_server()?;
+        let proxy = Proxy::start(echo, Faults::none().mark_at(12_345), Faults::none())?;
+        assert_eq!(exchange(proxy.addr(), payload())?, payload());
+        assert_eq!(received.recv_timeout(GUARD)?, PAYLOAD_LEN as u64);
+        assert_eq!(
+            proxy.wait_marked(GUARD)?,
+            Marked {
+                direction: Direction::Up,
+                offset: 12_345
+            }
+        );
+        assert!(proxy.try_marked().is_none(), "a mark is reported once");
+        assert_eq!(proxy.fired(), 1);
+
+        let beyond = Proxy::start(
+            echo,
+            Faults::none().flip_at(PAYLOAD_LEN as u64 + 1),
+            Faults::none(),
+        )?;
+        assert_eq!(exchange(beyond.addr(), payload())?, payload());
+        assert_eq!(
+            beyond.fired(),
+            0,
+            "a fault past the end of the stream never fires"
+        );
         Ok(())
     }
 }
