@@ -120,6 +120,9 @@ pub enum Error {
     /// A signal asked us to stop.
     #[error("interrupted by {0}")]
     Cancelled(&'static str),
+    /// The source reconnected while this session was still open (it froze, or its connection went half-open).
+    #[error("superseded by a new connection from the source")]
+    Superseded,
     /// The status file could not be read or written.
     #[error(transparent)]
     Status(#[from] crate::status::StatusError),
@@ -132,7 +135,8 @@ impl Error {
             Error::Timeout { .. }
             | Error::Net { .. }
             | Error::PeerClosed(_)
-            | Error::Cancelled(_) => true,
+            | Error::Cancelled(_)
+            | Error::Superseded => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
             // A full disk, a read-only or failing device stay that way until someone acts.
             Error::Io { source, .. } => matches!(
@@ -151,7 +155,7 @@ impl Error {
             Error::Io { .. } | Error::Open { .. } | Error::Status(_) => AbortCode::Io,
             Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
-            Error::Cancelled(_) => AbortCode::Cancelled,
+            Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
             Error::Config(_) | Error::Key { .. } | Error::TlsSetup(_) => AbortCode::Config,
             _ => AbortCode::Protocol,
         }

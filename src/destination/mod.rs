@@ -92,6 +92,11 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
         .local_addr()
         .map_or_else(|_| config.listen.clone(), |a| a.to_string());
     let (arrived_tx, mut arrived) = mpsc::channel::<Arrival>(4);
+    let config = Arc::new(config.clone());
+    // Held by the session worker, the only writer of the target: a session waits for it before opening the target,
+    // so a superseded session can never write behind its successor's back.
+    let target_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let mut current: Option<Running> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -113,12 +118,53 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
                 });
             }
             Some(arrival) = arrived.recv() => {
-                let result = session_with_status(config, arrival, local.clone()).await;
+                if let Some(running) = current.take() {
+                    if arrival.session.is_err() {
+                        // A wrong key must not end a sync under way: only a source that proved the key may.
+                        tracing::warn!(peer = %arrival.peer, "connection refused during a sync: {}",
+                            arrival.session.err().map(|e| e.to_string()).unwrap_or_default());
+                        current = Some(running);
+                        continue;
+                    }
+                    // The source retried: its previous connection is stale (frozen, or half-open after a
+                    // partition). End that session, recording why, and serve the new one.
+                    tracing::warn!(peer = %arrival.peer, "a new source connection supersedes the sync under way");
+                    let _ = running.supersede.send(());
+                    let _ = running.task.await;
+                }
+                let (supersede, superseded) = tokio::sync::oneshot::channel();
+                let (config, lock, local) = (config.clone(), target_lock.clone(), local.clone());
+                let task = tokio::spawn(async move {
+                    session_with_status(&config, arrival, local, lock, superseded).await
+                });
+                current = Some(Running { task, supersede });
+            }
+            finished = async { current.as_mut().map(|r| &mut r.task).expect("guarded").await },
+                if current.is_some() => {
+                current = None;
+                let result = finished
+                    .unwrap_or_else(|e| Err(Error::Protocol(format!("session task failed: {e}"))));
                 if !config.serve {
                     return result;
                 }
             }
         }
+    }
+}
+
+/// The session under way, and how to end it when the source reconnects.
+struct Running {
+    task: tokio::task::JoinHandle<Result<Digest>>,
+    supersede: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Aborts a task when dropped: a superseded session must not leave its writer blocked on a dead peer, which would
+/// keep the worker (and with it the target) blocked on a full outbox.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -147,6 +193,8 @@ async fn session_with_status(
     config: &DestinationConfig,
     arrival: Arrival,
     local: String,
+    target_lock: Arc<tokio::sync::Mutex<()>>,
+    superseded: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<Digest> {
     let Arrival {
         peer,
@@ -165,9 +213,19 @@ async fn session_with_status(
     span.in_scope(|| tracing::info!("source connected"));
     let result = match connection {
         Ok(halves) => {
-            session(config, halves, figures.clone(), &mut status, started)
-                .instrument(span.clone())
-                .await
+            let run = session(
+                config,
+                halves,
+                figures.clone(),
+                &mut status,
+                started,
+                target_lock,
+            )
+            .instrument(span.clone());
+            tokio::select! {
+                r = run => r,
+                Ok(()) = superseded => Err(Error::Superseded),
+            }
         }
         Err(e) => Err(e),
     };
@@ -190,6 +248,7 @@ async fn session(
     figures: Arc<Figures>,
     status: &mut StatusFile,
     started: Instant,
+    target_lock: Arc<tokio::sync::Mutex<()>>,
 ) -> Result<Digest> {
     let t = config.timeouts;
     let hello = within("hello", t.handshake, reader.expect("hello")).await;
@@ -205,7 +264,13 @@ async fn session(
             other.name()
         ))),
     };
-    let (target, geometry) = match opened {
+    // A superseded session's worker may still be finishing a batch: wait until it cannot write any more.
+    let writing = within("wait for the previous session", t.handshake, async {
+        Ok(target_lock.lock_owned().await)
+    })
+    .await;
+    let opened = opened.and_then(|o| writing.map(|w| (o, w)));
+    let ((target, geometry), writing) = match opened {
         Ok(o) => o,
         Err(e) => {
             let _ = writer
@@ -235,6 +300,7 @@ async fn session(
     let target = Arc::new(target);
     let local = spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone());
     let (outbox, writer_task) = spawn_writer(writer, 256);
+    let _abort_writer = AbortOnDrop(writer_task.abort_handle());
     let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
     let worker = {
         let apply = apply::Apply::new(
@@ -245,7 +311,10 @@ async fn session(
             figures.clone(),
             config.window,
         );
-        tokio::task::spawn_blocking(move || apply.run(&mut inbox_rx))
+        tokio::task::spawn_blocking(move || {
+            let _writing = writing;
+            apply.run(&mut inbox_rx)
+        })
     };
     let result = pump(&mut reader, inbox_tx, worker, t.idle).await;
     let digest = match result {

@@ -147,7 +147,9 @@ fn cut_full_sync_resumes_with_the_remaining_half() -> Result<()> {
 
     let resumed = retry(&fx)?;
     println!("the cut run wrote {written} chunks");
-    check_resumed("cut at half", &resumed, chunks, cut, 0.6);
+    // How much of what passed the proxy the destination wrote before the cut depends on the machine's load
+    // (socket buffers hold a few MiB); what it wrote is never sent again.
+    check_resumed("cut at half", &resumed, chunks, cut, 0.75);
     assert!(
         resumed.chunks + written <= chunks,
         "the retry resent chunks the cut run had written ({} + {written} > {chunks})",
@@ -281,14 +283,11 @@ fn first_nonzero_chunk(path: &Path, len: u64) -> Result<Option<u64>> {
         .map(|i| i as u64))
 }
 
-/// Known liveness issue, not fixed here: while a session waits on a source that froze with its connection open
-/// (a hung node, a half-open connection after a partition), the destination handshakes no new connection, so the
-/// source's retry times out in the TLS handshake until the stale session's idle timeout (600 s by default) ends
-/// it; the entrypoint's five tries can run out first. Safety is not at stake (nothing is written or reported);
-/// the fix is for a newer authenticated source to end the stale session, after its worker has stopped writing.
-/// `cargo test --release --test it -- --ignored frozen` shows it failing.
+/// A source that froze with its connection open (a hung node, a half-open connection after a partition) must not
+/// block its own retry until the stale session's idle timeout (600 s by default): the destination keeps
+/// handshaking while a session runs, and a newer source that proves the key supersedes the stale session once its
+/// worker can no longer write. The one-shot destination then serves the retry to a verified, durable end.
 #[test]
-#[ignore = "known issue: a frozen source's session blocks its retry until the idle timeout"]
 fn a_retry_is_served_while_a_frozen_sources_session_is_still_open() -> Result<()> {
     let (fx, chunks) = random_fixture(0x5e5_0006)?;
     let mut destination = fx.destination()?;
@@ -311,11 +310,67 @@ fn a_retry_is_served_while_a_frozen_sources_session_is_still_open() -> Result<()
     frozen.kill()?;
     wait_with_timeout(&mut frozen, AGENT_TIMEOUT)?;
     proxy.close();
-    let _ = destination.wait(AGENT_TIMEOUT)?;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
     assert!(
         retry.status.success(),
         "the retry was not served while the frozen source's session was open: {}",
         String::from_utf8_lossy(&retry.stderr)
     );
+    assert!(
+        finished.status.success(),
+        "destination: {}",
+        finished.stderr
+    );
+    assert!(
+        finished.stderr.contains("supersedes the sync under way"),
+        "destination log: {}",
+        finished.stderr
+    );
+    fx.expect_target_matches_volume()?;
+    expect_successful(&fx.destination_status, Kind::Destination)?;
+    Ok(())
+}
+
+/// Only a source that proves the key may supersede a sync under way: a connection with the wrong key while a sync
+/// runs is refused and the sync completes.
+#[test]
+fn a_wrong_key_during_a_sync_does_not_end_it() -> Result<()> {
+    let (fx, chunks) = random_fixture(0x5e5_0007)?;
+    let mut destination = fx.destination()?;
+    let proxy = Proxy::start(
+        destination.addr,
+        Faults::none().stall_at(chunks * CHUNK / 4),
+        Faults::none(),
+    )?;
+    let mut real = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
+    proxy.wait_stalled(AGENT_TIMEOUT)?;
+
+    let other = crate::common::keygen_named(fx.dir.path(), "other-psk.txt")?;
+    let intruder = std::process::Command::new(crate::common::bin())
+        .args(["source", "--connect"])
+        .arg(destination.addr.to_string())
+        .arg("--volume")
+        .arg(&fx.volume)
+        .arg("--psk")
+        .arg(&other)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&intruder.stderr);
+    assert_eq!(intruder.status.code(), Some(1), "wrong key: {stderr}");
+    assert!(stderr.contains("keys do not match"), "{stderr}");
+
+    proxy.release();
+    let status = wait_with_timeout(&mut real, AGENT_TIMEOUT)?;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
+    assert!(
+        status.success(),
+        "the real source failed after the intruder"
+    );
+    assert!(
+        finished.status.success(),
+        "destination: {}",
+        finished.stderr
+    );
+    fx.expect_target_matches_volume()?;
+    expect_successful(&fx.destination_status, Kind::Destination)?;
     Ok(())
 }
