@@ -17,6 +17,7 @@ use crate::chunk::{
 };
 use rayon::prelude::*;
 
+use super::flush::Flusher;
 use crate::codec::{DataFrame, Encoding, Message};
 use crate::error::{Error, Result};
 use crate::net::Outbox;
@@ -51,6 +52,8 @@ pub struct Apply {
     end: Option<Digest>,
     /// A run of zeroing not yet issued: (offset, len).
     zero_run: Option<(u64, u64)>,
+    /// Background fsyncs while the sync runs.
+    flusher: Option<Flusher>,
 }
 
 impl Apply {
@@ -78,6 +81,7 @@ impl Apply {
             finals: FinalDigests::new(geometry),
             end: None,
             zero_run: None,
+            flusher: None,
         }
     }
 
@@ -146,6 +150,9 @@ impl Apply {
     fn finish(mut self) -> Result<Digest> {
         self.flush_zero_run()?;
         let flushing = std::time::Instant::now();
+        if let Some(f) = self.flusher.take() {
+            f.finish()?;
+        }
         self.target.sync()?;
         tracing::info!("target fsynced in {:.2}s", flushing.elapsed().as_secs_f64());
         let ours = self.finals.finish()?;
@@ -264,8 +271,14 @@ impl Apply {
                 })
                 .collect()
         };
+        if self.flusher.is_none() {
+            self.flusher = Some(Flusher::new(self.target.clone())?);
+        }
         for ((d, expected, _), result) in claimed.into_iter().zip(written) {
             result?;
+            if let Some(f) = &mut self.flusher {
+                f.wrote(u64::from(d.raw_len));
+            }
             let (offset, len) = self.geometry.chunk_range(d.chunk);
             for (b0, b1) in runs(d.zero_mask) {
                 let start = block_range(len, b0).start as u64;

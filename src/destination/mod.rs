@@ -5,6 +5,7 @@
 //! Successful: every byte of `[0, volume_size)` of the target, fsynced, whose volume digest matched the source's.
 
 mod apply;
+mod flush;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
