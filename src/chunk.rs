@@ -154,13 +154,18 @@ impl ZeroDigests {
         }
     }
 
+    /// The summary of chunk `index` known to be all zeros.
+    pub fn zero_summary(&self, index: u64) -> ChunkSummary {
+        ChunkSummary {
+            digest: self.for_chunk(index),
+            zero: true,
+        }
+    }
+
     /// Hashes chunk `index`, skipping BLAKE3 when it is all zeros.
     pub fn summarize(&self, index: u64, bytes: &[u8]) -> ChunkSummary {
         if is_zero(bytes) {
-            ChunkSummary {
-                digest: self.for_chunk(index),
-                zero: true,
-            }
+            self.zero_summary(index)
         } else {
             ChunkSummary {
                 digest: Digest::of(bytes),

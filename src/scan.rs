@@ -78,9 +78,13 @@ fn summarize_segment(
             BUFFER.with(|cell| {
                 let mut buf = cell.borrow_mut();
                 buf.resize(len, 0);
-                volume.read_exact_at(&mut buf, offset)?;
+                let hole = volume.read_unless_hole(&mut buf, offset)?;
                 bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                Ok(zeros.summarize(i, &buf))
+                Ok(if hole {
+                    zeros.zero_summary(i)
+                } else {
+                    zeros.summarize(i, &buf)
+                })
             })
         })
         .collect()

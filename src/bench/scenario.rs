@@ -235,7 +235,18 @@ fn keep_copy(target: &Path) -> anyhow::Result<std::path::PathBuf> {
     let copy = target.with_extension("before.img");
     std::fs::copy(target, &copy)
         .with_context(|| format!("cannot copy {} aside", target.display()))?;
+    durable(&copy)?;
     Ok(copy)
+}
+
+/// fsyncs a file written outside the timed part, so that its writeback does not land in a timed sync (the target's
+/// final fsync would otherwise flush the whole restored copy).
+fn durable(path: &Path) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot fsync {}", path.display()))
 }
 
 impl Bench<'_> {
@@ -277,6 +288,7 @@ impl Bench<'_> {
             self.blockmover(volume, target, size, SyncKind::Incremental, change, &digest)?;
             if let (Some(before), Some(ms)) = (before, self.args.rtt_ms) {
                 std::fs::copy(&before, target).context("cannot restore the target")?;
+                durable(target)?;
                 std::fs::remove_file(&before)?;
                 self.delayed = Some(Duration::from_millis(ms));
                 let r =

@@ -8,19 +8,26 @@
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 
-/// Bytes written between background fsyncs.
+/// Bytes written that start a background fsync at once.
 pub const FLUSH_EVERY: u64 = 64 << 20;
+/// Fewer bytes (at least [`FLUSH_SOME`]) start one after [`FLUSH_AFTER`]: an incremental sync writes a few MiB
+/// of scattered blocks across the whole scan, and their writeback should overlap the scan too.
+pub const FLUSH_SOME: u64 = 1 << 20;
+/// See [`FLUSH_SOME`].
+pub const FLUSH_AFTER: Duration = Duration::from_millis(250);
 
-/// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written (skipped
-/// while one is still running: the next one covers both).
+/// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written, or
+/// [`FLUSH_SOME`] within [`FLUSH_AFTER`] (skipped while one is still running: the next one covers both).
 pub struct Flusher {
     request: Option<SyncSender<()>>,
     thread: Option<JoinHandle<Result<()>>>,
     pending: u64,
+    since: Instant,
 }
 
 impl Flusher {
@@ -40,18 +47,24 @@ impl Flusher {
             request: Some(tx),
             thread: Some(thread),
             pending: 0,
+            since: Instant::now(),
         })
     }
 
     /// Notes `bytes` written, and asks for a background fsync when enough are pending.
     pub fn wrote(&mut self, bytes: u64) {
         self.pending += bytes;
-        if self.pending < FLUSH_EVERY {
+        let due = self.pending >= FLUSH_EVERY
+            || (self.pending >= FLUSH_SOME && self.since.elapsed() >= FLUSH_AFTER);
+        if !due {
             return;
         }
         if let Some(tx) = &self.request {
             match tx.try_send(()) {
-                Ok(()) => self.pending = 0,
+                Ok(()) => {
+                    self.pending = 0;
+                    self.since = Instant::now();
+                }
                 Err(TrySendError::Full(())) => {}
                 // The thread ended on an error; finish() reports it.
                 Err(TrySendError::Disconnected(())) => self.request = None,
