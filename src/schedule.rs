@@ -284,26 +284,27 @@ impl Planner {
     }
 }
 
+/// Test clocks shared by the scheduling and metrics tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use chrono::TimeZone;
+pub(crate) mod fake {
+    use super::Clock;
+    use chrono::{DateTime, TimeZone, Utc};
     use std::sync::Mutex;
 
     /// A clock that moves only when told to.
     #[derive(Debug)]
-    struct FakeClock(Mutex<DateTime<Utc>>);
+    pub struct FakeClock(Mutex<DateTime<Utc>>);
 
     impl FakeClock {
-        fn at(t: DateTime<Utc>) -> FakeClock {
+        pub fn at(t: DateTime<Utc>) -> FakeClock {
             FakeClock(Mutex::new(t))
         }
-        fn advance(&self, secs: i64) {
+        pub fn advance(&self, secs: i64) {
             if let Ok(mut t) = self.0.lock() {
                 *t += chrono::Duration::seconds(secs);
             }
         }
-        fn set(&self, to: DateTime<Utc>) {
+        pub fn set(&self, to: DateTime<Utc>) {
             if let Ok(mut t) = self.0.lock() {
                 *t = to;
             }
@@ -316,11 +317,18 @@ mod tests {
         }
     }
 
-    fn t(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+    /// 2026-11-24 at h:m:s UTC.
+    pub fn t(h: u32, m: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 24, h, m, s)
             .single()
             .unwrap_or_default()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{t, FakeClock};
+    use super::*;
 
     fn every5() -> Schedule {
         Schedule::parse("*/5 * * * *").expect("valid")

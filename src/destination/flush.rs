@@ -22,7 +22,8 @@ pub const FLUSH_SOME: u64 = 1 << 20;
 pub const FLUSH_AFTER: Duration = Duration::from_millis(250);
 
 /// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written, or
-/// [`FLUSH_SOME`] within [`FLUSH_AFTER`] (skipped while one is still running: the next one covers both).
+/// [`FLUSH_SOME`] within [`FLUSH_AFTER`] (skipped while one is still running: the next one covers both). Dropped
+/// without [`Flusher::finish`] (a failed session), it does not wait: the thread ends after its current fsync.
 pub struct Flusher {
     request: Option<SyncSender<()>>,
     thread: Option<JoinHandle<Result<()>>>,
@@ -80,13 +81,6 @@ impl Flusher {
             Some(Err(_)) => Err(Error::Config("the flush thread panicked".into())),
             None => Ok(()),
         }
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        // A failed session does not wait for its background fsync.
-        self.request = None;
     }
 }
 

@@ -423,31 +423,8 @@ fn escape(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::schedule::fake::{t, FakeClock};
     use crate::stats::add;
-    use chrono::TimeZone;
-
-    #[derive(Debug)]
-    struct FakeClock(Mutex<DateTime<Utc>>);
-
-    impl FakeClock {
-        fn set(&self, t: DateTime<Utc>) {
-            if let Ok(mut c) = self.0.lock() {
-                *c = t;
-            }
-        }
-    }
-
-    impl Clock for FakeClock {
-        fn now(&self) -> DateTime<Utc> {
-            self.0.lock().map(|t| *t).unwrap_or_default()
-        }
-    }
-
-    fn t(h: u32, m: u32, s: u32) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 24, h, m, s)
-            .single()
-            .unwrap_or_default()
-    }
 
     fn labels() -> Labels {
         Labels {
@@ -466,7 +443,7 @@ mod tests {
 
     #[test]
     fn missed_interval_counted_when_a_sync_completes_after_its_deadline() -> anyhow::Result<()> {
-        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let clock = Arc::new(FakeClock::at(t(18, 0, 0)));
         let m = Metrics::new(
             labels(),
             Some(Schedule::parse("*/5 * * * *")?),
@@ -500,7 +477,7 @@ mod tests {
 
     #[test]
     fn failure_sets_out_of_sync_until_the_next_success() {
-        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let clock = Arc::new(FakeClock::at(t(18, 0, 0)));
         let m = Metrics::new(labels(), None, clock, Some(t(17, 0, 0)));
         assert_eq!(value(&m.render(), "volsync_volume_out_of_sync{"), Some(0.0));
         m.started(Arc::new(Figures::default()));
@@ -521,7 +498,7 @@ mod tests {
 
     #[test]
     fn counters_include_the_sync_under_way_and_never_go_back() {
-        let clock = Arc::new(FakeClock(Mutex::new(t(18, 0, 0))));
+        let clock = Arc::new(FakeClock::at(t(18, 0, 0)));
         let m = Metrics::new(labels(), None, clock, None);
         let f = Arc::new(Figures::default());
         m.started(f.clone());
@@ -544,7 +521,7 @@ mod tests {
 
     #[test]
     fn summary_quantiles_are_nan_when_empty_and_forget_observations_after_a_day() {
-        let clock = Arc::new(FakeClock(Mutex::new(t(0, 0, 0))));
+        let clock = Arc::new(FakeClock::at(t(0, 0, 0)));
         let m = Metrics::new(labels(), None, clock.clone(), None);
         assert!(m.render().contains("quantile=\"0.5\"} NaN\n"));
         for secs in [1, 2, 3, 4, 100] {
@@ -563,7 +540,7 @@ mod tests {
 
     #[test]
     fn labels_are_escaped_and_carry_volsyncs_names() {
-        let clock = Arc::new(FakeClock(Mutex::new(t(0, 0, 0))));
+        let clock = Arc::new(FakeClock::at(t(0, 0, 0)));
         let m = Metrics::new(labels(), None, clock, None);
         let r = m.render();
         assert!(

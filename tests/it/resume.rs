@@ -21,7 +21,7 @@ use blockmover::sample::{self, SampleSpec};
 use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{
     expect_failed, expect_failure, expect_successful, external_u64, read_status, spawn_source,
-    wait_with_timeout, Fixture, AGENT_TIMEOUT,
+    wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -49,6 +49,35 @@ fn random_fixture(seed: u64) -> Result<(Fixture, u64)> {
     let fx = Fixture::with_spec(&spec, VOLUME)?;
     let chunks = nonzero_chunks(&fx.volume, VOLUME)?;
     Ok((fx, chunks))
+}
+
+/// A sync of a fresh random fixture, held still by a proxy that stalls the source's stream once `at(chunks)`
+/// bytes passed: the destination session is open and the source blocked, both alive.
+struct Stalled {
+    fx: Fixture,
+    chunks: u64,
+    destination: Destination,
+    proxy: Proxy,
+    source: std::process::Child,
+}
+
+fn stalled_sync(seed: u64, at: impl Fn(u64) -> u64) -> Result<Stalled> {
+    let (fx, chunks) = random_fixture(seed)?;
+    let destination = fx.destination()?;
+    let proxy = Proxy::start(
+        destination.addr,
+        Faults::none().stall_at(at(chunks)),
+        Faults::none(),
+    )?;
+    let source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
+    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    Ok(Stalled {
+        fx,
+        chunks,
+        destination,
+        proxy,
+        source,
+    })
 }
 
 /// Chunks of `CHUNK` bytes among the first `len` bytes of `path` that hold a non-zero byte.
@@ -160,16 +189,14 @@ fn cut_full_sync_resumes_with_the_remaining_half() -> Result<()> {
 
 #[test]
 fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
-    let (fx, chunks) = random_fixture(0x5e5_0002)?;
+    let Stalled {
+        fx,
+        chunks,
+        mut destination,
+        proxy,
+        mut source,
+    } = stalled_sync(0x5e5_0002, |chunks| chunks * CHUNK / 2)?;
     let half = chunks * CHUNK / 2;
-    let mut destination = fx.destination()?;
-    let proxy = Proxy::start(
-        destination.addr,
-        Faults::none().stall_at(half),
-        Faults::none(),
-    )?;
-    let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
     destination.child.kill()?; // SIGKILL: no status update, no fsync, no goodbye
     let killed = destination.wait(AGENT_TIMEOUT)?;
     assert_eq!(killed.status.signal(), Some(9), "{}", killed.stderr);
@@ -209,16 +236,14 @@ fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
 
 #[test]
 fn source_killed_mid_sync_resumes() -> Result<()> {
-    let (fx, chunks) = random_fixture(0x5e5_0003)?;
+    let Stalled {
+        fx,
+        chunks,
+        mut destination,
+        proxy,
+        mut source,
+    } = stalled_sync(0x5e5_0003, |chunks| chunks * CHUNK / 2)?;
     let half = chunks * CHUNK / 2;
-    let mut destination = fx.destination()?;
-    let proxy = Proxy::start(
-        destination.addr,
-        Faults::none().stall_at(half),
-        Faults::none(),
-    )?;
-    let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
     source.kill()?;
     let status = wait_with_timeout(&mut source, AGENT_TIMEOUT)?;
     assert_eq!(status.signal(), Some(9));
@@ -289,15 +314,13 @@ fn first_nonzero_chunk(path: &Path, len: u64) -> Result<Option<u64>> {
 /// worker can no longer write. The one-shot destination then serves the retry to a verified, durable end.
 #[test]
 fn a_retry_is_served_while_a_frozen_sources_session_is_still_open() -> Result<()> {
-    let (fx, chunks) = random_fixture(0x5e5_0006)?;
-    let mut destination = fx.destination()?;
-    let proxy = Proxy::start(
-        destination.addr,
-        Faults::none().stall_at(chunks * CHUNK / 4),
-        Faults::none(),
-    )?;
-    let mut frozen = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    let Stalled {
+        fx,
+        mut destination,
+        proxy,
+        source: mut frozen,
+        ..
+    } = stalled_sync(0x5e5_0006, |chunks| chunks * CHUNK / 4)?;
 
     let retry = std::process::Command::new(crate::common::bin())
         .args(["source", "--handshake-timeout", "5", "--connect"])
@@ -335,15 +358,13 @@ fn a_retry_is_served_while_a_frozen_sources_session_is_still_open() -> Result<()
 /// runs is refused and the sync completes.
 #[test]
 fn a_wrong_key_during_a_sync_does_not_end_it() -> Result<()> {
-    let (fx, chunks) = random_fixture(0x5e5_0007)?;
-    let mut destination = fx.destination()?;
-    let proxy = Proxy::start(
-        destination.addr,
-        Faults::none().stall_at(chunks * CHUNK / 4),
-        Faults::none(),
-    )?;
-    let mut real = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    let Stalled {
+        fx,
+        mut destination,
+        proxy,
+        source: mut real,
+        ..
+    } = stalled_sync(0x5e5_0007, |chunks| chunks * CHUNK / 4)?;
 
     let other = crate::common::keygen_named(fx.dir.path(), "other-psk.txt")?;
     let intruder = std::process::Command::new(crate::common::bin())
