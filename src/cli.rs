@@ -148,8 +148,8 @@ pub struct SourceArgs {
     /// zstd compression level for changed blocks.
     #[arg(long, default_value_t = 1)]
     pub zstd_level: i32,
-    /// When to compress: auto (changed blocks always; whole chunks of a first sync only while the network is
-    /// behind), always (fewest bytes), never (links faster than zstd).
+    /// When to compress: auto (changed blocks always; whole chunks of a first sync when that measures faster
+    /// than sending them raw), always (fewest bytes), never (links faster than zstd).
     #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
     pub compress: CompressArg,
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
@@ -261,7 +261,7 @@ impl SourceArgs {
 /// `--compress` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum CompressArg {
-    /// Changed blocks always; whole chunks of a first sync only while the network is behind.
+    /// Changed blocks always; whole chunks of a first sync when that measures faster than raw.
     Auto,
     /// Every payload that compresses.
     Always,

@@ -212,7 +212,17 @@ impl Message {
 
     /// Appends this message as one frame (header and payload) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
+        if let Some(payload) = self.encode_head(dst) {
+            dst.put_slice(payload);
+        }
+    }
+
+    /// Appends this message's frame to `dst` except a DATA's payload, which it returns: the frame is `dst`'s new
+    /// bytes followed by that payload (its length is already in the header). The writer sends the payload from
+    /// where it is instead of copying it into the frame.
+    pub fn encode_head(&self, dst: &mut BytesMut) -> Option<&Bytes> {
         let start = dst.len();
+        let mut tail = None;
         dst.put_slice(&MAGIC);
         dst.put_u8(VERSION);
         dst.put_u8(0);
@@ -270,7 +280,7 @@ impl Message {
                     Encoding::Zstd => 1,
                 });
                 dst.put_u32(d.raw_len);
-                dst.put_slice(&d.payload);
+                tail = Some(&d.payload);
                 kind::DATA
             }
             Message::End {
@@ -302,9 +312,10 @@ impl Message {
                 kind::ABORT
             }
         };
-        let len = (dst.len() - start - HEADER_LEN) as u32;
+        let len = (dst.len() - start - HEADER_LEN + tail.map_or(0, |t| t.len())) as u32;
         dst[start + 3] = ty;
         dst[start + 4..start + 8].copy_from_slice(&len.to_be_bytes());
+        tail
     }
 
     /// Decodes the payload of a frame of type `ty`, checking every length against the payload.
@@ -512,48 +523,59 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Option<(Message, usize)>> {
 }
 
 /// Reads frames from a byte stream.
+///
+/// The header is read on its own, then the payload straight into a buffer of exactly its length: no read-ahead
+/// buffer that a large frame straddles and has to be copied out of, and never more than one frame's memory.
 pub struct FrameReader<R> {
     inner: R,
-    buf: BytesMut,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a stream.
     pub fn new(inner: R) -> Self {
-        FrameReader {
-            inner,
-            buf: BytesMut::with_capacity(64 * 1024),
-        }
+        FrameReader { inner }
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between frames, an error inside one.
     pub async fn read(&mut self, phase: &'static str) -> Result<Option<Message>> {
-        loop {
-            if let Some(msg) = parse_frame(&mut self.buf)? {
-                return Ok(Some(msg));
-            }
-            // parse_frame made room for the rest of a frame whose header it has read; otherwise read ahead.
-            let spare = self.buf.capacity() - self.buf.len();
-            let pending = matches!(check_header(&self.buf), Ok(Some(_)));
-            if spare == 0 || (spare < 16 * 1024 && !pending) {
-                make_room(&mut self.buf, 64 * 1024);
-            }
+        let truncated = |at: usize| {
+            Error::Protocol(format!(
+                "truncated frame: stream ended {at} bytes into a frame"
+            ))
+        };
+        let mut head = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
             let n = self
                 .inner
-                .read_buf(&mut self.buf)
+                .read(&mut head[got..])
                 .await
                 .map_err(|e| Error::net(phase, e))?;
             if n == 0 {
-                return if self.buf.is_empty() {
+                return if got == 0 {
                     Ok(None)
                 } else {
-                    Err(Error::Protocol(format!(
-                        "truncated frame: stream ended {} bytes into a frame",
-                        self.buf.len()
-                    )))
+                    Err(truncated(got))
                 };
             }
+            got += n;
         }
+        let Some((ty, len)) = check_header(&head)? else {
+            return Err(truncated(got));
+        };
+        let mut payload = BytesMut::with_capacity(len);
+        while payload.len() < len {
+            let rest = len - payload.len();
+            let n = self
+                .inner
+                .read_buf(&mut (&mut payload).limit(rest))
+                .await
+                .map_err(|e| Error::net(phase, e))?;
+            if n == 0 {
+                return Err(truncated(HEADER_LEN + payload.len()));
+            }
+        }
+        Message::decode(ty, payload.freeze()).map(Some)
     }
 
     /// The next message, treating end of stream as the peer closing during `phase`.
@@ -563,24 +585,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Writes frames to a byte stream, batching small frames into one write.
+///
+/// Headers and small frames are encoded into one buffer, reused; DATA payloads are not copied into it but queued
+/// as they are and written with the headers in one vectored write (TLS copies them into its records anyway).
 pub struct FrameWriter<W> {
     inner: W,
-    buf: BytesMut,
+    /// Encoded bytes not yet cut into `queued`.
+    head: BytesMut,
+    /// What to write, in order.
+    queued: std::collections::VecDeque<Bytes>,
+    /// Bytes in `head` and `queued`.
+    pending: usize,
 }
+
+/// A writer writes out once this much is queued.
+const WRITE_BATCH: usize = 128 * 1024;
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a stream.
     pub fn new(inner: W) -> Self {
         FrameWriter {
             inner,
-            buf: BytesMut::with_capacity(256 * 1024),
+            head: BytesMut::with_capacity(64 * 1024),
+            queued: std::collections::VecDeque::new(),
+            pending: 0,
         }
     }
 
     /// Queues a message, writing out when the batch is large.
     pub async fn queue(&mut self, msg: &Message) -> Result<()> {
-        msg.encode(&mut self.buf);
-        if self.buf.len() >= 128 * 1024 {
+        self.push(msg);
+        if self.pending >= WRITE_BATCH {
             self.write_out().await?;
         }
         Ok(())
@@ -588,8 +623,19 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Queues a message and flushes everything.
     pub async fn send(&mut self, msg: &Message) -> Result<()> {
-        msg.encode(&mut self.buf);
+        self.push(msg);
         self.flush().await
+    }
+
+    fn push(&mut self, msg: &Message) {
+        let before = self.head.len();
+        let payload = msg.encode_head(&mut self.head);
+        self.pending += self.head.len() - before;
+        if let Some(p) = payload.filter(|p| !p.is_empty()) {
+            self.pending += p.len();
+            self.queued.push_back(self.head.split().freeze());
+            self.queued.push_back(p.clone());
+        }
     }
 
     /// Writes every queued frame and flushes the stream.
@@ -599,11 +645,35 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     async fn write_out(&mut self) -> Result<()> {
-        let buf = self.buf.split();
-        self.inner
-            .write_all(&buf)
-            .await
-            .map_err(|e| Error::net("send", e))
+        if !self.head.is_empty() {
+            self.queued.push_back(self.head.split().freeze());
+        }
+        while !self.queued.is_empty() {
+            let slices: Vec<std::io::IoSlice<'_>> = self
+                .queued
+                .iter()
+                .take(64)
+                .map(|b| std::io::IoSlice::new(b))
+                .collect();
+            let mut n = self
+                .inner
+                .write_vectored(&slices)
+                .await
+                .map_err(|e| Error::net("send", e))?;
+            if n == 0 {
+                return Err(Error::net("send", std::io::ErrorKind::WriteZero.into()));
+            }
+            self.pending -= n;
+            while let Some(front) = self.queued.front_mut() {
+                if n < front.len() {
+                    front.advance(n);
+                    break;
+                }
+                n -= front.len();
+                self.queued.pop_front();
+            }
+        }
+        Ok(())
     }
 
     /// Flushes and shuts the stream down (TLS close_notify).

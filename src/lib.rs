@@ -6,6 +6,7 @@
 //! agents record a VolSync-shaped [`status`]. Frames are in [`codec`], TLS and the PSK proof in [`tls`] and [`net`].
 #![deny(missing_docs)]
 
+pub mod adapt;
 pub mod agent;
 pub mod chunk;
 pub mod codec;

@@ -61,6 +61,19 @@ pub struct WireCounters {
     pub received: AtomicU64,
 }
 
+/// Read-ahead under TLS. rustls asks its transport for 4 KiB at a time: straight on the socket that is one
+/// `recv` per 4 KiB (a third of the destination's CPU on a full sync went to them); through this buffer it is one
+/// per 256 KiB, at the cost of one memory copy.
+pub const SOCKET_READ_AHEAD: usize = 256 * 1024;
+
+/// The socket as TLS sees it: counted, and read ahead in [`SOCKET_READ_AHEAD`] bytes.
+pub type Socket<S> = tokio::io::BufReader<Counted<S>>;
+
+/// Wraps a connected socket for TLS: see [`Socket`].
+pub fn socket<S: AsyncRead + Unpin>(inner: S, counters: Arc<WireCounters>) -> Socket<S> {
+    tokio::io::BufReader::with_capacity(SOCKET_READ_AHEAD, Counted::new(inner, counters))
+}
+
 /// A stream that counts the bytes read and written through it.
 pub struct Counted<S> {
     inner: S,
@@ -99,6 +112,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
             self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
+    }
+
+    /// rustls hands its queued TLS records over as one vectored write; without this, each record would be a
+    /// `send` of its own.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -18,11 +18,12 @@ use rayon::prelude::*;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::adapt::Chooser;
 use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_SIZE};
 use crate::codec::{DataFrame, Encoding, FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted, Outbox,
+    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Outbox,
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
@@ -60,10 +61,10 @@ pub struct SourceConfig {
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Compression {
-    /// Changed blocks of an incremental sync always; whole chunks copied into an empty target only while the
-    /// network is behind (the send queue at least half full). Compressing text-like data costs about as much CPU
-    /// as the rest of a full sync: on a fast link it makes the sync slower, on a slow one the queue fills and
-    /// compression turns on. Incremental changes are few, so compressing them is cheap next to the scan.
+    /// Changed blocks of an incremental sync always (they are few: compressing them is cheap next to the scan);
+    /// whole chunks copied into an empty target when that measures faster, see [`crate::adapt`]: on a link slower
+    /// than zstd it does, on a fast link or with both agents on the same cores it does not (compressing a first
+    /// sync of text-like data costs about as much CPU as the rest of the sync).
     #[default]
     Auto,
     /// Every payload: fewest bytes on the wire, whatever the CPU cost.
@@ -73,13 +74,13 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// Whether to compress a payload; `incremental` when the NEED carried block digests, `behind` when the send
-    /// queue is at least half full.
-    fn wanted(self, incremental: bool, behind: bool) -> bool {
+    /// Whether to compress a payload; `incremental` when the NEED carried block digests, `measured` what the
+    /// [`Chooser`] says for whole chunks now.
+    fn wanted(self, incremental: bool, measured: bool) -> bool {
         match self {
             Compression::Always => true,
             Compression::Never => false,
-            Compression::Auto => incremental || behind,
+            Compression::Auto => incremental || measured,
         }
     }
 }
@@ -185,7 +186,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let _ = tcp.set_nodelay(true);
     let peer: Option<SocketAddr> = tcp.peer_addr().ok();
     tracing::info!(?peer, volume = %config.volume.display(), size = geometry.volume_size(), "connected");
-    let stream = Counted::new(tcp, figures.wire.clone());
+    let stream = crate::net::socket(tcp, figures.wire.clone());
     let tls = within("tls handshake", t.handshake, async {
         tls::connector()?
             .connect(tls::server_name(), stream)
@@ -435,6 +436,8 @@ impl Session {
             self.compression,
         );
         tokio::task::spawn_blocking(move || {
+            let mut chooser = Chooser::new();
+            let mut last = std::time::Instant::now();
             while let Some(first) = needs.blocking_recv() {
                 let mut batch = vec![first];
                 while batch.len() < NEED_BATCH {
@@ -443,20 +446,23 @@ impl Session {
                         Err(_) => break,
                     }
                 }
-                let behind = outbox.max_capacity() - outbox.capacity() >= outbox.max_capacity() / 2;
+                let measured = chooser.compress();
+                let count = batch.len() as u64;
                 let frames: Vec<Result<DataFrame>> = batch
                     .into_par_iter()
                     .map(|(chunk, blocks)| {
                         let level = compression
-                            .wanted(blocks.is_some(), behind)
+                            .wanted(blocks.is_some(), measured)
                             .then_some(level);
                         build_data(&volume, geometry, chunk, blocks.as_deref(), level)
                     })
                     .collect();
+                let mut raw = 0;
                 for frame in frames {
                     match frame {
                         Ok(d) => {
                             count_data(&figures, &d);
+                            raw += u64::from(d.raw_len);
                             if outbox.blocking_send(Message::Data(d)).is_err() {
                                 return;
                             }
@@ -467,6 +473,9 @@ impl Session {
                         }
                     }
                 }
+                let now = std::time::Instant::now();
+                chooser.record(count, raw, now - last);
+                last = now;
             }
         })
     }
@@ -491,30 +500,16 @@ pub fn build_data(
     target_blocks: Option<&[Digest]>,
     zstd_level: Option<i32>,
 ) -> Result<DataFrame> {
-    thread_local! {
-        static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUFFER.with(|cell| {
-        let buf = &mut *cell.borrow_mut();
-        build_data_from(volume, geometry, chunk, target_blocks, zstd_level, buf)
-    })
-}
-
-fn build_data_from(
-    volume: &Volume,
-    geometry: Geometry,
-    chunk: u64,
-    target_blocks: Option<&[Digest]>,
-    zstd_level: Option<i32>,
-    buf: &mut Vec<u8>,
-) -> Result<DataFrame> {
     let (offset, len) = geometry.chunk_range(chunk);
-    buf.resize(len, 0);
-    volume.read_exact_at(buf, offset)?;
-    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
+    // where it was read; otherwise the blocks that travel are moved to the front.
     let mut raw = Vec::with_capacity(len);
+    volume.read_append(&mut raw, offset, len)?;
+    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    let mut kept = 0;
     for b in 0..geometry.blocks_in_chunk(chunk) {
-        let block = &buf[block_range(len, b)];
+        let r = block_range(len, b);
+        let block = &raw[r.clone()];
         let zero = is_zero(block);
         let differs = match target_blocks {
             None => !zero,
@@ -527,9 +522,13 @@ fn build_data_from(
             zero_mask |= 1 << b;
         } else {
             send_mask |= 1 << b;
-            raw.extend_from_slice(block);
+            if r.start != kept {
+                raw.copy_within(r.clone(), kept);
+            }
+            kept += r.len();
         }
     }
+    raw.truncate(kept);
     let raw_len = raw.len() as u32;
     let (encoding, payload) = match zstd_level
         .filter(|l| compressible(&raw, *l))

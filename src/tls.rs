@@ -150,8 +150,14 @@ impl Psk {
     }
 }
 
+/// ring's TLS 1.3 suites with AES-128-GCM first (ring lists AES-256-GCM first): 10 AES rounds instead of 14 on
+/// every byte of the volume, both ways, and 128-bit keys are what TLS 1.3 mandates and what most stacks prefer.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// The destination's acceptor: TLS 1.3 only, an ephemeral self-signed certificate, no client certificate.

@@ -32,6 +32,10 @@ pub struct Volume {
     kind: Kind,
     /// Writes are refused at or past this offset.
     limit: u64,
+    /// Held while writing to a regular file. The kernel serialises buffered writes to one file anyway (the inode
+    /// lock), and a writer waiting there spins on the CPU: on a full sync that was 2% of all CPU time, taken from
+    /// the hashing workers. Waiting here sleeps instead. Writes to a block device run in parallel.
+    file_writes: std::sync::Mutex<()>,
 }
 
 impl Volume {
@@ -77,6 +81,7 @@ impl Volume {
             size,
             kind,
             limit: 0,
+            file_writes: std::sync::Mutex::new(()),
         })
     }
 
@@ -119,6 +124,29 @@ impl Volume {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| self.io_err("read", offset, source))
+    }
+
+    /// Appends the `len` bytes at `offset` to `buf`, read straight into its spare capacity: no zero-filling of a
+    /// buffer that the read overwrites anyway (that was a tenth of the source's CPU on a full sync). Holes of a
+    /// sparse file read back as zeros, as from any read.
+    pub fn read_append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()> {
+        let want = buf.len() + len;
+        buf.reserve_exact(len);
+        let mut pos = offset;
+        while buf.len() < want {
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(buf), pos) {
+                Ok(0) => {
+                    let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Err(self.io_err("read", pos, eof));
+                }
+                Ok(n) => pos += n as u64,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.io_err("read", pos, e.into())),
+            }
+        }
+        // The spare capacity may have been larger than asked for.
+        buf.truncate(want);
+        Ok(())
     }
 
     /// Like [`Volume::read_exact_at`], but when the whole range is a hole of a sparse file, returns `true` and
@@ -165,6 +193,10 @@ impl Volume {
     /// Writes `buf` at `offset`, refusing anything outside the allowed range.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range(offset, buf.len() as u64)?;
+        let _serial = match self.kind {
+            Kind::File => Some(self.file_writes.lock().unwrap_or_else(|p| p.into_inner())),
+            Kind::BlockDevice => None,
+        };
         self.file
             .write_all_at(buf, offset)
             .map_err(|source| self.io_err("write", offset, source))

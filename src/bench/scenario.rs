@@ -239,12 +239,11 @@ fn keep_copy(target: &Path) -> anyhow::Result<std::path::PathBuf> {
     Ok(copy)
 }
 
-/// fsyncs a file written outside the timed part, so that its writeback does not land in a timed sync (the target's
-/// final fsync would otherwise flush the whole restored copy).
+/// fsyncs a file written outside the timed part, so that its writeback does not land in a timed sync: the target's
+/// final fsync would otherwise flush the whole restored copy, and a volume just generated or changed would be
+/// written back while the first tool syncs it. Read-only, so a given snapshot device works too.
 fn durable(path: &Path) -> anyhow::Result<()> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
+    std::fs::File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot fsync {}", path.display()))
 }
@@ -260,6 +259,7 @@ impl Bench<'_> {
         rates: &[f64],
         write_changes: bool,
     ) -> anyhow::Result<()> {
+        durable(volume)?;
         let mut digest = sample::file_digest(volume, size)
             .with_context(|| format!("cannot read {}", volume.display()))?;
         self.blockmover(volume, target, size, first, None, &digest)?;
@@ -271,6 +271,7 @@ impl Bench<'_> {
             let changed = if write_changes {
                 eprintln!("bench: changing {}% of the volume", trim_float(rate));
                 let changed = apply_change(self.args, volume, size, rate, i as u64)?;
+                durable(volume)?;
                 if !self.setups.is_empty() {
                     stamp_mtime(volume)?;
                 }

@@ -23,7 +23,7 @@ use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Counted, Halves,
+    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Halves,
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
@@ -70,7 +70,7 @@ pub async fn bind(config: &DestinationConfig) -> Result<TcpListener> {
 }
 
 /// The framed halves of an authenticated source connection.
-type Session = Halves<tokio_rustls::server::TlsStream<Counted<TcpStream>>>;
+type Session = Halves<tokio_rustls::server::TlsStream<crate::net::Socket<TcpStream>>>;
 
 /// A connection that completed TLS and proved it holds the key, or one whose key did not match.
 struct Arrival {
@@ -178,7 +178,7 @@ async fn handshake(
     figures: &Figures,
 ) -> Result<Session> {
     let _ = tcp.set_nodelay(true);
-    let stream = Counted::new(tcp, figures.wire.clone());
+    let stream = crate::net::socket(tcp, figures.wire.clone());
     let tls = within("tls handshake", t.handshake, async {
         acceptor
             .accept(stream)

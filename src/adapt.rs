@@ -1,0 +1,230 @@
+//! Whether to compress whole chunks: chosen by measuring which way moves data faster, here and now.
+//!
+//! Compressing trades CPU for bytes on the wire. Which way wins depends on where the bottleneck is: on a link
+//! slower than zstd, compressing moves more data per second; on a fast link, or when both agents share the cores
+//! (loopback, a busy node), the CPU spent compressing is time lost. Guessing from the send queue alone does not
+//! tell the two apart (a destination short of CPU fills the queue as a slow link does), so the source measures.
+//!
+//! [`Chooser`] runs epochs of a fixed number of frames in one mode. The first part of an epoch is not measured:
+//! the send queue still holds frames of the previous mode and paces this one. Over the rest it measures the raw
+//! bytes answered per second of the servicer's busy time (building frames and waiting for room to send them). It
+//! measures both modes first, then keeps the faster, and probes the other again after 4, 8, 16, … epochs (the
+//! interval doubles while the choice holds, and starts again at 4 when it flips), since what the link and the
+//! data allow changes during a sync.
+
+use std::time::Duration;
+
+/// Frames at the start of an epoch that are not measured (the send queue holds 256 frames of the previous mode).
+pub const WARM_FRAMES: u64 = 384;
+/// Frames measured in each epoch.
+pub const MEASURED_FRAMES: u64 = 512;
+/// The first probe of the other mode comes this many epochs after a choice.
+const FIRST_PROBE: u32 = 4;
+/// Probes never come further apart than this many epochs.
+const LAST_PROBE: u32 = 64;
+
+/// The compression decision for whole chunks, and the measurements behind it.
+#[derive(Debug)]
+pub struct Chooser {
+    compress: bool,
+    /// Raw bytes per second of busy time measured for (raw, compressed), latest epoch of each.
+    rate: [Option<f64>; 2],
+    /// Frames so far in this epoch.
+    frames: u64,
+    bytes: u64,
+    busy: Duration,
+    /// Epochs until the other mode is probed, and the interval after that.
+    until_probe: u32,
+    interval: u32,
+    /// The mode chosen before a probe started (a probe returns to it unless the probe wins).
+    chosen: bool,
+    probing: bool,
+}
+
+impl Default for Chooser {
+    fn default() -> Self {
+        Chooser::new()
+    }
+}
+
+impl Chooser {
+    /// Starts with raw chunks (they cost no CPU), and measures compressed ones in the second epoch.
+    pub fn new() -> Self {
+        Chooser {
+            compress: false,
+            rate: [None, None],
+            frames: 0,
+            bytes: 0,
+            busy: Duration::ZERO,
+            until_probe: 0,
+            interval: FIRST_PROBE,
+            chosen: false,
+            probing: false,
+        }
+    }
+
+    /// Whether whole chunks are compressed now.
+    pub fn compress(&self) -> bool {
+        self.compress
+    }
+
+    /// The latest measured rates in raw bytes per second of busy time: (raw, compressed).
+    pub fn rates(&self) -> (Option<f64>, Option<f64>) {
+        (self.rate[0], self.rate[1])
+    }
+
+    /// Records `frames` frames holding `raw_bytes` of data, built and queued in `busy` in the current mode.
+    pub fn record(&mut self, frames: u64, raw_bytes: u64, busy: Duration) {
+        let before = self.frames;
+        self.frames += frames;
+        if self.frames > WARM_FRAMES {
+            // Only the part of this batch past the warm-up counts.
+            let counted = self.frames - before.max(WARM_FRAMES);
+            let share = counted as f64 / frames.max(1) as f64;
+            self.bytes += (raw_bytes as f64 * share) as u64;
+            self.busy += busy.mul_f64(share);
+        }
+        if self.frames >= WARM_FRAMES + MEASURED_FRAMES {
+            self.end_epoch();
+        }
+    }
+
+    fn end_epoch(&mut self) {
+        let secs = self.busy.as_secs_f64().max(1e-6);
+        self.rate[usize::from(self.compress)] = Some(self.bytes as f64 / secs);
+        (self.frames, self.bytes, self.busy) = (0, 0, Duration::ZERO);
+        let [Some(raw), Some(zstd)] = self.rate else {
+            // The other mode has not been measured yet: measure it now.
+            self.compress = !self.compress;
+            return;
+        };
+        let best = zstd > raw;
+        if self.probing || self.until_probe == 0 {
+            // The end of a probe (or of the first measurement of both modes). A probe that confirms the choice
+            // doubles the interval; one that wins starts it again.
+            if self.probing {
+                self.interval = if best == self.chosen {
+                    (self.interval * 2).min(LAST_PROBE)
+                } else {
+                    FIRST_PROBE
+                };
+            }
+            self.probing = false;
+            self.choose(best);
+            return;
+        }
+        if best != self.compress {
+            // The current mode became slower than the other was when last measured.
+            self.interval = FIRST_PROBE;
+            self.choose(best);
+            return;
+        }
+        self.until_probe -= 1;
+        if self.until_probe == 0 {
+            self.probing = true;
+            self.chosen = self.compress;
+            self.compress = !self.compress;
+        }
+    }
+
+    fn choose(&mut self, compress: bool) {
+        self.compress = compress;
+        self.chosen = compress;
+        self.until_probe = self.interval;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds whole epochs where raw and compressed data move at the given rates (MiB per second of busy time);
+    /// returns the mode of each epoch.
+    fn run(chooser: &mut Chooser, epochs: usize, raw: f64, zstd: f64) -> Vec<bool> {
+        let frame = 65536u64;
+        (0..epochs)
+            .map(|_| {
+                let mode = chooser.compress();
+                let rate = if mode { zstd } else { raw } * 1048576.0;
+                for _ in 0..(WARM_FRAMES + MEASURED_FRAMES) / 32 {
+                    let busy = Duration::from_secs_f64(32.0 * frame as f64 / rate);
+                    chooser.record(32, 32 * frame, busy);
+                }
+                mode
+            })
+            .collect()
+    }
+
+    #[test]
+    fn measures_both_then_keeps_the_faster_with_rare_probes() {
+        // Fast link, CPU-bound: raw wins.
+        let mut c = Chooser::new();
+        let modes = run(&mut c, 40, 900.0, 500.0);
+        assert_eq!(
+            &modes[..2],
+            &[false, true],
+            "raw first, then a probe of zstd"
+        );
+        let compressed = modes.iter().filter(|m| **m).count();
+        assert!(
+            (2..=5).contains(&compressed),
+            "compressed epochs: {compressed} of 40: {modes:?}"
+        );
+        assert!(!c.compress());
+        let (raw, z) = c.rates();
+        assert!(
+            (raw.unwrap_or(0.0) / 1048576.0 - 900.0).abs() < 1.0,
+            "{raw:?}"
+        );
+        assert!((z.unwrap_or(0.0) / 1048576.0 - 500.0).abs() < 1.0, "{z:?}");
+
+        // Slow link: compression wins and is kept.
+        let mut c = Chooser::new();
+        let modes = run(&mut c, 40, 100.0, 250.0);
+        let raw_epochs = modes.iter().filter(|m| !**m).count();
+        assert!(
+            (1..=4).contains(&raw_epochs),
+            "raw epochs: {raw_epochs}: {modes:?}"
+        );
+        assert!(c.compress());
+    }
+
+    #[test]
+    fn a_change_of_bottleneck_flips_the_choice() {
+        let mut c = Chooser::new();
+        run(&mut c, 20, 900.0, 500.0);
+        assert!(!c.compress());
+        // The link slows down: raw now measures below what compression did, so compression takes over at once,
+        // and raw is only probed now and then.
+        let modes = run(&mut c, 70, 100.0, 250.0);
+        assert!(modes[1] && c.compress(), "{modes:?}");
+        let raw_epochs = modes.iter().filter(|m| !**m).count();
+        assert!(raw_epochs <= 5, "raw epochs: {raw_epochs}: {modes:?}");
+    }
+
+    #[test]
+    fn the_warm_up_of_an_epoch_is_not_measured() {
+        let mut c = Chooser::new();
+        // Warm-up frames are slow (the queue still holds another mode's frames), measured ones are fast.
+        c.record(WARM_FRAMES, WARM_FRAMES * 65536, Duration::from_secs(100));
+        c.record(
+            MEASURED_FRAMES,
+            MEASURED_FRAMES * 65536,
+            Duration::from_secs(1),
+        );
+        let (raw, _) = c.rates();
+        assert_eq!(raw, Some((MEASURED_FRAMES * 65536) as f64));
+        // A batch that straddles the warm-up boundary counts only its measured share.
+        let mut c = Chooser::new();
+        c.record(WARM_FRAMES - 16, 0, Duration::from_secs(100));
+        c.record(32, 32 * 65536, Duration::from_secs(2));
+        c.record(
+            MEASURED_FRAMES - 16,
+            (MEASURED_FRAMES - 16) * 65536,
+            Duration::from_secs(1),
+        );
+        let (raw, _) = c.rates();
+        let expected = (MEASURED_FRAMES * 65536) as f64 / 2.0;
+        assert!((raw.unwrap_or(0.0) - expected).abs() < 2.0, "{raw:?}");
+    }
+}
