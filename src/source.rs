@@ -220,7 +220,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         }
     };
 
-    let (outbox, writer_task) = spawn_writer(writer, 256);
+    let (outbox, writer_task) = spawn_writer(writer, 64);
     let session = Session {
         volume,
         geometry,

@@ -13,6 +13,7 @@ mod procs;
 mod report;
 mod rsync;
 mod scenario;
+mod storage;
 
 use std::path::PathBuf;
 

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::hashrate::HashRate;
 use super::scenario::DELAYED;
+use super::storage::WriteRate;
 
 /// Which sync of a run a row is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,6 +89,8 @@ pub struct Report {
     pub cores: usize,
     /// The raw all-core BLAKE3 rate measured in this run.
     pub blake3_raw: HashRate,
+    /// The write rate of the storage the target lives on, measured in this run (none for a block device target).
+    pub storage: Option<WriteRate>,
     /// The volume: a sample spec or the paths given.
     pub volume: String,
     /// The change: rate(s) and how it is written.
@@ -173,6 +176,15 @@ pub fn table(report: &Report) -> String {
         bytes(report.blake3_raw.buffer_bytes),
         bytes(report.blake3_raw.piece_bytes)
     );
+    if let Some(w) = &report.storage {
+        let _ = writeln!(
+            out,
+            "target storage on this machine: {}/s ({} in 1 MiB buffered writes, until fsync returned, in {})",
+            bytes(w.bytes_per_sec as u64),
+            bytes(w.bytes),
+            w.dir
+        );
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -227,6 +239,17 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    let floors = storage_lines(report);
+    if !floors.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "storage floor (a full sync makes every byte it writes durable; it cannot beat the storage):"
+        );
+        for line in floors {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     let latency = latency_lines(&report.syncs);
     if !latency.is_empty() {
         let _ = writeln!(out);
@@ -251,6 +274,31 @@ pub fn table(report: &Report) -> String {
         }
     }
     out
+}
+
+/// One line per blockmover full sync: the bytes it wrote, the least time the storage needs for them, and the share
+/// of the storage's rate the sync reached.
+fn storage_lines(report: &Report) -> Vec<String> {
+    let Some(w) = &report.storage else {
+        return Vec::new();
+    };
+    report
+        .syncs
+        .iter()
+        .filter(|r| r.tool == "blockmover" && r.kind == SyncKind::Full)
+        .filter_map(|r| {
+            let written = r.data_bytes?;
+            let floor = written as f64 / w.bytes_per_sec.max(1.0);
+            Some(format!(
+                "{} full: wrote {} to the target, at least {} at the storage's rate; took {} ({:.0}% of the storage's rate)",
+                bytes(r.volume_bytes),
+                bytes(written),
+                secs(floor),
+                secs(r.duration_secs),
+                floor / r.duration_secs.max(1e-9) * 100.0
+            ))
+        })
+        .collect()
 }
 
 /// One line per (other tool, sync) pair with a blockmover sync of the same volume, kind and change.
