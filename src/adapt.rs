@@ -8,8 +8,9 @@
 //! [`Chooser`] runs epochs of a fixed number of frames in one mode. The first part of an epoch is not measured:
 //! the send queue still holds frames of the previous mode and paces this one. Over the rest it measures the raw
 //! bytes answered per second of the servicer's busy time (building frames and waiting for room to send them). It
-//! measures both modes first, then keeps the faster, and probes the other again after 4, 8, 16, … epochs (the
-//! interval doubles while the choice holds, and starts again at 4 when it flips), since what the link and the
+//! measures both modes first, then keeps the faster, and probes the other again after 8, 16, 32, … epochs (the
+//! interval doubles while the choice holds, and starts again at 8 when it flips); compression must measure 20%
+//! faster to be chosen, since what the link and the
 //! data allow changes during a sync.
 
 use std::time::Duration;
@@ -19,7 +20,10 @@ pub const WARM_FRAMES: u64 = 384;
 /// Frames measured in each epoch.
 pub const MEASURED_FRAMES: u64 = 512;
 /// The first probe of the other mode comes this many epochs after a choice.
-const FIRST_PROBE: u32 = 4;
+const FIRST_PROBE: u32 = 8;
+/// Compression is chosen only when it measured this much faster than raw: epochs are short (tens of
+/// milliseconds on a fast link) and a shared machine is noisy, and when it is a close call raw costs less CPU.
+const MARGIN: f64 = 1.2;
 /// Probes never come further apart than this many epochs.
 const LAST_PROBE: u32 = 64;
 
@@ -98,7 +102,7 @@ impl Chooser {
             self.compress = !self.compress;
             return;
         };
-        let best = zstd > raw;
+        let best = zstd > raw * MARGIN;
         if self.probing || self.until_probe == 0 {
             // The end of a probe (or of the first measurement of both modes). A probe that confirms the choice
             // doubles the interval; one that wins starts it again.
@@ -200,6 +204,18 @@ mod tests {
         assert!(modes[1] && c.compress(), "{modes:?}");
         let raw_epochs = modes.iter().filter(|m| !**m).count();
         assert!(raw_epochs <= 5, "raw epochs: {raw_epochs}: {modes:?}");
+    }
+
+    #[test]
+    fn a_close_call_stays_raw() {
+        let mut c = Chooser::new();
+        let modes = run(&mut c, 30, 500.0, 550.0);
+        assert!(!c.compress());
+        let compressed = modes.iter().filter(|m| **m).count();
+        assert!(
+            compressed <= 3,
+            "compressed epochs: {compressed}: {modes:?}"
+        );
     }
 
     #[test]

@@ -56,10 +56,17 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Makes a key with `blockmover keygen` in `dir`.
+    /// Makes a key with `blockmover keygen` in `dir` (replacing the key of an earlier run in the same `--dir`:
+    /// keygen refuses to overwrite a key file).
     pub fn new(dir: &Path) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this program's path")?;
         let psk = dir.join("psk.txt");
+        match std::fs::remove_file(&psk) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot replace {}", psk.display()))
+            }
+            _ => {}
+        }
         let out = Command::new(&exe)
             .arg("keygen")
             .arg("--out")
