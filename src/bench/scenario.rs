@@ -26,26 +26,6 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let load = load_average();
     eprintln!("bench: measuring the raw all-core BLAKE3 rate");
     let raw = hashrate::measure();
-    let storage = match &args.target {
-        Some(t) if is_block_device(t)? => None,
-        Some(t) => Some(t.parent().unwrap_or(Path::new(".")).to_owned()),
-        None => Some(dir.to_owned()),
-    };
-    let largest = match &args.volume {
-        Some(v) => device_or_file_size(v)?,
-        None if args.sweep => args.sizes.iter().max().copied().unwrap_or(args.size_mib) * MIB,
-        None => args.size_mib * MIB,
-    };
-    let storage = match storage {
-        Some(d) => {
-            eprintln!("bench: measuring the target storage's write rate (fsynced)");
-            Some(
-                storage::measure(&d, largest)
-                    .with_context(|| format!("cannot measure the write rate in {}", d.display()))?,
-            )
-        }
-        None => None,
-    };
     let mut bench = Bench {
         args,
         agents: Agents::new(dir)?,
@@ -205,6 +185,27 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 .to_owned(),
         );
     }
+    let storage = match &args.target {
+        Some(t) if is_block_device(t)? => None,
+        Some(t) => Some(t.parent().unwrap_or(Path::new(".")).to_owned()),
+        None => Some(dir.to_owned()),
+    };
+    let largest = match &args.volume {
+        Some(v) => device_or_file_size(v)?,
+        None if args.sweep => args.sizes.iter().max().copied().unwrap_or(args.size_mib) * MIB,
+        None => args.size_mib * MIB,
+    };
+    // Last, so that its writes (and the discard of its file) do not land in a timed sync.
+    let storage = match storage {
+        Some(d) => {
+            eprintln!("bench: measuring the target storage's write rate (fsynced)");
+            Some(
+                storage::measure(&d, largest)
+                    .with_context(|| format!("cannot measure the write rate in {}", d.display()))?,
+            )
+        }
+        None => None,
+    };
     Ok(Report {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         blake3_raw: raw,
