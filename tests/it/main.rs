@@ -1,4 +1,5 @@
 //! Integration tests: real `blockmover` agents on loopback with real TLS, sparse files and loop devices.
+mod bench;
 mod chaos;
 mod common;
 mod entrypoint;
