@@ -94,12 +94,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("listening on {addr}");
             std::io::stdout().flush()?;
             tracing::info!(%addr, target = %config.target.display(), "destination listening");
-            let served = blockmover::destination::serve(&config, listener);
-            tokio::select! {
-                r = served => { r?; }
-                s = signals.recv() => return Err(cancelled(s, config.status, Role::Destination)),
+            use blockmover::destination::Served;
+            match blockmover::destination::serve_until(&config, listener, signals.recv()).await? {
+                Served::Synced(_) => Ok(()),
+                Served::Idle => {
+                    tracing::info!("stopped by a signal while waiting for a source");
+                    Ok(())
+                }
+                Served::Interrupted(s) => Err(cancelled(s, config.status, Role::Destination)),
             }
-            Ok(())
         }
         Command::Source(args) => {
             let config = args.config()?;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -88,6 +88,33 @@ struct Arrival {
 /// proof does not verify fails the sync ("pre-shared keys do not match"): a wrong key is a configuration error
 /// that waiting will not cure.
 pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<Digest> {
+    match serve_until(config, listener, std::future::pending()).await? {
+        Served::Synced(d) => Ok(d),
+        Served::Idle | Served::Interrupted(_) => Err(Error::Cancelled("stop")),
+    }
+}
+
+/// How long a stop waits for a session under way to end by itself (one that has sent its COMMIT is closing).
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How [`serve_until`] ended without an error.
+#[derive(Debug)]
+pub enum Served {
+    /// A one-shot destination served its sync: the volume digest.
+    Synced(Digest),
+    /// Stopped while a `--serve` destination waited for a source: nothing was under way.
+    Idle,
+    /// Stopped (by what is named) during a sync, or before a one-shot destination served its sync.
+    Interrupted(&'static str),
+}
+
+/// [`serve`] until `stop` resolves to the name of what stopped it (a signal).
+pub async fn serve_until(
+    config: &DestinationConfig,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<Served> {
+    tokio::pin!(stop);
     let acceptor = tls::acceptor()?;
     let local = listener
         .local_addr()
@@ -100,6 +127,21 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
     let mut current: Option<Running> = None;
     loop {
         tokio::select! {
+            signal = &mut stop => {
+                // A session that is closing after its COMMIT (or about to) is given a moment to end as it would.
+                let ended = match current.as_mut() {
+                    Some(r) => tokio::time::timeout(STOP_GRACE, &mut r.task).await.ok(),
+                    None => None,
+                };
+                return match ended {
+                    // A one-shot destination's sync ended: its own outcome.
+                    Some(Ok(result)) if !config.serve => result.map(Served::Synced),
+                    // A serving destination's session ended (its status says how): nothing is under way.
+                    Some(Ok(_)) => Ok(Served::Idle),
+                    None if current.is_none() && config.serve => Ok(Served::Idle),
+                    _ => Ok(Served::Interrupted(signal)),
+                };
+            }
             accepted = listener.accept() => {
                 let (tcp, peer) = accepted.map_err(|e| Error::net("accept", e))?;
                 let (acceptor, psk, t, tx) =
@@ -146,7 +188,7 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
                 let result = finished
                     .unwrap_or_else(|e| Err(Error::Protocol(format!("session task failed: {e}"))));
                 if !config.serve {
-                    return result;
+                    return result.map(Served::Synced);
                 }
             }
         }

@@ -532,3 +532,47 @@ fn failback_after_the_secondary_changed_sends_only_its_changes() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn sigterm_to_a_serving_destination_while_it_waits_exits_0_and_keeps_its_status() -> Result<()> {
+    let fx = Fixture::new(4 * MIB, SEED + 9)?;
+    let mut dst = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &["--serve"])?;
+    let out = fx.source(dst.addr)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fx.expect_target_matches_volume()?;
+    // The session has ended when the status says so; the destination then waits for the next source.
+    wait_until("destination status", || {
+        Ok(read_status(&fx.destination_status)?
+            .get("lastSyncTime")
+            .is_some())
+    })?;
+    let before = expect_successful(&fx.destination_status, Kind::Destination)?;
+    assert!(Command::new("kill")
+        .args(["-TERM", &dst.child.id().to_string()])
+        .status()?
+        .success());
+    let finished = dst.wait(AGENT_TIMEOUT)?;
+    assert!(
+        finished.status.success(),
+        "{:?}: {}",
+        finished.status,
+        finished.stderr
+    );
+    assert!(
+        finished
+            .stderr
+            .contains("stopped by a signal while waiting for a source"),
+        "{}",
+        finished.stderr
+    );
+    // Nothing was under way: the status still says the last sync succeeded, unchanged.
+    assert_eq!(
+        expect_successful(&fx.destination_status, Kind::Destination)?,
+        before
+    );
+    Ok(())
+}
