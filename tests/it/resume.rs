@@ -395,3 +395,34 @@ fn a_wrong_key_during_a_sync_does_not_end_it() -> Result<()> {
     expect_successful(&fx.destination_status, Kind::Destination)?;
     Ok(())
 }
+
+#[test]
+fn sigterm_to_a_serving_destination_during_a_sync_records_failed_and_exits_retryable() -> Result<()>
+{
+    let (fx, chunks) = random_fixture(0x5e5_0007)?;
+    let mut destination =
+        Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &["--serve"])?;
+    let proxy = Proxy::start(
+        destination.addr,
+        Faults::none().stall_at(chunks * CHUNK / 2),
+        Faults::none(),
+    )?;
+    let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
+    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    // Half-way through a sync, the pod is deleted.
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &destination.child.id().to_string()])
+        .status()?
+        .success());
+    let stopped = destination.wait(AGENT_TIMEOUT)?;
+    assert_eq!(stopped.status.code(), Some(RETRYABLE), "{}", stopped.stderr);
+    let line = expect_failure("destination", stopped.status, &stopped.stderr);
+    assert!(line.contains("SIGTERM"), "{line}");
+    // Recorded as Failed, with no lastSyncTime: nothing is reported as synchronised.
+    let status = expect_failed(&fx.destination_status, Kind::Destination)?;
+    assert!(status.get("lastSyncTime").is_none(), "{status:#}");
+    proxy.close();
+    let code = wait_with_timeout(&mut source, AGENT_TIMEOUT)?;
+    assert_eq!(code.code(), Some(RETRYABLE));
+    Ok(())
+}
