@@ -6,16 +6,16 @@
 //! tell the two apart (a destination short of CPU fills the queue as a slow link does), so the source measures.
 //!
 //! [`Chooser`] runs epochs of a fixed number of frames in one mode. The first part of an epoch is not measured:
-//! the send queue still holds frames of the previous mode and paces this one. Over the rest it measures the raw
-//! bytes answered per second of the servicer's busy time (building frames and waiting for room to send them). It
-//! measures both modes first, then keeps the faster, and probes the other again after 8, 16, 32, … epochs (the
-//! interval doubles while the choice holds, and starts again at 8 when it flips); compression must measure 20%
-//! faster to be chosen, since what the link and the
-//! data allow changes during a sync.
+//! the send queue, the sockets and the destination's inbox still hold frames of the previous mode and pace this
+//! one. Over the rest it measures the raw bytes answered per second of wall time. It measures both modes first,
+//! then keeps the faster (compression must measure 20% faster to be chosen), and probes the other again after 8,
+//! 16, 32, … epochs: the interval doubles while the choice holds and starts again at 8 when it flips, since what
+//! the link and the data allow changes during a sync.
 
 use std::time::Duration;
 
-/// Frames at the start of an epoch that are not measured (the send queue holds 256 frames of the previous mode).
+/// Frames at the start of an epoch that are not measured (what the pipeline holds of the previous mode: the
+/// source's 64-frame send queue, socket buffers, the destination's 64-frame inbox).
 pub const WARM_FRAMES: u64 = 384;
 /// Frames measured in each epoch.
 pub const MEASURED_FRAMES: u64 = 512;
@@ -31,12 +31,12 @@ const LAST_PROBE: u32 = 64;
 #[derive(Debug)]
 pub struct Chooser {
     compress: bool,
-    /// Raw bytes per second of busy time measured for (raw, compressed), latest epoch of each.
+    /// Raw bytes per second measured for (raw, compressed), latest epoch of each.
     rate: [Option<f64>; 2],
     /// Frames so far in this epoch.
     frames: u64,
     bytes: u64,
-    busy: Duration,
+    elapsed: Duration,
     /// Epochs until the other mode is probed, and the interval after that.
     until_probe: u32,
     interval: u32,
@@ -59,7 +59,7 @@ impl Chooser {
             rate: [None, None],
             frames: 0,
             bytes: 0,
-            busy: Duration::ZERO,
+            elapsed: Duration::ZERO,
             until_probe: 0,
             interval: FIRST_PROBE,
             chosen: false,
@@ -72,13 +72,13 @@ impl Chooser {
         self.compress
     }
 
-    /// The latest measured rates in raw bytes per second of busy time: (raw, compressed).
+    /// The latest measured rates in raw bytes per second: (raw, compressed).
     pub fn rates(&self) -> (Option<f64>, Option<f64>) {
         (self.rate[0], self.rate[1])
     }
 
-    /// Records `frames` frames holding `raw_bytes` of data, built and queued in `busy` in the current mode.
-    pub fn record(&mut self, frames: u64, raw_bytes: u64, busy: Duration) {
+    /// Records `frames` frames holding `raw_bytes` of data, answered in `elapsed` in the current mode.
+    pub fn record(&mut self, frames: u64, raw_bytes: u64, elapsed: Duration) {
         let before = self.frames;
         self.frames += frames;
         if self.frames > WARM_FRAMES {
@@ -86,7 +86,7 @@ impl Chooser {
             let counted = self.frames - before.max(WARM_FRAMES);
             let share = counted as f64 / frames.max(1) as f64;
             self.bytes += (raw_bytes as f64 * share) as u64;
-            self.busy += busy.mul_f64(share);
+            self.elapsed += elapsed.mul_f64(share);
         }
         if self.frames >= WARM_FRAMES + MEASURED_FRAMES {
             self.end_epoch();
@@ -94,9 +94,9 @@ impl Chooser {
     }
 
     fn end_epoch(&mut self) {
-        let secs = self.busy.as_secs_f64().max(1e-6);
+        let secs = self.elapsed.as_secs_f64().max(1e-6);
         self.rate[usize::from(self.compress)] = Some(self.bytes as f64 / secs);
-        (self.frames, self.bytes, self.busy) = (0, 0, Duration::ZERO);
+        (self.frames, self.bytes, self.elapsed) = (0, 0, Duration::ZERO);
         let [Some(raw), Some(zstd)] = self.rate else {
             // The other mode has not been measured yet: measure it now.
             self.compress = !self.compress;
@@ -142,7 +142,7 @@ impl Chooser {
 mod tests {
     use super::*;
 
-    /// Feeds whole epochs where raw and compressed data move at the given rates (MiB per second of busy time);
+    /// Feeds whole epochs where raw and compressed data move at the given rates (MiB per second);
     /// returns the mode of each epoch.
     fn run(chooser: &mut Chooser, epochs: usize, raw: f64, zstd: f64) -> Vec<bool> {
         let frame = 65536u64;
@@ -151,8 +151,8 @@ mod tests {
                 let mode = chooser.compress();
                 let rate = if mode { zstd } else { raw } * 1048576.0;
                 for _ in 0..(WARM_FRAMES + MEASURED_FRAMES) / 32 {
-                    let busy = Duration::from_secs_f64(32.0 * frame as f64 / rate);
-                    chooser.record(32, 32 * frame, busy);
+                    let elapsed = Duration::from_secs_f64(32.0 * frame as f64 / rate);
+                    chooser.record(32, 32 * frame, elapsed);
                 }
                 mode
             })

@@ -127,7 +127,7 @@ impl Volume {
     }
 
     /// Appends the `len` bytes at `offset` to `buf`, read straight into its spare capacity: no zero-filling of a
-    /// buffer that the read overwrites anyway (that was a tenth of the source's CPU on a full sync). Holes of a
+    /// buffer that the read overwrites anyway (a few percent of the source's CPU on a full sync). Holes of a
     /// sparse file read back as zeros, as from any read.
     pub fn read_append(&self, buf: &mut Vec<u8>, offset: u64, len: usize) -> Result<()> {
         let want = buf.len() + len;

@@ -20,8 +20,8 @@ use blockmover::sample::{self, SampleSpec};
 
 use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{
-    expect_failed, expect_failure, expect_successful, external_u64, read_status, spawn_source,
-    wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
+    expect_failed, expect_failure, expect_successful, external_u64, read_status, sigterm,
+    spawn_source, wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -61,9 +61,15 @@ struct Stalled {
     source: std::process::Child,
 }
 
-fn stalled_sync(seed: u64, at: impl Fn(u64) -> u64) -> Result<Stalled> {
+/// A full sync through a proxy that stalls it after `at(chunks)` bytes; `destination_flags` go to the destination.
+fn stalled_sync(seed: u64, at: impl Fn(u64) -> u64, destination_flags: &[&str]) -> Result<Stalled> {
     let (fx, chunks) = random_fixture(seed)?;
-    let destination = fx.destination()?;
+    let destination = Destination::spawn(
+        &fx.target,
+        &fx.psk,
+        &fx.destination_status,
+        destination_flags,
+    )?;
     let proxy = Proxy::start(
         destination.addr,
         Faults::none().stall_at(at(chunks)),
@@ -195,7 +201,7 @@ fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
         mut destination,
         proxy,
         mut source,
-    } = stalled_sync(0x5e5_0002, |chunks| chunks * CHUNK / 2)?;
+    } = stalled_sync(0x5e5_0002, |chunks| chunks * CHUNK / 2, &[])?;
     let half = chunks * CHUNK / 2;
     destination.child.kill()?; // SIGKILL: no status update, no fsync, no goodbye
     let killed = destination.wait(AGENT_TIMEOUT)?;
@@ -242,7 +248,7 @@ fn source_killed_mid_sync_resumes() -> Result<()> {
         mut destination,
         proxy,
         mut source,
-    } = stalled_sync(0x5e5_0003, |chunks| chunks * CHUNK / 2)?;
+    } = stalled_sync(0x5e5_0003, |chunks| chunks * CHUNK / 2, &[])?;
     let half = chunks * CHUNK / 2;
     source.kill()?;
     let status = wait_with_timeout(&mut source, AGENT_TIMEOUT)?;
@@ -320,7 +326,7 @@ fn a_retry_is_served_while_a_frozen_sources_session_is_still_open() -> Result<()
         proxy,
         source: mut frozen,
         ..
-    } = stalled_sync(0x5e5_0006, |chunks| chunks * CHUNK / 4)?;
+    } = stalled_sync(0x5e5_0006, |chunks| chunks * CHUNK / 4, &[])?;
 
     let retry = std::process::Command::new(crate::common::bin())
         .args(["source", "--handshake-timeout", "5", "--connect"])
@@ -364,7 +370,7 @@ fn a_wrong_key_during_a_sync_does_not_end_it() -> Result<()> {
         proxy,
         source: mut real,
         ..
-    } = stalled_sync(0x5e5_0007, |chunks| chunks * CHUNK / 4)?;
+    } = stalled_sync(0x5e5_0007, |chunks| chunks * CHUNK / 4, &[])?;
 
     let other = crate::common::keygen_named(fx.dir.path(), "other-psk.txt")?;
     let intruder = std::process::Command::new(crate::common::bin())
@@ -399,21 +405,15 @@ fn a_wrong_key_during_a_sync_does_not_end_it() -> Result<()> {
 #[test]
 fn sigterm_to_a_serving_destination_during_a_sync_records_failed_and_exits_retryable() -> Result<()>
 {
-    let (fx, chunks) = random_fixture(0x5e5_0007)?;
-    let mut destination =
-        Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &["--serve"])?;
-    let proxy = Proxy::start(
-        destination.addr,
-        Faults::none().stall_at(chunks * CHUNK / 2),
-        Faults::none(),
-    )?;
-    let mut source = spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    let Stalled {
+        fx,
+        mut destination,
+        proxy,
+        mut source,
+        ..
+    } = stalled_sync(0x5e5_0008, |chunks| chunks * CHUNK / 2, &["--serve"])?;
     // Half-way through a sync, the pod is deleted.
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &destination.child.id().to_string()])
-        .status()?
-        .success());
+    sigterm(destination.child.id())?;
     let stopped = destination.wait(AGENT_TIMEOUT)?;
     assert_eq!(stopped.status.code(), Some(RETRYABLE), "{}", stopped.stderr);
     let line = expect_failure("destination", stopped.status, &stopped.stderr);

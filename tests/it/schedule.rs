@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::common::{
     bin, drain, expect_failure, expect_successful, external_u64, metrics_line, read_block,
-    read_status, run_source, wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
+    read_status, run_source, sigterm, wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -362,11 +362,7 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     assert_eq!(serde_yaml::from_slice::<Value>(&yaml.stdout)?, st);
 
     // SIGTERM while waiting stops the agent cleanly.
-    let pid = src.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()?
-        .success());
+    sigterm(src.child.id())?;
     let code = wait_with_timeout(&mut src.child, AGENT_TIMEOUT)?;
     assert!(code.success(), "{code}: {}", src.stderr_text());
     Ok(())
@@ -551,10 +547,7 @@ fn sigterm_to_a_serving_destination_while_it_waits_exits_0_and_keeps_its_status(
             .is_some())
     })?;
     let before = expect_successful(&fx.destination_status, Kind::Destination)?;
-    assert!(Command::new("kill")
-        .args(["-TERM", &dst.child.id().to_string()])
-        .status()?
-        .success());
+    sigterm(dst.child.id())?;
     let finished = dst.wait(AGENT_TIMEOUT)?;
     assert!(
         finished.status.success(),

@@ -244,6 +244,17 @@ pub fn run_source_with(
     })
 }
 
+/// Send SIGTERM to a process (as the kubelet does when a pod is deleted).
+pub fn sigterm(pid: u32) -> Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -TERM {pid} failed: {status}");
+    }
+    Ok(())
+}
+
 /// Wait for `child`; after `timeout` kill it and panic (a safety net, not synchronisation).
 pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitStatus> {
     let deadline = Instant::now() + timeout;
