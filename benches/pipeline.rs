@@ -30,10 +30,11 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         window: destination::WINDOW,
         schedule: None,
         metrics: None,
+        read_back: false,
     };
-    let listener = destination::bind(&dconfig).await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let dest = tokio::spawn(async move { destination::serve(&dconfig, listener).await });
+    let bound = destination::bind(&dconfig).await.expect("bind");
+    let addr = bound.local_addr().expect("address");
+    let dest = tokio::spawn(async move { destination::serve(&dconfig, bound).await });
     let sconfig = SourceConfig {
         connect: addr.to_string(),
         volume: volume.to_owned(),
@@ -42,6 +43,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         zstd_level: 1,
         compression: Default::default(),
         timeouts: Timeouts::default(),
+        identity: "default/demo".into(),
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

@@ -89,19 +89,28 @@ impl Common {
             .map_err(|e| blockmover::Error::Config(e.to_string()))
     }
 
-    /// The metrics labels for `role`, naming the object after `device` unless `--name` is given.
-    pub fn labels(&self, role: Role, device: &std::path::Path) -> Labels {
-        let name = self.name.clone().unwrap_or_else(|| {
+    /// The object's name: `--name`, else the file name of `device`.
+    fn name_of(&self, device: &std::path::Path) -> String {
+        self.name.clone().unwrap_or_else(|| {
             device
                 .file_name()
                 .map(|f| f.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "blockmover".to_owned())
-        });
+        })
+    }
+
+    /// The metrics labels for `role`, naming the object after `device` unless `--name` is given.
+    pub fn labels(&self, role: Role, device: &std::path::Path) -> Labels {
         Labels {
-            name,
+            name: self.name_of(device),
             namespace: self.namespace.clone(),
             role,
         }
+    }
+
+    /// `namespace/name`: who a source is, as its HELLO tells the destination.
+    pub fn identity(&self, device: &std::path::Path) -> String {
+        format!("{}/{}", self.namespace, self.name_of(device))
     }
 
     fn timeouts(&self) -> Timeouts {
@@ -125,6 +134,11 @@ pub struct DestinationArgs {
     /// Keep accepting syncs instead of exiting after one.
     #[arg(long)]
     pub serve: bool,
+    /// After the final fsync, read the whole target back and compare its volume digest with the source's before
+    /// reporting success: catches another writer of the target during the sync, at the cost of one more read of
+    /// the volume's size.
+    #[arg(long)]
+    pub read_back: bool,
     /// Chunks the source may announce beyond those settled (flow-control window; for testing).
     #[arg(long, hide = true, default_value_t = blockmover::destination::WINDOW)]
     pub window: u32,
@@ -234,6 +248,7 @@ impl DestinationArgs {
             status: self.common.status.clone(),
             serve: self.serve,
             timeouts: self.common.timeouts(),
+            read_back: self.read_back,
         })
     }
 }
@@ -254,6 +269,7 @@ impl SourceArgs {
                 CompressArg::Never => Compression::Never,
             },
             timeouts: self.common.timeouts(),
+            identity: self.common.identity(&self.volume),
         })
     }
 }

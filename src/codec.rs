@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 
 /// First two bytes of every frame ("BM"). Frozen.
 pub const MAGIC: [u8; 2] = *b"BM";
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks (the version log is in `proto/PROTOCOL.md`). Version 2 added the source's
+/// identity to HELLO and the ABORT code `Busy`.
+pub const VERSION: u8 = 2;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.
@@ -22,6 +23,8 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 pub const MAX_DIGESTS_PER_FRAME: usize = 4096;
 /// The longest ABORT message, in bytes.
 pub const MAX_ABORT_MESSAGE: usize = 1024;
+/// The longest source identity a HELLO may carry, in bytes (its length is one byte on the wire).
+pub const MAX_SOURCE_ID: usize = 255;
 
 /// Why a peer aborts a session (the ABORT frame's code).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub enum AbortCode {
     Cancelled,
     /// The peer's configuration is wrong.
     Config,
+    /// The destination is serving another source; try again later.
+    Busy,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -57,6 +62,7 @@ impl AbortCode {
             AbortCode::Auth => 6,
             AbortCode::Cancelled => 7,
             AbortCode::Config => 8,
+            AbortCode::Busy => 9,
             AbortCode::Unknown(c) => c,
         }
     }
@@ -71,6 +77,7 @@ impl AbortCode {
             6 => AbortCode::Auth,
             7 => AbortCode::Cancelled,
             8 => AbortCode::Config,
+            9 => AbortCode::Busy,
             c => AbortCode::Unknown(c),
         }
     }
@@ -78,7 +85,7 @@ impl AbortCode {
     /// Whether the peer's failure may go away on a retry.
     pub fn is_retryable(self) -> bool {
         // The peer's I/O errors are a full, read-only or failing disk: they need someone to act.
-        matches!(self, AbortCode::Cancelled)
+        matches!(self, AbortCode::Cancelled | AbortCode::Busy)
     }
 }
 
@@ -124,6 +131,9 @@ pub enum Message {
         chunk_size: u32,
         /// Block size in bytes.
         block_size: u32,
+        /// Who is sending: `namespace/name` of the source (at most [`MAX_SOURCE_ID`] bytes of UTF-8). A destination
+        /// lets a new connection supersede a sync under way only when it comes from the same source.
+        source: String,
     },
     /// The destination accepts.
     Ready {
@@ -236,10 +246,14 @@ impl Message {
                 volume_size,
                 chunk_size,
                 block_size,
+                source,
             } => {
                 dst.put_u64(*volume_size);
                 dst.put_u32(*chunk_size);
                 dst.put_u32(*block_size);
+                let id = truncated(source, MAX_SOURCE_ID);
+                dst.put_u8(id.len() as u8);
+                dst.put_slice(id.as_bytes());
                 kind::HELLO
             }
             Message::Ready {
@@ -304,11 +318,7 @@ impl Message {
             }
             Message::Abort { code, message } => {
                 dst.put_u16(code.to_u16());
-                let mut end = message.len().min(MAX_ABORT_MESSAGE);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                dst.put_slice(&message.as_bytes()[..end]);
+                dst.put_slice(truncated(message, MAX_ABORT_MESSAGE).as_bytes());
                 kind::ABORT
             }
         };
@@ -328,11 +338,21 @@ impl Message {
                 Message::Auth { proof }
             }
             kind::HELLO => {
-                need(&p, 16, "HELLO")?;
+                if p.len() < 17 || p.len() != 17 + usize::from(p[16]) {
+                    return Err(short("HELLO"));
+                }
+                let volume_size = p.get_u64();
+                let chunk_size = p.get_u32();
+                let block_size = p.get_u32();
+                p.advance(1);
+                let source = String::from_utf8(p.to_vec()).map_err(|_| {
+                    Error::Protocol("HELLO carries a source identity that is not UTF-8".into())
+                })?;
                 Message::Hello {
-                    volume_size: p.get_u64(),
-                    chunk_size: p.get_u32(),
-                    block_size: p.get_u32(),
+                    volume_size,
+                    chunk_size,
+                    block_size,
+                    source,
                 }
             }
             kind::READY => {
@@ -431,6 +451,15 @@ impl Message {
         };
         Ok(msg)
     }
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn need(p: &Bytes, len: usize, what: &str) -> Result<()> {
@@ -704,6 +733,40 @@ mod tests {
     }
 
     #[test]
+    fn hello_source_identity_is_bounded_and_utf8() {
+        let long = "é".repeat(200);
+        let mut buf = BytesMut::new();
+        Message::Hello {
+            volume_size: 1,
+            chunk_size: 4096,
+            block_size: 4096,
+            source: long,
+        }
+        .encode(&mut buf);
+        match parse_frame(&mut buf) {
+            Ok(Some(Message::Hello { source, .. })) => {
+                assert!(source.len() <= MAX_SOURCE_ID && source.chars().all(|c| c == 'é'))
+            }
+            other => panic!("{other:?}"),
+        }
+        // The identity's length byte must match the payload exactly, and the identity must be UTF-8.
+        let mut bad = BytesMut::new();
+        Message::Hello {
+            volume_size: 1,
+            chunk_size: 4096,
+            block_size: 4096,
+            source: "ab".into(),
+        }
+        .encode(&mut bad);
+        let mut longer = bad.clone();
+        longer[HEADER_LEN + 16] = 3;
+        assert!(parse_frame(&mut longer).is_err());
+        let n = bad.len();
+        bad[n - 1] = 0xff;
+        assert!(parse_frame(&mut bad).is_err());
+    }
+
+    #[test]
     fn every_message_roundtrips() {
         let d = Digest::of(b"x");
         roundtrip(Message::Auth { proof: [7; 32] });
@@ -711,6 +774,13 @@ mod tests {
             volume_size: 1 << 40,
             chunk_size: 65536,
             block_size: 4096,
+            source: "prod/vm-disk-é".into(),
+        });
+        roundtrip(Message::Hello {
+            volume_size: 1,
+            chunk_size: 4096,
+            block_size: 4096,
+            source: String::new(),
         });
         roundtrip(Message::Ready {
             target_size: 5,
@@ -755,7 +825,7 @@ mod tests {
 
     #[test]
     fn absurd_length_is_rejected_before_the_payload_arrives() {
-        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x13, 0xff, 0xff, 0xff, 0xff][..]);
+        let mut buf = BytesMut::from(&[b'B', b'M', VERSION, 0x13, 0xff, 0xff, 0xff, 0xff][..]);
         let err = parse_frame(&mut buf).expect_err("must reject");
         assert!(err.to_string().contains("exceeds the maximum"), "{err}");
         assert!(
@@ -768,27 +838,32 @@ mod tests {
     fn other_version_is_a_version_mismatch() {
         let mut buf = BytesMut::new();
         Message::Ack { through: 1 }.encode(&mut buf);
-        buf[2] = 2;
+        buf[2] = 1;
         let err = parse_frame(&mut buf).expect_err("must reject");
-        assert!(matches!(err, Error::VersionMismatch { peer: 2, ours: 1 }));
+        assert!(matches!(err, Error::VersionMismatch { peer: 1, ours: 2 }));
+        assert!(
+            err.to_string()
+                .contains("peer speaks version 1, this build speaks version 2"),
+            "{err}"
+        );
     }
 
     #[test]
     fn bad_magic_and_wrong_payload_lengths_are_rejected() {
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
         assert!(parse_frame(&mut buf).is_err());
-        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x12, 0, 0, 0, 3, 1, 2, 3][..]);
+        let mut buf = BytesMut::from(&[b'B', b'M', VERSION, 0x12, 0, 0, 0, 3, 1, 2, 3][..]);
         assert!(parse_frame(&mut buf).is_err());
         let mut buf = BytesMut::from(
             &[
-                b'B', b'M', 1, 0x10, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
+                b'B', b'M', VERSION, 0x10, 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9,
             ][..],
         );
         assert!(
             parse_frame(&mut buf).is_err(),
             "DIGESTS count without digests"
         );
-        let mut buf = BytesMut::from(&[b'B', b'M', 1, 0x55, 0, 0, 0, 0][..]);
+        let mut buf = BytesMut::from(&[b'B', b'M', VERSION, 0x55, 0, 0, 0, 0][..]);
         assert!(parse_frame(&mut buf).is_err(), "unknown type");
     }
 

@@ -133,10 +133,11 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         window: destination::WINDOW,
         schedule: None,
         metrics: None,
+        read_back: false,
     };
-    let listener = destination::bind(&dconfig).await?;
-    let addr = listener.local_addr()?;
-    let dest = tokio::spawn(async move { destination::serve(&dconfig, listener).await });
+    let bound = destination::bind(&dconfig).await?;
+    let addr = bound.local_addr()?;
+    let dest = tokio::spawn(async move { destination::serve(&dconfig, bound).await });
     let sconfig = SourceConfig {
         connect: addr.to_string(),
         volume: volume.to_owned(),
@@ -145,6 +146,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         zstd_level: 1,
         compression: Default::default(),
         timeouts: Timeouts::default(),
+        identity: "default/demo".into(),
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -103,6 +103,42 @@ pub enum Error {
         /// The OS or TLS error.
         source: io::Error,
     },
+    /// The TCP connection to the destination could not be made.
+    #[error("network error during connect to {addr}: {source}")]
+    Connect {
+        /// The address tried (`host:port` as given).
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A chunk of the source volume read for DATA no longer hashes to the digest announced when it was scanned:
+    /// something writes the volume during the sync (no snapshot, `copyMethod: Direct`).
+    #[error("the volume changed during the sync (chunk {chunk}): sync from a snapshot")]
+    VolumeChanged {
+        /// The chunk index.
+        chunk: u64,
+    },
+    /// `--read-back`: the target's bytes, read back after the final fsync, do not hash to the source's volume
+    /// digest: something else wrote the target during the sync.
+    #[error("read-back of the target found {} differing from the volume (digest {found}, expected {expected}): something else wrote the target during the sync", path.display())]
+    ReadBackMismatch {
+        /// The target.
+        path: PathBuf,
+        /// The volume digest of the bytes read back (hex).
+        found: String,
+        /// The source's volume digest (hex).
+        expected: String,
+    },
+    /// The target's size changed during the sync: something else truncated or extended it.
+    #[error("target {} changed size during the sync ({before} -> {after} bytes): something else writes it", path.display())]
+    TargetResized {
+        /// The target.
+        path: PathBuf,
+        /// Its size when the sync started.
+        before: u64,
+        /// Its size at the end.
+        after: u64,
+    },
     /// The peer closed the connection before the session ended.
     #[error("peer closed the connection during {0}")]
     PeerClosed(&'static str),
@@ -134,6 +170,10 @@ impl Error {
         match self {
             Error::Timeout { .. }
             | Error::Net { .. }
+            | Error::Connect { .. }
+            | Error::VolumeChanged { .. }
+            | Error::ReadBackMismatch { .. }
+            | Error::TargetResized { .. }
             | Error::PeerClosed(_)
             | Error::Cancelled(_)
             | Error::Superseded => true,
@@ -154,6 +194,10 @@ impl Error {
             Error::TargetTooSmall { .. } => AbortCode::TargetTooSmall,
             Error::Io { .. } | Error::Open { .. } | Error::Status(_) => AbortCode::Io,
             Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
+            // Both are cured by a later sync (from a snapshot; once the other writer is gone): the peer may retry.
+            Error::VolumeChanged { .. }
+            | Error::ReadBackMismatch { .. }
+            | Error::TargetResized { .. } => AbortCode::Cancelled,
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
             Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
             Error::Config(_) | Error::Key { .. } | Error::TlsSetup(_) => AbortCode::Config,

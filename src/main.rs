@@ -49,7 +49,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    // Dropping a runtime waits for its blocking threads; one may still be blocked on a peer or a device (a failed
+    // session's worker): the outcome is known, so the process must not wait for them.
+    runtime.shutdown_background();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let retryable = e
@@ -89,19 +93,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let listener = blockmover::destination::bind(&config).await?;
-            let addr = listener.local_addr()?;
+            let bound = blockmover::destination::bind(&config).await?;
+            let addr = bound.local_addr()?;
             println!("listening on {addr}");
             std::io::stdout().flush()?;
             tracing::info!(%addr, target = %config.target.display(), "destination listening");
             use blockmover::destination::Served;
-            match blockmover::destination::serve_until(&config, listener, signals.recv()).await? {
-                Served::Synced(_) => Ok(()),
-                Served::Idle => {
+            match blockmover::destination::serve_until(&config, bound, signals.recv()).await {
+                Ok(Served::Synced(_)) => Ok(()),
+                Ok(Served::Idle) => {
                     tracing::info!("stopped by a signal while waiting for a source");
                     Ok(())
                 }
-                Served::Interrupted(s) => Err(cancelled(s, config.status, Role::Destination)),
+                Ok(Served::Interrupted(s)) => Err(cancelled(s, config.status, Role::Destination)),
+                Err(e) => {
+                    // Whatever ends the process, a sync it leaves under way is recorded Failed.
+                    record_abandoned(&e, config.status, Role::Destination);
+                    Err(e.into())
+                }
             }
         }
         Command::Source(args) => {
@@ -221,6 +230,13 @@ fn cancelled(
     role: Role,
 ) -> anyhow::Error {
     let err = blockmover::Error::Cancelled(signal);
+    record_abandoned(&err, status, role);
+    err.into()
+}
+
+/// The process ends with `err`: a sync it leaves under way (`lastSyncStartTime` set) is recorded Failed with that
+/// reason, so that no status says SyncInProgress for a process that is gone.
+fn record_abandoned(err: &blockmover::Error, status: Option<std::path::PathBuf>, role: Role) {
     let recorded = StatusFile::load(status, role).and_then(|mut s| {
         if s.status().last_sync_start_time.is_some() {
             s.fail(
@@ -233,9 +249,8 @@ fn cancelled(
         Ok(())
     });
     if let Err(e) = recorded {
-        tracing::warn!("cannot record the interruption in the status file: {e}");
+        tracing::warn!("cannot record the failure in the status file: {e}");
     }
-    err.into()
 }
 
 /// SIGTERM and SIGINT, registered up front.

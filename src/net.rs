@@ -241,9 +241,15 @@ pub type Outbox = tokio::sync::mpsc::Sender<Message>;
 
 /// Starts the task that owns the write half: it sends queued messages, batching what is queued together, and
 /// hands the writer back when every [`Outbox`] is dropped, so the caller can close the stream.
+///
+/// A peer that is alive but does not read (a paused process or VM: its TCP window stays at zero) would block a
+/// write forever, and with it every task feeding the outbox. Each write must therefore complete within `stall`
+/// (the idle timeout): otherwise the task ends with a "send" timeout, dropping the outbox's receiver so that every
+/// sender fails at once instead of waiting.
 pub fn spawn_writer<W>(
     mut writer: FrameWriter<W>,
     capacity: usize,
+    stall: Duration,
 ) -> (Outbox, tokio::task::JoinHandle<Result<FrameWriter<W>>>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
@@ -251,11 +257,11 @@ where
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(capacity);
     let task = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            writer.queue(&msg).await?;
+            within("send", stall, writer.queue(&msg)).await?;
             while let Ok(msg) = rx.try_recv() {
-                writer.queue(&msg).await?;
+                within("send", stall, writer.queue(&msg)).await?;
             }
-            writer.flush().await?;
+            within("send", stall, writer.flush()).await?;
         }
         Ok(writer)
     });

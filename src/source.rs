@@ -56,6 +56,9 @@ pub struct SourceConfig {
     pub compression: Compression,
     /// Network phase limits.
     pub timeouts: Timeouts,
+    /// Who this source is, `namespace/name` (sent in HELLO): a destination lets a new connection supersede a sync
+    /// under way only when it comes from the same source.
+    pub identity: String,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -94,14 +97,41 @@ pub struct SyncReport {
     pub volume_digest: Digest,
 }
 
-/// The source's window: chunks announced and acknowledged.
+/// The source's window: chunks announced and acknowledged, and the digests announced for the chunks the
+/// destination has not settled yet (at most a window of them: 2 MiB at the largest window). A NEED always names an
+/// unsettled chunk, so the DATA answering it can be checked against what the scan announced.
 struct Credit {
     acked: Mutex<u64>,
     moved: Condvar,
     stop: AtomicBool,
+    /// Digests of chunks `first..first + len`, from the scan; chunks below the ACK are dropped.
+    open: Mutex<(u64, std::collections::VecDeque<Digest>)>,
 }
 
 impl Credit {
+    fn new() -> Self {
+        Credit {
+            acked: Mutex::new(0),
+            moved: Condvar::new(),
+            stop: AtomicBool::new(false),
+            open: Mutex::new((0, std::collections::VecDeque::new())),
+        }
+    }
+
+    /// Records the digests the scan announces next (chunks follow each other).
+    fn announce(&self, digests: &[Digest]) {
+        if let Ok(mut open) = self.open.lock() {
+            open.1.extend(digests.iter().copied());
+        }
+    }
+
+    /// The digest announced for chunk `index`, if it is still unsettled.
+    fn announced(&self, index: u64) -> Option<Digest> {
+        let open = self.open.lock().ok()?;
+        let at = index.checked_sub(open.0)?;
+        open.1.get(usize::try_from(at).ok()?).copied()
+    }
+
     /// Waits until announcing chunks up to `through` keeps within `window`; false when the session stopped.
     fn wait(&self, through: u64, window: u64) -> bool {
         let Ok(mut acked) = self.acked.lock() else {
@@ -122,6 +152,12 @@ impl Credit {
     fn ack(&self, through: u64) {
         if let Ok(mut a) = self.acked.lock() {
             *a = (*a).max(through);
+        }
+        if let Ok(mut open) = self.open.lock() {
+            let (first, digests) = &mut *open;
+            let settled = through.saturating_sub(*first).min(digests.len() as u64);
+            digests.drain(..settled as usize);
+            *first += settled;
         }
         self.moved.notify_all();
     }
@@ -180,7 +216,10 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let tcp = within("connect", t.connect, async {
         TcpStream::connect(&config.connect)
             .await
-            .map_err(|e| Error::net("connect", e))
+            .map_err(|source| Error::Connect {
+                addr: config.connect.clone(),
+                source,
+            })
     })
     .await?;
     let _ = tcp.set_nodelay(true);
@@ -198,13 +237,13 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let (mut reader, mut writer) =
         authenticated(tls, exporter, &config.psk, Side::Source, t.handshake).await?;
 
-    writer
-        .send(&Message::Hello {
-            volume_size: geometry.volume_size(),
-            chunk_size: geometry.chunk_size(),
-            block_size: BLOCK_SIZE,
-        })
-        .await?;
+    let hello = Message::Hello {
+        volume_size: geometry.volume_size(),
+        chunk_size: geometry.chunk_size(),
+        block_size: BLOCK_SIZE,
+        source: config.identity.clone(),
+    };
+    within("hello", t.handshake, writer.send(&hello)).await?;
     let ready = within("hello", t.handshake, reader.expect("hello")).await;
     let window = match abort_on_error(&mut writer, ready).await? {
         Message::Ready { window, .. } if (MIN_WINDOW..=MAX_WINDOW).contains(&window) => window,
@@ -220,25 +259,28 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         }
     };
 
-    let (outbox, writer_task) = spawn_writer(writer, 64);
+    let (outbox, writer_task) = spawn_writer(writer, 64, t.idle);
+    let mut writer_task = Some(writer_task);
     let session = Session {
         volume,
         geometry,
         figures,
-        credit: Arc::new(Credit {
-            acked: Mutex::new(0),
-            moved: Condvar::new(),
-            stop: AtomicBool::new(false),
-        }),
+        credit: Arc::new(Credit::new()),
         announced: Arc::new(AtomicU64::new(0)),
         window: u64::from(window),
         zstd_level: config.zstd_level,
         compression: config.compression,
     };
-    let result = session.drive(&mut reader, outbox, t.idle).await;
+    let result = session
+        .drive(&mut reader, outbox, &mut writer_task, t.idle)
+        .await;
     session.credit.stop();
     let limit = if result.is_ok() { t.idle } else { ABORT_GRACE };
-    let writer = finish_writer(writer_task, limit).await;
+    // A writer that ended early already gave its outcome to `drive` (and is not polled again).
+    let writer = match writer_task {
+        Some(task) => finish_writer(task, limit).await,
+        None => Err(Error::PeerClosed("sync")),
+    };
     let report = result?;
     let mut writer = writer?;
     within("close", t.handshake, writer.shutdown()).await?;
@@ -258,10 +300,11 @@ struct Session {
 
 impl Session {
     /// Runs the scan and the NEED service until COMMIT; on failure tells the peer why.
-    async fn drive<R: tokio::io::AsyncRead + Unpin>(
+    async fn drive<R: tokio::io::AsyncRead + Unpin, W>(
         &self,
         reader: &mut FrameReader<R>,
         outbox: Outbox,
+        writer: &mut Option<tokio::task::JoinHandle<Result<W>>>,
         idle: Duration,
     ) -> Result<SyncReport> {
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<Error>();
@@ -273,6 +316,16 @@ impl Session {
             let msg = tokio::select! {
                 m = within("idle read", idle, reader.expect("sync")) => m,
                 Some(e) = fail_rx.recv() => Err(e),
+                // The writer only ends early on an error: a peer that stopped reading (send timeout) or a
+                // broken socket. Its error is the cause of everything that fails after it.
+                w = async { writer.as_mut().expect("guarded").await }, if writer.is_some() => {
+                    *writer = None;
+                    Err(match w {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(_)) => Error::Protocol("the writer ended early".into()),
+                        Err(e) => Error::Protocol(format!("writer task failed: {e}")),
+                    })
+                }
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -291,10 +344,18 @@ impl Session {
                     if let Err(e) = self.check_need(chunk, blocks.as_deref(), &mut answered) {
                         break Err(e);
                     }
-                    if need_tx.try_send((chunk, blocks)).is_err() {
-                        break Err(Error::Protocol(
-                            "the destination exceeded its window of open NEEDs".into(),
-                        ));
+                    match need_tx.try_send((chunk, blocks)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            break Err(Error::Protocol(
+                                "the destination exceeded its window of open NEEDs".into(),
+                            ));
+                        }
+                        // The servicer stopped: it reported why (a read error, a volume that changed, a writer
+                        // that failed) or is about to; that, not this NEED, is the cause.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            break Err(first_failure(&mut fail_rx).await);
+                        }
                     }
                 }
                 Message::Commit {
@@ -341,7 +402,9 @@ impl Session {
             }
         }
         drop(outbox);
-        let _ = servicer.await;
+        // The servicer may be blocked handing a frame to a writer stuck on a peer that stopped reading: the writer
+        // is ended (and with it the servicer's outbox) by the caller, so it is not waited for past the grace.
+        let _ = tokio::time::timeout(ABORT_GRACE, servicer).await;
         result
     }
 
@@ -395,6 +458,7 @@ impl Session {
                 }
                 let digests: Vec<Digest> = summaries.iter().map(|s| s.digest).collect();
                 digests.iter().for_each(|d| vd.push(d));
+                credit.announce(&digests);
                 announced.store(through, Ordering::Release);
                 outbox
                     .blocking_send(Message::Digests { first, digests })
@@ -428,12 +492,13 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
     ) -> tokio::task::JoinHandle<()> {
-        let (volume, geometry, figures, level, compression) = (
+        let (volume, geometry, figures, level, compression, credit) = (
             self.volume.clone(),
             self.geometry,
             self.figures.clone(),
             self.zstd_level,
             self.compression,
+            self.credit.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let mut chooser = Chooser::new();
@@ -448,13 +513,25 @@ impl Session {
                 }
                 let measured = chooser.compress();
                 let count = batch.len() as u64;
+                let batch: Vec<_> = batch
+                    .into_iter()
+                    .map(|(chunk, blocks)| (chunk, blocks, credit.announced(chunk)))
+                    .collect();
                 let frames: Vec<Result<DataFrame>> = batch
                     .into_par_iter()
-                    .map(|(chunk, blocks)| {
+                    .map(|(chunk, blocks, announced)| {
                         let level = compression
                             .wanted(blocks.is_some(), measured)
                             .then_some(level);
-                        build_data(&volume, geometry, chunk, blocks.as_deref(), level)
+                        let announced = announced.ok_or_else(|| {
+                            Error::Protocol(format!("NEED for chunk {chunk}, which is settled"))
+                        })?;
+                        let need = Need {
+                            chunk,
+                            target_blocks: blocks.as_deref(),
+                            announced,
+                        };
+                        build_data(&volume, geometry, need, level)
                     })
                     .collect();
                 let mut raw = 0;
@@ -490,21 +567,51 @@ fn count_data(figures: &Figures, d: &DataFrame) {
     add(&figures.compressed_bytes, d.payload.len() as u64);
 }
 
+/// The first error the session's tasks reported, waiting a moment for it; a peer that closed if none comes.
+async fn first_failure(fail: &mut mpsc::UnboundedReceiver<Error>) -> Error {
+    match tokio::time::timeout(ABORT_GRACE, fail.recv()).await {
+        Ok(Some(e)) => e,
+        _ => Error::PeerClosed("sync"),
+    }
+}
+
+/// What a NEED asks for, with what the scan announced for that chunk.
+#[derive(Clone, Copy, Debug)]
+pub struct Need<'a> {
+    /// The chunk index.
+    pub chunk: u64,
+    /// The target chunk's block digests, or `None` when the target chunk is all zeros.
+    pub target_blocks: Option<&'a [Digest]>,
+    /// The digest the scan announced for the chunk: the chunk read again must still hash to it.
+    pub announced: Digest,
+}
+
 /// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
 /// zeros, the non-zero blocks); zero blocks become marks; with a `zstd_level`, the payload is zstd when that is
 /// smaller, else raw.
+///
+/// The chunk is read again, and must hash to the digest the scan announced: if it does not, the volume is being
+/// written during the sync (a live volume, not a snapshot), and [`Error::VolumeChanged`] says so here, where it is
+/// known, instead of a digest mismatch at the destination that would look like corruption.
 pub fn build_data(
     volume: &Volume,
     geometry: Geometry,
-    chunk: u64,
-    target_blocks: Option<&[Digest]>,
+    need: Need<'_>,
     zstd_level: Option<i32>,
 ) -> Result<DataFrame> {
+    let Need {
+        chunk,
+        target_blocks,
+        announced,
+    } = need;
     let (offset, len) = geometry.chunk_range(chunk);
     // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
     // where it was read; otherwise the blocks that travel are moved to the front.
     let mut raw = Vec::with_capacity(len);
     volume.read_append(&mut raw, offset, len)?;
+    if Digest::of(&raw) != announced {
+        return Err(Error::VolumeChanged { chunk });
+    }
     let (mut send_mask, mut zero_mask) = (0u64, 0u64);
     let mut kept = 0;
     for b in 0..geometry.blocks_in_chunk(chunk) {
@@ -603,12 +710,17 @@ mod tests {
         }
         let (volume, g) = volume_of(&dir, &data)?;
 
-        let random = build_data(&volume, g, 0, None, Some(1))?;
+        let need = |chunk: u64| Need {
+            chunk,
+            target_blocks: None,
+            announced: Digest::of(&data[chunk as usize * 65536..][..65536]),
+        };
+        let random = build_data(&volume, g, need(0), Some(1))?;
         assert_eq!(random.encoding, Encoding::Raw);
         assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
         assert_eq!(&random.payload[..], &data[..65536]);
 
-        let text = build_data(&volume, g, 1, None, Some(1))?;
+        let text = build_data(&volume, g, need(1), Some(1))?;
         assert_eq!(text.encoding, Encoding::Zstd);
         assert_eq!(text.raw_len, 65536);
         assert!(
@@ -632,10 +744,32 @@ mod tests {
         let mut theirs = block_digests(&data);
         theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
         theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
-        let d = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
+        let need = Need {
+            chunk: 0,
+            target_blocks: Some(&theirs),
+            announced: Digest::of(&data),
+        };
+        let d = build_data(&volume, g, need, Some(1))?;
         assert_eq!(d.send_mask, 1 << 10);
         assert_eq!(d.zero_mask, 1 << 1);
         assert_eq!(d.raw_len, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_that_changed_since_the_scan_is_reported_as_a_changed_volume() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = vec![5u8; 65536];
+        let (volume, g) = volume_of(&dir, &data)?;
+        let need = Need {
+            chunk: 0,
+            target_blocks: None,
+            announced: Digest::of(&[6u8; 65536]),
+        };
+        let err = build_data(&volume, g, need, None).expect_err("changed");
+        assert!(matches!(err, Error::VolumeChanged { chunk: 0 }), "{err}");
+        assert!(err.is_retryable());
+        assert!(err.to_string().contains("sync from a snapshot"), "{err}");
         Ok(())
     }
 }

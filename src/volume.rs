@@ -103,6 +103,34 @@ impl Volume {
         self.size
     }
 
+    /// The size as the file or device reports it now (a regular file may have been truncated or extended by
+    /// another process since it was opened).
+    pub fn current_size(&self) -> Result<u64> {
+        let mut file = &self.file;
+        file.seek(SeekFrom::End(0))
+            .map_err(|source| self.io_err("seek", 0, source))
+    }
+
+    /// A second handle on the same open file (sharing its exclusive claim), with its size read again and no
+    /// writes allowed until [`Volume::allow_writes_below`].
+    pub fn try_clone(&self) -> Result<Volume> {
+        let mut file = self
+            .file
+            .try_clone()
+            .map_err(|source| self.io_err("dup", 0, source))?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| self.io_err("seek", 0, source))?;
+        Ok(Volume {
+            path: self.path.clone(),
+            file,
+            size,
+            kind: self.kind,
+            limit: 0,
+            file_writes: std::sync::Mutex::new(()),
+        })
+    }
+
     /// Block device or file.
     pub fn kind(&self) -> Kind {
         self.kind

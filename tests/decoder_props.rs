@@ -134,6 +134,9 @@ fn message(rng: &mut ChaCha8Rng) -> Message {
             volume_size: rng.random(),
             chunk_size: rng.random(),
             block_size: rng.random(),
+            source: (0..rng.random_range(0..=40u8))
+                .map(|_| char::from(rng.random_range(b'a'..=b'z')))
+                .collect(),
         },
         2 => Message::Ready {
             target_size: rng.random(),
@@ -364,7 +367,7 @@ fn valid_messages_round_trip_through_every_decoder() {
 #[test]
 fn claimed_lengths_reserve_nothing_until_checked_and_complete() {
     // A header claiming the largest payload, followed by 100 bytes: the slice decoder waits without reserving.
-    let mut frame = vec![b'B', b'M', 1, 0x13];
+    let mut frame = vec![b'B', b'M', blockmover::codec::VERSION, 0x13];
     frame.extend_from_slice(&(MAX_PAYLOAD as u32).to_be_bytes());
     frame.extend_from_slice(&[0; 100]);
     let mut result = None;

@@ -33,6 +33,15 @@ const DATA_BATCH: usize = 32;
 /// Segments of local digests from the target's scan.
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
 
+/// How a session applies the source's messages.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Chunks the source may announce beyond those settled.
+    pub window: u32,
+    /// After the final fsync, read the target back and check the volume digest of the bytes read.
+    pub read_back: bool,
+}
+
 /// The session state that applies the source's messages to the target.
 pub struct Apply {
     target: Arc<Volume>,
@@ -54,6 +63,9 @@ pub struct Apply {
     zero_run: Option<(u64, u64)>,
     /// Background fsyncs while the sync runs.
     flusher: Option<Flusher>,
+    read_back: bool,
+    /// The target's size when the session opened it: another writer that truncates or extends it shows here.
+    target_size: u64,
 }
 
 impl Apply {
@@ -64,9 +76,11 @@ impl Apply {
         local: LocalDigests,
         out: Outbox,
         figures: Arc<Figures>,
-        window: u32,
+        options: Options,
     ) -> Self {
         Apply {
+            target_size: target.size(),
+            read_back: options.read_back,
             target,
             geometry,
             zeros: ZeroDigests::new(geometry),
@@ -74,7 +88,7 @@ impl Apply {
             local_ready: VecDeque::new(),
             out,
             figures,
-            window: u64::from(window),
+            window: u64::from(options.window),
             next: 0,
             last_ack: 0,
             open: HashMap::new(),
@@ -162,6 +176,31 @@ impl Apply {
                 source_digest: theirs.to_hex(),
                 destination_digest: ours.to_hex(),
             });
+        }
+        // `ours` is built from the digests this session computed or verified, not from the target's bytes now:
+        // these two checks look at the target itself.
+        let size = self.target.current_size()?;
+        if size != self.target_size {
+            return Err(Error::TargetResized {
+                path: self.target.path().to_owned(),
+                before: self.target_size,
+                after: size,
+            });
+        }
+        if self.read_back {
+            let reading = std::time::Instant::now();
+            let found = read_back(&self.target, self.geometry, &self.figures)?;
+            tracing::info!(
+                "target read back in {:.2}s",
+                reading.elapsed().as_secs_f64()
+            );
+            if found != theirs {
+                return Err(Error::ReadBackMismatch {
+                    path: self.target.path().to_owned(),
+                    found: found.to_hex(),
+                    expected: theirs.to_hex(),
+                });
+            }
         }
         Ok(ours)
     }
@@ -314,6 +353,22 @@ impl Apply {
         }
         Ok(())
     }
+}
+
+/// The volume digest of the target's bytes as they read now (after the final fsync): one more full read and hash
+/// of `[0, volume_size)`, on all cores, counted in `bytes_read`.
+fn read_back(target: &Arc<Volume>, geometry: Geometry, figures: &Figures) -> Result<Digest> {
+    let mut digest = VolumeDigest::new(geometry);
+    crate::scan::scan(
+        target.clone(),
+        geometry,
+        figures.bytes_read.clone(),
+        |_, summaries| {
+            summaries.iter().for_each(|s| digest.push(&s.digest));
+            Ok(())
+        },
+    )?;
+    Ok(digest.finish())
 }
 
 /// Rebuilds a chunk (the target's bytes with the DATA's blocks replaced or zeroed), checks it against the source's

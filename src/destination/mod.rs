@@ -1,36 +1,35 @@
 //! The destination agent: accepts a source, checks its key, hashes the target and applies the changes.
 //!
-//! One session per accepted connection (one sync, or many with `--serve`). The target is opened only after the
-//! source has proved it holds the key, so a wrong key never touches it. What is durable when the status says
-//! Successful: every byte of `[0, volume_size)` of the target, fsynced, whose volume digest matched the source's.
+//! The target is opened once, exclusively, before the destination listens ([`bind`]): a second destination on the
+//! same target, or a mounted block device, is refused at start-up. Connections authenticate in tasks of their own
+//! ([`accept`]); one that has not proved the key never touches the target, the status or the sync metrics. One
+//! sync runs at a time ([`session`]): a new connection of the same source supersedes it, another source is told
+//! it is busy. What is durable when the status says Successful: every byte of `[0, volume_size)` of the target,
+//! fsynced, whose volume digest matched the source's (with `--read-back`, computed from the bytes read back).
 
+mod accept;
 mod apply;
 mod flush;
+mod session;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tracing::Instrument;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 
+pub use accept::MAX_HANDSHAKES;
 pub use apply::{decode_payload, ACK_EVERY};
 
-use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
-use crate::codec::{FrameReader, Message};
+use crate::chunk::Digest;
 use crate::error::{Error, Result};
-use crate::net::{
-    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Halves,
-    Timeouts, ABORT_GRACE,
-};
-use crate::progress::Progress;
-use crate::stats::Figures;
-use crate::status::{Role, StatusFile};
-use crate::tls::{self, Psk, Side};
+use crate::metrics::Rejection;
+use crate::net::Timeouts;
+use crate::tls::Psk;
 use crate::volume::Volume;
+use accept::{Arrival, Handshakes};
+use session::Shared;
 
 /// Chunks the source may announce ahead of our ACKs (the READY window), by default.
 pub const WINDOW: u32 = 8192;
@@ -60,35 +59,41 @@ pub struct DestinationConfig {
     pub schedule: Option<crate::schedule::Schedule>,
     /// Metrics to feed, if served.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// After the final fsync, read the whole target back and check its volume digest against the source's (one
+    /// more read of the volume's size; catches another writer of the target during the sync).
+    pub read_back: bool,
 }
 
-/// Binds the listener (so the caller learns the address before any sync).
-pub async fn bind(config: &DestinationConfig) -> Result<TcpListener> {
-    TcpListener::bind(&config.listen)
+/// A destination ready to serve: its target held exclusively, its port bound.
+pub struct Bound {
+    listener: TcpListener,
+    target: Volume,
+}
+
+impl Bound {
+    /// The address the destination listens on.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Opens the target (exclusively: see [`Volume::open_target`]) and binds the listener, so that an unusable target
+/// or a second destination on it is reported at start-up, and the caller learns the address before any sync.
+pub async fn bind(config: &DestinationConfig) -> Result<Bound> {
+    let target = Volume::open_target(&config.target)?;
+    let listener = TcpListener::bind(&config.listen)
         .await
-        .map_err(|e| Error::net("listen", e))
+        .map_err(|e| Error::net("listen", e))?;
+    Ok(Bound { listener, target })
 }
 
-/// The framed halves of an authenticated source connection.
-type Session = Halves<tokio_rustls::server::TlsStream<crate::net::Socket<TcpStream>>>;
-
-/// A connection that completed TLS and proved it holds the key, or one whose key did not match.
-struct Arrival {
-    peer: SocketAddr,
-    figures: Arc<Figures>,
-    started: Instant,
-    session: Result<Session>,
-}
-
-/// Serves syncs on `listener`: one, or until the process ends with `serve`. Returns the last session's result.
+/// Serves syncs on `bound`: one, or until the process ends with `serve`. Returns the last session's result.
 ///
-/// Each connection does its TLS handshake and PSK exchange in a task of its own, under the handshake timeout, so
-/// a client that sends nothing or garbage (a port scanner, a health check) is logged and dropped without
-/// touching the target, the status or a sync under way. A source that proves the key starts a sync; one whose
-/// proof does not verify fails the sync ("pre-shared keys do not match"): a wrong key is a configuration error
-/// that waiting will not cure.
-pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<Digest> {
-    match serve_until(config, listener, std::future::pending()).await? {
+/// Each connection does its TLS handshake, PSK exchange and HELLO in a task of its own, under the handshake
+/// timeout, so a client that sends nothing, garbage or a wrong key is logged, counted and dropped without touching
+/// the target, the status or a sync under way (see [`accept`]).
+pub async fn serve(config: &DestinationConfig, bound: Bound) -> Result<Digest> {
+    match serve_until(config, bound, std::future::pending()).await? {
         Served::Synced(d) => Ok(d),
         Served::Idle | Served::Interrupted(_) => Err(Error::Cancelled("stop")),
     }
@@ -96,6 +101,10 @@ pub async fn serve(config: &DestinationConfig, listener: TcpListener) -> Result<
 
 /// How long a stop waits for a session under way to end by itself (one that has sent its COMMIT is closing).
 const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a superseded session is given to end (tell its stale peer, let its worker finish a batch) before the
+/// new one starts anyway; the new one still waits for the old worker's hold on the target.
+const SUPERSEDE_GRACE: Duration = Duration::from_secs(10);
 
 /// How [`serve_until`] ended without an error.
 #[derive(Debug)]
@@ -108,22 +117,38 @@ pub enum Served {
     Interrupted(&'static str),
 }
 
+/// The session under way.
+struct Running {
+    task: tokio::task::JoinHandle<Result<Digest>>,
+    /// Set to true to end the session because its source connected again.
+    supersede: watch::Sender<bool>,
+    hello: accept::Hello,
+    since: Instant,
+}
+
 /// [`serve`] until `stop` resolves to the name of what stopped it (a signal).
 pub async fn serve_until(
     config: &DestinationConfig,
-    listener: TcpListener,
+    bound: Bound,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<Served> {
     tokio::pin!(stop);
-    let acceptor = tls::acceptor()?;
-    let local = listener
-        .local_addr()
-        .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+    let Bound { listener, target } = bound;
+    let shared = Arc::new(Shared {
+        target: Arc::new(target),
+        writing: Arc::new(tokio::sync::Mutex::new(())),
+        local: listener
+            .local_addr()
+            .map_or_else(|_| config.listen.clone(), |a| a.to_string()),
+    });
     let (arrived_tx, mut arrived) = mpsc::channel::<Arrival>(4);
+    let mut handshakes = Handshakes::new(
+        config.psk.clone(),
+        config.timeouts,
+        config.metrics.clone(),
+        arrived_tx,
+    )?;
     let config = Arc::new(config.clone());
-    // Held by the session worker, the only writer of the target: a session waits for it before opening the target,
-    // so a superseded session can never write behind its successor's back.
-    let target_lock = Arc::new(tokio::sync::Mutex::new(()));
     let mut current: Option<Running> = None;
     loop {
         tokio::select! {
@@ -142,45 +167,36 @@ pub async fn serve_until(
                     _ => Ok(Served::Interrupted(signal)),
                 };
             }
-            accepted = listener.accept() => {
-                let (tcp, peer) = accepted.map_err(|e| Error::net("accept", e))?;
-                let (acceptor, psk, t, tx) =
-                    (acceptor.clone(), config.psk.clone(), config.timeouts, arrived_tx.clone());
-                tokio::spawn(async move {
-                    let figures = Arc::new(Figures::default());
-                    let started = Instant::now();
-                    let session = handshake(&acceptor, tcp, &psk, t, &figures).await;
-                    match session {
-                        Err(e) if !matches!(e, Error::KeysDoNotMatch(_)) => {
-                            tracing::warn!(%peer, "connection dropped before authentication: {e}");
-                        }
-                        session => {
-                            let _ = tx.send(Arrival { peer, figures, started, session }).await;
-                        }
-                    }
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => handshakes.start(tcp, peer),
+                Err(e) => handshakes.accept_failed(e).await?,
+            },
             Some(arrival) = arrived.recv() => {
                 if let Some(running) = current.take() {
-                    if arrival.session.is_err() {
-                        // A wrong key must not end a sync under way: only a source that proved the key may.
-                        tracing::warn!(peer = %arrival.peer, "connection refused during a sync: {}",
-                            arrival.session.err().map(|e| e.to_string()).unwrap_or_default());
+                    if !running.hello.same_source(&arrival.hello) {
+                        if let Some(m) = &config.metrics {
+                            m.rejected(Rejection::Busy);
+                        }
+                        accept::refuse_busy(arrival, &running.hello.source, running.since, config.timeouts.handshake);
                         current = Some(running);
                         continue;
                     }
-                    // The source retried: its previous connection is stale (frozen, or half-open after a
-                    // partition). End that session, recording why, and serve the new one.
-                    tracing::warn!(peer = %arrival.peer, "a new source connection supersedes the sync under way");
-                    let _ = running.supersede.send(());
-                    let _ = running.task.await;
+                    // The same source retried: its previous connection is stale (frozen, or half-open after a
+                    // partition). End that session, which tells its peer and records why, and serve the new one.
+                    tracing::warn!(peer = %arrival.peer, "a new connection of the same source supersedes the sync under way");
+                    let _ = running.supersede.send(true);
+                    let mut task = running.task;
+                    if tokio::time::timeout(SUPERSEDE_GRACE, &mut task).await.is_err() {
+                        tracing::warn!("the superseded session did not end within {SUPERSEDE_GRACE:?}; starting the new one");
+                    }
                 }
-                let (supersede, superseded) = tokio::sync::oneshot::channel();
-                let (config, lock, local) = (config.clone(), target_lock.clone(), local.clone());
+                let (supersede, superseded) = watch::channel(false);
+                let hello = arrival.hello.clone();
+                let (config, shared) = (config.clone(), shared.clone());
                 let task = tokio::spawn(async move {
-                    session_with_status(&config, arrival, local, lock, superseded).await
+                    session::run(&config, &shared, arrival, superseded).await
                 });
-                current = Some(Running { task, supersede });
+                current = Some(Running { task, supersede, hello, since: Instant::now() });
             }
             finished = async { current.as_mut().map(|r| &mut r.task).expect("guarded").await },
                 if current.is_some() => {
@@ -193,287 +209,4 @@ pub async fn serve_until(
             }
         }
     }
-}
-
-/// The session under way, and how to end it when the source reconnects.
-struct Running {
-    task: tokio::task::JoinHandle<Result<Digest>>,
-    supersede: tokio::sync::oneshot::Sender<()>,
-}
-
-/// Aborts a task when dropped: a superseded session must not leave its writer blocked on a dead peer, which would
-/// keep the worker (and with it the target) blocked on a full outbox.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// TLS handshake and PSK exchange of one connection, bytes counted from the first.
-async fn handshake(
-    acceptor: &tls::TlsAcceptor,
-    tcp: TcpStream,
-    psk: &Psk,
-    t: Timeouts,
-    figures: &Figures,
-) -> Result<Session> {
-    let _ = tcp.set_nodelay(true);
-    let stream = crate::net::socket(tcp, figures.wire.clone());
-    let tls = within("tls handshake", t.handshake, async {
-        acceptor
-            .accept(stream)
-            .await
-            .map_err(|e| Error::net("tls handshake", e))
-    })
-    .await?;
-    let exporter = tls::server_exporter(&tls)?;
-    authenticated(tls, exporter, psk, Side::Destination, t.handshake).await
-}
-
-async fn session_with_status(
-    config: &DestinationConfig,
-    arrival: Arrival,
-    local: String,
-    target_lock: Arc<tokio::sync::Mutex<()>>,
-    superseded: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Digest> {
-    let Arrival {
-        peer,
-        figures,
-        started,
-        session: connection,
-    } = arrival;
-    let mut status = StatusFile::load(config.status.clone(), Role::Destination)?;
-    status.set_rsync_tls_address(local);
-    status.set_schedule(config.schedule.clone());
-    status.begin(chrono::Utc::now())?;
-    if let Some(m) = &config.metrics {
-        m.started(figures.clone());
-    }
-    let span = tracing::info_span!("session", %peer);
-    span.in_scope(|| tracing::info!("source connected"));
-    let result = match connection {
-        Ok(halves) => {
-            let run = session(
-                config,
-                halves,
-                figures.clone(),
-                &mut status,
-                started,
-                target_lock,
-            )
-            .instrument(span.clone());
-            tokio::select! {
-                r = run => r,
-                Ok(()) = superseded => Err(Error::Superseded),
-            }
-        }
-        Err(e) => Err(e),
-    };
-    let _enter = span.enter();
-    // Before the status write below, which may fail: the metrics must not show this sync under way forever.
-    if let Some(m) = &config.metrics {
-        m.finished(result.is_ok(), started.elapsed());
-    }
-    if let Err(e) = &result {
-        tracing::error!("sync failed: {e}");
-        let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
-        status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)?;
-    }
-    result
-}
-
-async fn session(
-    config: &DestinationConfig,
-    (mut reader, mut writer): Session,
-    figures: Arc<Figures>,
-    status: &mut StatusFile,
-    started: Instant,
-    target_lock: Arc<tokio::sync::Mutex<()>>,
-) -> Result<Digest> {
-    let t = config.timeouts;
-    let hello = within("hello", t.handshake, reader.expect("hello")).await;
-    let opened = match abort_on_error(&mut writer, hello).await? {
-        Message::Hello {
-            volume_size,
-            chunk_size,
-            block_size,
-        } => open_target(config, volume_size, chunk_size, block_size),
-        Message::Abort { code, message } => return Err(Error::PeerAbort { code, message }),
-        other => Err(Error::Protocol(format!(
-            "expected HELLO, received {}",
-            other.name()
-        ))),
-    };
-    // A superseded session's worker may still be finishing a batch: wait until it cannot write any more.
-    let writing = within("wait for the previous session", t.handshake, async {
-        Ok(target_lock.lock_owned().await)
-    })
-    .await;
-    let opened = opened.and_then(|o| writing.map(|w| (o, w)));
-    let ((target, geometry), writing) = match opened {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = writer
-                .send(&Message::Abort {
-                    code: e.abort_code(),
-                    message: e.to_string(),
-                })
-                .await;
-            return Err(e);
-        }
-    };
-    figures.set_geometry(&geometry);
-    tracing::info!(
-        target = %config.target.display(),
-        volume_size = geometry.volume_size(),
-        chunk_size = geometry.chunk_size(),
-        "sync started"
-    );
-    writer
-        .send(&Message::Ready {
-            target_size: target.size(),
-            window: config.window,
-        })
-        .await?;
-    let _progress = Progress::start("destination", figures.clone());
-
-    let target = Arc::new(target);
-    let local = spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone());
-    let (outbox, writer_task) = spawn_writer(writer, 256);
-    let _abort_writer = AbortOnDrop(writer_task.abort_handle());
-    let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
-    let worker = {
-        let apply = apply::Apply::new(
-            target,
-            geometry,
-            local,
-            outbox.clone(),
-            figures.clone(),
-            config.window,
-        );
-        tokio::task::spawn_blocking(move || {
-            let _writing = writing;
-            apply.run(&mut inbox_rx)
-        })
-    };
-    let result = pump(&mut reader, inbox_tx, worker, t.idle).await;
-    let digest = match result {
-        Ok(d) => d,
-        Err(e) => {
-            if tell_peer(&e) {
-                let _ = outbox
-                    .send(Message::Abort {
-                        code: e.abort_code(),
-                        message: e.to_string(),
-                    })
-                    .await;
-            }
-            drop(outbox);
-            let _ = finish_writer(writer_task, ABORT_GRACE).await;
-            return Err(e);
-        }
-    };
-    // Durable and verified: record success first, then tell the source.
-    figures.set_volume_digest(digest);
-    let elapsed = started.elapsed();
-    let summary = figures.summary(elapsed);
-    for line in summary.lines() {
-        tracing::info!("{line}");
-    }
-    status.succeed(chrono::Utc::now(), figures.external(), summary)?;
-    let commit = Message::Commit {
-        chunk_count: geometry.chunk_count(),
-        volume_size: geometry.volume_size(),
-        digest,
-    };
-    if outbox.send(commit).await.is_ok() {
-        drop(outbox);
-        if let Ok(mut w) = finish_writer(writer_task, t.handshake).await {
-            if let Err(e) = within("close", t.handshake, w.shutdown()).await {
-                tracing::warn!("the sync is durable, but closing the connection failed: {e}");
-            }
-        }
-    }
-    tracing::info!(digest = %digest, "sync completed in {:.2}s", elapsed.as_secs_f64());
-    Ok(digest)
-}
-
-fn open_target(
-    config: &DestinationConfig,
-    volume_size: u64,
-    chunk_size: u32,
-    block_size: u32,
-) -> Result<(Volume, Geometry)> {
-    if block_size != BLOCK_SIZE {
-        return Err(Error::Config(format!(
-            "the source uses {block_size}-byte blocks; protocol version 1 uses {BLOCK_SIZE}"
-        )));
-    }
-    let geometry = Geometry::new(volume_size, chunk_size).map_err(Error::Config)?;
-    let mut target = Volume::open_target(&config.target)?;
-    target.allow_writes_below(volume_size)?;
-    Ok((target, geometry))
-}
-
-/// Reads the source's frames into the worker's inbox until the worker finishes or something fails.
-async fn pump<R: tokio::io::AsyncRead + Unpin>(
-    reader: &mut FrameReader<R>,
-    inbox: mpsc::Sender<Message>,
-    mut worker: tokio::task::JoinHandle<Result<Digest>>,
-    idle: std::time::Duration,
-) -> Result<Digest> {
-    let joined = |r: std::result::Result<Result<Digest>, tokio::task::JoinError>| {
-        r.unwrap_or_else(|e| Err(Error::Protocol(format!("session worker failed: {e}"))))
-    };
-    loop {
-        tokio::select! {
-            r = &mut worker => return joined(r),
-            m = within("idle read", idle, reader.expect("sync")) => {
-                let msg = match m {
-                    Ok(Message::Abort { code, message }) => Err(Error::PeerAbort { code, message }),
-                    Ok(msg @ (Message::Digests { .. } | Message::Data(_) | Message::End { .. })) => Ok(msg),
-                    Ok(other) => Err(Error::Protocol(format!("unexpected {} from the source", other.name()))),
-                    Err(e) => Err(e),
-                };
-                match msg {
-                    Ok(msg) => {
-                        if inbox.send(msg).await.is_err() {
-                            return joined(worker.await);
-                        }
-                    }
-                    Err(e) => {
-                        drop(inbox);
-                        // The worker's own error, if it has one, is the cause; otherwise ours. A worker stuck
-                        // sending to a peer that stopped reading is not waited for past the grace period.
-                        return match tokio::time::timeout(ABORT_GRACE, worker).await {
-                            Ok(Ok(Err(w))) if !matches!(w, Error::PeerClosed(_)) => Err(w),
-                            _ => Err(e),
-                        };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Hashes the target's first `volume_size` bytes on a blocking thread, feeding the worker segment by segment.
-fn spawn_target_scan(
-    target: Arc<Volume>,
-    geometry: Geometry,
-    bytes_read: Arc<AtomicU64>,
-) -> apply::LocalDigests {
-    let (tx, rx) = std::sync::mpsc::sync_channel(crate::scan::READ_AHEAD + 2);
-    tokio::task::spawn_blocking(move || {
-        let r = crate::scan::scan(target, geometry, bytes_read, |first, s| {
-            tx.send(Ok((first, s)))
-                .map_err(|_| Error::Cancelled("session end"))
-        });
-        if let Err(e) = r {
-            let _ = tx.send(Err(e));
-        }
-    });
-    rx
 }

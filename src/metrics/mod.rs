@@ -57,6 +57,46 @@ struct Totals {
     bytes_read: u64,
     succeeded: u64,
     failed: u64,
+    /// Connections turned away before a sync, by [`Rejection`].
+    rejected: [u64; Rejection::ALL.len()],
+}
+
+/// Why a destination turned a connection away without starting a sync (the `reason` label of
+/// `blockmover_rejected_connections_total`). None of them changes the status or the sync metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The peer's key proof did not verify (or it rejected ours).
+    Auth,
+    /// TLS failed, or the peer sent something that is not this protocol before HELLO.
+    Handshake,
+    /// The TLS handshake, the key exchange or HELLO took longer than the handshake timeout.
+    Timeout,
+    /// A different source while a sync ran (it was sent ABORT Busy).
+    Busy,
+    /// Dropped unfinished to make room: too many handshakes in flight, or no file descriptor left.
+    Overload,
+}
+
+impl Rejection {
+    /// Every reason, in label order.
+    pub const ALL: [Rejection; 5] = [
+        Rejection::Auth,
+        Rejection::Handshake,
+        Rejection::Timeout,
+        Rejection::Busy,
+        Rejection::Overload,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::Auth => "auth",
+            Rejection::Handshake => "handshake",
+            Rejection::Timeout => "timeout",
+            Rejection::Busy => "busy",
+            Rejection::Overload => "overload",
+        }
+    }
 }
 
 /// The sync under way.
@@ -145,6 +185,12 @@ impl Metrics {
             since: Instant::now(),
             previous_last_sync: st.last_sync,
         });
+    }
+
+    /// A connection was turned away before it could start a sync.
+    pub fn rejected(&self, why: Rejection) {
+        let i = Rejection::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.state().totals.rejected[i] += 1;
     }
 
     /// Whether a sync is under way.
@@ -301,6 +347,20 @@ impl Metrics {
                 &mut out,
                 "blockmover_syncs_total",
                 &format!("{labels},result=\"{result}\""),
+                n as f64,
+            );
+        }
+        head(
+            &mut out,
+            "blockmover_rejected_connections_total",
+            "counter",
+            "Connections turned away before a sync (not authenticated, busy, overload), by reason",
+        );
+        for (why, n) in Rejection::ALL.iter().zip(t.rejected) {
+            sample(
+                &mut out,
+                "blockmover_rejected_connections_total",
+                &format!("{labels},reason=\"{}\"", why.as_str()),
                 n as f64,
             );
         }

@@ -259,6 +259,7 @@ fn hello(volume_size: u64) -> Message {
         volume_size,
         chunk_size: CHUNK,
         block_size: 4096,
+        source: "default/hostile".into(),
     }
 }
 
@@ -362,8 +363,17 @@ async fn header_claiming_4_gib_payload_is_rejected_before_it_arrives() -> Result
     let site = site(2)?;
     let (dest, mut peer) = hostile_source(&site).await?;
     peer.hello_ready().await?;
-    peer.raw(&[b'B', b'M', 1, 0x13, 0xff, 0xff, 0xff, 0xff])
-        .await?;
+    peer.raw(&[
+        b'B',
+        b'M',
+        blockmover::codec::VERSION,
+        0x13,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+    ])
+    .await?;
     let got = refused(&site, dest, peer, 1, "exceeds the maximum").await?;
     aborted(&got, AbortCode::Protocol, "exceeds the maximum")
 }
