@@ -1,8 +1,9 @@
 //! VolSync-shaped status: the `.status` document of ReplicationSource / ReplicationDestination, written atomically.
 //!
 //! Invariants:
-//! - The file on disk is always a complete JSON document: it is written to `<path>.tmp`, fsynced, renamed over
-//!   `<path>`, and the directory is fsynced. A reader never sees a torn file.
+//! - The file on disk is always a complete JSON document: it is written to a randomly named temporary created with
+//!   `O_EXCL` beside it, fsynced, renamed over `<path>`, and the directory is fsynced ([`crate::durable`]). A
+//!   reader never sees a torn file, and a symlink planted in the directory is never followed.
 //! - `lastSyncStartTime` is set only while a sync runs ([`StatusFile::begin`]); both [`StatusFile::succeed`] and
 //!   [`StatusFile::fail`] clear it.
 //! - `lastSyncTime` / `lastSyncDuration` change only on success; a failure keeps the previous values.
@@ -13,14 +14,15 @@
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::durable;
 use crate::schedule::Schedule;
 
 /// The bytes of mover logs VolSync keeps in `latestMoverStatus.logs` (its `MOVER_LOG_MAX_BYTES`).
@@ -61,10 +63,13 @@ impl Role {
 }
 
 /// Failures reading or writing the status file. All are about the local file, never about the sync itself.
+///
+/// Each message ends with its cause (`cannot write status file P: Read-only file system (os error 30)`): callers
+/// print the top error only.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The status file exists but could not be read.
-    #[error("cannot read status file {}", path.display())]
+    #[error("cannot read status file {}: {source}", path.display())]
     Read {
         /// The status file.
         path: PathBuf,
@@ -73,7 +78,7 @@ pub enum StatusError {
         source: io::Error,
     },
     /// The status file is not a JSON status document.
-    #[error("status file {} is not a valid status document", path.display())]
+    #[error("status file {} is not a valid status document: {source}", path.display())]
     Parse {
         /// The status file.
         path: PathBuf,
@@ -82,12 +87,12 @@ pub enum StatusError {
         source: serde_json::Error,
     },
     /// The status could not be encoded as JSON.
-    #[error("cannot encode status as json")]
+    #[error("cannot encode status as json: {0}")]
     Encode(#[source] serde_json::Error),
     /// Writing, syncing or renaming the status file (or syncing its directory) failed.
-    #[error("cannot write status file {}", path.display())]
+    #[error("cannot write status file {}: {source}", path.display())]
     Write {
-        /// The file or directory the failing operation touched.
+        /// The status file.
         path: PathBuf,
         /// The underlying I/O error.
         #[source]
@@ -338,37 +343,34 @@ impl StatusFile {
         }
     }
 
-    /// Writes the document atomically (temp file, fsync, rename, fsync of the directory). No-op without a path.
+    /// Writes the document atomically (random temp file, fsync, rename, fsync of the directory), mode 0644: it
+    /// holds no secret and monitoring reads it. No-op without a path.
     pub fn write(&self) -> Result<(), StatusError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
         let mut json = serde_json::to_vec_pretty(&self.status).map_err(StatusError::Encode)?;
         json.push(b'\n');
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let written = write_synced(&tmp, &json).and_then(|()| {
-            fs::rename(&tmp, path).map_err(|source| StatusError::Write {
+        durable::write_file(path, &json, 0o644, durable::Existing::Replace).map_err(|source| {
+            StatusError::Write {
                 path: path.clone(),
                 source,
-            })
-        });
-        if let Err(e) = written {
-            // Best effort: the error that matters is the one returned.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
+            }
+        })
+    }
+
+    /// Checks that the status file can be written, by creating and removing a temporary file in its directory, so
+    /// that an agent fails at start-up (with the OS reason) rather than at its first sync. No-op without a path.
+    pub fn check_writable(&self) -> Result<(), StatusError> {
+        let Some(path) = &self.path else {
+            return Ok(());
         };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| StatusError::Write {
-                path: dir.to_path_buf(),
+        durable::check_dir_writable(durable::parent_dir(path)).map_err(|source| {
+            StatusError::Write {
+                path: path.clone(),
                 source,
-            })
+            }
+        })
     }
 
     /// The start of the sync under way: the in-memory instant from [`Self::begin`], else the file's value.
@@ -419,17 +421,6 @@ impl StatusFile {
 pub fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
     text.and_then(|s| DateTime::parse_from_rfc3339(s).ok())
         .map(|t| t.with_timezone(&Utc))
-}
-
-/// Creates `path`, writes `bytes` and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StatusError> {
-    let wrap = |source| StatusError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = File::create(path).map_err(wrap)?;
-    f.write_all(bytes).map_err(wrap)?;
-    f.sync_all().map_err(wrap)
 }
 
 /// Formats `d` exactly as Go's `time.Duration.String()` does (saturating at Go's maximum of ~292 years).
@@ -728,6 +719,41 @@ mod tests {
 
         let reloaded = StatusFile::load(Some(path), Role::Source)?;
         assert_eq!(reloaded.status(), s.status());
+        Ok(())
+    }
+
+    #[test]
+    fn write_never_follows_a_planted_tmp_symlink_and_is_world_readable() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("status.json");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious")?;
+        std::os::unix::fs::symlink(&victim, dir.path().join("status.json.tmp"))?;
+        let mut s = StatusFile::load(Some(path.clone()), Role::Destination)?;
+        s.begin(at(0, 0)?)?;
+        assert_eq!(fs::read(&victim)?, b"precious");
+        assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o7777, 0o644);
+        Ok(())
+    }
+
+    #[test]
+    fn write_errors_keep_the_os_cause() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("missing").join("status.json");
+        let s = StatusFile::load(Some(path.clone()), Role::Source)?;
+        let expected = format!(
+            "cannot write status file {}: No such file or directory (os error 2)",
+            path.display()
+        );
+        assert_eq!(
+            s.check_writable().map_err(|e| e.to_string()),
+            Err(expected.clone())
+        );
+        assert_eq!(s.write().map_err(|e| e.to_string()), Err(expected));
+        StatusFile::load(Some(dir.path().join("s.json")), Role::Source)?.check_writable()?;
+        StatusFile::load(None, Role::Source)?.check_writable()?;
+        assert_eq!(fs::read_dir(dir.path())?.count(), 0, "the probe is removed");
         Ok(())
     }
 
