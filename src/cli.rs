@@ -59,10 +59,10 @@ pub struct Common {
     #[arg(long)]
     pub status: Option<PathBuf>,
     /// Fail when the peer is silent this long (seconds, at least 1).
-    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 600, value_parser = timeout_secs)]
     pub idle_timeout: u64,
     /// Limit on connect, TLS handshake, authentication and hello, each (seconds, at least 1).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 30, value_parser = timeout_secs)]
     pub handshake_timeout: u64,
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9090, or port 0 for any).
     #[arg(long, value_name = "ADDR")]
@@ -262,6 +262,15 @@ impl SourceArgs {
             },
             timeouts: self.common.timeouts(),
         })
+    }
+}
+
+/// A timeout flag: whole seconds, at least 1 (0 would fail every phase at once; it never means "no timeout").
+fn timeout_secs(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("a timeout must be at least 1 second".to_owned()),
+        Ok(secs) => Ok(secs),
+        Err(e) => Err(format!("not a whole number of seconds ({e})")),
     }
 }
 
