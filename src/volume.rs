@@ -156,9 +156,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Size in bytes.
+    /// Size in bytes, as it was when this handle was opened (or cloned).
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The size in bytes now, read again through the handle: a target truncated or resized during a sync shows
+    /// here, not in [`Volume::size`].
+    pub fn current_size(&self) -> Result<u64> {
+        rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0))
+            .map_err(|e| self.io_err("size", 0, e.into()))
     }
 
     /// Block device or file.
@@ -475,6 +482,8 @@ mod tests {
             .write(true)
             .open(&p)?
             .set_len(2 << 20)?;
+        assert_eq!(first.size(), 1 << 20);
+        assert_eq!(first.current_size()?, 2 << 20, "the resize is seen");
         let mut clone = first.try_clone()?;
         assert_eq!(clone.size(), 2 << 20, "the size is read again");
         assert!(
