@@ -8,12 +8,12 @@
 //! `lastManualSync` becomes the token. The file is read every [`TRIGGER_POLL`] and may stay in place: a token
 //! already synced asks for nothing.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::durable;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::schedule::{retry_delay, Clock, Due, Planner, Reason, Schedule};
@@ -34,7 +34,8 @@ pub fn trigger_path(status: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Asks the agent writing `status` for a sync: writes `token` to its trigger file atomically (temp file, rename).
+/// Asks the agent writing `status` for a sync: writes `token` to its trigger file atomically (random temp file
+/// created with O_EXCL, fsync, rename, fsync of the directory; see [`crate::durable`]).
 pub fn request_sync(status: &Path, token: &str) -> Result<PathBuf> {
     let token = token.trim();
     if token.is_empty() || token.len() > MAX_TOKEN_LEN || token.contains(['\n', '\r']) {
@@ -43,23 +44,15 @@ pub fn request_sync(status: &Path, token: &str) -> Result<PathBuf> {
         )));
     }
     let path = trigger_path(status);
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| Error::Io {
-            op,
-            path: p,
+    let body = format!("{token}\n");
+    durable::write_file(&path, body.as_bytes(), 0o644, durable::Existing::Replace).map_err(
+        |source| Error::Io {
+            op: "write",
+            path: path.clone(),
             offset: 0,
             source,
-        }
-    };
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(format!("{token}\n").as_bytes())
-        .map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+        },
+    )?;
     Ok(path)
 }
 
@@ -210,6 +203,19 @@ mod tests {
         assert!(request_sync(&status, &"x".repeat(MAX_TOKEN_LEN + 1)).is_err());
         // The failed requests left the previous token.
         assert_eq!(read_trigger(&path).as_deref(), Some("nightly-42"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_trigger_never_follows_a_planted_tmp_symlink() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let status = dir.path().join("s.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious")?;
+        std::os::unix::fs::symlink(&victim, dir.path().join("s.json.trigger.tmp"))?;
+        let path = request_sync(&status, "t1")?;
+        assert_eq!(read_trigger(&path).as_deref(), Some("t1"));
+        assert_eq!(std::fs::read(&victim)?, b"precious");
         Ok(())
     }
 }

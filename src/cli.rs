@@ -1,6 +1,6 @@
 //! Command-line types (clap only), turned into the library's validated configurations.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -58,11 +58,11 @@ pub struct Common {
     /// Write a VolSync-shaped status (JSON) here.
     #[arg(long)]
     pub status: Option<PathBuf>,
-    /// Fail when the peer is silent this long (seconds).
-    #[arg(long, default_value_t = 600)]
+    /// Fail when the peer is silent this long (seconds, at least 1).
+    #[arg(long, default_value_t = 600, value_parser = timeout_secs)]
     pub idle_timeout: u64,
-    /// Limit on connect, TLS handshake, authentication and hello, each (seconds).
-    #[arg(long, default_value_t = 30)]
+    /// Limit on connect, TLS handshake, authentication and hello, each (seconds, at least 1).
+    #[arg(long, default_value_t = 30, value_parser = timeout_secs)]
     pub handshake_timeout: u64,
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9090, or port 0 for any).
     #[arg(long, value_name = "ADDR")]
@@ -159,8 +159,8 @@ pub struct SourceArgs {
     /// First-level chunk size in bytes (power of two, 4096..=262144).
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u32,
-    /// zstd compression level for changed blocks.
-    #[arg(long, default_value_t = 1)]
+    /// zstd compression level for changed blocks (1..=22).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
     pub zstd_level: i32,
     /// When to compress: auto (changed blocks always; whole chunks of a first sync when that measures faster
     /// than sending them raw), always (fewest bytes), never (links faster than zstd).
@@ -238,6 +238,10 @@ impl DestinationArgs {
                 "--schedule on the destination needs --serve (a one-shot destination serves one sync)".into(),
             ));
         }
+        if let Some(status) = &self.common.status {
+            refuse_same(status, "status file", &self.target, "target")?;
+        }
+        refuse_same(&self.common.psk, "key file", &self.target, "target")?;
         Ok(DestinationConfig {
             schedule,
             metrics: None,
@@ -257,6 +261,9 @@ impl SourceArgs {
     /// The validated configuration.
     pub fn config(&self) -> blockmover::Result<SourceConfig> {
         blockmover::chunk::Geometry::new(0, self.chunk_size).map_err(blockmover::Error::Config)?;
+        if let Some(status) = &self.common.status {
+            refuse_same(status, "status file", &self.volume, "volume")?;
+        }
         Ok(SourceConfig {
             connect: self.connect.clone(),
             volume: self.volume.clone(),
@@ -271,6 +278,32 @@ impl SourceArgs {
             timeouts: self.common.timeouts(),
             identity: self.common.identity(&self.volume),
         })
+    }
+}
+
+/// A timeout flag: whole seconds, at least 1 (0 would fail every phase at once; it never means "no timeout").
+fn timeout_secs(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("a timeout must be at least 1 second".to_owned()),
+        Ok(secs) => Ok(secs),
+        Err(e) => Err(format!("not a whole number of seconds ({e})")),
+    }
+}
+
+/// Refuses `a` (an existing file the agent writes) being the same file as `b` (the volume or target), through
+/// symlinks, hard links and device nodes ([`blockmover::volume::same_file`]). Nothing to check while `a` does not
+/// exist; a `b` that cannot be looked at is reported where it is opened.
+fn refuse_same(a: &Path, a_what: &str, b: &Path, b_what: &str) -> blockmover::Result<()> {
+    if !a.exists() {
+        return Ok(());
+    }
+    match blockmover::volume::same_file(a, b) {
+        Ok(true) => Err(blockmover::Error::Config(format!(
+            "the {a_what} {} is the {b_what} {}: they must be different files",
+            a.display(),
+            b.display()
+        ))),
+        Ok(false) | Err(_) => Ok(()),
     }
 }
 

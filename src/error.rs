@@ -46,6 +46,27 @@ pub enum Error {
         /// The volume size in bytes.
         volume_size: u64,
     },
+    /// The target is held by another exclusive user (another destination, device-mapper, md, a process): it may
+    /// let go, so a retry may succeed.
+    #[error("target {} is in use by {holder}: refusing to share it with a second writer", path.display())]
+    TargetInUse {
+        /// The target path.
+        path: PathBuf,
+        /// Who holds it, e.g. `another process (pid 42, blockmover)`, as far as `/proc` and `/sys` tell.
+        holder: String,
+    },
+    /// The target block device holds a mounted file system.
+    #[error(
+        "target {} is mounted at {}: refusing to overwrite a mounted filesystem",
+        path.display(),
+        mount.display()
+    )]
+    TargetMounted {
+        /// The target path.
+        path: PathBuf,
+        /// Where it (or one of its partitions) is mounted.
+        mount: PathBuf,
+    },
     /// The key file is malformed or unsafe.
     #[error("key file {}: {reason}", path.display())]
     Key {
@@ -176,7 +197,8 @@ impl Error {
             | Error::TargetResized { .. }
             | Error::PeerClosed(_)
             | Error::Cancelled(_)
-            | Error::Superseded => true,
+            | Error::Superseded
+            | Error::TargetInUse { .. } => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
             // A full disk, a read-only or failing device stay that way until someone acts.
             Error::Io { source, .. } => matches!(
@@ -193,6 +215,7 @@ impl Error {
             Error::VersionMismatch { .. } => AbortCode::Version,
             Error::TargetTooSmall { .. } => AbortCode::TargetTooSmall,
             Error::Io { .. } | Error::Open { .. } | Error::Status(_) => AbortCode::Io,
+            Error::TargetInUse { .. } => AbortCode::Busy,
             Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
             // Both are cured by a later sync (from a snapshot; once the other writer is gone): the peer may retry.
             Error::VolumeChanged { .. }
@@ -200,7 +223,10 @@ impl Error {
             | Error::TargetResized { .. } => AbortCode::Cancelled,
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
             Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
-            Error::Config(_) | Error::Key { .. } | Error::TlsSetup(_) => AbortCode::Config,
+            Error::Config(_)
+            | Error::Key { .. }
+            | Error::TlsSetup(_)
+            | Error::TargetMounted { .. } => AbortCode::Config,
             _ => AbortCode::Protocol,
         }
     }
@@ -229,6 +255,27 @@ mod tests {
         assert!(!Error::DigestMismatch { chunk: 3 }.is_retryable());
         assert!(!Error::KeysDoNotMatch("x".into()).is_retryable());
         assert!(!Error::VersionMismatch { peer: 2, ours: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn a_target_in_use_is_retryable_and_a_mounted_one_is_not() {
+        let busy = Error::TargetInUse {
+            path: "/dev/loop7".into(),
+            holder: "another process (pid 42, blockmover)".into(),
+        };
+        assert!(busy.is_retryable());
+        assert!(busy
+            .to_string()
+            .starts_with("target /dev/loop7 is in use by another process (pid 42, blockmover): "));
+        let mounted = Error::TargetMounted {
+            path: "/dev/loop7".into(),
+            mount: "/mnt/x".into(),
+        };
+        assert!(!mounted.is_retryable());
+        assert_eq!(
+            mounted.to_string(),
+            "target /dev/loop7 is mounted at /mnt/x: refusing to overwrite a mounted filesystem"
+        );
     }
 
     #[test]

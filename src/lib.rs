@@ -11,6 +11,7 @@ pub mod agent;
 pub mod chunk;
 pub mod codec;
 pub mod destination;
+pub mod durable;
 pub mod error;
 pub mod listing;
 pub mod metrics;

@@ -68,9 +68,13 @@ fn main() -> ExitCode {
 /// The error and its causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
     // The library's errors already name their cause; other errors carry it as context.
-    let text = match e.downcast_ref::<blockmover::Error>() {
-        Some(own) => own.to_string(),
-        None => format!("{e:#}"),
+    let text = match (
+        e.downcast_ref::<blockmover::Error>(),
+        e.downcast_ref::<blockmover::status::StatusError>(),
+    ) {
+        (Some(own), _) => own.to_string(),
+        (None, Some(status)) => status.to_string(),
+        (None, None) => format!("{e:#}"),
     };
     text.replace('\n', " ")
 }
@@ -83,6 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Destination(args) => {
             let mut config = args.config()?;
             let status = StatusFile::load(config.status.clone(), Role::Destination)?;
+            status.check_writable()?;
             let labels = args.common.labels(Role::Destination, &config.target);
             let _metrics = match &args.common.metrics_listen {
                 Some(addr) => {
@@ -118,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let schedule = args.common.schedule()?;
             let status_path = args.common.status.clone();
             let status = StatusFile::load(status_path.clone(), Role::Source)?;
+            status.check_writable()?;
             let labels = args.common.labels(Role::Source, &config.volume);
             let (metrics, _task) = match &args.common.metrics_listen {
                 Some(addr) => {
@@ -277,18 +283,26 @@ impl Signals {
     }
 }
 
+/// Writes a new key file: always a new 0600 file renamed into place (with `--force` over the old one, whatever
+/// its mode was), never an existing file rewritten.
 fn keygen(out: &std::path::Path, force: bool) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .create_new(!force)
-        .truncate(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| anyhow::anyhow!("cannot write key file {}: {e}", out.display()))?;
-    file.write_all(blockmover::tls::Psk::generate().as_bytes())?;
-    file.sync_all()?;
+    use blockmover::durable::{write_file, Existing};
+    let existing = if force {
+        Existing::Replace
+    } else {
+        Existing::Keep
+    };
+    let key = blockmover::tls::Psk::generate();
+    write_file(out, key.as_bytes(), 0o600, existing).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists && !force {
+            anyhow::anyhow!(
+                "key file {} already exists: pass --force to replace it",
+                out.display()
+            )
+        } else {
+            anyhow::anyhow!("cannot write key file {}: {e}", out.display())
+        }
+    })?;
     eprintln!("wrote a new key to {}", out.display());
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! VolSync-shaped status: the `.status` document of ReplicationSource / ReplicationDestination, written atomically.
 //!
 //! Invariants:
-//! - The file on disk is always a complete JSON document: it is written to `<path>.tmp`, fsynced, renamed over
-//!   `<path>`, and the directory is fsynced. A reader never sees a torn file.
+//! - The file on disk is always a complete JSON document: it is written to a randomly named temporary created with
+//!   `O_EXCL` beside it, fsynced, renamed over `<path>`, and the directory is fsynced ([`crate::durable`]). A
+//!   reader never sees a torn file, and a symlink planted in the directory is never followed.
 //! - `lastSyncStartTime` is set only while a sync runs ([`StatusFile::begin`]); both [`StatusFile::succeed`] and
 //!   [`StatusFile::fail`] clear it.
 //! - `lastSyncTime` / `lastSyncDuration` change only on success; a failure keeps the previous values.
@@ -13,15 +14,22 @@
 #![deny(missing_docs)]
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, Utc};
 
+use crate::durable;
 use crate::schedule::Schedule;
+
+mod document;
+mod format;
+
+pub use document::{Condition, LatestMoverStatus, MoverStatus, RsyncTlsStatus};
+use format::truncate_start;
+pub use format::{go_duration, parse_time, rfc3339, truncate_logs};
 
 /// The bytes of mover logs VolSync keeps in `latestMoverStatus.logs` (its `MOVER_LOG_MAX_BYTES`).
 pub const MOVER_LOG_MAX_BYTES: usize = 1024;
@@ -37,9 +45,6 @@ pub const RESULT_SUCCESSFUL: &str = "Successful";
 
 /// `latestMoverStatus.result` of a sync that failed.
 pub const RESULT_FAILED: &str = "Failed";
-
-/// Go's `time.Duration` is an `int64` of nanoseconds; longer durations saturate here, as Go's `Time.Sub` does.
-const GO_DURATION_MAX_NANOS: u64 = 9_223_372_036_854_775_807;
 
 /// Which side of the replication this status describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,10 +66,13 @@ impl Role {
 }
 
 /// Failures reading or writing the status file. All are about the local file, never about the sync itself.
+///
+/// Each message ends with its cause (`cannot write status file P: Read-only file system (os error 30)`): callers
+/// print the top error only.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     /// The status file exists but could not be read.
-    #[error("cannot read status file {}", path.display())]
+    #[error("cannot read status file {}: {source}", path.display())]
     Read {
         /// The status file.
         path: PathBuf,
@@ -73,7 +81,7 @@ pub enum StatusError {
         source: io::Error,
     },
     /// The status file is not a JSON status document.
-    #[error("status file {} is not a valid status document", path.display())]
+    #[error("status file {} is not a valid status document: {source}", path.display())]
     Parse {
         /// The status file.
         path: PathBuf,
@@ -82,88 +90,17 @@ pub enum StatusError {
         source: serde_json::Error,
     },
     /// The status could not be encoded as JSON.
-    #[error("cannot encode status as json")]
+    #[error("cannot encode status as json: {0}")]
     Encode(#[source] serde_json::Error),
     /// Writing, syncing or renaming the status file (or syncing its directory) failed.
-    #[error("cannot write status file {}", path.display())]
+    #[error("cannot write status file {}: {source}", path.display())]
     Write {
-        /// The file or directory the failing operation touched.
+        /// The status file.
         path: PathBuf,
         /// The underlying I/O error.
         #[source]
         source: io::Error,
     },
-}
-
-/// The `.status` document, field for field as VolSync's CRDs name them.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MoverStatus {
-    /// RFC 3339 time of the last successful sync.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_sync_time: Option<String>,
-    /// RFC 3339 start time of the sync under way; absent when none runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_sync_start_time: Option<String>,
-    /// Go duration text of the last successful sync (`lastSyncTime - lastSyncStartTime`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_sync_duration: Option<String>,
-    /// RFC 3339 time the next scheduled sync is due.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_sync_time: Option<String>,
-    /// The value of `spec.trigger.manual` when the last sync completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_manual_sync: Option<String>,
-    /// Result and log tail of the latest mover run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latest_mover_status: Option<LatestMoverStatus>,
-    /// Kubernetes conditions; VolSync uses only `Synchronizing`.
-    #[serde(default)]
-    pub conditions: Vec<Condition>,
-    /// Free-form string map for a third-party mover (blockmover's counters).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub external: BTreeMap<String, String>,
-    /// Destination only: where the source connects and which Secret holds the key.
-    #[serde(default, rename = "rsyncTLS", skip_serializing_if = "Option::is_none")]
-    pub rsync_tls: Option<RsyncTlsStatus>,
-}
-
-/// `latestMoverStatus`: how the latest mover run ended.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LatestMoverStatus {
-    /// [`RESULT_SUCCESSFUL`] or [`RESULT_FAILED`].
-    pub result: String,
-    /// The last [`MOVER_LOG_MAX_BYTES`] of the mover's summary log lines.
-    pub logs: String,
-}
-
-/// A Kubernetes `metav1.Condition`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    /// Condition type; always [`CONDITION_SYNCHRONIZING`] here.
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    /// CamelCase reason, e.g. `SyncInProgress`.
-    pub reason: String,
-    /// Human-readable detail, at most [`CONDITION_MESSAGE_MAX_LEN`] bytes.
-    pub message: String,
-    /// RFC 3339 time `status` last changed.
-    pub last_transition_time: String,
-}
-
-/// `rsyncTLS` of a ReplicationDestination.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RsyncTlsStatus {
-    /// The address the source connects to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub address: Option<String>,
-    /// The Secret holding the pre-shared key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_secret: Option<String>,
 }
 
 /// A status document bound to its file (or to none) and to a role; every transition writes it.
@@ -338,37 +275,34 @@ impl StatusFile {
         }
     }
 
-    /// Writes the document atomically (temp file, fsync, rename, fsync of the directory). No-op without a path.
+    /// Writes the document atomically (random temp file, fsync, rename, fsync of the directory), mode 0644: it
+    /// holds no secret and monitoring reads it. No-op without a path.
     pub fn write(&self) -> Result<(), StatusError> {
         let Some(path) = &self.path else {
             return Ok(());
         };
         let mut json = serde_json::to_vec_pretty(&self.status).map_err(StatusError::Encode)?;
         json.push(b'\n');
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(".tmp");
-        let tmp = PathBuf::from(tmp_name);
-        let written = write_synced(&tmp, &json).and_then(|()| {
-            fs::rename(&tmp, path).map_err(|source| StatusError::Write {
+        durable::write_file(path, &json, 0o644, durable::Existing::Replace).map_err(|source| {
+            StatusError::Write {
                 path: path.clone(),
                 source,
-            })
-        });
-        if let Err(e) = written {
-            // Best effort: the error that matters is the one returned.
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
+            }
+        })
+    }
+
+    /// Checks that the status file can be written, by creating and removing a temporary file in its directory, so
+    /// that an agent fails at start-up (with the OS reason) rather than at its first sync. No-op without a path.
+    pub fn check_writable(&self) -> Result<(), StatusError> {
+        let Some(path) = &self.path else {
+            return Ok(());
         };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| StatusError::Write {
-                path: dir.to_path_buf(),
+        durable::check_dir_writable(durable::parent_dir(path)).map_err(|source| {
+            StatusError::Write {
+                path: path.clone(),
                 source,
-            })
+            }
+        })
     }
 
     /// The start of the sync under way: the in-memory instant from [`Self::begin`], else the file's value.
@@ -415,89 +349,6 @@ impl StatusFile {
     }
 }
 
-/// Parses an RFC 3339 timestamp of the status document.
-pub fn parse_time(text: Option<&str>) -> Option<DateTime<Utc>> {
-    text.and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.with_timezone(&Utc))
-}
-
-/// Creates `path`, writes `bytes` and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StatusError> {
-    let wrap = |source| StatusError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = File::create(path).map_err(wrap)?;
-    f.write_all(bytes).map_err(wrap)?;
-    f.sync_all().map_err(wrap)
-}
-
-/// Formats `d` exactly as Go's `time.Duration.String()` does (saturating at Go's maximum of ~292 years).
-pub fn go_duration(d: Duration) -> String {
-    let nanos =
-        u64::try_from(d.as_nanos()).map_or(GO_DURATION_MAX_NANOS, |n| n.min(GO_DURATION_MAX_NANOS));
-    if nanos == 0 {
-        return "0s".to_owned();
-    }
-    if nanos < 1_000_000_000 {
-        // Below a second Go picks the largest unit that keeps the integer part non-zero.
-        let (unit, prec) = match nanos {
-            0..1_000 => ("ns", 0),
-            1_000..1_000_000 => ("µs", 3),
-            _ => ("ms", 6),
-        };
-        let (int, frac) = split_frac(nanos, prec);
-        return format!("{int}{frac}{unit}");
-    }
-    let (secs, frac) = split_frac(nanos, 9);
-    let mins = secs / 60;
-    let hours = mins / 60;
-    let mut out = String::new();
-    if hours > 0 {
-        out.push_str(&format!("{hours}h"));
-    }
-    if mins > 0 {
-        out.push_str(&format!("{}m", mins % 60));
-    }
-    out.push_str(&format!("{}{frac}s", secs % 60));
-    out
-}
-
-/// Splits `v` into `v / 10^prec` and the fraction text `.ddd` without trailing zeros (empty when zero),
-/// as Go's `fmtFrac`.
-fn split_frac(v: u64, prec: u32) -> (u64, String) {
-    let pow = 10u64.pow(prec);
-    let (int, frac) = (v / pow, v % pow);
-    if frac == 0 {
-        return (int, String::new());
-    }
-    let digits = format!("{frac:0width$}", width = prec as usize);
-    (int, format!(".{}", digits.trim_end_matches('0')))
-}
-
-/// Formats `t` as Kubernetes serialises `metav1.Time`: RFC 3339, whole seconds (truncated), `Z`.
-pub fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
-
-/// Keeps the last `max` bytes of `s`, starting on a char boundary (so possibly fewer bytes).
-pub fn truncate_logs(s: &str, max: usize) -> String {
-    let mut start = s.len().saturating_sub(max);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    s[start..].to_owned()
-}
-
-/// Keeps the first `max` bytes of `s`, ending on a char boundary.
-fn truncate_start(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,62 +370,6 @@ mod tests {
             .iter()
             .find(|c| c.type_ == CONDITION_SYNCHRONIZING)
             .ok_or_else(|| anyhow::anyhow!("no Synchronizing condition"))
-    }
-
-    #[test]
-    fn go_duration_matches_go_duration_string() {
-        let ns = Duration::from_nanos;
-        let cases = [
-            (ns(0), "0s"),
-            (ns(1), "1ns"),
-            (ns(42), "42ns"),
-            (ns(999), "999ns"),
-            (ns(1_000), "1µs"),
-            (ns(1_001), "1.001µs"),
-            (ns(500_000), "500µs"),
-            (ns(999_999), "999.999µs"),
-            (ns(1_000_000), "1ms"),
-            (ns(1_500_000), "1.5ms"),
-            (ns(999_999_999), "999.999999ms"),
-            (ns(1_000_000_000), "1s"),
-            (ns(1_000_000_001), "1.000000001s"),
-            (ns(1_500_000_000), "1.5s"),
-            (ns(24_089_891_610), "24.08989161s"),
-            (ns(59_999_999_999), "59.999999999s"),
-            (ns(60_000_000_000), "1m0s"),
-            (ns(62_500_000_000), "1m2.5s"),
-            (ns(3_599_999_999_999), "59m59.999999999s"),
-            (Duration::from_secs(3600), "1h0m0s"),
-            (ns(7_384_000_000_005), "2h3m4.000000005s"),
-            (Duration::from_secs(100 * 3600), "100h0m0s"),
-            (ns(GO_DURATION_MAX_NANOS), "2562047h47m16.854775807s"),
-            (Duration::MAX, "2562047h47m16.854775807s"),
-        ];
-        for (d, want) in cases {
-            assert_eq!(go_duration(d), want, "{d:?}");
-        }
-    }
-
-    #[test]
-    fn rfc3339_truncates_to_whole_seconds_with_z() -> anyhow::Result<()> {
-        let t = Utc
-            .with_ymd_and_hms(2026, 11, 24, 18, 31, 54)
-            .single()
-            .ok_or_else(|| anyhow::anyhow!("bad time"))?
-            + chrono::Duration::nanoseconds(999_999_999);
-        assert_eq!(rfc3339(t), "2026-11-24T18:31:54Z");
-        Ok(())
-    }
-
-    #[test]
-    fn truncate_logs_keeps_the_tail_on_a_char_boundary() {
-        assert_eq!(truncate_logs("hello", 10), "hello");
-        assert_eq!(truncate_logs("hello", 3), "llo");
-        assert_eq!(truncate_logs("hello", 0), "");
-        // "é" is two bytes: cutting inside it drops it whole.
-        assert_eq!(truncate_logs("aé", 1), "");
-        assert_eq!(truncate_logs("aéb", 2), "b");
-        assert_eq!(truncate_logs("aéb", 3), "éb");
     }
 
     #[test]
@@ -728,6 +523,41 @@ mod tests {
 
         let reloaded = StatusFile::load(Some(path), Role::Source)?;
         assert_eq!(reloaded.status(), s.status());
+        Ok(())
+    }
+
+    #[test]
+    fn write_never_follows_a_planted_tmp_symlink_and_is_world_readable() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("status.json");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious")?;
+        std::os::unix::fs::symlink(&victim, dir.path().join("status.json.tmp"))?;
+        let mut s = StatusFile::load(Some(path.clone()), Role::Destination)?;
+        s.begin(at(0, 0)?)?;
+        assert_eq!(fs::read(&victim)?, b"precious");
+        assert_eq!(fs::metadata(&path)?.permissions().mode() & 0o7777, 0o644);
+        Ok(())
+    }
+
+    #[test]
+    fn write_errors_keep_the_os_cause() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("missing").join("status.json");
+        let s = StatusFile::load(Some(path.clone()), Role::Source)?;
+        let expected = format!(
+            "cannot write status file {}: No such file or directory (os error 2)",
+            path.display()
+        );
+        assert_eq!(
+            s.check_writable().map_err(|e| e.to_string()),
+            Err(expected.clone())
+        );
+        assert_eq!(s.write().map_err(|e| e.to_string()), Err(expected));
+        StatusFile::load(Some(dir.path().join("s.json")), Role::Source)?.check_writable()?;
+        StatusFile::load(None, Role::Source)?.check_writable()?;
+        assert_eq!(fs::read_dir(dir.path())?.count(), 0, "the probe is removed");
         Ok(())
     }
 

@@ -25,6 +25,8 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-blockmover-psk-v1";
 const PROOF_CONTEXT: &str = "blockmover v1 2026-11 psk proof";
 /// The fewest hex digits a secret may have (VolSync's rule).
 const MIN_SECRET_HEX: usize = 32;
+/// The largest key file read (VolSync's is 136 bytes).
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
 
 /// Which end of a session this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,42 +71,80 @@ impl Psk {
     /// Reads and checks a key file, refusing one that group or others may read or write (like ssh with a
     /// private key): the key is the only secret of a sync. In a cluster, the entrypoints copy the mounted Secret
     /// to a private file first, since `fsGroup` makes Secret files group-readable (`container/common.sh`).
+    ///
+    /// Anything but a regular file (a directory, FIFO, socket, device) is refused before it is opened, so a FIFO
+    /// never blocks the agent; the file is then opened non-blocking and checked again through its descriptor.
     pub fn load(path: &Path) -> Result<Psk> {
-        use std::os::unix::fs::PermissionsExt;
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let open_err = |source| Error::Open {
             what: "key file",
             path: path.to_owned(),
             source,
         };
-        let mode = std::fs::metadata(path)
-            .map_err(open_err)?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            return Err(Error::Key {
-                path: path.to_owned(),
-                reason: format!(
-                    "mode {:04o} lets group or others access the key; run `chmod 600 {}`",
-                    mode & 0o7777,
-                    path.display()
-                ),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(open_err)?;
-        Psk::parse(&text).map_err(|reason| Error::Key {
+        let key_err = |reason: String| Error::Key {
             path: path.to_owned(),
             reason,
-        })
+        };
+        check_key_file(&std::fs::metadata(path).map_err(open_err)?).map_err(key_err)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32)
+            .open(path)
+            .map_err(open_err)?;
+        // The path may have been swapped between the two looks: what counts is the file we read.
+        let meta = file.metadata().map_err(open_err)?;
+        check_key_file(&meta).map_err(key_err)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(key_err(format!(
+                "mode {:04o} lets group or others access the key; run `chmod 600 {}`",
+                mode & 0o7777,
+                path.display()
+            )));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_KEY_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(open_err)?;
+        if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+            return Err(key_err(format!(
+                "larger than {MAX_KEY_FILE_BYTES} bytes: a key file is one line <identity>:<hex secret>"
+            )));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| key_err("is not UTF-8 text: expected <identity>:<hex secret>".into()))?;
+        Psk::parse(&text).map_err(key_err)
     }
 
-    /// Parses `<identity>:<hex secret>`; the reason on failure never quotes the secret.
+    /// Parses `<identity>:<hex secret>` (a leading UTF-8 byte order mark and surrounding whitespace are ignored).
+    /// The reason on failure never quotes the secret, nor any character of it: a bad character is named by its
+    /// position only.
     pub fn parse(text: &str) -> std::result::Result<Psk, String> {
-        let line = text.trim();
+        let line = text.strip_prefix('\u{feff}').unwrap_or(text).trim();
         let (identity, secret) = line
             .split_once(':')
             .ok_or("expected <identity>:<hex secret>, found no ':'")?;
         if identity.is_empty() {
             return Err("the identity before ':' is empty".into());
+        }
+        if secret.contains(':') {
+            return Err(
+                "found more than one ':': the identity may not contain ':', and the secret after it is hex \
+                 digits only (expected <identity>:<hex secret>)"
+                    .into(),
+            );
+        }
+        if secret.starts_with(char::is_whitespace) {
+            return Err(
+                "a space follows ':': write <identity>:<hex secret> with nothing between ':' and the secret".into(),
+            );
+        }
+        if let Some(at) = secret.chars().position(|c| !c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "character {} of the secret (counting from 1 after ':') is not a hex digit",
+                at + 1
+            ));
         }
         if secret.len() < MIN_SECRET_HEX {
             return Err(format!(
@@ -112,8 +152,13 @@ impl Psk {
                 secret.len()
             ));
         }
-        let secret = hex::decode(secret)
-            .map_err(|e| format!("the secret is not an even number of hex digits ({e})"))?;
+        if secret.len() % 2 != 0 {
+            return Err(format!(
+                "the secret has an odd number of hex digits ({}): two digits make a byte",
+                secret.len()
+            ));
+        }
+        let secret = hex::decode(secret).map_err(|_| "the secret is not hex digits".to_owned())?;
         let mut material = Vec::with_capacity(identity.len() + 1 + secret.len());
         material.extend_from_slice(identity.as_bytes());
         material.push(0);
@@ -148,6 +193,26 @@ impl Psk {
     pub fn verify(&self, peer: Side, exporter: &[u8; 32], proof: &[u8; 32]) -> bool {
         blake3::Hash::from(self.proof(peer, exporter)) == blake3::Hash::from(*proof)
     }
+}
+
+/// Refuses anything but a regular file, naming what it is instead (no chmod advice: the mode is not the problem).
+fn check_key_file(meta: &std::fs::Metadata) -> std::result::Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        return Ok(());
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "a special file"
+    };
+    Err(format!("the path is not a regular file but {kind}"))
 }
 
 /// ring's TLS 1.3 suites with AES-128-GCM first (ring lists AES-256-GCM first): 10 AES rounds instead of 14 on
@@ -266,6 +331,8 @@ mod tests {
 
     const KEY: &str = "volsync:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
 
+    const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
     #[test]
     fn key_file_format_is_checked_without_quoting_the_secret() {
         assert!(Psk::parse(KEY).is_ok());
@@ -275,7 +342,72 @@ mod tests {
         assert!(!short.contains("abcd"));
         assert!(Psk::parse("00112233445566778899aabbccddeeff").is_err());
         assert!(Psk::parse(":00112233445566778899aabbccddeeff").is_err());
-        assert!(Psk::parse("volsync:00112233445566778899aabbccddeefg").is_err());
+        let odd = Psk::parse(&format!("volsync:{SECRET}0")).expect_err("odd");
+        assert!(odd.contains("odd number of hex digits"), "{odd}");
+    }
+
+    #[test]
+    fn each_common_key_file_mistake_has_its_own_message() {
+        let colon = Psk::parse(&format!("vol:sync:{SECRET}")).expect_err("colon");
+        assert!(colon.contains("identity may not contain ':'"), "{colon}");
+        let space = Psk::parse(&format!("volsync: {SECRET}")).expect_err("space");
+        assert!(space.contains("a space follows ':'"), "{space}");
+        for (i, message) in [colon, space].iter().enumerate() {
+            assert!(!message.contains("00112233"), "{i}: {message}");
+            assert!(!message.contains("Odd number"), "{i}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_non_hex_character_is_named_by_its_position_only() {
+        // 'g' and 'z' are not hex: neither may appear in the message, nor any part of the secret.
+        let bad = format!("volsync:{}g{}", &SECRET[..5], &SECRET[6..]);
+        let err = Psk::parse(&bad).expect_err("non-hex");
+        assert!(err.contains("character 6 of the secret"), "{err}");
+        assert!(!err.contains("\"g\"") && !err.contains("'g'"), "{err}");
+        assert!(!err.contains("00112"), "{err}");
+        let unicode = Psk::parse(&format!("volsync:{}é{}", &SECRET[..9], &SECRET[10..]))
+            .expect_err("non-hex");
+        assert!(unicode.contains("character 10 of the secret"), "{unicode}");
+        assert!(!unicode.contains('é'), "{unicode}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() -> anyhow::Result<()> {
+        let with_bom = Psk::parse(&format!("\u{feff}{KEY}\r\n")).map_err(anyhow::Error::msg)?;
+        assert_eq!(with_bom.identity(), "volsync");
+        let plain = Psk::parse(KEY).map_err(anyhow::Error::msg)?;
+        let ex = [7u8; 32];
+        assert_eq!(
+            with_bom.proof(Side::Source, &ex),
+            plain.proof(Side::Source, &ex)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_key_path_that_is_not_a_regular_file_is_refused_at_once() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let sub = dir.path().join("keydir");
+        std::fs::create_dir(&sub)?;
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755))?;
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )?;
+        for (path, kind) in [(&sub, "a directory"), (&fifo, "a FIFO")] {
+            // A FIFO without a writer would block a plain open: this returns at once.
+            let err = Psk::load(path).expect_err("not a regular file").to_string();
+            assert!(err.contains("is not a regular file"), "{err}");
+            assert!(err.contains(kind), "{err}");
+            assert!(!err.contains("chmod"), "{err}");
+        }
+        Ok(())
     }
 
     #[test]

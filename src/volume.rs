@@ -4,10 +4,16 @@
 //! `SIGBUS` as it would be through a memory map. Zeroing uses `fallocate`: a hole punched in a regular file, and
 //! `ZERO_RANGE` on a block device (the kernel guarantees zeros on read back); where that is not supported, zeros are
 //! written. The target never receives a write outside `[0, volume_size)`.
+//!
+//! A target is opened exclusively ([`Volume::open_target`]: `O_EXCL` on a block device, `flock` on a file; see
+//! `claim`), and the claim lasts as long as any handle of it ([`Volume::try_clone`]) is open. A source volume is
+//! opened shared: reading a snapshot that others read too is harmless.
+
+mod claim;
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{fallocate, FallocateFlags};
@@ -24,9 +30,14 @@ pub enum Kind {
 }
 
 /// An open volume or target.
+///
+/// A target's handle holds the exclusive claim taken by [`Volume::open_target`]; handles made by
+/// [`Volume::try_clone`] share it, and it ends when the last of them is dropped.
 #[derive(Debug)]
 pub struct Volume {
     path: PathBuf,
+    /// "volume" or "target", for error messages.
+    what: &'static str,
     file: File,
     size: u64,
     kind: Kind,
@@ -39,27 +50,73 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Opens a source volume read-only.
+    /// Opens a source volume read-only, shared with other readers.
     pub fn open_source(path: &Path) -> Result<Volume> {
-        Volume::open(path, false, "volume")
-    }
-
-    /// Opens a target read-write (it must exist: a target is never created by accident).
-    pub fn open_target(path: &Path) -> Result<Volume> {
-        Volume::open(path, true, "target")
-    }
-
-    fn open(path: &Path, write: bool, what: &'static str) -> Result<Volume> {
-        let open_err = |source| Error::Open {
-            what,
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
-            .write(write)
             .open(path)
-            .map_err(open_err)?;
+            .map_err(|source| open_error("volume", path, source))?;
+        Volume::from_file(path, file, false, "volume")
+    }
+
+    /// Opens a target read-write and exclusively (it must exist: a target is never created by accident).
+    ///
+    /// A block device is opened with `O_EXCL`: a device holding a mounted file system is refused with
+    /// [`Error::TargetMounted`], one held by device-mapper, md or another process with [`Error::TargetInUse`]. A
+    /// regular file is locked with `flock(LOCK_EX|LOCK_NB)`; a lock held elsewhere is [`Error::TargetInUse`]
+    /// naming the process when `/proc/locks` shows it. The claim lasts until the last handle is dropped.
+    pub fn open_target(path: &Path) -> Result<Volume> {
+        let meta = std::fs::metadata(path).map_err(|source| open_error("target", path, source))?;
+        let block = meta.file_type().is_block_device();
+        let mut options = OpenOptions::new();
+        options.read(true).write(true);
+        if block {
+            // O_EXCL without O_CREAT is defined for block devices only (open(2)), hence the stat first.
+            options.custom_flags(rustix::fs::OFlags::EXCL.bits() as i32);
+        }
+        let file = match options.open(path) {
+            Ok(file) => file,
+            Err(e) if block && claim::is_busy(&e) => {
+                return Err(claim::busy_device(path, meta.rdev()))
+            }
+            Err(source) => return Err(open_error("target", path, source)),
+        };
+        let target = Volume::from_file(path, file, true, "target")?;
+        match target.kind {
+            Kind::BlockDevice if !block => Err(open_error(
+                "target",
+                path,
+                io::Error::other("it became a block device while being opened"),
+            )),
+            Kind::BlockDevice => Ok(target),
+            Kind::File => claim::lock_file(&target.file, path).map(|()| target),
+        }
+    }
+
+    /// A second handle of the same open volume: a duplicate of its descriptor, sharing a target's exclusive
+    /// claim. Its size is read again, and its write limit starts at 0: call [`Volume::allow_writes_below`] on
+    /// it before writing.
+    pub fn try_clone(&self) -> Result<Volume> {
+        let mut file = self
+            .file
+            .try_clone()
+            .map_err(|source| open_error(self.what, &self.path, source))?;
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| open_error(self.what, &self.path, source))?;
+        Ok(Volume {
+            path: self.path.clone(),
+            what: self.what,
+            file,
+            size,
+            kind: self.kind,
+            limit: 0,
+            file_writes: std::sync::Mutex::new(()),
+        })
+    }
+
+    fn from_file(path: &Path, mut file: File, write: bool, what: &'static str) -> Result<Volume> {
+        let open_err = |source| open_error(what, path, source);
         let ft = file.metadata().map_err(open_err)?.file_type();
         let kind = if ft.is_block_device() {
             Kind::BlockDevice
@@ -77,6 +134,7 @@ impl Volume {
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
         Ok(Volume {
             path: path.to_owned(),
+            what,
             file,
             size,
             kind,
@@ -98,37 +156,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Size in bytes.
+    /// Size in bytes, as it was when this handle was opened (or cloned).
     pub fn size(&self) -> u64 {
         self.size
     }
 
-    /// The size as the file or device reports it now (a regular file may have been truncated or extended by
-    /// another process since it was opened).
+    /// The size in bytes now, read again through the handle: a target truncated or resized during a sync shows
+    /// here, not in [`Volume::size`].
     pub fn current_size(&self) -> Result<u64> {
-        let mut file = &self.file;
-        file.seek(SeekFrom::End(0))
-            .map_err(|source| self.io_err("seek", 0, source))
-    }
-
-    /// A second handle on the same open file (sharing its exclusive claim), with its size read again and no
-    /// writes allowed until [`Volume::allow_writes_below`].
-    pub fn try_clone(&self) -> Result<Volume> {
-        let mut file = self
-            .file
-            .try_clone()
-            .map_err(|source| self.io_err("dup", 0, source))?;
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| self.io_err("seek", 0, source))?;
-        Ok(Volume {
-            path: self.path.clone(),
-            file,
-            size,
-            kind: self.kind,
-            limit: 0,
-            file_writes: std::sync::Mutex::new(()),
-        })
+        rustix::fs::seek(&self.file, rustix::fs::SeekFrom::End(0))
+            .map_err(|e| self.io_err("size", 0, e.into()))
     }
 
     /// Block device or file.
@@ -286,9 +323,26 @@ impl Volume {
     }
 }
 
+fn open_error(what: &'static str, path: &Path, source: io::Error) -> Error {
+    Error::Open {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Whether `a` and `b` name the same file: the same device and inode (through symlinks and hard links), or for
+/// two block devices the same device number (two device nodes of one disk). Errors if either cannot be stat'ed.
+pub fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
+    let (ma, mb) = (std::fs::metadata(a)?, std::fs::metadata(b)?);
+    if ma.file_type().is_block_device() && mb.file_type().is_block_device() {
+        return Ok(ma.rdev() == mb.rdev());
+    }
+    Ok(ma.dev() == mb.dev() && ma.ino() == mb.ino())
+}
+
 /// Whether the kernel marks this block device read-only (`/sys/dev/block/MAJ:MIN/ro`).
 fn device_is_read_only(file: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
     let Ok(meta) = file.metadata() else {
         return false;
     };
@@ -301,7 +355,6 @@ fn device_is_read_only(file: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn writes_outside_the_volume_are_refused() -> anyhow::Result<()> {
@@ -392,6 +445,78 @@ mod tests {
     fn seeks_data(p: &Path) -> anyhow::Result<bool> {
         let f = File::open(p)?;
         Ok(rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0))? > 0)
+    }
+
+    #[test]
+    fn a_second_open_of_a_target_file_is_refused_naming_the_holder() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.img");
+        File::create(&p)?.set_len(1 << 20)?;
+        let first = Volume::open_target(&p)?;
+        let err = Volume::open_target(&p).expect_err("the target is locked");
+        let text = err.to_string();
+        assert!(matches!(err, Error::TargetInUse { .. }), "{text}");
+        assert!(err.is_retryable());
+        assert!(
+            text.contains(&format!(
+                "in use by another process (pid {}",
+                std::process::id()
+            )),
+            "{text}"
+        );
+        // Readers of a source are not refused.
+        Volume::open_source(&p)?;
+        drop(first);
+        Volume::open_target(&p)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_clone_keeps_the_claim_and_starts_with_no_writes_allowed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("t.img");
+        File::create(&p)?.set_len(1 << 20)?;
+        let mut first = Volume::open_target(&p)?;
+        first.allow_writes_below(1 << 20)?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)?
+            .set_len(2 << 20)?;
+        assert_eq!(first.size(), 1 << 20);
+        assert_eq!(first.current_size()?, 2 << 20, "the resize is seen");
+        let mut clone = first.try_clone()?;
+        assert_eq!(clone.size(), 2 << 20, "the size is read again");
+        assert!(
+            clone.write_all_at(b"x", 0).is_err(),
+            "no writes before the range is set"
+        );
+        drop(first);
+        assert!(matches!(
+            Volume::open_target(&p),
+            Err(Error::TargetInUse { .. })
+        ));
+        clone.allow_writes_below(1 << 20)?;
+        clone.write_all_at(b"x", 0)?;
+        drop(clone);
+        Volume::open_target(&p)?;
+        Ok(())
+    }
+
+    #[test]
+    fn same_file_sees_through_symlinks_and_hard_links() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        std::fs::write(&a, b"a")?;
+        std::fs::write(&b, b"a")?;
+        let (link, hard) = (dir.path().join("link"), dir.path().join("hard"));
+        std::os::unix::fs::symlink(&a, &link)?;
+        std::fs::hard_link(&a, &hard)?;
+        assert!(same_file(&a, &a)?);
+        assert!(same_file(&a, &link)?);
+        assert!(same_file(&link, &hard)?);
+        assert!(!same_file(&a, &b)?, "equal contents, different files");
+        assert!(same_file(&a, &dir.path().join("missing")).is_err());
+        Ok(())
     }
 
     #[test]

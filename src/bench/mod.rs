@@ -124,8 +124,27 @@ impl BenchArgs {
             self.interval.is_finite() && self.interval >= 0.0,
             "--interval must be a number of seconds"
         );
-        if self.volume.is_some() && self.volume == self.target {
-            bail!("--volume and --target must differ");
+        if let (Some(volume), Some(target)) = (&self.volume, &self.target) {
+            // By identity, not by name: a symlink, a hard link or a second device node of the volume as the
+            // target would have the bench overwrite the volume (and then verify the copy against itself).
+            let same = volume == target
+                || match blockmover::volume::same_file(volume, target) {
+                    Ok(same) => same,
+                    // A target that does not exist yet is created; a missing volume is reported when read.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => bail!(
+                        "cannot compare --volume {} with --target {}: {e}",
+                        volume.display(),
+                        target.display()
+                    ),
+                };
+            if same {
+                bail!(
+                    "--target {} is the same file or device as --volume {}: the bench would overwrite the volume",
+                    target.display(),
+                    volume.display()
+                );
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ mod common;
 mod entrypoint;
 mod faults;
 mod hostile;
+mod local;
 mod loopdev;
 mod pressure;
 mod resume;

@@ -1,0 +1,252 @@
+//! Root-only local checks: a mounted loop device as target, two destinations on one loop device, a second device
+//! node of the volume as bench target, a read-only status directory.
+//!
+//! Each test prints `skipped: ... (<reason>)` and passes when it cannot run (not root, no `losetup`, no
+//! `mkfs.ext4`, no mount). Loop devices are detached and mounts unmounted by drop guards, also when an assertion
+//! fails. File systems are only ever mounted read-only: overwriting a read-write mounted file system under the
+//! kernel can hang its unmount, and then every later `sync` on the machine.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use blockmover::sample;
+
+use super::files::both_agents_refuse_the_status_dir;
+use super::target::{expect_bench_refused, second_destination_is_refused};
+use super::{random_volume, start_destination, Started, MIB};
+use crate::common::{keygen, run_source, sparse_file, AGENT_TIMEOUT};
+
+const SIZE: u64 = 16 * MIB;
+
+/// Why this process cannot run root-only tests, if it cannot.
+fn not_root() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1));
+    (euid != Some("0")).then(|| format!("not root (euid {})", euid.unwrap_or("unknown")))
+}
+
+/// Runs `program args...`; the error says what failed.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// An attached loop device, detached on drop.
+struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// `losetup --find --show FILE`, or why it cannot (then the test is skipped).
+    fn attach(file: &Path) -> Result<std::result::Result<LoopDevice, String>> {
+        if let Some(reason) = not_root() {
+            return Ok(Err(reason));
+        }
+        let out = match Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+        {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(format!("losetup not runnable: {e}"))),
+        };
+        if !out.status.success() {
+            return Ok(Err(format!(
+                "losetup --find --show failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if !path.starts_with("/dev") {
+            bail!("losetup printed no device: {path:?}");
+        }
+        Ok(Ok(LoopDevice { path }))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if let Err(e) = run("losetup", &["-d".as_ref(), self.path.as_os_str()]) {
+            eprintln!("warning: losetup -d {}: {e:#}", self.path.display());
+        }
+    }
+}
+
+/// A file system mounted on a fresh directory, unmounted on drop (lazily if it is still busy).
+struct Mount {
+    dir: tempfile::TempDir,
+}
+
+impl Mount {
+    /// `mount ARGS... DIR` on a new directory, or why it cannot (then the test is skipped).
+    fn new(args: &[&std::ffi::OsStr]) -> Result<std::result::Result<Mount, String>> {
+        if let Some(reason) = not_root() {
+            return Ok(Err(reason));
+        }
+        let dir = tempfile::tempdir()?;
+        let mut all = args.to_vec();
+        all.push(dir.path().as_os_str());
+        Ok(run("mount", &all)
+            .map(|()| Mount { dir })
+            .map_err(|e| format!("{e:#}")))
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let dir = self.dir.path().as_os_str();
+        if run("umount", &[dir]).is_err() {
+            if let Err(e) = run("umount", &["-l".as_ref(), dir]) {
+                eprintln!("warning: umount {}: {e:#}", self.dir.path().display());
+            }
+        }
+    }
+}
+
+macro_rules! or_skip {
+    ($e:expr, $what:literal) => {
+        match $e? {
+            Ok(v) => v,
+            Err(reason) => {
+                println!(concat!("skipped: ", $what, " ({})"), reason);
+                return Ok(());
+            }
+        }
+    };
+}
+
+#[test]
+fn a_mounted_loop_device_is_refused_naming_the_mount_and_left_unchanged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backing = dir.path().join("fs.backing");
+    sparse_file(&backing, SIZE)?;
+    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    if let Err(e) = run("mkfs.ext4", &["-q".as_ref(), device.path.as_os_str()]) {
+        println!("skipped: cannot make an ext4 file system ({e:#})");
+        return Ok(());
+    }
+    // Read-only, always: see the module doc.
+    let mount = or_skip!(
+        Mount::new(&["-o".as_ref(), "ro".as_ref(), device.path.as_os_str()]),
+        "cannot mount ext4 read-only"
+    );
+    let before = sample::file_digest(&device.path, SIZE)?;
+    let psk = keygen(dir.path())?;
+    let volume = dir.path().join("volume.img");
+    random_volume(&volume, SIZE, 0x10ca_0101)?;
+    let status = dir.path().join("destination.json");
+    let (exit, source) = match start_destination(&device.path, &psk, &status, &[])? {
+        Started::Exited(exit) => (exit, None),
+        Started::Listening(mut destination) => {
+            let source = run_source(destination.addr, &volume, &psk, &dir.path().join("s.json"))?;
+            (destination.wait(AGENT_TIMEOUT)?, Some(source))
+        }
+    };
+    let expected = format!(
+        "error: target {} is mounted at {}: refusing to overwrite a mounted filesystem",
+        device.path.display(),
+        mount.path().display()
+    );
+    assert_eq!(exit.code(), Some(1), "{}", exit.stderr);
+    assert_eq!(exit.error_line(), expected, "{}", exit.stderr);
+    if let Some(source) = source {
+        assert_eq!(
+            source.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&source.stderr)
+        );
+    }
+    assert_eq!(
+        sample::file_digest(&device.path, SIZE)?,
+        before,
+        "the mounted device was written"
+    );
+    drop(mount);
+    drop(device);
+    Ok(())
+}
+
+#[test]
+fn a_second_destination_on_a_loop_device_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backing = dir.path().join("target.backing");
+    sparse_file(&backing, SIZE)?;
+    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    let (volume, other) = (dir.path().join("volume.img"), dir.path().join("other.img"));
+    random_volume(&volume, SIZE, 0x10ca_0111)?;
+    random_volume(&other, SIZE, 0x10ca_0112)?;
+    let refusal = second_destination_is_refused(dir.path(), &device.path, &volume, &other, SIZE)?;
+    println!(
+        "refused {}: {}",
+        if refusal.at_start_up {
+            "at start-up"
+        } else {
+            "when its source connected"
+        },
+        refusal.error
+    );
+    Ok(())
+}
+
+#[test]
+fn bench_refuses_a_second_device_node_of_the_volume() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backing = dir.path().join("volume.backing");
+    sparse_file(&backing, 4 * MIB)?;
+    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    random_volume(&device.path, 4 * MIB, 0x10ca_0121)?;
+    let before = sample::file_digest(&device.path, 4 * MIB)?;
+    let rdev = std::fs::metadata(&device.path)?.rdev();
+    let node = dir.path().join("same-disk");
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    run(
+        "mknod",
+        &[
+            node.as_os_str(),
+            "b".as_ref(),
+            major.to_string().as_ref(),
+            minor.to_string().as_ref(),
+        ],
+    )?;
+    expect_bench_refused(&device.path, &node, dir.path())?;
+    assert_eq!(
+        sample::file_digest(&device.path, 4 * MIB)?,
+        before,
+        "the volume was written"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_read_only_status_directory_stops_both_agents_at_start_up() -> Result<()> {
+    let mount = or_skip!(
+        Mount::new(&[
+            "-t".as_ref(),
+            "tmpfs".as_ref(),
+            "-o".as_ref(),
+            "ro,size=1m".as_ref(),
+            "tmpfs".as_ref(),
+        ]),
+        "cannot mount a read-only tmpfs"
+    );
+    both_agents_refuse_the_status_dir(mount.path(), "Read-only file system")
+}
