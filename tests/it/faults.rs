@@ -18,7 +18,7 @@ use crate::common::{
     expect_failed, expect_failure, expect_successful, keygen_named, last_sync_time, spawn_source,
     wait_with_timeout, Destination, Fixture, SyncRun, AGENT_TIMEOUT,
 };
-use crate::hardening::{rejected, wait_until};
+use crate::hardening::{file_bytes, rejected, wait_until};
 use crate::schema::Kind;
 
 const MIB: u64 = 1 << 20;
@@ -99,7 +99,7 @@ fn failed_keeping(fx: &Fixture, previous: &serde_json::Value) -> Result<()> {
 
 /// A wrong key fails the source at once (exit 1, "keys do not match": that is where the misconfiguration is seen)
 /// and changes nothing on the destination (issue 10, finding 4): it keeps waiting for a source with the right key,
-/// counts the rejection, writes no status and leaves the target alone.
+/// counts the rejection, leaves its status file as it was and the target alone.
 #[test]
 fn mismatched_keys_fail_the_source_and_leave_the_waiting_destination_and_target_alone() -> Result<()>
 {
@@ -112,6 +112,7 @@ fn mismatched_keys_fail_the_source_and_leave_the_waiting_destination_and_target_
     let mut destination =
         Destination::spawn(&fx.target, &other_key, &fx.destination_status, &flags)?;
     let metrics = destination.metrics.context("no metrics address")?;
+    let untouched = file_bytes(&fx.destination_status)?;
     let source =
         crate::common::run_source(destination.addr, &fx.volume, &fx.psk, &fx.source_status)?;
     let stderr = expect_failure(
@@ -136,8 +137,8 @@ fn mismatched_keys_fail_the_source_and_leave_the_waiting_destination_and_target_
         );
     }
     assert!(
-        !fx.destination_status.exists(),
-        "a connection that never proved the key wrote the destination's status"
+        file_bytes(&fx.destination_status)? == untouched,
+        "a connection that never proved the key changed the destination's status"
     );
     assert_eq!(
         fx.target_digest()?,

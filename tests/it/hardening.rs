@@ -251,6 +251,16 @@ pub fn condition(status: &Value) -> (&str, &str) {
     (field("reason"), field("message"))
 }
 
+/// The bytes of the file at `path`, or None when there is none: to check that something left a file exactly as it
+/// was (or absent), whatever an agent wrote there at start-up.
+pub fn file_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
 /// A fixture whose volume is `size` bytes of incompressible random data and whose target is all zeros: a full
 /// sync sends every chunk, raw, so bytes on the wire follow the data.
 pub fn random_fixture(size: u64, seed: u64) -> Result<Fixture> {

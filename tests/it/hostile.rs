@@ -633,6 +633,7 @@ async fn second_hello_mid_session_is_rejected() -> Result<()> {
 async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result<()> {
     let site = site(16)?;
     let (dest, addr) = Agent::destination(&site)?;
+    let untouched = crate::hardening::file_bytes(&site.status)?;
     let connect = || async {
         let tcp = TcpStream::connect(&addr).await?;
         anyhow::Ok(tls::connector()?.connect(tls::server_name(), tcp).await?)
@@ -652,9 +653,12 @@ async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result
     }
     aborted(&got, AbortCode::Auth, "pre-shared keys do not match")?;
     drop(a);
-    // A connection that never proved the key changes nothing (issue 10, finding 4): no status, the target as it
-    // was, and the one-shot destination still waits for its source, which then syncs.
-    ensure!(!site.status.exists(), "the replayed proof wrote the status");
+    // A connection that never proved the key changes nothing (issue 10, finding 4): the status and the target as
+    // they were, and the one-shot destination still waits for its source, which then syncs.
+    ensure!(
+        crate::hardening::file_bytes(&site.status)? == untouched,
+        "the replayed proof changed the status"
+    );
     unchanged(&site.target, site.before)?;
     let volume = site.dir.path().join("volume.img");
     write_sample_volume(&volume, &SampleSpec::mixed(SIZE, 160))?;
