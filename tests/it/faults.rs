@@ -18,6 +18,7 @@ use crate::common::{
     expect_failed, expect_failure, expect_successful, keygen_named, last_sync_time, spawn_source,
     wait_with_timeout, Destination, Fixture, SyncRun, AGENT_TIMEOUT,
 };
+use crate::hardening::{file_bytes, rejected, wait_until};
 use crate::schema::Kind;
 
 const MIB: u64 = 1 << 20;
@@ -96,37 +97,49 @@ fn failed_keeping(fx: &Fixture, previous: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// A wrong key fails the source at once (exit 1, "keys do not match": that is where the misconfiguration is seen)
+/// and changes nothing on the destination (issue 10, finding 4): it keeps waiting for a source with the right key,
+/// counts the rejection, leaves its status file as it was and the target alone.
 #[test]
-fn mismatched_keys_fail_both_sides_and_leave_target_alone() -> Result<()> {
+fn mismatched_keys_fail_the_source_and_leave_the_waiting_destination_and_target_alone() -> Result<()>
+{
     let fx = Fixture::new(4 * MIB, SEED)?;
     sample::write_sample_volume(&fx.target, &SampleSpec::mixed(4 * MIB, SEED + 1))?;
     let before = fx.target_digest()?;
     let other_key = keygen_named(fx.dir.path(), "other-psk.txt")?;
 
-    let mut destination = Destination::spawn(&fx.target, &other_key, &fx.destination_status, &[])?;
+    let flags = ["--metrics-listen", "127.0.0.1:0"];
+    let mut destination =
+        Destination::spawn(&fx.target, &other_key, &fx.destination_status, &flags)?;
+    let metrics = destination.metrics.context("no metrics address")?;
+    let untouched = file_bytes(&fx.destination_status)?;
     let source =
         crate::common::run_source(destination.addr, &fx.volume, &fx.psk, &fx.source_status)?;
-    let destination = destination.wait(AGENT_TIMEOUT)?;
-    let run = SyncRun {
-        source,
-        destination,
-    };
+    let stderr = expect_failure(
+        "source",
+        source.status,
+        &String::from_utf8_lossy(&source.stderr),
+    );
+    assert_eq!(source.status.code(), Some(1), "source stderr:\n{stderr}");
+    assert!(
+        stderr.contains("keys do not match"),
+        "source stderr:\n{stderr}"
+    );
+    expect_failed(&fx.source_status, Kind::Source)?;
 
-    for (who, status, stderr) in [
-        ("source", run.source.status, run.source_stderr()),
-        (
-            "destination",
-            run.destination.status,
-            run.destination.stderr.clone(),
-        ),
-    ] {
-        let stderr = expect_failure(who, status, &stderr);
-        assert!(
-            stderr.contains("keys do not match"),
-            "{who} stderr:\n{stderr}"
+    wait_until("the destination handles the wrong key", || {
+        Ok(destination.child.try_wait()?.is_some() || rejected(metrics, "auth")? >= 1.0)
+    })?;
+    if let Some(exit) = destination.child.try_wait()? {
+        panic!(
+            "a wrong key ended the waiting destination ({exit}):\n{}",
+            destination.wait(AGENT_TIMEOUT)?.stderr
         );
     }
-    expect_failed(&fx.destination_status, Kind::Destination)?;
+    assert!(
+        file_bytes(&fx.destination_status)? == untouched,
+        "a connection that never proved the key changed the destination's status"
+    );
     assert_eq!(
         fx.target_digest()?,
         before,

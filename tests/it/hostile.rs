@@ -643,6 +643,7 @@ async fn second_hello_mid_session_is_rejected() -> Result<()> {
 async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result<()> {
     let site = site(16)?;
     let (dest, addr) = Agent::destination(&site)?;
+    let untouched = crate::hardening::file_bytes(&site.status)?;
     let connect = || async {
         let tcp = TcpStream::connect(&addr).await?;
         anyhow::Ok(tls::connector()?.connect(tls::server_name(), tcp).await?)
@@ -661,9 +662,28 @@ async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result
         got.push(m);
     }
     aborted(&got, AbortCode::Auth, "pre-shared keys do not match")?;
-    destination_failed(&site, &dest.exit().await?, 1, &["keys do not match"])?;
     drop(a);
-    Ok(())
+    // A connection that never proved the key changes nothing (issue 10, finding 4): the status and the target as
+    // they were, and the one-shot destination still waits for its source, which then syncs.
+    ensure!(
+        crate::hardening::file_bytes(&site.status)? == untouched,
+        "the replayed proof changed the status"
+    );
+    unchanged(&site.target, site.before)?;
+    let volume = site.dir.path().join("volume.img");
+    write_sample_volume(&volume, &SampleSpec::mixed(SIZE, 160))?;
+    let source_status = site.dir.path().join("source-status.json");
+    let source = Agent::source(&addr, &volume, &site.psk_path, &source_status)?;
+    let (src, dst) = (source.exit().await?, dest.exit().await?);
+    ensure!(
+        src.code == Some(0) && dst.code == Some(0),
+        "the real sync after the replay failed: source {:?}: {}\ndestination {:?}: {}",
+        src.code,
+        src.stderr,
+        dst.code,
+        dst.stderr
+    );
+    unchanged(&site.target, file_digest(&volume, SIZE)?)
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ mod chaos;
 mod common;
 mod entrypoint;
 mod faults;
+mod hardening;
 mod hostile;
 mod local;
 mod loopdev;

@@ -278,10 +278,11 @@ fn frames(mut bytes: &[u8]) -> Vec<Message> {
     out
 }
 
-async fn mitm_fails_both_sides(mode: Mitm, seed: u64) -> Result<()> {
+async fn mitm_fails_the_source(mode: Mitm, seed: u64) -> Result<()> {
     let fx = marked_fixture(seed)?;
     let before = fx.target_digest()?;
     let mut destination = fx.destination()?;
+    let untouched = crate::hardening::file_bytes(&fx.destination_status)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mitm_addr = listener.local_addr()?;
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -298,39 +299,39 @@ async fn mitm_fails_both_sides(mode: Mitm, seed: u64) -> Result<()> {
         })
         .await??
     };
-    let finished = tokio::task::spawn_blocking(move || destination.wait(AGENT_TIMEOUT)).await??;
     tokio::time::timeout(LIMIT, relay).await???;
 
-    for (who, status, stderr) in [
-        (
-            "source",
-            source.status,
-            String::from_utf8_lossy(&source.stderr).into_owned(),
-        ),
-        ("destination", finished.status, finished.stderr.clone()),
-    ] {
-        let stderr = expect_failure(who, status, &stderr);
-        ensure!(status.code() == Some(1), "{who} exit {status}: {stderr}");
-        let line = stderr
-            .lines()
-            .find(|l| l.starts_with("error: "))
-            .unwrap_or("");
-        ensure!(
-            line.contains("pre-shared keys do not match"),
-            "{who}: {line}"
-        );
-    }
-    for (status, kind) in [
-        (&fx.source_status, Kind::Source),
-        (&fx.destination_status, Kind::Destination),
-    ] {
-        let v = expect_failed(status, kind)?;
-        ensure!(v.get("lastSyncTime").is_none(), "{v:#}");
-    }
+    // The source sees the misconfiguration at once.
+    let stderr = expect_failure(
+        "source",
+        source.status,
+        &String::from_utf8_lossy(&source.stderr),
+    );
+    ensure!(
+        source.status.code() == Some(1),
+        "source exit {}: {stderr}",
+        source.status
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or("");
+    ensure!(
+        line.contains("pre-shared keys do not match"),
+        "source: {line}"
+    );
+    let v = expect_failed(&fx.source_status, Kind::Source)?;
+    ensure!(v.get("lastSyncTime").is_none(), "{v:#}");
+    // The man in the middle never proved the key to the destination, so nothing changed there (issue 10, finding
+    // 4): its status and the target as they were; and it still waits for its source (checked below).
+    ensure!(
+        crate::hardening::file_bytes(&fx.destination_status)? == untouched,
+        "the man in the middle changed the destination's status: {:#}",
+        read_status(&fx.destination_status)?
+    );
     ensure!(fx.target_digest()? == before, "the target changed");
-    let _ = read_status(&fx.destination_status)?;
 
-    let seen = seen.lock().expect("lock");
+    let seen = std::mem::take(&mut *seen.lock().expect("lock"));
     for (what, bytes) in [
         ("source", &seen.from_source),
         ("destination", &seen.from_destination),
@@ -351,16 +352,32 @@ async fn mitm_fails_both_sides(mode: Mitm, seed: u64) -> Result<()> {
             "the relay decrypted nothing: {first:?}"
         );
     }
-    Ok(())
+    // The one-shot destination is still waiting: the source, connecting directly, syncs.
+    let addr = destination.addr;
+    let direct = {
+        let (volume, psk, status) = (fx.volume.clone(), fx.psk.clone(), fx.source_status.clone());
+        tokio::task::spawn_blocking(move || crate::common::run_source(addr, &volume, &psk, &status))
+            .await??
+    };
+    let finished = tokio::task::spawn_blocking(move || destination.wait(AGENT_TIMEOUT)).await??;
+    ensure!(
+        direct.status.success() && finished.status.success(),
+        "the direct sync after the man in the middle failed: source {}: {}\ndestination {}: {}",
+        direct.status,
+        String::from_utf8_lossy(&direct.stderr),
+        finished.status,
+        finished.stderr
+    );
+    fx.expect_target_matches_volume()
 }
 
 #[tokio::test]
-async fn mitm_relaying_proofs_fails_both_sides_and_sees_no_volume_data() -> Result<()> {
-    mitm_fails_both_sides(Mitm::Relay, 0x5ec_0003).await
+async fn mitm_relaying_proofs_fails_the_source_and_sees_no_volume_data() -> Result<()> {
+    mitm_fails_the_source(Mitm::Relay, 0x5ec_0003).await
 }
 
 #[tokio::test]
-async fn mitm_with_its_own_key_fails_both_sides_and_sees_no_volume_data() -> Result<()> {
+async fn mitm_with_its_own_key_fails_the_source_and_sees_no_volume_data() -> Result<()> {
     let psk = Psk::parse(&Psk::generate()).map_err(anyhow::Error::msg)?;
-    mitm_fails_both_sides(Mitm::OwnKey(psk), 0x5ec_0004).await
+    mitm_fails_the_source(Mitm::OwnKey(psk), 0x5ec_0004).await
 }
