@@ -121,6 +121,8 @@ struct Chaos {
     ends: std::collections::HashMap<(u32, u32), (u64, u64)>,
     /// Where a failure is reported: seed and iteration.
     at: String,
+    /// The next iteration starts a second destination on the target whatever the seed says.
+    rival_due: bool,
 }
 
 impl Chaos {
@@ -320,7 +322,8 @@ impl Chaos {
         }
         (self.chunk_size, self.window) = (new_chunk_size, new_window);
         let keeps_failing = rng.random_bool(0.1);
-        let rival = rng.random_bool(0.15);
+        // The first iteration always has one, so that every run meets a second destination.
+        let rival = std::mem::take(&mut self.rival_due) || rng.random_bool(0.1);
         let new_snapshot_between = rng.random_bool(0.2);
         let slow = rng.random_bool(0.2);
         // Nothing to send: aim the first fault at the end of the session (END, fsync, COMMIT, close) once the
@@ -483,6 +486,7 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
         window: WINDOWS[2],
         ends: Default::default(),
         at: String::new(),
+        rival_due: true,
     };
     for i in 0..iterations {
         chaos.at = format!("seed {seed:#x} iteration {i}");
