@@ -2,13 +2,18 @@
 //!
 //! Each iteration changes the volume (or the target) in a seeded way, then syncs it through the fault proxy with
 //! one fault on the first try (a cut, a flipped byte, a stall that ends in a cut, a stall that is released, a
-//! partition that only timeouts end, or `kill -9` of the source or of the destination when the stream passes a
-//! seeded byte offset), and retries like `container/client.sh` (up to 5 tries, only after a retryable failure) with the destination behaving like
+//! partition that only timeouts end, `kill -9` of the source or of the destination when the stream passes a
+//! seeded byte offset, or SIGSTOP of either there, held until its peer has given up on it (which takes the idle
+//! timeout, so the freeze outlasts it) and then SIGCONT or SIGKILL), and retries like `container/client.sh` (up to 5
+//! tries, only after a retryable failure) with the destination behaving like
 //! `container/server.sh` (still listening after a connection that never authenticated, restarted after a failed
 //! or killed session). Now and then the volume changes again between two tries (a new snapshot), or every try
 //! gets a fault (a link that keeps failing), so that some syncs fail for good. Some tries run over a slow link,
 //! and when there is nothing to send the fault is often aimed at the last bytes of the session (END, the
-//! destination's fsync and digest, COMMIT, the closing of TLS), whose offsets a clean sync measured before.
+//! destination's fsync and digest, COMMIT, the closing of TLS), whose offsets a clean sync measured before. In some
+//! iterations a second destination is started on the same target while the first one serves it, and a source of
+//! another volume is pointed at it: it must be refused (at start-up, the first holding the target exclusively, or
+//! at the latest when its source connects), never become a second writer.
 //!
 //! The invariant, checked after every try and at the end of each iteration:
 //! - whenever an agent claims success (exit 0, or its status rewritten as Successful), the target equals the
@@ -17,7 +22,9 @@
 //! - a failure is reported as retryable (exit 75), never permanent (exit 1): every fault here is one a retry cures,
 //!   and a permanent failure would make the entrypoints give up;
 //! - an iteration ends either Successful on both sides with target == volume, or Failed with the previous
-//!   lastSyncTime. A success with a differing target is a **mismatch**; there must be none.
+//!   lastSyncTime. A success with a differing target is a **mismatch**; there must be none;
+//! - the peer of a frozen agent gives up within its idle timeout and a grace ([`freeze::FREEZE_LIMIT`]), and a
+//!   second destination on the target never serves a sync.
 //!
 //! `BLOCKMOVER_CHAOS_ITERATIONS` (default 20) and `BLOCKMOVER_CHAOS_SEED` (decimal or 0x-hex; default from the
 //! clock, printed) set the run. Kill points depend on the seed but land wherever the agents are at that moment,
@@ -25,7 +32,9 @@
 //! reported as a failure with the seed and iteration.
 
 mod agents;
+mod freeze;
 mod plan;
+mod rival;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -41,7 +50,9 @@ use serde_json::Value;
 use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{result_of, AGENT_TIMEOUT};
 use agents::{spawn_destination, spawn_source, verdict, wait_session_end, Listening, Site, Stamp};
+use freeze::{Freeze, Reaction};
 use plan::{Change, Fault};
+use rival::Rival;
 
 const MIB: u64 = 1 << 20;
 /// Volume size: large enough for a few hundred chunks, small enough for many iterations.
@@ -90,8 +101,12 @@ struct Tally {
     failed_as_expected: u64,
     /// Successes (claimed by either agent) with a target that differs from the volume.
     mismatches: Vec<String>,
-    /// Other breaches of the invariant: a source succeeding alone, a lastSyncTime moved by a failure, ...
+    /// Other breaches of the invariant: a source succeeding alone, a lastSyncTime moved by a failure, a peer
+    /// hanging on a frozen agent, a second destination serving the target, ...
     violations: Vec<String>,
+    /// Second destinations on the target, by how they were refused.
+    rivals_refused: BTreeMap<&'static str, u64>,
+    rivals: u64,
 }
 
 /// The run's state between tries: statuses before the try, the destination still listening.
@@ -106,12 +121,15 @@ struct Chaos {
     ends: std::collections::HashMap<(u32, u32), (u64, u64)>,
     /// Where a failure is reported: seed and iteration.
     at: String,
+    /// The next iteration starts a second destination on the target whatever the seed says.
+    rival_due: bool,
 }
 
 impl Chaos {
     /// One try through the proxy with `fault`, the invariant checked after it.
-    /// A `slow` link delays every piece the proxy forwards, so faults land while the agents lag behind.
-    fn attempt(&mut self, fault: Option<Fault>, slow: bool) -> Result<Try> {
+    /// A `slow` link delays every piece the proxy forwards, so faults land while the agents lag behind. With
+    /// `rival`, a second destination is started on the target once the first listens, before the try's source.
+    fn attempt(&mut self, fault: Option<Fault>, slow: bool, rival: bool) -> Result<Try> {
         self.tally.tries += 1;
         let src_before = Stamp::of(&self.site.source_status);
         let dst_before = Stamp::of(&self.site.destination_status);
@@ -125,6 +143,13 @@ impl Chaos {
         if slow {
             (up, down) = (up.delay(SLOW_LINK), down.delay(SLOW_LINK));
         }
+        let rival = match rival {
+            true => {
+                self.tally.rivals += 1;
+                Some(Rival::start(&self.site, self.tally.tries)?)
+            }
+            false => None,
+        };
         let proxy = Proxy::start(destination.addr, up, down)?;
         let mut source = spawn_source(&self.site, proxy.addr(), self.chunk_size)?;
 
@@ -132,6 +157,7 @@ impl Chaos {
         let deadline = Instant::now() + AGENT_TIMEOUT;
         let mut killed_destination = false;
         let mut kill_landed = false;
+        let mut freeze = Freeze::default();
         let source_exit = loop {
             if let Some(status) = source.child.try_wait()? {
                 break status;
@@ -145,6 +171,7 @@ impl Chaos {
                 );
             }
             source.collect();
+            freeze.tick(&source, &mut destination.agent)?;
             match fault {
                 Some(Fault::KillSource(..)) if proxy.try_marked().is_some() => {
                     kill_landed = source.kill()?;
@@ -153,14 +180,28 @@ impl Chaos {
                     kill_landed = destination.agent.kill()?;
                     killed_destination = true;
                 }
+                Some(Fault::FreezeSource(.., thaw)) if proxy.try_marked().is_some() => {
+                    freeze.source(&mut source, &mut destination.agent, thaw)?;
+                }
+                Some(Fault::FreezeDestination(.., thaw)) if proxy.try_marked().is_some() => {
+                    freeze.destination(&mut destination.agent, thaw)?;
+                }
                 Some(Fault::Hiccup(..)) if proxy.try_stalled().is_some() => proxy.release(),
                 Some(Fault::StallThenCut(..)) if proxy.try_stalled().is_some() => proxy.close(),
                 _ => thread::sleep(Duration::from_millis(2)),
             }
         };
         source.wait("source")?;
+        killed_destination |= freeze.thaw_destination(&mut destination.agent)?;
+        let at = &self.at;
+        let hangs = freeze
+            .hangs
+            .drain(..)
+            .map(|h| format!("{at}: {fault:?}: {h}"));
+        self.tally.violations.extend(hangs);
         let fired = match fault {
             Some(Fault::KillSource(..) | Fault::KillDestination(..)) => kill_landed,
+            Some(Fault::FreezeSource(..) | Fault::FreezeDestination(..)) => freeze.landed,
             Some(_) => proxy.fired() > 0,
             None => false,
         };
@@ -171,13 +212,21 @@ impl Chaos {
         // Whatever is left of the connection goes; the destination then ends its session or, if the connection
         // never authenticated, logs that and keeps listening for the next try.
         proxy.close();
-        let destination_exit = if killed_destination {
-            Some(destination.agent.wait("killed destination")?)
-        } else {
-            wait_session_end(&mut destination.agent, &self.at)?
+        let destination_exit = match (killed_destination, freeze.reaction.take()) {
+            (true, _) => Some(destination.agent.wait("killed destination")?),
+            // The destination already gave up on a frozen source: it exited, or dropped the connection.
+            (false, Some(Reaction::Exited(status))) => Some(status),
+            (false, Some(Reaction::Dropped)) => None,
+            (false, _) => wait_session_end(&mut destination.agent, &self.at)?,
         };
         if destination_exit.is_some() {
             self.destination = None;
+        }
+        if let Some(rival) = rival {
+            if let Some(breach) = rival.settle(&mut self.tally.rivals_refused)? {
+                println!("RIVAL: {breach}");
+                self.tally.violations.push(format!("{}: {breach}", self.at));
+            }
         }
         let claimed = self.check_try(
             &src_before,
@@ -273,6 +322,8 @@ impl Chaos {
         }
         (self.chunk_size, self.window) = (new_chunk_size, new_window);
         let keeps_failing = rng.random_bool(0.1);
+        // The first iteration always has one, so that every run meets a second destination.
+        let rival = std::mem::take(&mut self.rival_due) || rng.random_bool(0.1);
         let new_snapshot_between = rng.random_bool(0.2);
         let slow = rng.random_bool(0.2);
         // Nothing to send: aim the first fault at the end of the session (END, fsync, COMMIT, close) once the
@@ -281,7 +332,7 @@ impl Chaos {
             matches!(change, Change::Unchanged) && self.site.target_matches_volume()?;
         let key = (self.chunk_size, self.window);
         if nothing_to_send && !self.ends.contains_key(&key) {
-            let probe = self.attempt(None, false)?;
+            let probe = self.attempt(None, false, false)?;
             self.tally.probes += 1;
             println!(
                 "  probe: a clean sync to measure its streams -> source {}, {:?} bytes",
@@ -293,7 +344,7 @@ impl Chaos {
             .status()?
             .and_then(|s| s.get("lastSyncTime").cloned());
         println!(
-            "{}: {change:?}, chunk {} window {}{}{}{}{}",
+            "{}: {change:?}, chunk {} window {}{}{}{}{}{}",
             self.at,
             self.chunk_size,
             self.window,
@@ -313,6 +364,11 @@ impl Chaos {
             } else {
                 ""
             },
+            if rival {
+                ", a second destination on the target"
+            } else {
+                ""
+            },
         );
 
         let mut last = None;
@@ -328,7 +384,7 @@ impl Chaos {
             } else {
                 None
             };
-            let t = self.attempt(fault, slow && fault.is_some())?;
+            let t = self.attempt(fault, slow && fault.is_some(), rival && attempt == 0)?;
             if let (Some(f), true) = (fault, t.fired) {
                 *self.tally.injected.entry(f.kind()).or_default() += 1;
             }
@@ -407,6 +463,9 @@ fn env_u64(name: &str) -> Result<Option<u64>> {
     }
 }
 
+/// The invariant above under seeded faults (issue 5), and since issue 10 also under a frozen peer (finding 2:
+/// SIGSTOP of the source or the destination, whose peer must give up within its idle timeout) and a second
+/// destination on the same target (finding 1: refused, never a second writer).
 #[test]
 fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
     let iterations = env_u64("BLOCKMOVER_CHAOS_ITERATIONS")?.unwrap_or(CI_ITERATIONS);
@@ -427,6 +486,7 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
         window: WINDOWS[2],
         ends: Default::default(),
         at: String::new(),
+        rival_due: true,
     };
     for i in 0..iterations {
         chaos.at = format!("seed {seed:#x} iteration {i}");
@@ -445,7 +505,8 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
     };
     println!(
         "chaos summary: seed {seed:#x}, {iterations} iterations, {} tries ({} of them probes) in {:.1}s; faults injected {} ({}), \
-         planned {} ({}); syncs completed {}, failed as expected {}, mismatches {}, other violations {}",
+         planned {} ({}); second destinations {} (refused {}); syncs completed {}, failed as expected {}, mismatches {}, \
+         other violations {}",
         t.tries,
         t.probes,
         started.elapsed().as_secs_f64(),
@@ -453,6 +514,8 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
         list(&t.injected),
         t.planned.values().sum::<u64>(),
         list(&t.planned),
+        t.rivals,
+        list(&t.rivals_refused),
         t.completed,
         t.failed_as_expected,
         t.mismatches.len(),

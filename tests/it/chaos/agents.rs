@@ -234,17 +234,28 @@ pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
 }
 
 pub fn spawn_source(site: &Site, addr: SocketAddr, chunk_size: u32) -> Result<Agent> {
+    spawn_source_of(&site.volume, &site.source_status, site, addr, chunk_size)
+}
+
+/// A source of `volume` recording in `status`, with `site`'s key.
+pub fn spawn_source_of(
+    volume: &Path,
+    status: &Path,
+    site: &Site,
+    addr: SocketAddr,
+    chunk_size: u32,
+) -> Result<Agent> {
     let (addr, chunk) = (addr.to_string(), chunk_size.to_string());
     let args: Vec<&std::ffi::OsStr> = vec![
         "source".as_ref(),
         "--connect".as_ref(),
         addr.as_ref(),
         "--volume".as_ref(),
-        site.volume.as_os_str(),
+        volume.as_os_str(),
         "--psk".as_ref(),
         site.psk.as_os_str(),
         "--status".as_ref(),
-        site.source_status.as_os_str(),
+        status.as_os_str(),
         "--chunk-size".as_ref(),
         chunk.as_ref(),
         "--idle-timeout".as_ref(),

@@ -27,6 +27,21 @@ pub enum Fault {
     KillSource(Direction, u64),
     /// `kill -9` of the destination once `at` bytes passed in that direction.
     KillDestination(Direction, u64),
+    /// SIGSTOP of the source once `at` bytes passed in that direction (a paused pod or VM), held until the
+    /// destination has given up on it, then SIGCONT or SIGKILL.
+    FreezeSource(Direction, u64, Thaw),
+    /// SIGSTOP of the destination once `at` bytes passed in that direction, held until the source has given up on
+    /// it, then SIGCONT or SIGKILL.
+    FreezeDestination(Direction, u64, Thaw),
+}
+
+/// How a frozen agent's freeze ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Thaw {
+    /// SIGCONT: it wakes up to a peer that has moved on.
+    Continue,
+    /// SIGKILL while stopped: the pod is deleted.
+    Kill,
 }
 
 impl Fault {
@@ -39,6 +54,8 @@ impl Fault {
             Fault::Partition(..) => "partition",
             Fault::KillSource(..) => "kill-9-source",
             Fault::KillDestination(..) => "kill-9-destination",
+            Fault::FreezeSource(..) => "sigstop-source",
+            Fault::FreezeDestination(..) => "sigstop-destination",
         }
     }
 
@@ -50,9 +67,10 @@ impl Fault {
             Fault::StallThenCut(d, at) | Fault::Hiccup(d, at) | Fault::Partition(d, at) => {
                 (d, Faults::none().stall_at(at))
             }
-            Fault::KillSource(d, at) | Fault::KillDestination(d, at) => {
-                (d, Faults::none().mark_at(at))
-            }
+            Fault::KillSource(d, at)
+            | Fault::KillDestination(d, at)
+            | Fault::FreezeSource(d, at, _)
+            | Fault::FreezeDestination(d, at, _) => (d, Faults::none().mark_at(at)),
         };
         match direction {
             Direction::Up => (f, Faults::none()),
@@ -92,14 +110,21 @@ impl Fault {
     }
 
     pub fn pick(rng: &mut ChaCha8Rng, direction: Direction, at: u64) -> Fault {
-        // A partition costs two timeouts: it is drawn half as often as the others.
-        match rng.random_range(0..13) {
+        // A partition costs two timeouts and a freeze one (the frozen agent's peer must wait its idle timeout out):
+        // they are drawn half as often as the others.
+        let thaw = |rng: &mut ChaCha8Rng| match rng.random_bool(0.75) {
+            true => Thaw::Continue,
+            false => Thaw::Kill,
+        };
+        match rng.random_range(0..15) {
             0 | 1 => Fault::Cut(direction, at),
             2 | 3 => Fault::Flip(direction, at),
             4 | 5 => Fault::StallThenCut(direction, at),
             6 | 7 => Fault::Hiccup(direction, at),
             8 | 9 => Fault::KillSource(direction, at),
             10 | 11 => Fault::KillDestination(direction, at),
+            12 => Fault::FreezeSource(direction, at, thaw(rng)),
+            13 => Fault::FreezeDestination(direction, at, thaw(rng)),
             _ => Fault::Partition(direction, at),
         }
     }
