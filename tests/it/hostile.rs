@@ -219,16 +219,66 @@ async fn hostile_source_with(
     site: &Site,
     extra: &[&str],
 ) -> Result<(Agent, Peer<impl AsyncRead + AsyncWrite + Unpin>)> {
+    let (dest, _, peer) = hostile_source_at(site, extra).await?;
+    Ok((dest, peer))
+}
+
+/// [`hostile_source_with`], also returning the destination's address (for a real source afterwards).
+async fn hostile_source_at(
+    site: &Site,
+    extra: &[&str],
+) -> Result<(Agent, String, Peer<impl AsyncRead + AsyncWrite + Unpin>)> {
     let (dest, addr) = Agent::destination_with(site, extra)?;
     let wire = Arc::new(WireCounters::default());
-    let tcp = TcpStream::connect(addr).await?;
+    let tcp = TcpStream::connect(&addr).await?;
     let connecting = tls::connector()?.connect(tls::server_name(), Counted::new(tcp, wire.clone()));
     let tls = connecting.await?;
     let exporter = tls::client_exporter(&tls)?;
     let peer = Peer::authenticated(tls, &site.psk, Side::Source, exporter).await?;
     let counted = [&wire.sent, &wire.received].map(|c| c.load(Ordering::Relaxed));
     ensure!(counted.iter().all(|&n| n > 0), "wire counters {counted:?}");
-    Ok((dest, peer))
+    Ok((dest, addr, peer))
+}
+
+/// A connection that fails before its HELLO was accepted starts no sync (issue 10, finding 4): it gets what the
+/// destination still sends (returned), and then the one-shot destination, its status never written and the target
+/// untouched, still waits for its source, which syncs; the destination logged why it dropped the connection.
+async fn turned_away<S>(
+    site: &Site,
+    dest: Agent,
+    addr: &str,
+    peer: Peer<S>,
+    needle: &str,
+) -> Result<Vec<Message>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let got = peer.drain().await;
+    ensure!(
+        !site.status.exists(),
+        "a connection without HELLO wrote the status"
+    );
+    unchanged(&site.target, site.before)?;
+    let volume = site.dir.path().join("volume.img");
+    write_sample_volume(&volume, &SampleSpec::mixed(SIZE, 1000))?;
+    let source_status = site.dir.path().join("source-status.json");
+    let source = Agent::source(addr, &volume, &site.psk_path, &source_status)?;
+    let (src, dst) = (source.exit().await?, dest.exit().await?);
+    ensure!(
+        src.code == Some(0) && dst.code == Some(0),
+        "the real sync after the hostile connection failed: source {:?}: {}\ndestination {:?}: {}",
+        src.code,
+        src.stderr,
+        dst.code,
+        dst.stderr
+    );
+    ensure!(
+        dst.stderr.contains("dropped before authentication") && dst.stderr.contains(needle),
+        "the destination logs why it dropped the connection ({needle:?}): {}",
+        dst.stderr
+    );
+    unchanged(&site.target, file_digest(&volume, SIZE)?)?;
+    Ok(got)
 }
 
 /// Reads what the destination still sends, waits for it to exit and checks [`destination_failed`]; returns the
@@ -347,15 +397,16 @@ fn aborted(got: &[Message], code: AbortCode, needle: &str) -> Result<()> {
     Ok(())
 }
 
+/// A HELLO of another protocol version is answered with ABORT(VERSION) and starts no sync.
 #[tokio::test]
-async fn frame_with_version_2_fails_the_destination_with_version_mismatch() -> Result<()> {
+async fn hello_of_another_version_is_aborted_and_starts_no_sync() -> Result<()> {
     let site = site(1)?;
-    let (dest, mut peer) = hostile_source(&site).await?;
+    let (dest, addr, mut peer) = hostile_source_at(&site, &[]).await?;
     let mut bytes = frame(&hello(SIZE));
-    bytes[2] = 2;
+    bytes[2] = blockmover::codec::VERSION + 1;
     peer.raw(&bytes).await?;
-    refused(&site, dest, peer, 1, "protocol version mismatch").await?;
-    Ok(())
+    let got = turned_away(&site, dest, &addr, peer, "protocol version mismatch").await?;
+    aborted(&got, AbortCode::Version, "protocol version mismatch")
 }
 
 #[tokio::test]
@@ -378,11 +429,24 @@ async fn header_claiming_4_gib_payload_is_rejected_before_it_arrives() -> Result
     aborted(&got, AbortCode::Protocol, "exceeds the maximum")
 }
 
+/// A stream that ends inside its HELLO frame is a truncated frame, and no sync.
 #[tokio::test]
 async fn stream_closed_inside_a_frame_is_a_truncated_frame() -> Result<()> {
     let site = site(3)?;
-    let (dest, mut peer) = hostile_source(&site).await?;
+    let (dest, addr, mut peer) = hostile_source_at(&site, &[]).await?;
     peer.raw(&frame(&hello(SIZE))[..10]).await?;
+    peer.writer.shutdown().await?;
+    turned_away(&site, dest, &addr, peer, "truncated frame").await?;
+    Ok(())
+}
+
+/// A stream that ends inside a frame once the sync runs fails it, permanently.
+#[tokio::test]
+async fn stream_closed_inside_a_frame_mid_sync_fails_the_sync() -> Result<()> {
+    let site = site(3)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    peer.raw(&frame(&digests_from_chunk_5())[..10]).await?;
     peer.writer.shutdown().await?;
     refused(&site, dest, peer, 1, "truncated frame").await?;
     Ok(())
@@ -429,7 +493,7 @@ async fn volume_larger_than_the_target_is_refused_with_an_abort() -> Result<()> 
 }
 
 #[tokio::test]
-async fn ready_with_version_2_fails_the_source_with_version_mismatch() -> Result<()> {
+async fn ready_of_another_version_fails_the_source_with_version_mismatch() -> Result<()> {
     let site = site(8)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -442,12 +506,15 @@ async fn ready_with_version_2_fails_the_source_with_version_mismatch() -> Result
     let exporter = tls::server_exporter(&tls)?;
     let mut peer = Peer::authenticated(tls, &site.psk, Side::Destination, exporter).await?;
     let hello_received = peer.recv().await?;
-    ensure!(hello_received == hello(SIZE), "HELLO {hello_received:?}");
+    ensure!(
+        matches!(hello_received, Message::Hello { volume_size: SIZE, chunk_size: CHUNK, block_size: 4096, ref source } if source == "default/target.img"),
+        "HELLO {hello_received:?}"
+    );
     let mut ready = frame(&Message::Ready {
         target_size: SIZE,
         window: 8192,
     });
-    ready[2] = 2;
+    ready[2] = blockmover::codec::VERSION + 1;
     peer.raw(&ready).await?;
     peer.drain().await;
     let exit = source.exit().await?;
@@ -623,9 +690,9 @@ async fn digests_past_the_last_chunk_are_rejected() -> Result<()> {
 #[tokio::test]
 async fn digests_before_hello_are_rejected() -> Result<()> {
     let site = site(14)?;
-    let (dest, mut peer) = hostile_source(&site).await?;
+    let (dest, addr, mut peer) = hostile_source_at(&site, &[]).await?;
     peer.send(&digests_from_chunk_5()).await?;
-    let got = refused(&site, dest, peer, 1, "expected HELLO, received DIGESTS").await?;
+    let got = turned_away(&site, dest, &addr, peer, "expected HELLO, received DIGESTS").await?;
     aborted(&got, AbortCode::Protocol, "expected HELLO")
 }
 
@@ -686,11 +753,13 @@ async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result
     unchanged(&site.target, file_digest(&volume, SIZE)?)
 }
 
+/// An authenticated peer that never says HELLO is dropped at the handshake timeout, and starts no sync.
 #[tokio::test]
-async fn authenticated_source_silent_before_hello_times_out_retryably() -> Result<()> {
+async fn authenticated_source_silent_before_hello_is_dropped_at_the_handshake_timeout() -> Result<()>
+{
     let site = site(17)?;
-    let (dest, peer) = hostile_source_with(&site, &["--handshake-timeout", "2"]).await?;
-    let got = refused(&site, dest, peer, RETRYABLE, "hello timed out after 2s").await?;
+    let (dest, addr, peer) = hostile_source_at(&site, &["--handshake-timeout", "2"]).await?;
+    let got = turned_away(&site, dest, &addr, peer, "hello timed out after 2s").await?;
     ensure!(got.is_empty(), "no ABORT for a silent peer: {got:?}");
     Ok(())
 }

@@ -109,12 +109,18 @@ fn key_never_appears_in_debug_logs_or_status_files() -> Result<()> {
     let wrong = keygen_named(fx.dir.path(), "wrong-psk.txt")?;
     let mut outputs = Vec::new();
 
-    // A successful sync at debug level, then a wrong-key failure at trace level (both agents log everything).
+    // A successful sync at debug level, then a wrong-key failure at trace level (both agents log everything),
+    // after which the destination, which a wrong key does not end, serves a right-key source.
     for (log, source_key) in [("debug", &fx.psk), ("trace", &wrong)] {
         let env = [("BLOCKMOVER_LOG", log)];
         let mut destination =
             Destination::spawn_env(&fx.target, &fx.psk, &fx.destination_status, &[], &env)?;
         let source = source_with_log(&fx, destination.addr, source_key, log)?;
+        if log == "trace" {
+            ensure!(!source.status.success(), "a wrong key synced");
+            let right = source_with_log(&fx, destination.addr, &fx.psk, log)?;
+            ensure!(right.status.success(), "the right key after a wrong one");
+        }
         let finished = destination.wait(AGENT_TIMEOUT)?;
         let ok = source.status.success() && finished.status.success();
         ensure!(ok == (log == "debug"), "unexpected outcome at {log}");
