@@ -36,6 +36,13 @@ done
 
 check_volume_and_key
 
+# Who this source is, for its HELLO (a destination lets only the same source supersede a sync under way, and turns
+# other sources away as busy) and for the metrics' obj_name: VolSync names the mover pod <job>-<5 characters>, and
+# the Job (volsync-rsync-tls-src-<ReplicationSource>) stays the same across the pods of its retries.
+if [[ -z ${BLOCKMOVER_NAME:-} && ${HOSTNAME:-} =~ ^(volsync-.+)-[a-z0-9]{5}$ ]]; then
+    export BLOCKMOVER_NAME=${BASH_REMATCH[1]}
+fi
+
 for ((try = 1; try <= tries; try++)); do
     run_mover source --connect "$connect" --volume "$BLOCK_DEVICE" --psk "$KEY_FILE" --status "$STATUS_FILE"
     [[ -z $SIGNAL ]] || die "interrupted by $SIGNAL: sync to $connect failed: $MOVER_ERROR"

@@ -34,7 +34,7 @@ for ((session = 1; ; session++)); do
     case $MOVER_RC in
     0) succeed "destination, on $listen, session $session" ;;
     75)
-        ((MOVER_LISTENED)) || die "cannot listen on $listen (exit $MOVER_RC): $MOVER_ERROR"
+        ((MOVER_LISTENED)) || die "the destination did not start on $listen (exit $MOVER_RC): $MOVER_ERROR"
         ((session < 10#$SESSION_TRIES)) ||
             die "sync into $BLOCK_DEVICE failed in each of $session sessions: $MOVER_ERROR"
         say "session $session failed (retryable), listening again for the source's next try: $MOVER_ERROR"

@@ -84,8 +84,12 @@ impl AbortCode {
 
     /// Whether the peer's failure may go away on a retry.
     pub fn is_retryable(self) -> bool {
-        // The peer's I/O errors are a full, read-only or failing disk: they need someone to act.
-        matches!(self, AbortCode::Cancelled | AbortCode::Busy)
+        // The peer's I/O errors are a full, read-only or failing disk: they need someone to act. A chunk the
+        // destination refused changed during the sync (see `Error::DigestMismatch`).
+        matches!(
+            self,
+            AbortCode::Cancelled | AbortCode::Busy | AbortCode::Digest
+        )
     }
 }
 

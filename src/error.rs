@@ -94,8 +94,10 @@ pub enum Error {
     /// The peer sent something the protocol does not allow.
     #[error("protocol violation: {0}")]
     Protocol(String),
-    /// A rebuilt chunk does not hash to the digest the source announced.
-    #[error("digest mismatch on chunk {chunk}: the data received does not match the source")]
+    /// A rebuilt chunk does not hash to the digest the source announced. TLS rules out corruption in transit, so
+    /// the chunk changed between the source's scan and its DATA (a live volume), or the target changed under the
+    /// destination: a later sync may succeed, hence retryable.
+    #[error("digest mismatch on chunk {chunk}: the rebuilt chunk does not hash to the source's digest (the volume or the target changed during the sync)")]
     DigestMismatch {
         /// The chunk index.
         chunk: u64,
@@ -193,6 +195,7 @@ impl Error {
             | Error::Net { .. }
             | Error::Connect { .. }
             | Error::VolumeChanged { .. }
+            | Error::DigestMismatch { .. }
             | Error::ReadBackMismatch { .. }
             | Error::TargetResized { .. }
             | Error::PeerClosed(_)
@@ -252,7 +255,12 @@ mod tests {
     fn network_failures_are_retryable_and_digest_failures_are_not() {
         assert!(Error::PeerClosed("data").is_retryable());
         assert!(Error::net("read", io::Error::from(io::ErrorKind::ConnectionReset)).is_retryable());
-        assert!(!Error::DigestMismatch { chunk: 3 }.is_retryable());
+        assert!(Error::DigestMismatch { chunk: 3 }.is_retryable());
+        assert!(!Error::VolumeDigestMismatch {
+            source_digest: "a".into(),
+            destination_digest: "b".into()
+        }
+        .is_retryable());
         assert!(!Error::KeysDoNotMatch("x".into()).is_retryable());
         assert!(!Error::VersionMismatch { peer: 2, ours: 1 }.is_retryable());
     }

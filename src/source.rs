@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::adapt::Chooser;
 use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_SIZE};
-use crate::codec::{DataFrame, Encoding, FrameReader, Message};
+use crate::codec::{AbortCode, DataFrame, Encoding, FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
     abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Outbox,
@@ -38,6 +38,8 @@ const MAX_WINDOW: u32 = 1 << 16;
 const MIN_WINDOW: u32 = crate::scan::SEGMENT_CHUNKS as u32;
 /// NEEDs answered together on all cores.
 const NEED_BATCH: usize = 32;
+/// How long the reader still looks for the peer's ABORT after our writer failed.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// What the source needs to run one sync.
 #[derive(Clone, Debug)]
@@ -98,8 +100,8 @@ pub struct SyncReport {
 }
 
 /// The source's window: chunks announced and acknowledged, and the digests announced for the chunks the
-/// destination has not settled yet (at most a window of them: 2 MiB at the largest window). A NEED always names an
-/// unsettled chunk, so the DATA answering it can be checked against what the scan announced.
+/// destination has not settled yet (at most a window of them: 2 MiB at the largest window). A chunk whose DATA the
+/// destination rejects is unsettled, so the source can tell whether its volume changed since the scan.
 struct Credit {
     acked: Mutex<u64>,
     moved: Condvar,
@@ -125,11 +127,21 @@ impl Credit {
         }
     }
 
-    /// The digest announced for chunk `index`, if it is still unsettled.
-    fn announced(&self, index: u64) -> Option<Digest> {
-        let open = self.open.lock().ok()?;
-        let at = index.checked_sub(open.0)?;
-        open.1.get(usize::try_from(at).ok()?).copied()
+    /// The unsettled chunks among `answered` (a bit per chunk), with the digests the scan announced for them.
+    fn unsettled(&self, answered: &[u64]) -> Vec<(u64, Digest)> {
+        let Ok(open) = self.open.lock() else {
+            return Vec::new();
+        };
+        let is_set = |c: u64| {
+            answered
+                .get((c / 64) as usize)
+                .is_some_and(|w| w & (1 << (c % 64)) != 0)
+        };
+        (open.0..)
+            .zip(open.1.iter())
+            .filter(|(c, _)| is_set(*c))
+            .map(|(c, d)| (c, *d))
+            .collect()
     }
 
     /// Waits until announcing chunks up to `through` keeps within `window`; false when the session stopped.
@@ -312,24 +324,32 @@ impl Session {
         let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone());
         let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx);
         let mut answered = vec![0u64; self.geometry.chunk_count().div_ceil(64) as usize];
+        // The writer only ends early on an error: a peer that stopped reading (send timeout) or a broken socket.
+        // A peer that gives up sends ABORT and closes, and our next write then fails: its reason may be waiting
+        // to be read, so the reader gets a moment to find it before the writer's error is reported.
+        let mut writer_failed: Option<Error> = None;
         let result = loop {
+            let limit = if writer_failed.is_some() {
+                LINGER
+            } else {
+                idle
+            };
             let msg = tokio::select! {
-                m = within("idle read", idle, reader.expect("sync")) => m,
+                m = within("idle read", limit, reader.expect("sync")) => m,
                 Some(e) = fail_rx.recv() => Err(e),
-                // The writer only ends early on an error: a peer that stopped reading (send timeout) or a
-                // broken socket. Its error is the cause of everything that fails after it.
                 w = async { writer.as_mut().expect("guarded").await }, if writer.is_some() => {
                     *writer = None;
-                    Err(match w {
+                    writer_failed = Some(match w {
                         Ok(Err(e)) => e,
                         Ok(Ok(_)) => Error::Protocol("the writer ended early".into()),
                         Err(e) => Error::Protocol(format!("writer task failed: {e}")),
-                    })
+                    });
+                    continue;
                 }
             };
             let msg = match msg {
                 Ok(m) => m,
-                Err(e) => break Err(e),
+                Err(e) => break Err(writer_failed.take().unwrap_or(e)),
             };
             match msg {
                 Message::Ack { through } => {
@@ -351,11 +371,9 @@ impl Session {
                                 "the destination exceeded its window of open NEEDs".into(),
                             ));
                         }
-                        // The servicer stopped: it reported why (a read error, a volume that changed, a writer
-                        // that failed) or is about to; that, not this NEED, is the cause.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            break Err(first_failure(&mut fail_rx).await);
-                        }
+                        // The servicer stopped: it reported why (a read error) or its writer failed; either
+                        // reaches this loop, which ends with that cause, not with this NEED.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }
                 }
                 Message::Commit {
@@ -382,6 +400,10 @@ impl Session {
                         _ => Err(Error::Protocol("COMMIT before the scan finished".into())),
                     };
                 }
+                Message::Abort {
+                    code: AbortCode::Digest,
+                    message,
+                } => break Err(self.digest_refused(message, &answered).await),
                 Message::Abort { code, message } => break Err(Error::PeerAbort { code, message }),
                 other => {
                     break Err(Error::Protocol(format!(
@@ -406,6 +428,25 @@ impl Session {
         // is ended (and with it the servicer's outbox) by the caller, so it is not waited for past the grace.
         let _ = tokio::time::timeout(ABORT_GRACE, servicer).await;
         result
+    }
+
+    /// The destination refused DATA that did not hash to the digest we announced. A snapshot cannot change, so
+    /// either the volume is live (written during the sync) or the target changed under the destination: read the
+    /// chunks we answered that are still unsettled (one of them is the refused one) and hash them again.
+    async fn digest_refused(&self, message: String, answered: &[u64]) -> Error {
+        let candidates = self.credit.unsettled(answered);
+        let (volume, geometry) = (self.volume.clone(), self.geometry);
+        let changed =
+            tokio::task::spawn_blocking(move || changed_chunk(&volume, geometry, &candidates))
+                .await;
+        match changed {
+            Ok(Ok(Some(chunk))) => Error::VolumeChanged { chunk },
+            Ok(Err(e)) => e,
+            _ => Error::PeerAbort {
+                code: AbortCode::Digest,
+                message,
+            },
+        }
     }
 
     fn check_need(
@@ -492,13 +533,12 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
     ) -> tokio::task::JoinHandle<()> {
-        let (volume, geometry, figures, level, compression, credit) = (
+        let (volume, geometry, figures, level, compression) = (
             self.volume.clone(),
             self.geometry,
             self.figures.clone(),
             self.zstd_level,
             self.compression,
-            self.credit.clone(),
         );
         tokio::task::spawn_blocking(move || {
             let mut chooser = Chooser::new();
@@ -513,25 +553,13 @@ impl Session {
                 }
                 let measured = chooser.compress();
                 let count = batch.len() as u64;
-                let batch: Vec<_> = batch
-                    .into_iter()
-                    .map(|(chunk, blocks)| (chunk, blocks, credit.announced(chunk)))
-                    .collect();
                 let frames: Vec<Result<DataFrame>> = batch
                     .into_par_iter()
-                    .map(|(chunk, blocks, announced)| {
+                    .map(|(chunk, blocks)| {
                         let level = compression
                             .wanted(blocks.is_some(), measured)
                             .then_some(level);
-                        let announced = announced.ok_or_else(|| {
-                            Error::Protocol(format!("NEED for chunk {chunk}, which is settled"))
-                        })?;
-                        let need = Need {
-                            chunk,
-                            target_blocks: blocks.as_deref(),
-                            announced,
-                        };
-                        build_data(&volume, geometry, need, level)
+                        build_data(&volume, geometry, chunk, blocks.as_deref(), level)
                     })
                     .collect();
                 let mut raw = 0;
@@ -567,51 +595,43 @@ fn count_data(figures: &Figures, d: &DataFrame) {
     add(&figures.compressed_bytes, d.payload.len() as u64);
 }
 
-/// The first error the session's tasks reported, waiting a moment for it; a peer that closed if none comes.
-async fn first_failure(fail: &mut mpsc::UnboundedReceiver<Error>) -> Error {
-    match tokio::time::timeout(ABORT_GRACE, fail.recv()).await {
-        Ok(Some(e)) => e,
-        _ => Error::PeerClosed("sync"),
-    }
-}
-
-/// What a NEED asks for, with what the scan announced for that chunk.
-#[derive(Clone, Copy, Debug)]
-pub struct Need<'a> {
-    /// The chunk index.
-    pub chunk: u64,
-    /// The target chunk's block digests, or `None` when the target chunk is all zeros.
-    pub target_blocks: Option<&'a [Digest]>,
-    /// The digest the scan announced for the chunk: the chunk read again must still hash to it.
-    pub announced: Digest,
+/// The first of `chunks` whose bytes no longer hash to the digest given with it (read again now, on all cores).
+pub fn changed_chunk(
+    volume: &Volume,
+    geometry: Geometry,
+    chunks: &[(u64, Digest)],
+) -> Result<Option<u64>> {
+    let changed: Vec<Result<Option<u64>>> = chunks
+        .par_iter()
+        .map(|&(chunk, announced)| {
+            let (offset, len) = geometry.chunk_range(chunk);
+            let mut bytes = Vec::with_capacity(len);
+            volume.read_append(&mut bytes, offset, len)?;
+            Ok((Digest::of(&bytes) != announced).then_some(chunk))
+        })
+        .collect();
+    changed.into_iter().find_map(|r| r.transpose()).transpose()
 }
 
 /// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
 /// zeros, the non-zero blocks); zero blocks become marks; with a `zstd_level`, the payload is zstd when that is
 /// smaller, else raw.
 ///
-/// The chunk is read again, and must hash to the digest the scan announced: if it does not, the volume is being
-/// written during the sync (a live volume, not a snapshot), and [`Error::VolumeChanged`] says so here, where it is
-/// known, instead of a digest mismatch at the destination that would look like corruption.
+/// The chunk is read again, not taken from the scan: on a snapshot it holds the bytes the scan hashed. On a live
+/// volume it may not, and the destination then refuses the rebuilt chunk (its digest is checked before anything is
+/// written); [`changed_chunk`] tells the source why.
 pub fn build_data(
     volume: &Volume,
     geometry: Geometry,
-    need: Need<'_>,
+    chunk: u64,
+    target_blocks: Option<&[Digest]>,
     zstd_level: Option<i32>,
 ) -> Result<DataFrame> {
-    let Need {
-        chunk,
-        target_blocks,
-        announced,
-    } = need;
     let (offset, len) = geometry.chunk_range(chunk);
     // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
     // where it was read; otherwise the blocks that travel are moved to the front.
     let mut raw = Vec::with_capacity(len);
     volume.read_append(&mut raw, offset, len)?;
-    if Digest::of(&raw) != announced {
-        return Err(Error::VolumeChanged { chunk });
-    }
     let (mut send_mask, mut zero_mask) = (0u64, 0u64);
     let mut kept = 0;
     for b in 0..geometry.blocks_in_chunk(chunk) {
@@ -710,17 +730,12 @@ mod tests {
         }
         let (volume, g) = volume_of(&dir, &data)?;
 
-        let need = |chunk: u64| Need {
-            chunk,
-            target_blocks: None,
-            announced: Digest::of(&data[chunk as usize * 65536..][..65536]),
-        };
-        let random = build_data(&volume, g, need(0), Some(1))?;
+        let random = build_data(&volume, g, 0, None, Some(1))?;
         assert_eq!(random.encoding, Encoding::Raw);
         assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
         assert_eq!(&random.payload[..], &data[..65536]);
 
-        let text = build_data(&volume, g, need(1), Some(1))?;
+        let text = build_data(&volume, g, 1, None, Some(1))?;
         assert_eq!(text.encoding, Encoding::Zstd);
         assert_eq!(text.raw_len, 65536);
         assert!(
@@ -744,12 +759,7 @@ mod tests {
         let mut theirs = block_digests(&data);
         theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
         theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
-        let need = Need {
-            chunk: 0,
-            target_blocks: Some(&theirs),
-            announced: Digest::of(&data),
-        };
-        let d = build_data(&volume, g, need, Some(1))?;
+        let d = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
         assert_eq!(d.send_mask, 1 << 10);
         assert_eq!(d.zero_mask, 1 << 1);
         assert_eq!(d.raw_len, 4096);
@@ -757,19 +767,28 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_that_changed_since_the_scan_is_reported_as_a_changed_volume() -> anyhow::Result<()> {
+    fn a_chunk_that_changed_since_the_scan_is_found_by_reading_it_again() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let data = vec![5u8; 65536];
+        let mut data = vec![5u8; 4 * 65536];
         let (volume, g) = volume_of(&dir, &data)?;
-        let need = Need {
-            chunk: 0,
-            target_blocks: None,
-            announced: Digest::of(&[6u8; 65536]),
-        };
-        let err = build_data(&volume, g, need, None).expect_err("changed");
-        assert!(matches!(err, Error::VolumeChanged { chunk: 0 }), "{err}");
+        let scanned: Vec<(u64, Digest)> = (0..4)
+            .map(|c| (c, Digest::of(&data[c as usize * 65536..][..65536])))
+            .collect();
+        assert_eq!(changed_chunk(&volume, g, &scanned)?, None);
+        data[2 * 65536 + 100] = 6;
+        let (volume, g) = volume_of(&dir, &data)?;
+        assert_eq!(changed_chunk(&volume, g, &scanned)?, Some(2));
+        assert_eq!(
+            changed_chunk(&volume, g, &scanned[..2])?,
+            None,
+            "only the chunks asked about"
+        );
+        let err = Error::VolumeChanged { chunk: 2 };
         assert!(err.is_retryable());
-        assert!(err.to_string().contains("sync from a snapshot"), "{err}");
+        assert!(
+            err.to_string().contains("(chunk 2): sync from a snapshot"),
+            "{err}"
+        );
         Ok(())
     }
 }

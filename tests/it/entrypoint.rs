@@ -387,6 +387,26 @@ fn full_sync_through_both_entrypoints_exits_0_and_copies_the_volume() -> Result<
     expect_success(&fixture, server.finish()?, client)
 }
 
+/// The source names itself after its mover pod's Job (the pod name without VolSync's random suffix), which is
+/// what the destination uses to tell a retry of the same source from another source.
+#[test]
+fn client_names_itself_after_the_mover_job() -> Result<()> {
+    let fixture = Fixture::new(47)?;
+    let port = free_port(LOCALHOST)?;
+    let (server, _) = start_server(&mut fixture.server(port))?;
+    let mut client = fixture.client("127.0.0.1", port);
+    let client = run(
+        "client.sh",
+        client.env("HOSTNAME", "volsync-rsync-tls-src-vm-disk-x7k2p"),
+    )?;
+    let server = server.finish()?;
+    let named = server.lines().any(|l| {
+        l.contains("source=default/volsync-rsync-tls-src-vm-disk") && !l.contains("x7k2p")
+    });
+    server.check(named, "the destination logs the source by its Job name");
+    expect_success(&fixture, server, client)
+}
+
 #[test]
 fn client_without_destination_address_exits_1_with_a_clear_error() -> Result<()> {
     let fixture = Fixture::new(42)?;

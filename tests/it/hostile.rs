@@ -640,7 +640,7 @@ async fn data_not_hashing_to_the_announced_digest_is_a_digest_mismatch_and_not_w
     peer.hello_ready().await?;
     need_chunk_0(&mut peer, &site, Digest::of(b"not what the data hashes to")).await?;
     peer.send(&unsolicited_data()).await?;
-    let got = refused(&site, dest, peer, 1, "digest mismatch on chunk 0").await?;
+    let got = refused(&site, dest, peer, RETRYABLE, "digest mismatch on chunk 0").await?;
     aborted(&got, AbortCode::Digest, "digest mismatch on chunk 0")
 }
 

@@ -240,6 +240,32 @@ fn missing_volume_fails_source_with_exit_1() -> Result<()> {
     Ok(())
 }
 
+/// A source that cannot reach its destination names the address it tried, and a retry may cure it (exit 75).
+#[test]
+fn connect_failure_names_the_address_and_is_retryable() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let psk = keygen(dir.path())?;
+    let volume = dir.path().join("volume.img");
+    sparse_file(&volume, MIB)?;
+    // A port that was just free: nothing listens there.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let status = dir.path().join("source.json");
+    let output = run_source(addr, &volume, &psk, &status)?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(75), "stderr:\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or("");
+    assert!(
+        line.contains(&format!("connect to {addr}")) && line.contains("Connection refused"),
+        "{line}"
+    );
+    let failed = crate::common::expect_failed(&status, crate::schema::Kind::Source)?;
+    assert!(failed.to_string().contains(&addr.to_string()), "{failed}");
+    Ok(())
+}
+
 #[test]
 fn keygen_writes_hex_key_readable_by_owner_only() -> Result<()> {
     let dir = tempfile::tempdir()?;
