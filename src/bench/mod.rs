@@ -6,6 +6,7 @@
 //! process guards and RSS probes, `hashrate` the raw rate, `report` the table and JSON, `chart` the SVG.
 
 mod agents;
+mod cache;
 mod chart;
 mod delay;
 mod hashrate;
@@ -85,6 +86,14 @@ pub struct BenchArgs {
     /// Draw sync duration and bytes on the wire against change rate and volume size into this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Before each timed sync, write zeros over every hole of the volume and the targets (regular files), so that
+    /// every byte is allocated as on a block PVC and no reader can skip a hole.
+    #[arg(long)]
+    pub allocated: bool,
+    /// Before each timed sync, write back and drop the volume and the target from the page cache (fsync, then
+    /// posix_fadvise DONTNEED), as for a fresh snapshot clone; the note says how much stayed cached.
+    #[arg(long)]
+    pub cold: bool,
     /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,

@@ -12,6 +12,7 @@ use anyhow::{bail, ensure, Context};
 use blockmover::sample::{self, SampleSpec};
 
 use super::agents::Agents;
+use super::cache;
 use super::hashrate::{self, HashRate};
 use super::report::{bytes, trim_float, Report, SyncKind, SyncRow};
 use super::rsync::{self, Flavour, RsyncSetup};
@@ -33,6 +34,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         rows: Vec::new(),
         raw: raw.clone(),
         delayed: None,
+        cached: Vec::new(),
     };
     let mut skipped = Vec::new();
     let device_volume = match &args.volume {
@@ -140,6 +142,18 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         }
     };
 
+    let volume_text = match (args.allocated, args.cold) {
+        (false, false) => volume_text,
+        (a, c) => format!(
+            "{volume_text}; {}",
+            [(a, "fully allocated"), (c, "cold (out of the page cache)")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, what)| *what)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let mut notes = vec![
         "duration is wall time until the target is durable: blockmover's source exits only after the destination \
          fsynced the target and confirmed the volume digest; each rsync run is timed together with an fsync of its \
@@ -152,10 +166,40 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
          (2 x volume / duration) over the raw all-core BLAKE3 rate above (all-zero chunks are recognised without \
          hashing, so sparse volumes can exceed 100%)."
             .to_owned(),
-        "volumes and targets are in the page cache (written just before); every target is compared with the \
-         volume (BLAKE3) after every sync."
-            .to_owned(),
+        if args.cold {
+            "volumes and targets were written back and dropped from the page cache (fsync, posix_fadvise \
+             DONTNEED) before each timed sync; every target is compared with the volume (BLAKE3) after every sync."
+                .to_owned()
+        } else {
+            "volumes and targets are in the page cache (written just before); every target is compared with the \
+             volume (BLAKE3) after every sync."
+                .to_owned()
+        },
     ];
+    if args.allocated {
+        notes.push(
+            "allocated: every hole of the volume and of each target was filled with written zeros before each \
+             timed sync, as on a block PVC (no hole for a reader to skip); blockmover's own zeroing punches holes \
+             in a file target, which the next sync's preparation fills again."
+                .to_owned(),
+        );
+    }
+    if args.cold {
+        let most = bench
+            .cached
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
+        notes.push(match most {
+            Some(share) => format!(
+                "cold: after eviction, at most {:.1}% of a volume's or target's pages were still cached when the \
+                 clock started ({} files measured with fincore)",
+                share * 100.0,
+                bench.cached.len()
+            ),
+            None => "cold: how much stayed cached could not be measured (fincore missing)".to_owned(),
+        });
+    }
     if let Some(ms) = args.rtt_ms {
         notes.push(format!(
             "{DELAYED}: the same incremental sync as the blockmover row above it, from a copy of the same target, \
@@ -248,6 +292,8 @@ struct Bench<'a> {
     raw: HashRate,
     /// The round-trip time added to the blockmover sync under way, if any.
     delayed: Option<Duration>,
+    /// With `--cold`: the share of each evicted file still in the page cache when the clock started.
+    cached: Vec<f64>,
 }
 
 /// The tool name of blockmover's syncs through the delaying proxy (`--rtt-ms`).
@@ -272,6 +318,23 @@ fn durable(path: &Path) -> anyhow::Result<()> {
 }
 
 impl Bench<'_> {
+    /// Sets the files of the next timed sync as `--allocated` and `--cold` ask (outside the clock). A target that
+    /// does not exist yet (rsync's, before its first sync) is skipped.
+    fn prepare(&mut self, files: &[&Path]) -> anyhow::Result<()> {
+        for file in files.iter().filter(|f| f.exists()) {
+            if self.args.allocated {
+                cache::fill_holes(file)?;
+            }
+            if self.args.cold {
+                cache::evict(file)?;
+                if let Some(share) = cache::resident_share(file) {
+                    self.cached.push(share);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The full (or first) sync by every tool, then per rate a change and an incremental sync by every tool.
     fn size_run(
         &mut self,
@@ -341,6 +404,7 @@ impl Bench<'_> {
             kind.name(),
             bytes(size)
         );
+        self.prepare(&[volume, target])?;
         let s = self.agents.sync(volume, target, self.delayed)?;
         verify("blockmover", kind, target, size, digest)?;
         let secs = s.duration.as_secs_f64().max(1e-9);
@@ -388,6 +452,8 @@ impl Bench<'_> {
         change: Option<(f64, u64)>,
         digest: &blake3::Hash,
     ) -> anyhow::Result<()> {
+        let their_target = self.setups[setup].target(volume);
+        self.prepare(&[volume, &their_target])?;
         let setup = &mut self.setups[setup];
         let tool = setup.flavour().name();
         eprintln!("bench: {} sync of {} with {tool}", kind.name(), bytes(size));
