@@ -74,10 +74,8 @@ pub fn resident_share(path: &Path) -> Option<f64> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut fields = text.split_whitespace().map(|f| f.parse::<f64>().ok());
-    match (fields.next()??, fields.next()??) {
-        (_, size) if size == 0.0 => None,
-        (res, size) => Some(res / size),
-    }
+    let (res, size) = (fields.next()??, fields.next()??);
+    (size > 0.0).then(|| res / size)
 }
 
 #[cfg(test)]
