@@ -50,6 +50,13 @@ pub fn metric(s: &Scrape, name: &str, label: Option<(&str, &str)>) -> Option<f64
         })
 }
 
+/// `blockmover_rejected_connections_total{reason}` of the agent serving metrics at `addr` (0 when absent).
+pub fn rejected(addr: SocketAddr, reason: &str) -> Result<f64> {
+    let s = scrape(addr)?;
+    let name = "blockmover_rejected_connections_total";
+    Ok(metric(&s, name, Some(("reason", reason))).unwrap_or(0.0))
+}
+
 #[test]
 fn metric_reads_a_labelled_gauge_and_not_a_longer_name() -> Result<()> {
     let body = "# HELP x\nblockmover_progress_scanned_bytes_extra{a=\"b\"} 9\n\

@@ -161,11 +161,17 @@ pub fn wait_until(
 
 /// Send SIGTERM to a process (as the kubelet does when a pod is deleted).
 pub fn sigterm(pid: u32) -> Result<()> {
+    signal("TERM", pid)
+}
+
+/// `kill -NAME PID` (`TERM`, `STOP`, `CONT`, ...); fails unless `kill` succeeded.
+pub fn signal(name: &str, pid: u32) -> Result<()> {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
         .status()?;
     if !status.success() {
-        bail!("kill -TERM {pid} failed: {status}");
+        bail!("kill -{name} {pid} failed: {status}");
     }
     Ok(())
 }

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{condition, error_line, random_fixture, Running, WAIT};
+use super::{condition, WAIT};
 use crate::common::proxy::{Faults, Proxy};
-use crate::common::{expect_successful, read_status, Destination, Fixture, AGENT_TIMEOUT};
+use crate::common::{expect_successful, read_status, Destination, Fixture, Running, AGENT_TIMEOUT};
 use crate::schema::Kind;
 
 const MIB: u64 = 1 << 20;
@@ -98,6 +98,16 @@ fn wait_all_closed(connections: Vec<TcpStream>) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
+/// Opens [`FLOOD`] idle connections to the destination at `addr` ([`idle_connections`]) and waits until it has
+/// closed every one ([`wait_all_closed`]); returns how many could be opened.
+fn flood(addr: SocketAddr) -> Result<usize> {
+    let connections = idle_connections(addr, FLOOD);
+    let opened = connections.len();
+    let closed = wait_all_closed(connections)?;
+    println!("{opened} of {FLOOD} idle connections opened, all closed by the destination within {closed:?}");
+    Ok(opened)
+}
+
 /// Finding 3: a one-shot destination waiting for its source, flooded with three times its descriptor limit of
 /// idle connections, stays alive; once they are closed a real source syncs and the destination exits 0. Its log
 /// shows the accept error was met (`Too many open files`), so the flood really exhausted the descriptors.
@@ -110,22 +120,12 @@ fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
         println!("skipped: {reason}");
         return Ok(());
     }
-    let connections = idle_connections(destination.addr, FLOOD);
-    let opened = connections.len();
-    let closed = wait_all_closed(connections)?;
-    println!("{opened} of {FLOOD} idle connections opened, all closed by the destination within {closed:?}");
+    let opened = flood(destination.addr)?;
     // The probe that the destination survived: the sync it waits for. (Its exit is only certain once it is
     // reaped, which can come just after its sockets closed: checking before the sync would race.)
-    let source = fx.source(destination.addr)?;
-    let finished = destination.wait(AGENT_TIMEOUT)?;
-    ensure!(
-        source.status.success() && finished.status.success(),
-        "the sync after {opened} idle connections failed: source {}: {}\ndestination {}:\n{}",
-        source.status,
-        error_line(&String::from_utf8_lossy(&source.stderr)),
-        finished.status,
-        finished.stderr
-    );
+    let run = fx.sync_into(&mut destination, &[])?;
+    run.ensure_success()
+        .with_context(|| format!("the sync after {opened} idle connections failed"))?;
     ensure!(
         opened == FLOOD,
         "only {opened} of {FLOOD} connections could be opened"
@@ -133,9 +133,9 @@ fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
     fx.expect_target_matches_volume()?;
     expect_successful(&fx.destination_status, Kind::Destination)?;
     ensure!(
-        finished.stderr.contains("Too many open files"),
+        run.destination.stderr.contains("Too many open files"),
         "the flood never exhausted the descriptors (no accept error logged):\n{}",
-        finished.stderr
+        run.destination.stderr
     );
     Ok(())
 }
@@ -145,7 +145,7 @@ fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
 /// flood is closed and the proxy released, the held sync completes, target == volume.
 #[test]
 fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> Result<()> {
-    let fx = random_fixture(32 * MIB, 0x3f_0002)?;
+    let fx = Fixture::random(32 * MIB, 0x3f_0002)?;
     let mut flags = vec!["--serve"];
     flags.extend(HANDSHAKE);
     let mut destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
@@ -163,10 +163,7 @@ fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> 
     let held = read_status(&fx.destination_status)?;
     ensure!(condition(&held).0 == "SyncInProgress", "{held:#}");
 
-    let connections = idle_connections(destination.addr, FLOOD);
-    let opened = connections.len();
-    let closed = wait_all_closed(connections)?;
-    println!("{opened} of {FLOOD} idle connections opened, all closed by the destination within {closed:?}");
+    let opened = flood(destination.addr)?;
     proxy.release();
     let ended = source.finish(AGENT_TIMEOUT)?;
     // By now a destination that died during the flood has been reaped (the held source saw it go).
