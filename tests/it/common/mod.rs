@@ -10,7 +10,7 @@ pub mod proxy;
 mod running;
 
 pub use destination::{Destination, Finished, Started};
-pub use running::{Ended, Running};
+pub use running::{Ended, ObservedSource, Running};
 
 use std::ffi::OsStr;
 use std::io::Read;

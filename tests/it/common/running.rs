@@ -1,14 +1,22 @@
 //! A running agent whose output is drained from the start (so it never blocks on a full pipe), waited for either
 //! under a safety net ([`Running::wait`]) or against a limit the test asserts ([`Running::finish`]).
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, ExitStatus};
+use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
-use super::{drain, error_line, spawn_source_with, wait_with_timeout, Finished, Fixture};
+use super::{
+    drain, error_line, metrics_line, spawn_source_with, wait_with_timeout, Finished, Fixture,
+};
+
+/// Safety net for a source to print its metrics address.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running agent whose stdout and stderr are drained by threads; killed if dropped while running.
 pub struct Running {
@@ -122,6 +130,59 @@ impl Drop for Running {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+    }
+}
+
+/// A source started with `--metrics-listen 127.0.0.1:0`, running, its stderr drained; killed if dropped while
+/// running.
+pub struct ObservedSource {
+    /// The process.
+    pub running: Running,
+    /// The address it printed in `metrics on http://ADDR/metrics`.
+    pub metrics: SocketAddr,
+}
+
+impl ObservedSource {
+    /// `blockmover source --connect ADDR --volume V --psk P --status S FLAGS --metrics-listen 127.0.0.1:0`, once
+    /// it printed its metrics address (at most 30 s; an error with its stderr if it exits or is silent).
+    pub fn spawn(
+        addr: SocketAddr,
+        volume: &Path,
+        psk: &Path,
+        status: &Path,
+        flags: &[&str],
+    ) -> Result<ObservedSource> {
+        let mut with_metrics = flags.to_vec();
+        with_metrics.extend(["--metrics-listen", "127.0.0.1:0"]);
+        let mut child = spawn_source_with(addr, volume, psk, status, &with_metrics)?;
+        let stdout = child.stdout.take().context("source stdout")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::io::Result::ok)
+            {
+                if let Some(addr) = metrics_line(&line) {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let mut running = Running::new(child)?;
+        match rx.recv_timeout(METRICS_TIMEOUT) {
+            Ok(addr) => Ok(ObservedSource {
+                running,
+                metrics: addr.parse().context("metrics address")?,
+            }),
+            Err(_) => {
+                let _ = running.child.kill();
+                let ended = running.wait(METRICS_TIMEOUT)?;
+                bail!(
+                    "the source printed no metrics address ({}): {}",
+                    ended.status,
+                    ended.stderr
+                );
+            }
         }
     }
 }
