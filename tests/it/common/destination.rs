@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -49,6 +49,17 @@ impl Finished {
     /// Its `error: ` line, or "" when it printed none (see [`error_line`]).
     pub fn error_line(&self) -> &str {
         error_line(&self.stderr)
+    }
+}
+
+impl From<Output> for Finished {
+    /// The same exit, with the output as (lossy UTF-8) text.
+    fn from(out: Output) -> Finished {
+        Finished {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 }
 

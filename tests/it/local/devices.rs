@@ -15,8 +15,10 @@ use blockmover::sample;
 
 use super::files::both_agents_refuse_the_status_dir;
 use super::target::{expect_bench_refused, second_destination_is_refused};
-use super::{random_volume, start_destination, Started, MIB};
-use crate::common::{keygen, run_source, sparse_file, AGENT_TIMEOUT};
+use super::MIB;
+use crate::common::{
+    keygen, random_volume, run_source, sparse_file, Destination, Started, AGENT_TIMEOUT,
+};
 
 const SIZE: u64 = 16 * MIB;
 
@@ -153,7 +155,7 @@ fn a_mounted_loop_device_is_refused_naming_the_mount_and_left_unchanged() -> Res
     let volume = dir.path().join("volume.img");
     random_volume(&volume, SIZE, 0x10ca_0101)?;
     let status = dir.path().join("destination.json");
-    let (exit, source) = match start_destination(&device.path, &psk, &status, &[])? {
+    let (exit, source) = match Destination::start(&device.path, &psk, &status, &[])? {
         Started::Exited(exit) => (exit, None),
         Started::Listening(mut destination) => {
             let source = run_source(destination.addr, &volume, &psk, &dir.path().join("s.json"))?;
@@ -195,15 +197,7 @@ fn a_second_destination_on_a_loop_device_is_refused() -> Result<()> {
     random_volume(&volume, SIZE, 0x10ca_0111)?;
     random_volume(&other, SIZE, 0x10ca_0112)?;
     let refusal = second_destination_is_refused(dir.path(), &device.path, &volume, &other, SIZE)?;
-    println!(
-        "refused {}: {}",
-        if refusal.at_start_up {
-            "at start-up"
-        } else {
-            "when its source connected"
-        },
-        refusal.error
-    );
+    refusal.print();
     Ok(())
 }
 
