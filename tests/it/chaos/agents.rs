@@ -1,6 +1,7 @@
 //! The chaos suite's agents and files: real `blockmover` processes with their output on channels, the volume and
 //! target they share across iterations, and what a status file says about the try that just ended.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -142,7 +143,7 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn spawn(args: &[&std::ffi::OsStr]) -> Result<Agent> {
+    pub fn spawn(args: &[&OsStr]) -> Result<Agent> {
         let mut child = Command::new(bin())
             .args(args)
             .stdin(Stdio::null())
@@ -202,9 +203,10 @@ pub struct Listening {
     pub addr: SocketAddr,
 }
 
-pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
-    let window = window.to_string();
-    let args: Vec<&std::ffi::OsStr> = vec![
+/// `destination --listen 127.0.0.1:0` on `site`'s target with its key, recording in `status`, with the chaos
+/// suite's idle and handshake timeouts.
+pub fn destination_args<'a>(site: &'a Site, status: &'a Path) -> Vec<&'a OsStr> {
+    vec![
         "destination".as_ref(),
         "--listen".as_ref(),
         "127.0.0.1:0".as_ref(),
@@ -213,14 +215,19 @@ pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
         "--psk".as_ref(),
         site.psk.as_os_str(),
         "--status".as_ref(),
-        site.destination_status.as_os_str(),
+        status.as_os_str(),
         "--idle-timeout".as_ref(),
         IDLE_TIMEOUT.as_ref(),
         "--handshake-timeout".as_ref(),
         HANDSHAKE_TIMEOUT.as_ref(),
-        "--window".as_ref(),
-        window.as_ref(),
-    ];
+    ]
+}
+
+/// The site's destination (its own status file, `--window WINDOW`), once it printed `listening on`.
+pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
+    let window = window.to_string();
+    let mut args = destination_args(site, &site.destination_status);
+    args.extend([OsStr::new("--window"), OsStr::new(&window)]);
     let agent = Agent::spawn(&args)?;
     let line = agent
         .stdout
@@ -246,7 +253,7 @@ pub fn spawn_source_of(
     chunk_size: u32,
 ) -> Result<Agent> {
     let (addr, chunk) = (addr.to_string(), chunk_size.to_string());
-    let args: Vec<&std::ffi::OsStr> = vec![
+    let args: Vec<&OsStr> = vec![
         "source".as_ref(),
         "--connect".as_ref(),
         addr.as_ref(),
