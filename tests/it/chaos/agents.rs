@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::plan::Expected;
 use super::{DROPPED, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, VOLUME};
-use crate::common::{bin, keygen, last_sync_time, result_of, sparse_file, AGENT_TIMEOUT};
+use crate::common::{keygen, last_sync_time, result_of, sparse_file, spawn_bin, AGENT_TIMEOUT};
 
 /// The files one chaos run keeps across iterations: the volume, the target and both status files.
 pub struct Site {
@@ -144,13 +144,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(args: &[&OsStr]) -> Result<Agent> {
-        let mut child = Command::new(bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawn {}", bin()))?;
+        let mut child = spawn_bin(args)?;
         let lines = |pipe: Box<dyn Read + Send>| {
             let (tx, rx) = mpsc::channel();
             thread::spawn(move || {

@@ -9,8 +9,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
+use super::running::join;
 use super::{bin, drain, error_line, metrics_line, wait_with_timeout};
 
 /// Safety net for the destination to print its `listening on` line, or to exit without it.
@@ -173,10 +174,6 @@ impl Destination {
     /// Wait for the destination to exit (panics after `timeout`) and collect its stdout and stderr.
     pub fn wait(&mut self, timeout: Duration) -> Result<Finished> {
         let status = wait_with_timeout(&mut self.child, timeout)?;
-        let join = |h: Option<JoinHandle<String>>| match h {
-            Some(h) => h.join().map_err(|_| anyhow!("output reader panicked")),
-            None => Ok(String::new()),
-        };
         Ok(Finished {
             status,
             stdout: join(self.stdout.take())?,

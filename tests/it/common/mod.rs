@@ -121,14 +121,18 @@ pub fn run_source_with(
 /// Runs `blockmover ARGS...` to completion and returns its status and whole output; after `timeout` (a safety
 /// net) it is killed and the test panics.
 pub fn run_bin<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Result<Finished> {
-    let child = Command::new(bin())
+    Running::new(spawn_bin(args)?)?.wait(timeout)
+}
+
+/// Starts `blockmover ARGS...` with stdin from /dev/null and stdout and stderr piped (for the caller to read).
+pub fn spawn_bin<S: AsRef<OsStr>>(args: &[S]) -> Result<Child> {
+    Command::new(bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("spawn {}", bin()))?;
-    Running::new(child)?.wait(timeout)
+        .with_context(|| format!("spawn {}", bin()))
 }
 
 /// The agent's one-line failure report: the first line of `stderr` that starts with `error: ` (every failure

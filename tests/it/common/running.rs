@@ -49,7 +49,7 @@ impl Ended {
 }
 
 /// Joins an output reader (None: nothing was read, "").
-fn join(h: Option<JoinHandle<String>>) -> Result<String> {
+pub(super) fn join(h: Option<JoinHandle<String>>) -> Result<String> {
     h.map(|h| h.join().map_err(|_| anyhow!("output reader panicked")))
         .transpose()
         .map(Option::unwrap_or_default)
