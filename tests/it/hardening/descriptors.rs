@@ -54,6 +54,19 @@ fn limit_descriptors(pid: u32) -> Result<std::result::Result<(), String>> {
     Ok(Ok(()))
 }
 
+/// A destination for `fx` with [`HANDSHAKE`] and `extra` flags whose descriptors are limited to [`NOFILE`]; None
+/// (the test is skipped, as printed) when this machine cannot limit them.
+fn limited_destination(fx: &Fixture, extra: &[&str]) -> Result<Option<Destination>> {
+    let mut flags = extra.to_vec();
+    flags.extend(HANDSHAKE);
+    let destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
+    if let Err(reason) = limit_descriptors(destination.child.id())? {
+        println!("skipped: {reason}");
+        return Ok(None);
+    }
+    Ok(Some(destination))
+}
+
 /// Opens up to `n` TCP connections to `addr` that never send a byte (the kernel completes them from the backlog,
 /// whether the destination accepts them or not); stops at the first refused one (the destination is gone).
 fn idle_connections(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
@@ -108,30 +121,34 @@ fn flood(addr: SocketAddr) -> Result<usize> {
     Ok(opened)
 }
 
-/// Finding 3: a one-shot destination waiting for its source, flooded with three times its descriptor limit of
-/// idle connections, stays alive; once they are closed a real source syncs and the destination exits 0. Its log
-/// shows the accept error was met (`Too many open files`), so the flood really exhausted the descriptors.
-#[test]
-fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
-    let fx = Fixture::new(8 * MIB, 0x3f_0001)?;
-    let mut destination =
-        Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &HANDSHAKE)?;
-    if let Err(reason) = limit_descriptors(destination.child.id())? {
-        println!("skipped: {reason}");
-        return Ok(());
-    }
-    let opened = flood(destination.addr)?;
-    // The probe that the destination survived: the sync it waits for. (Its exit is only certain once it is
-    // reaped, which can come just after its sockets closed: checking before the sync would race.)
-    let run = fx.sync_into(&mut destination, &[])?;
-    run.ensure_success()
-        .with_context(|| format!("the sync after {opened} idle connections failed"))?;
+/// After a flood of which `opened` connections could be opened and a sync: all [`FLOOD`] were opened, target ==
+/// volume, and the destination's status says Successful.
+fn expect_flooded_and_synced(fx: &Fixture, opened: usize) -> Result<()> {
     ensure!(
         opened == FLOOD,
         "only {opened} of {FLOOD} connections could be opened"
     );
     fx.expect_target_matches_volume()?;
     expect_successful(&fx.destination_status, Kind::Destination)?;
+    Ok(())
+}
+
+/// Finding 3: a one-shot destination waiting for its source, flooded with three times its descriptor limit of
+/// idle connections, stays alive; once they are closed a real source syncs and the destination exits 0. Its log
+/// shows the accept error was met (`Too many open files`), so the flood really exhausted the descriptors.
+#[test]
+fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
+    let fx = Fixture::new(8 * MIB, 0x3f_0001)?;
+    let Some(mut destination) = limited_destination(&fx, &[])? else {
+        return Ok(());
+    };
+    let opened = flood(destination.addr)?;
+    // The probe that the destination survived: the sync it waits for. (Its exit is only certain once it is
+    // reaped, which can come just after its sockets closed: checking before the sync would race.)
+    let run = fx.sync_into(&mut destination, &[])?;
+    run.ensure_success()
+        .with_context(|| format!("the sync after {opened} idle connections failed"))?;
+    expect_flooded_and_synced(&fx, opened)?;
     ensure!(
         run.destination.stderr.contains("Too many open files"),
         "the flood never exhausted the descriptors (no accept error logged):\n{}",
@@ -146,13 +163,9 @@ fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
 #[test]
 fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> Result<()> {
     let fx = Fixture::random(32 * MIB, 0x3f_0002)?;
-    let mut flags = vec!["--serve"];
-    flags.extend(HANDSHAKE);
-    let mut destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
-    if let Err(reason) = limit_descriptors(destination.child.id())? {
-        println!("skipped: {reason}");
+    let Some(mut destination) = limited_destination(&fx, &["--serve"])? else {
         return Ok(());
-    }
+    };
     let proxy = Proxy::start(
         destination.addr,
         Faults::none().stall_at(fx.size / 2),
@@ -182,12 +195,7 @@ fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> 
         ended.status,
         ended.stderr
     );
-    ensure!(
-        opened == FLOOD,
-        "only {opened} of {FLOOD} connections could be opened"
-    );
-    fx.expect_target_matches_volume()?;
-    expect_successful(&fx.destination_status, Kind::Destination)?;
+    expect_flooded_and_synced(&fx, opened)?;
     ensure!(
         destination.child.try_wait()?.is_none(),
         "a --serve destination exited"
