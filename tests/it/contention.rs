@@ -16,11 +16,12 @@ use blockmover::sample::{self, SampleSpec};
 
 use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{
-    expect_failed, expect_successful, external_u64, keygen, last_sync_time, read_status, result_of,
-    sparse_file, spawn_source_with, wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
+    error_line, expect_failed, expect_successful, external_u64, keygen, last_sync_time,
+    random_spec, read_status, result_of, run_source_with, sparse_file, spawn_source_with,
+    wait_until, Destination, Fixture, ObservedSource, Running, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
-use observe::{bytes_through_hello, error_line, ObservedSource};
+use observe::{bytes_through_hello, wait_scanned};
 use turns::{contest, Contender, BUSY, MAX_TRIES};
 
 const MIB: u64 = 1 << 20;
@@ -31,21 +32,10 @@ const RETRYABLE: i32 = 75;
 
 /// A volume of `size` bytes, a quarter zeros and the rest random (zstd cannot shrink it, so the bytes on the wire
 /// track the data and a stall at a byte offset lands where the test means it to).
-fn random_spec(size: u64, seed: u64) -> SampleSpec {
+fn quarter_zeros_spec(size: u64, seed: u64) -> SampleSpec {
     SampleSpec {
-        size,
         zero_share: 0.25,
-        text_share: 0.0,
         random_share: 0.75,
-        seed,
-    }
-}
-
-/// A volume with no zero chunk at all: every chunk of it is asked for by a full sync into a zero target.
-fn dense_spec(size: u64, seed: u64) -> SampleSpec {
-    SampleSpec {
-        zero_share: 0.0,
-        random_share: 1.0,
         ..random_spec(size, seed)
     }
 }
@@ -78,7 +68,7 @@ impl Arena {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        sample::write_sample_volume(&path, &random_spec(size, seed))?;
+        sample::write_sample_volume(&path, &quarter_zeros_spec(size, seed))?;
         Ok(path)
     }
 }
@@ -199,7 +189,7 @@ fn two_sources_named_by_flag_take_turns_on_one_serving_destination() -> Result<(
 #[test]
 fn a_superseded_source_is_told_so_and_its_successor_succeeds() -> Result<()> {
     const SIZE: u64 = 16 * MIB;
-    let fx = Fixture::with_spec(&random_spec(SIZE, 0xc0_0003), SIZE)?;
+    let fx = Fixture::with_spec(&quarter_zeros_spec(SIZE, 0xc0_0003), SIZE)?;
     let destination =
         Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &["--serve"])?;
     let name = ["--name", "disk"];
@@ -209,11 +199,16 @@ fn a_superseded_source_is_told_so_and_its_successor_succeeds() -> Result<()> {
         Faults::none(),
     )?;
     let stale_status = fx.dir.path().join("stale-source-status.json");
-    let mut stale = spawn_source_with(proxy.addr(), &fx.volume, &fx.psk, &stale_status, &name)?;
-    let stale_stderr = crate::common::drain(stale.stderr.take().context("stale source stderr")?);
+    let stale = Running::new(spawn_source_with(
+        proxy.addr(),
+        &fx.volume,
+        &fx.psk,
+        &stale_status,
+        &name,
+    )?)?;
     proxy.wait_stalled(AGENT_TIMEOUT)?;
 
-    let successor = crate::common::run_source_with(
+    let successor = run_source_with(
         destination.addr,
         &fx.volume,
         &fx.psk,
@@ -231,11 +226,8 @@ fn a_superseded_source_is_told_so_and_its_successor_succeeds() -> Result<()> {
     let succeeded = expect_successful(&fx.destination_status, Kind::Destination)?;
 
     proxy.release();
-    let code = wait_with_timeout(&mut stale, AGENT_TIMEOUT)?;
-    let stale_stderr = stale_stderr
-        .join()
-        .map_err(|_| anyhow::anyhow!("stderr reader panicked"))?;
-    let line = error_line(&stale_stderr);
+    let stale = stale.wait(AGENT_TIMEOUT)?;
+    let (code, line) = (stale.status, stale.error_line());
     println!("the superseded source: {code}, {line}");
     ensure!(
         code.code() == Some(RETRYABLE) && line.contains("superseded"),
@@ -261,6 +253,16 @@ fn overwrite_chunk(path: &Path, chunk: u64, fill: u8) -> Result<()> {
     Ok(())
 }
 
+/// After a sync that failed: a plain sync of the fixture succeeds on both sides, target == volume, and both statuses
+/// say Successful.
+fn resync_converges(fx: &Fixture) -> Result<()> {
+    fx.sync()?.expect_success();
+    fx.expect_target_matches_volume()?;
+    expect_successful(&fx.source_status, Kind::Source)?;
+    expect_successful(&fx.destination_status, Kind::Destination)?;
+    Ok(())
+}
+
 /// Finding 8: a live (unsnapshotted) volume changes between the source's scan and its DATA reads. The sync of a
 /// 16 MiB volume (256 chunks, announced whole within the default window of 8192) is held by stalling the source's
 /// stream one byte after its HELLO: READY has reached the source, but no DIGESTS reach the destination, so no NEED
@@ -271,7 +273,7 @@ fn overwrite_chunk(path: &Path, chunk: u64, fill: u8) -> Result<()> {
 #[test]
 fn a_volume_changed_between_scan_and_data_fails_retryable_and_a_retry_converges() -> Result<()> {
     const SIZE: u64 = 16 * MIB;
-    let fx = Fixture::with_spec(&dense_spec(SIZE, 0xc0_0004), SIZE)?;
+    let fx = Fixture::random(SIZE, 0xc0_0004)?;
     let through_hello = bytes_through_hello(&fx.psk, &fx.volume, &[])?;
     println!("the source's stream carries {through_hello} bytes up to its HELLO");
 
@@ -284,14 +286,14 @@ fn a_volume_changed_between_scan_and_data_fails_retryable_and_a_retry_converges(
     let mut source =
         ObservedSource::spawn(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status, &[])?;
     proxy.wait_stalled(AGENT_TIMEOUT)?;
-    source.wait_scanned(SIZE)?;
+    wait_scanned(&mut source, SIZE)?;
     assert_eq!(proxy.bytes_forwarded(Direction::Up), through_hello + 1);
     overwrite_chunk(&fx.volume, 5, 0xa5)?;
     overwrite_chunk(&fx.volume, 200, 0x5a)?;
     proxy.release();
 
-    let (code, stderr) = source.wait()?;
-    let line = error_line(&stderr);
+    let ended = source.running.wait(AGENT_TIMEOUT)?;
+    let (code, line) = (ended.status, ended.error_line());
     println!("source: {code}: {line}");
     ensure!(
         code.code() == Some(RETRYABLE)
@@ -317,11 +319,7 @@ fn a_volume_changed_between_scan_and_data_fails_retryable_and_a_retry_converges(
         "the destination reported a sync of a volume that changed under it: {dst:#}"
     );
 
-    fx.sync()?.expect_success();
-    fx.expect_target_matches_volume()?;
-    expect_successful(&fx.source_status, Kind::Source)?;
-    expect_successful(&fx.destination_status, Kind::Destination)?;
-    Ok(())
+    resync_converges(&fx)
 }
 
 /// Finding 1, `destination --read-back`: a full sync with it succeeds (target == volume, both Successful), and an
@@ -334,16 +332,9 @@ fn read_back_reads_the_whole_target_again_and_a_normal_sync_succeeds() -> Result
     let sync = |flags: &[&str]| -> Result<u64> {
         let mut destination =
             Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, flags)?;
-        let source = fx.source(destination.addr)?;
-        let finished = destination.wait(AGENT_TIMEOUT)?;
-        ensure!(
-            source.status.success() && finished.status.success(),
-            "sync with {flags:?}: source {} ({}), destination {} ({})",
-            source.status,
-            error_line(&String::from_utf8_lossy(&source.stderr)),
-            finished.status,
-            error_line(&finished.stderr)
-        );
+        fx.sync_into(&mut destination, &[])?
+            .ensure_success()
+            .with_context(|| format!("sync with {flags:?}"))?;
         fx.expect_target_matches_volume()?;
         expect_successful(&fx.source_status, Kind::Source)?;
         let dst = expect_successful(&fx.destination_status, Kind::Destination)?;
@@ -365,7 +356,7 @@ struct HeldSync {
     fx: Fixture,
     destination: Destination,
     proxy: Proxy,
-    source: std::process::Child,
+    source: Running,
 }
 
 /// Starts a [`HeldSync`] into a destination started with `flags`; returns once the destination has written `chunk`
@@ -373,24 +364,21 @@ struct HeldSync {
 /// session will not write it again.
 fn held_with_chunk_written(seed: u64, flags: &[&str], chunk: u64) -> Result<HeldSync> {
     const SIZE: u64 = 32 * MIB;
-    let fx = Fixture::with_spec(&dense_spec(SIZE, seed), SIZE)?;
+    let fx = Fixture::random(SIZE, seed)?;
     let destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, flags)?;
     let proxy = Proxy::start(
         destination.addr,
         Faults::none().stall_at(SIZE / 2),
         Faults::none(),
     )?;
-    let source = crate::common::spawn_source(proxy.addr(), &fx.volume, &fx.psk, &fx.source_status)?;
+    let source = Running::source(proxy.addr(), &fx, &[])?;
     proxy.wait_stalled(AGENT_TIMEOUT)?;
     let want = chunk_bytes(&fx.volume, chunk)?;
-    let deadline = std::time::Instant::now() + AGENT_TIMEOUT;
-    while chunk_bytes(&fx.target, chunk)? != want {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the destination did not write chunk {chunk} while half the volume passed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_until(
+        &format!("the destination writes chunk {chunk} while half the volume passes"),
+        AGENT_TIMEOUT,
+        || Ok(chunk_bytes(&fx.target, chunk)? == want),
+    )?;
     Ok(HeldSync {
         fx,
         destination,
@@ -414,10 +402,10 @@ fn expect_caught_then_repaired(held: HeldSync, needles: &[&str]) -> Result<()> {
         fx,
         mut destination,
         proxy,
-        mut source,
+        source,
     } = held;
     proxy.release();
-    let source_exit = wait_with_timeout(&mut source, AGENT_TIMEOUT)?;
+    let source_exit = source.wait(AGENT_TIMEOUT)?.status;
     let finished = destination.wait(AGENT_TIMEOUT)?;
     let line = error_line(&finished.stderr);
     println!(
@@ -444,11 +432,7 @@ fn expect_caught_then_repaired(held: HeldSync, needles: &[&str]) -> Result<()> {
             .open(&fx.target)?
             .set_len(fx.size)?;
     }
-    fx.sync()?.expect_success();
-    fx.expect_target_matches_volume()?;
-    expect_successful(&fx.destination_status, Kind::Destination)?;
-    expect_successful(&fx.source_status, Kind::Source)?;
-    Ok(())
+    resync_converges(&fx)
 }
 
 /// Finding 1: another process writes 4 KiB at byte 0 of the target (a chunk this sync already wrote) while the

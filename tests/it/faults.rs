@@ -13,12 +13,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use blockmover::sample::{self, SampleSpec, BLOCK};
 
+use crate::common::metrics::rejected;
 use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{
-    expect_failed, expect_failure, expect_successful, keygen_named, last_sync_time, spawn_source,
-    wait_with_timeout, Destination, Fixture, SyncRun, AGENT_TIMEOUT,
+    expect_failed, expect_failure, expect_successful, file_bytes, keygen_named, last_sync_time,
+    spawn_source, wait_until, wait_with_timeout, Destination, Fixture, SyncRun, AGENT_TIMEOUT,
 };
-use crate::hardening::{file_bytes, rejected, wait_until};
 use crate::schema::Kind;
 
 const MIB: u64 = 1 << 20;
@@ -127,9 +127,11 @@ fn mismatched_keys_fail_the_source_and_leave_the_waiting_destination_and_target_
     );
     expect_failed(&fx.source_status, Kind::Source)?;
 
-    wait_until("the destination handles the wrong key", || {
-        Ok(destination.child.try_wait()?.is_some() || rejected(metrics, "auth")? >= 1.0)
-    })?;
+    wait_until(
+        "the destination handles the wrong key",
+        AGENT_TIMEOUT,
+        || Ok(destination.child.try_wait()?.is_some() || rejected(metrics, "auth")? >= 1.0),
+    )?;
     if let Some(exit) = destination.child.try_wait()? {
         panic!(
             "a wrong key ended the waiting destination ({exit}):\n{}",

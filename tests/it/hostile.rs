@@ -710,7 +710,7 @@ async fn second_hello_mid_session_is_rejected() -> Result<()> {
 async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result<()> {
     let site = site(16)?;
     let (dest, addr) = Agent::destination(&site)?;
-    let untouched = crate::hardening::file_bytes(&site.status)?;
+    let untouched = crate::common::file_bytes(&site.status)?;
     let connect = || async {
         let tcp = TcpStream::connect(&addr).await?;
         anyhow::Ok(tls::connector()?.connect(tls::server_name(), tcp).await?)
@@ -733,7 +733,7 @@ async fn proof_recorded_in_another_tls_session_does_not_authenticate() -> Result
     // A connection that never proved the key changes nothing (issue 10, finding 4): the status and the target as
     // they were, and the one-shot destination still waits for its source, which then syncs.
     ensure!(
-        crate::hardening::file_bytes(&site.status)? == untouched,
+        crate::common::file_bytes(&site.status)? == untouched,
         "the replayed proof changed the status"
     );
     unchanged(&site.target, site.before)?;

@@ -6,23 +6,20 @@
 //! syncs are requested with `blockmover trigger`. Waits poll an observable condition (a status field, a metric)
 //! under a safety-net deadline.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use blockmover::sample::{self, BLOCK};
 use chrono::{Datelike, TimeZone, Utc};
-use prometheus_parse::{Scrape, Value as Metric};
+use prometheus_parse::Scrape;
 use serde_json::Value;
 
+use crate::common::metrics::{metric, scrape_with_head};
 use crate::common::{
-    bin, drain, expect_failure, expect_successful, external_u64, metrics_line, read_block,
-    read_status, run_source, sigterm, wait_with_timeout, Destination, Fixture, AGENT_TIMEOUT,
+    expect_failure, expect_successful, external_u64, read_block, read_status, run_bin, run_source,
+    sigterm, wait_until, Destination, Finished, Fixture, ObservedSource, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -32,121 +29,23 @@ const SEED: u64 = 0x5eed_0404;
 /// Safety net for a condition to become true.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A long-running `blockmover source` with its metrics address; killed on drop.
-struct Agent {
-    child: Child,
-    metrics: SocketAddr,
-    stderr: Option<JoinHandle<String>>,
-}
-
-impl Agent {
-    /// `blockmover source --connect ADDR --volume V --psk P --status S --metrics-listen 127.0.0.1:0 EXTRA...`,
-    /// once it printed its metrics address.
-    fn spawn(addr: SocketAddr, fx: &Fixture, extra: &[&str]) -> Result<Agent> {
-        let mut child = Command::new(bin())
-            .args(["source", "--connect", &addr.to_string(), "--volume"])
-            .arg(&fx.volume)
-            .arg("--psk")
-            .arg(&fx.psk)
-            .arg("--status")
-            .arg(&fx.source_status)
-            .args(["--metrics-listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = Some(drain(child.stderr.take().context("stderr")?));
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = metrics_line(&line) {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let mut agent = Agent {
-            child,
-            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
-            stderr,
-        };
-        let addr = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            let _ = agent.child.kill();
-            anyhow!("source printed no metrics line: {}", agent.stderr_text())
-        })?;
-        agent.metrics = addr.parse()?;
-        Ok(agent)
-    }
-
-    fn stderr_text(&mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.stderr
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `GET /metrics` over HTTP/1.1 on loopback, parsed.
+/// `GET /metrics` ([`crate::common::metrics::scrape`]), also asserting the Prometheus text format's content type.
 fn scrape(addr: SocketAddr) -> Result<Scrape> {
-    let mut tcp = TcpStream::connect(addr)?;
-    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n")?;
-    let mut response = String::new();
-    tcp.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP head in {response:?}"))?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    let (head, scrape) = scrape_with_head(addr)?;
     anyhow::ensure!(
         head.contains("Content-Type: text/plain; version=0.0.4"),
         "{head}"
     );
-    Ok(Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
+    Ok(scrape)
 }
 
-/// The value of the sample `name` (with `label=value` if given); summaries give their count of quantiles.
-fn value(s: &Scrape, name: &str, label: Option<(&str, &str)>) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
-        .map(|x| match &x.value {
-            Metric::Counter(v) | Metric::Gauge(v) | Metric::Untyped(v) => *v,
-            Metric::Summary(q) => q.len() as f64,
-            Metric::Histogram(h) => h.len() as f64,
-        })
-}
-
+/// The value of sample `name`; an error naming it when the scrape has none.
 fn must(s: &Scrape, name: &str) -> Result<f64> {
-    value(s, name, None).with_context(|| format!("{name} missing from the scrape"))
-}
-
-/// Polls `check` until it holds (a safety net, not a timing assumption).
-fn wait_until(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if check()? {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not reached after {WAIT:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    metric(s, name, None).with_context(|| format!("{name} missing from the scrape"))
 }
 
 fn syncs_succeeded(addr: SocketAddr) -> Result<f64> {
-    Ok(value(
+    Ok(metric(
         &scrape(addr)?,
         "blockmover_syncs_total",
         Some(("result", "Successful")),
@@ -164,22 +63,9 @@ fn condition_reason(status: &Value) -> Option<&str> {
         .and_then(Value::as_str)
 }
 
-fn blockmover(args: &[&str]) -> Result<Output> {
-    let mut child = Command::new(bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let out = drain(child.stdout.take().context("stdout")?);
-    let err = drain(child.stderr.take().context("stderr")?);
-    let status = wait_with_timeout(&mut child, AGENT_TIMEOUT)?;
-    let join = |h: JoinHandle<String>| h.join().map_err(|_| anyhow!("reader panicked"));
-    Ok(Output {
-        status,
-        stdout: join(out)?.into_bytes(),
-        stderr: join(err)?.into_bytes(),
-    })
+/// `blockmover ARGS...` to completion ([`run_bin`], safety net [`AGENT_TIMEOUT`]).
+fn blockmover(args: &[&str]) -> Result<Finished> {
+    run_bin(args, AGENT_TIMEOUT)
 }
 
 /// Jan 1 00:00:00 UTC of the year after `t`: `@yearly`'s next time.
@@ -218,10 +104,10 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     dargs.extend(labels);
     let dst = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &dargs)?;
     let dmetrics = dst.metrics.context("destination printed no metrics line")?;
-    let mut src = Agent::spawn(dst.addr, &fx, &labels)?;
+    let src = ObservedSource::spawn(dst.addr, &fx.volume, &fx.psk, &fx.source_status, &labels)?;
 
     // The first sync runs at start, whatever the schedule.
-    wait_until("first scheduled sync", || {
+    wait_until("first scheduled sync", WAIT, || {
         Ok(syncs_succeeded(src.metrics)? >= 1.0 && syncs_succeeded(dmetrics)? >= 1.0)
     })?;
     fx.expect_target_matches_volume()?;
@@ -284,7 +170,7 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
         external_u64(&dfirst, "wireBytesReceived")? as f64
     );
     assert_eq!(
-        value(
+        metric(
             &d,
             "volsync_volume_out_of_sync",
             Some(("role", "destination"))
@@ -296,8 +182,8 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     let change = sample::scattered_change(&fx.volume, size, 0.01, SEED + 1)?;
     let trig = blockmover(&["trigger", &fx.source_status.to_string_lossy(), "manual-1"])?;
     assert!(trig.status.success(), "{trig:?}");
-    assert_eq!(String::from_utf8_lossy(&trig.stdout).trim(), "manual-1");
-    wait_until("manual sync", || {
+    assert_eq!(trig.stdout.trim(), "manual-1");
+    wait_until("manual sync", WAIT, || {
         let st = read_status(&fx.source_status)?;
         Ok(str_field(&st, "lastManualSync") == Some("manual-1")
             && syncs_succeeded(src.metrics)? >= 2.0)
@@ -321,7 +207,7 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     // Requesting the synced token again, then a new one: one more sync, not two.
     blockmover(&["trigger", &fx.source_status.to_string_lossy(), "manual-1"])?;
     blockmover(&["trigger", &fx.source_status.to_string_lossy(), "manual-2"])?;
-    wait_until("second manual sync", || {
+    wait_until("second manual sync", WAIT, || {
         let st = read_status(&fx.source_status)?;
         Ok(str_field(&st, "lastManualSync") == Some("manual-2")
             && syncs_succeeded(src.metrics)? >= 3.0)
@@ -335,7 +221,7 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     );
     let out = blockmover(&["status", &sp, &dp])?;
     assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout)?;
+    let text = out.stdout;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
     for col in [
@@ -357,14 +243,19 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     assert!(lines[1].contains("Successful") && lines[1].ends_with("WaitingForSchedule"));
     assert!(lines[2].starts_with("destination "), "{text}");
     let json = blockmover(&["status", "-o", "json", &sp])?;
-    assert_eq!(serde_json::from_slice::<Value>(&json.stdout)?, st);
+    assert_eq!(serde_json::from_str::<Value>(&json.stdout)?, st);
     let yaml = blockmover(&["status", "-o", "yaml", &sp])?;
-    assert_eq!(serde_yaml::from_slice::<Value>(&yaml.stdout)?, st);
+    assert_eq!(serde_yaml::from_str::<Value>(&yaml.stdout)?, st);
 
     // SIGTERM while waiting stops the agent cleanly.
-    sigterm(src.child.id())?;
-    let code = wait_with_timeout(&mut src.child, AGENT_TIMEOUT)?;
-    assert!(code.success(), "{code}: {}", src.stderr_text());
+    sigterm(src.running.id())?;
+    let stopped = src.running.wait(AGENT_TIMEOUT)?;
+    assert!(
+        stopped.status.success(),
+        "{}: {}",
+        stopped.status,
+        stopped.stderr
+    );
     Ok(())
 }
 
@@ -433,11 +324,7 @@ fn invalid_schedules_fail_with_one_error_line() -> Result<()> {
     };
     for bad in ["*/5 * * *", "0 */5 * * * *", "@every 5m"] {
         let out = src(bad)?;
-        let err = expect_failure(
-            "bad schedule",
-            out.status,
-            &String::from_utf8_lossy(&out.stderr),
-        );
+        let err = expect_failure("bad schedule", out.status, &out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("invalid schedule"), "{err}");
     }
@@ -452,11 +339,7 @@ fn invalid_schedules_fail_with_one_error_line() -> Result<()> {
         "--schedule",
         "@daily",
     ])?;
-    let err = expect_failure(
-        "one-shot schedule",
-        out.status,
-        &String::from_utf8_lossy(&out.stderr),
-    );
+    let err = expect_failure("one-shot schedule", out.status, &out.stderr);
     assert!(err.contains("needs --serve"), "{err}");
     let out = blockmover(&[
         "source",
@@ -541,7 +424,7 @@ fn sigterm_to_a_serving_destination_while_it_waits_exits_0_and_keeps_its_status(
     );
     fx.expect_target_matches_volume()?;
     // The session has ended when the status says so; the destination then waits for the next source.
-    wait_until("destination status", || {
+    wait_until("destination status", WAIT, || {
         Ok(read_status(&fx.destination_status)?
             .get("lastSyncTime")
             .is_some())

@@ -288,7 +288,7 @@ async fn mitm_fails_the_source(mode: Mitm, seed: u64) -> Result<()> {
     let fx = marked_fixture(seed)?;
     let before = fx.target_digest()?;
     let mut destination = fx.destination()?;
-    let untouched = crate::hardening::file_bytes(&fx.destination_status)?;
+    let untouched = crate::common::file_bytes(&fx.destination_status)?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let mitm_addr = listener.local_addr()?;
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -331,7 +331,7 @@ async fn mitm_fails_the_source(mode: Mitm, seed: u64) -> Result<()> {
     // The man in the middle never proved the key to the destination, so nothing changed there (issue 10, finding
     // 4): its status and the target as they were; and it still waits for its source (checked below).
     ensure!(
-        crate::hardening::file_bytes(&fx.destination_status)? == untouched,
+        crate::common::file_bytes(&fx.destination_status)? == untouched,
         "the man in the middle changed the destination's status: {:#}",
         read_status(&fx.destination_status)?
     );

@@ -1,11 +1,12 @@
 //! The chaos suite's agents and files: real `blockmover` processes with their output on channels, the volume and
 //! target they share across iterations, and what a status file says about the try that just ended.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use serde_json::Value;
 
 use super::plan::Expected;
 use super::{DROPPED, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, VOLUME};
-use crate::common::{bin, keygen, last_sync_time, result_of, sparse_file, AGENT_TIMEOUT};
+use crate::common::{keygen, last_sync_time, result_of, sparse_file, spawn_bin, AGENT_TIMEOUT};
 
 /// The files one chaos run keeps across iterations: the volume, the target and both status files.
 pub struct Site {
@@ -142,14 +143,8 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn spawn(args: &[&std::ffi::OsStr]) -> Result<Agent> {
-        let mut child = Command::new(bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawn {}", bin()))?;
+    pub fn spawn(args: &[&OsStr]) -> Result<Agent> {
+        let mut child = spawn_bin(args)?;
         let lines = |pipe: Box<dyn Read + Send>| {
             let (tx, rx) = mpsc::channel();
             thread::spawn(move || {
@@ -202,9 +197,10 @@ pub struct Listening {
     pub addr: SocketAddr,
 }
 
-pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
-    let window = window.to_string();
-    let args: Vec<&std::ffi::OsStr> = vec![
+/// `destination --listen 127.0.0.1:0` on `site`'s target with its key, recording in `status`, with the chaos
+/// suite's idle and handshake timeouts.
+pub fn destination_args<'a>(site: &'a Site, status: &'a Path) -> Vec<&'a OsStr> {
+    vec![
         "destination".as_ref(),
         "--listen".as_ref(),
         "127.0.0.1:0".as_ref(),
@@ -213,14 +209,19 @@ pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
         "--psk".as_ref(),
         site.psk.as_os_str(),
         "--status".as_ref(),
-        site.destination_status.as_os_str(),
+        status.as_os_str(),
         "--idle-timeout".as_ref(),
         IDLE_TIMEOUT.as_ref(),
         "--handshake-timeout".as_ref(),
         HANDSHAKE_TIMEOUT.as_ref(),
-        "--window".as_ref(),
-        window.as_ref(),
-    ];
+    ]
+}
+
+/// The site's destination (its own status file, `--window WINDOW`), once it printed `listening on`.
+pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
+    let window = window.to_string();
+    let mut args = destination_args(site, &site.destination_status);
+    args.extend([OsStr::new("--window"), OsStr::new(&window)]);
     let agent = Agent::spawn(&args)?;
     let line = agent
         .stdout
@@ -246,7 +247,7 @@ pub fn spawn_source_of(
     chunk_size: u32,
 ) -> Result<Agent> {
     let (addr, chunk) = (addr.to_string(), chunk_size.to_string());
-    let args: Vec<&std::ffi::OsStr> = vec![
+    let args: Vec<&OsStr> = vec![
         "source".as_ref(),
         "--connect".as_ref(),
         addr.as_ref(),

@@ -5,38 +5,27 @@
 //! dropped the connection): that takes at least the idle timeout, so the freeze always outlasts it, and nothing
 //! here waits on the clock. [`FREEZE_LIMIT`] is the deadline for that reaction; missing it is a hang.
 
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::agents::Agent;
 use super::plan::Thaw;
 use super::DROPPED;
+use crate::common::signal;
 
 /// The idle timeout both agents run with (`super::IDLE_TIMEOUT`), the spec's grace of 5 s, and slack for a
 /// loaded 2-core machine: a peer that has not given up by then never will.
 pub const FREEZE_LIMIT: Duration = Duration::from_secs(3 + 5 + 10);
-
-/// Sends `kill -SIG pid` (STOP, CONT).
-pub fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed: {status}");
-    }
-    Ok(())
-}
 
 /// Stops `agent` if it is still running; returns whether it was.
 pub fn stop(agent: &mut Agent) -> Result<bool> {
     if agent.child.try_wait()?.is_some() {
         return Ok(false);
     }
-    signal(agent.child.id(), "STOP")?;
+    signal("STOP", agent.child.id())?;
     Ok(true)
 }
 
@@ -111,7 +100,7 @@ impl Freeze {
         }
         self.reaction = Some(reaction);
         match thaw {
-            Thaw::Continue => signal(source.child.id(), "CONT"),
+            Thaw::Continue => signal("CONT", source.child.id()),
             Thaw::Kill => source.kill().map(drop),
         }
     }
@@ -136,7 +125,7 @@ impl Freeze {
                     source.tail()
                 ));
                 self.destination = None;
-                signal(destination.child.id(), "CONT")?;
+                signal("CONT", destination.child.id())?;
             }
         }
         Ok(())
@@ -146,7 +135,7 @@ impl Freeze {
     pub fn thaw_destination(&mut self, destination: &mut Agent) -> Result<bool> {
         match self.destination.take() {
             Some((_, Thaw::Continue)) => {
-                signal(destination.child.id(), "CONT")?;
+                signal("CONT", destination.child.id())?;
                 Ok(false)
             }
             Some((_, Thaw::Kill)) => destination.kill(),

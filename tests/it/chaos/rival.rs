@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use blockmover::sample::{self, SampleSpec};
 
-use super::agents::{spawn_source_of, Agent, Site};
-use super::{HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, RETRYABLE, VOLUME};
+use super::agents::{destination_args, spawn_source_of, Agent, Site};
+use super::{RETRYABLE, VOLUME};
 
 /// What a refused rival's `error:` line must say.
 pub const IN_USE: &str = "in use";
@@ -40,21 +40,7 @@ impl Rival {
     /// listens; if it listens too, starts a source of another volume against it.
     pub fn start(site: &Site, seed: u64) -> Result<Rival> {
         let status = site.volume.with_file_name("rival-destination-status.json");
-        let args: Vec<&std::ffi::OsStr> = vec![
-            "destination".as_ref(),
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--target".as_ref(),
-            site.target.as_os_str(),
-            "--psk".as_ref(),
-            site.psk.as_os_str(),
-            "--status".as_ref(),
-            status.as_os_str(),
-            "--idle-timeout".as_ref(),
-            IDLE_TIMEOUT.as_ref(),
-            "--handshake-timeout".as_ref(),
-            HANDSHAKE_TIMEOUT.as_ref(),
-        ];
+        let args = destination_args(site, &status);
         let mut destination = Agent::spawn(&args)?;
         let line = match destination.stdout.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => line,

@@ -4,18 +4,24 @@
 //! time for synchronisation (the destination's `listening on` line and the proxy's stall report
 //! are the synchronisation points).
 
+mod destination;
+pub mod metrics;
 pub mod proxy;
+mod running;
 
-use std::io::{BufRead, BufReader, Read};
+pub use destination::{Destination, Finished, Started};
+pub use running::{Ended, ObservedSource, Running};
+
+use std::ffi::OsStr;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use blockmover::sample::{self, SampleSpec, BLOCK};
 use serde_json::Value;
 
@@ -23,9 +29,6 @@ use crate::schema::{self, Kind};
 
 /// Safety net for one agent run.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Safety net for the destination to print its `listening on` line.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `blockmover` binary under test.
 pub fn bin() -> &'static str {
@@ -53,132 +56,6 @@ pub fn keygen_named(dir: &Path, name: &str) -> Result<PathBuf> {
         );
     }
     Ok(out)
-}
-
-/// A running `blockmover destination` whose stdout/stderr are drained by threads.
-/// Dropping it kills the process if it is still running.
-pub struct Destination {
-    /// The child process.
-    pub child: Child,
-    /// The address it printed in `listening on ADDR`.
-    pub addr: SocketAddr,
-    /// The address it printed in `metrics on http://ADDR/metrics` (with `--metrics-listen`).
-    pub metrics: Option<SocketAddr>,
-    stderr: Option<JoinHandle<String>>,
-}
-
-/// How a destination ended.
-#[derive(Debug)]
-pub struct Finished {
-    /// Exit status.
-    pub status: ExitStatus,
-    /// Everything it wrote to stderr.
-    pub stderr: String,
-}
-
-impl Destination {
-    /// Start `blockmover destination --listen 127.0.0.1:0 --target T --psk P --status S EXTRA...`
-    /// and wait (at most 30 s) for its `listening on ADDR` line.
-    pub fn spawn(
-        target: &Path,
-        psk: &Path,
-        status: &Path,
-        extra_args: &[&str],
-    ) -> Result<Destination> {
-        Destination::spawn_env(target, psk, status, extra_args, &[])
-    }
-
-    /// [`Destination::spawn`] with environment variables set for the process (e.g. `BLOCKMOVER_LOG`).
-    pub fn spawn_env(
-        target: &Path,
-        psk: &Path,
-        status: &Path,
-        extra_args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Destination> {
-        let mut child = Command::new(bin())
-            .envs(env.iter().copied())
-            .args(["destination", "--listen", "127.0.0.1:0", "--target"])
-            .arg(target)
-            .arg("--psk")
-            .arg(psk)
-            .arg("--status")
-            .arg(status)
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawn {}", bin()))?;
-        let stderr = drain(child.stderr.take().context("destination stderr")?);
-        let stdout = child.stdout.take().context("destination stdout")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut announced = false;
-            // The metrics line, if any, comes before `listening on`.
-            let mut metrics = None;
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = metrics_line(&line) {
-                    metrics = Some(addr);
-                }
-                if !announced {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        announced = true;
-                        let _ = tx.send((addr.trim().to_owned(), metrics.take()));
-                    }
-                }
-            }
-        });
-        let mut destination = Destination {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            metrics: None,
-            stderr: Some(stderr),
-        };
-        match rx.recv_timeout(LISTEN_TIMEOUT) {
-            Ok((addr, metrics)) => {
-                destination.addr = addr
-                    .parse()
-                    .with_context(|| format!("bad listen address {addr:?}"))?;
-                destination.metrics = metrics
-                    .map(|m| m.parse())
-                    .transpose()
-                    .with_context(|| "bad metrics address")?;
-                Ok(destination)
-            }
-            Err(_) => {
-                let _ = destination.child.kill();
-                let finished = destination.wait(LISTEN_TIMEOUT)?;
-                bail!(
-                    "destination printed no `listening on` line ({}): {}",
-                    finished.status,
-                    finished.stderr
-                )
-            }
-        }
-    }
-
-    /// Wait for the destination to exit (panics after `timeout`) and collect its stderr.
-    pub fn wait(&mut self, timeout: Duration) -> Result<Finished> {
-        let status = wait_with_timeout(&mut self.child, timeout)?;
-        let stderr = match self.stderr.take() {
-            Some(handle) => handle
-                .join()
-                .map_err(|_| anyhow!("stderr reader panicked"))?,
-            None => String::new(),
-        };
-        Ok(Finished { status, stderr })
-    }
-}
-
-impl Drop for Destination {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// The address in a `metrics on http://ADDR/metrics` line.
@@ -232,25 +109,73 @@ pub fn run_source_with(
     status: &Path,
     extra: &[&str],
 ) -> Result<Output> {
-    let mut child = spawn_source_with(addr, volume, psk, status, extra)?;
-    let stdout = drain(child.stdout.take().context("source stdout")?);
-    let stderr = drain(child.stderr.take().context("source stderr")?);
-    let status = wait_with_timeout(&mut child, AGENT_TIMEOUT)?;
-    let join = |h: JoinHandle<String>| h.join().map_err(|_| anyhow!("output reader panicked"));
+    let finished =
+        Running::new(spawn_source_with(addr, volume, psk, status, extra)?)?.wait(AGENT_TIMEOUT)?;
     Ok(Output {
-        status,
-        stdout: join(stdout)?.into_bytes(),
-        stderr: join(stderr)?.into_bytes(),
+        status: finished.status,
+        stdout: finished.stdout.into_bytes(),
+        stderr: finished.stderr.into_bytes(),
     })
+}
+
+/// Runs `blockmover ARGS...` to completion and returns its status and whole output; after `timeout` (a safety
+/// net) it is killed and the test panics.
+pub fn run_bin<S: AsRef<OsStr>>(args: &[S], timeout: Duration) -> Result<Finished> {
+    Running::new(spawn_bin(args)?)?.wait(timeout)
+}
+
+/// Starts `blockmover ARGS...` with stdin from /dev/null and stdout and stderr piped (for the caller to read).
+pub fn spawn_bin<S: AsRef<OsStr>>(args: &[S]) -> Result<Child> {
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {}", bin()))
+}
+
+/// The agent's one-line failure report: the first line of `stderr` that starts with `error: ` (every failure
+/// prints one; log lines start with a timestamp), or "" when there is none.
+pub fn error_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or("")
+}
+
+/// Polls `check` every 10 ms until it holds, failing at once if it fails; after `limit` (a safety net, not a
+/// timing assumption) fails naming `what`.
+pub fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not reached after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Send SIGTERM to a process (as the kubelet does when a pod is deleted).
 pub fn sigterm(pid: u32) -> Result<()> {
+    signal("TERM", pid)
+}
+
+/// `kill -NAME PID` (`TERM`, `STOP`, `CONT`, ...); fails unless `kill` succeeded.
+pub fn signal(name: &str, pid: u32) -> Result<()> {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
         .status()?;
     if !status.success() {
-        bail!("kill -TERM {pid} failed: {status}");
+        bail!("kill -{name} {pid} failed: {status}");
     }
     Ok(())
 }
@@ -274,6 +199,7 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<ExitSta
     }
 }
 
+/// Reads `pipe` to its end on a thread; the handle yields everything read (lossy UTF-8).
 pub fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
@@ -409,20 +335,25 @@ impl SyncRun {
         String::from_utf8_lossy(&self.source.stderr).into_owned()
     }
 
+    /// Fails (an error, not a panic) unless both agents exited 0; the error shows both exits and stderrs.
+    pub fn ensure_success(&self) -> Result<()> {
+        if !(self.source.status.success() && self.destination.status.success()) {
+            bail!(
+                "source {}:\n{}\ndestination {}:\n{}",
+                self.source.status,
+                self.source_stderr(),
+                self.destination.status,
+                self.destination.stderr
+            );
+        }
+        Ok(())
+    }
+
     /// Assert both agents exited 0.
     pub fn expect_success(&self) {
-        assert!(
-            self.source.status.success(),
-            "source failed ({}):\n{}",
-            self.source.status,
-            self.source_stderr()
-        );
-        assert!(
-            self.destination.status.success(),
-            "destination failed ({}):\n{}",
-            self.destination.status,
-            self.destination.stderr
-        );
+        if let Err(e) = self.ensure_success() {
+            panic!("sync failed: {e}");
+        }
     }
 }
 
@@ -430,6 +361,12 @@ impl Fixture {
     /// A mixed sample volume of `size` bytes (seeded) and an all-zero sparse target of equal size.
     pub fn new(size: u64, seed: u64) -> Result<Fixture> {
         Fixture::with_spec(&SampleSpec::mixed(size, seed), size)
+    }
+
+    /// A volume of `size` bytes of incompressible random data ([`random_spec`]) and an all-zero sparse target of
+    /// equal size: a full sync sends every chunk, raw, so bytes on the wire follow the data.
+    pub fn random(size: u64, seed: u64) -> Result<Fixture> {
+        Fixture::with_spec(&random_spec(size, seed), size)
     }
 
     /// A sample volume made from `spec` and an all-zero sparse target of `target_size` bytes.
@@ -468,7 +405,16 @@ impl Fixture {
 
     /// [`Fixture::sync`] with extra source flags.
     pub fn sync_with(&self, source_flags: &[&str]) -> Result<SyncRun> {
-        let mut destination = self.destination()?;
+        self.sync_into(&mut self.destination()?, source_flags)
+    }
+
+    /// Runs a source of this fixture's volume (with `source_flags`) against the running `destination` to
+    /// completion, then waits for the destination to exit (a one-shot one does after its sync).
+    pub fn sync_into(
+        &self,
+        destination: &mut Destination,
+        source_flags: &[&str],
+    ) -> Result<SyncRun> {
         let source = run_source_with(
             destination.addr,
             &self.volume,
@@ -501,6 +447,33 @@ impl Fixture {
             "target differs from volume"
         );
         Ok(())
+    }
+}
+
+/// A volume of `size` bytes of seeded random data: no zero block, no text, nothing zstd can shrink.
+pub fn random_spec(size: u64, seed: u64) -> SampleSpec {
+    SampleSpec {
+        size,
+        zero_share: 0.0,
+        text_share: 0.0,
+        random_share: 1.0,
+        seed,
+    }
+}
+
+/// Writes a [`random_spec`] volume of `size` bytes at `path`.
+pub fn random_volume(path: &Path, size: u64, seed: u64) -> Result<()> {
+    sample::write_sample_volume(path, &random_spec(size, seed))?;
+    Ok(())
+}
+
+/// The bytes of the file at `path`, or None when there is none: to check that something left a file exactly as it
+/// was (or absent), whatever an agent wrote there at start-up.
+pub fn file_bytes(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
 }
 

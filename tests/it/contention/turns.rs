@@ -8,16 +8,14 @@
 //! equal *its* volume and that is what is checked. Any other outcome of a try is itself a failed expectation.
 
 use std::path::PathBuf;
-use std::process::Child;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use blockmover::sample;
 
-use super::observe::error_line;
 use crate::common::proxy::Proxy;
-use crate::common::{drain, spawn_source_with, wait_with_timeout, AGENT_TIMEOUT};
+use crate::common::{spawn_source_with, Running, AGENT_TIMEOUT};
 
 /// Tries per source (client.sh makes 5 over a minute; here pauses are short, so more tries fit the same idea).
 pub const MAX_TRIES: usize = 20;
@@ -57,7 +55,7 @@ pub struct Contender {
     pub flags: Vec<&'static str>,
     pub proxy: Proxy,
     pub tries: Vec<TryEnd>,
-    running: Option<(Child, JoinHandle<String>, Instant)>,
+    running: Option<(Running, Instant)>,
     next_start: Instant,
     pause: Duration,
 }
@@ -100,40 +98,32 @@ impl Contender {
     }
 
     fn start(&mut self, psk: &std::path::Path) -> Result<()> {
-        let mut child = spawn_source_with(
+        let child = spawn_source_with(
             self.proxy.addr(),
             &self.volume,
             psk,
             &self.status,
             &self.flags,
         )?;
-        let _stdout = drain(child.stdout.take().context("source stdout")?);
-        let stderr = drain(child.stderr.take().context("source stderr")?);
-        self.running = Some((child, stderr, Instant::now()));
+        self.running = Some((Running::new(child)?, Instant::now()));
         Ok(())
     }
 
     /// The try that ended since the last call, if any; `block` waits for it (safety net [`AGENT_TIMEOUT`]).
     fn reap(&mut self, block: bool) -> Result<Option<TryEnd>> {
-        let Some((child, _, _)) = self.running.as_mut() else {
+        let Some((running, _)) = self.running.as_mut() else {
             return Ok(None);
         };
-        let status = match block {
-            true => wait_with_timeout(child, AGENT_TIMEOUT)?,
-            false => match child.try_wait()? {
-                Some(s) => s,
-                None => return Ok(None),
-            },
-        };
-        let Some((_, stderr, started)) = self.running.take() else {
+        if !block && !running.exited()? {
+            return Ok(None);
+        }
+        let Some((running, started)) = self.running.take() else {
             bail!("no running try");
         };
-        let stderr = stderr
-            .join()
-            .map_err(|_| anyhow::anyhow!("stderr reader panicked"))?;
+        let finished = running.wait(AGENT_TIMEOUT)?;
         let end = TryEnd {
-            code: status.code(),
-            error: error_line(&stderr).to_owned(),
+            code: finished.code(),
+            error: finished.error_line().to_owned(),
             took: started.elapsed(),
         };
         println!(

@@ -12,9 +12,11 @@ use std::process::Output;
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
-use super::{error_line, file_bytes, metric, rejected, scrape, wait_until, PERMANENT};
+use super::{PERMANENT, WAIT};
+use crate::common::metrics::{metric, rejected, scrape};
 use crate::common::{
-    expect_successful, keygen_named, read_status, run_source, Destination, Fixture, AGENT_TIMEOUT,
+    error_line, expect_successful, file_bytes, keygen_named, read_status, run_source, wait_until,
+    Destination, Fixture, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -83,10 +85,14 @@ fn a_wrong_key_never_changes_a_serving_destinations_status_or_metrics() -> Resul
     let wrong = keygen_named(fx.dir.path(), "other-psk.txt")?;
     for n in 1..=INTRUDERS {
         refused_permanently(&source_with_key(&fx, destination.addr, &wrong)?)?;
-        wait_until("the destination handles the wrong-key connection", || {
-            Ok(rejected(metrics, "auth")? >= f64::from(n)
-                || read_status(&fx.destination_status)? != synced)
-        })?;
+        wait_until(
+            "the destination handles the wrong-key connection",
+            WAIT,
+            || {
+                Ok(rejected(metrics, "auth")? >= f64::from(n)
+                    || read_status(&fx.destination_status)? != synced)
+            },
+        )?;
         let now = read_status(&fx.destination_status)?;
         ensure!(
             now == synced,
@@ -130,9 +136,11 @@ fn a_wrong_key_does_not_end_a_waiting_one_shot_destination() -> Result<()> {
     let untouched = file_bytes(&fx.destination_status)?;
     let wrong = keygen_named(fx.dir.path(), "other-psk.txt")?;
     refused_permanently(&source_with_key(&fx, destination.addr, &wrong)?)?;
-    wait_until("the destination handles the wrong-key connection", || {
-        Ok(destination.child.try_wait()?.is_some() || rejected(metrics, "auth")? >= 1.0)
-    })?;
+    wait_until(
+        "the destination handles the wrong-key connection",
+        WAIT,
+        || Ok(destination.child.try_wait()?.is_some() || rejected(metrics, "auth")? >= 1.0),
+    )?;
     if let Some(exit) = destination.child.try_wait()? {
         let stderr = destination.wait(AGENT_TIMEOUT)?.stderr;
         anyhow::bail!("a wrong-key source ended the waiting destination ({exit}):\n{stderr}");
@@ -143,16 +151,7 @@ fn a_wrong_key_does_not_end_a_waiting_one_shot_destination() -> Result<()> {
         read_status(&fx.destination_status)?
     );
 
-    let source = fx.source(destination.addr)?;
-    let finished = destination.wait(AGENT_TIMEOUT)?;
-    ensure!(
-        source.status.success() && finished.status.success(),
-        "source {}: {}\ndestination {}: {}",
-        source.status,
-        String::from_utf8_lossy(&source.stderr),
-        finished.status,
-        finished.stderr
-    );
+    fx.sync_into(&mut destination, &[])?.ensure_success()?;
     fx.expect_target_matches_volume()?;
     expect_successful(&fx.destination_status, Kind::Destination)?;
     expect_successful(&fx.source_status, Kind::Source)?;

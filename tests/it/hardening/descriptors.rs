@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{condition, error_line, random_fixture, Running, WAIT};
+use super::{condition, WAIT};
 use crate::common::proxy::{Faults, Proxy};
-use crate::common::{expect_successful, read_status, Destination, Fixture, AGENT_TIMEOUT};
+use crate::common::{expect_successful, read_status, Destination, Fixture, Running, AGENT_TIMEOUT};
 use crate::schema::Kind;
 
 const MIB: u64 = 1 << 20;
@@ -52,6 +52,19 @@ fn limit_descriptors(pid: u32) -> Result<std::result::Result<(), String>> {
     let values: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     ensure!(values == [NOFILE.to_string(), NOFILE.to_string()], "{line}");
     Ok(Ok(()))
+}
+
+/// A destination for `fx` with [`HANDSHAKE`] and `extra` flags whose descriptors are limited to [`NOFILE`]; None
+/// (the test is skipped, as printed) when this machine cannot limit them.
+fn limited_destination(fx: &Fixture, extra: &[&str]) -> Result<Option<Destination>> {
+    let mut flags = extra.to_vec();
+    flags.extend(HANDSHAKE);
+    let destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
+    if let Err(reason) = limit_descriptors(destination.child.id())? {
+        println!("skipped: {reason}");
+        return Ok(None);
+    }
+    Ok(Some(destination))
 }
 
 /// Opens up to `n` TCP connections to `addr` that never send a byte (the kernel completes them from the backlog,
@@ -98,44 +111,48 @@ fn wait_all_closed(connections: Vec<TcpStream>) -> Result<Duration> {
     Ok(start.elapsed())
 }
 
-/// Finding 3: a one-shot destination waiting for its source, flooded with three times its descriptor limit of
-/// idle connections, stays alive; once they are closed a real source syncs and the destination exits 0. Its log
-/// shows the accept error was met (`Too many open files`), so the flood really exhausted the descriptors.
-#[test]
-fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
-    let fx = Fixture::new(8 * MIB, 0x3f_0001)?;
-    let mut destination =
-        Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &HANDSHAKE)?;
-    if let Err(reason) = limit_descriptors(destination.child.id())? {
-        println!("skipped: {reason}");
-        return Ok(());
-    }
-    let connections = idle_connections(destination.addr, FLOOD);
+/// Opens [`FLOOD`] idle connections to the destination at `addr` ([`idle_connections`]) and waits until it has
+/// closed every one ([`wait_all_closed`]); returns how many could be opened.
+fn flood(addr: SocketAddr) -> Result<usize> {
+    let connections = idle_connections(addr, FLOOD);
     let opened = connections.len();
     let closed = wait_all_closed(connections)?;
     println!("{opened} of {FLOOD} idle connections opened, all closed by the destination within {closed:?}");
-    // The probe that the destination survived: the sync it waits for. (Its exit is only certain once it is
-    // reaped, which can come just after its sockets closed: checking before the sync would race.)
-    let source = fx.source(destination.addr)?;
-    let finished = destination.wait(AGENT_TIMEOUT)?;
-    ensure!(
-        source.status.success() && finished.status.success(),
-        "the sync after {opened} idle connections failed: source {}: {}\ndestination {}:\n{}",
-        source.status,
-        error_line(&String::from_utf8_lossy(&source.stderr)),
-        finished.status,
-        finished.stderr
-    );
+    Ok(opened)
+}
+
+/// After a flood of which `opened` connections could be opened and a sync: all [`FLOOD`] were opened, target ==
+/// volume, and the destination's status says Successful.
+fn expect_flooded_and_synced(fx: &Fixture, opened: usize) -> Result<()> {
     ensure!(
         opened == FLOOD,
         "only {opened} of {FLOOD} connections could be opened"
     );
     fx.expect_target_matches_volume()?;
     expect_successful(&fx.destination_status, Kind::Destination)?;
+    Ok(())
+}
+
+/// Finding 3: a one-shot destination waiting for its source, flooded with three times its descriptor limit of
+/// idle connections, stays alive; once they are closed a real source syncs and the destination exits 0. Its log
+/// shows the accept error was met (`Too many open files`), so the flood really exhausted the descriptors.
+#[test]
+fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
+    let fx = Fixture::new(8 * MIB, 0x3f_0001)?;
+    let Some(mut destination) = limited_destination(&fx, &[])? else {
+        return Ok(());
+    };
+    let opened = flood(destination.addr)?;
+    // The probe that the destination survived: the sync it waits for. (Its exit is only certain once it is
+    // reaped, which can come just after its sockets closed: checking before the sync would race.)
+    let run = fx.sync_into(&mut destination, &[])?;
+    run.ensure_success()
+        .with_context(|| format!("the sync after {opened} idle connections failed"))?;
+    expect_flooded_and_synced(&fx, opened)?;
     ensure!(
-        finished.stderr.contains("Too many open files"),
+        run.destination.stderr.contains("Too many open files"),
         "the flood never exhausted the descriptors (no accept error logged):\n{}",
-        finished.stderr
+        run.destination.stderr
     );
     Ok(())
 }
@@ -145,14 +162,10 @@ fn descriptor_exhaustion_does_not_end_a_waiting_destination() -> Result<()> {
 /// flood is closed and the proxy released, the held sync completes, target == volume.
 #[test]
 fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> Result<()> {
-    let fx = random_fixture(32 * MIB, 0x3f_0002)?;
-    let mut flags = vec!["--serve"];
-    flags.extend(HANDSHAKE);
-    let mut destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
-    if let Err(reason) = limit_descriptors(destination.child.id())? {
-        println!("skipped: {reason}");
+    let fx = Fixture::random(32 * MIB, 0x3f_0002)?;
+    let Some(mut destination) = limited_destination(&fx, &["--serve"])? else {
         return Ok(());
-    }
+    };
     let proxy = Proxy::start(
         destination.addr,
         Faults::none().stall_at(fx.size / 2),
@@ -163,10 +176,7 @@ fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> 
     let held = read_status(&fx.destination_status)?;
     ensure!(condition(&held).0 == "SyncInProgress", "{held:#}");
 
-    let connections = idle_connections(destination.addr, FLOOD);
-    let opened = connections.len();
-    let closed = wait_all_closed(connections)?;
-    println!("{opened} of {FLOOD} idle connections opened, all closed by the destination within {closed:?}");
+    let opened = flood(destination.addr)?;
     proxy.release();
     let ended = source.finish(AGENT_TIMEOUT)?;
     // By now a destination that died during the flood has been reaped (the held source saw it go).
@@ -185,12 +195,7 @@ fn descriptor_exhaustion_during_a_sync_never_leaves_the_status_in_progress() -> 
         ended.status,
         ended.stderr
     );
-    ensure!(
-        opened == FLOOD,
-        "only {opened} of {FLOOD} connections could be opened"
-    );
-    fx.expect_target_matches_volume()?;
-    expect_successful(&fx.destination_status, Kind::Destination)?;
+    expect_flooded_and_synced(&fx, opened)?;
     ensure!(
         destination.child.try_wait()?.is_none(),
         "a --serve destination exited"

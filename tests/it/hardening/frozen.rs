@@ -8,17 +8,16 @@
 //! are [`IDLE`], so whatever phase the frozen peer left the other one in, the contract's bound (`IDLE` + a few
 //! seconds) applies; the tests allow `IDLE` + [`MARGIN`].
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
-use super::{
-    condition, finish_destination, metric, random_fixture, scrape, wait_until, Frozen, Running,
-    RETRYABLE,
-};
+use super::{condition, finish_destination, Frozen, RETRYABLE, WAIT};
+use crate::common::metrics::{metric, scrape};
 use crate::common::{
-    expect_failed, expect_successful, read_status, result_of, run_source_with, Destination,
-    Fixture, AGENT_TIMEOUT,
+    expect_failed, expect_successful, read_status, result_of, run_source_with, wait_until,
+    Destination, Ended, Fixture, Running, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -51,7 +50,7 @@ fn sync_under_way(fx: &Fixture, extra: &[&str]) -> Result<(Destination, Running)
     let destination = Destination::spawn(&fx.target, &fx.psk, &fx.destination_status, &flags)?;
     let metrics = destination.metrics.context("no metrics address")?;
     let mut source = Running::source(destination.addr, fx, &FLAGS)?;
-    wait_until("the destination applies data", || {
+    wait_until("the destination applies data", WAIT, || {
         ensure!(
             !source.exited()?,
             "the source ended before the sync was under way"
@@ -62,38 +61,33 @@ fn sync_under_way(fx: &Fixture, extra: &[&str]) -> Result<(Destination, Running)
     Ok((destination, source))
 }
 
-/// Finding 2: with the destination frozen mid-sync (its TCP window closed, nothing read or sent), the source exits
-/// 75 within the idle timeout plus a margin, saying `timed out after 3s`, and records Failed with that reason.
-#[test]
-fn a_frozen_destination_fails_the_source_within_the_idle_timeout() -> Result<()> {
-    let fx = random_fixture(128 * MIB, 0x2f_0001)?;
-    let (destination, source) = sync_under_way(&fx, &[])?;
-    let frozen = Frozen::stop(destination.child.id())?;
-    let ended = source.finish(bound())?;
-    drop(frozen);
+/// How the agent `who` facing its frozen `peer` must have ended: within [`bound`] (not killed at the limit), exit 75,
+/// its `error: ` line naming the timeout ([`timed_out`]), and its status at `status` Failed with condition `Error`
+/// naming it too, without a lastSyncTime.
+fn expect_timed_out(ended: &Ended, who: &str, peer: &str, status: &Path, kind: Kind) -> Result<()> {
     ensure!(
         ended.status.is_some(),
-        "the source was still running {:?} after the destination was frozen (idle timeout {IDLE}s); stderr:\n{}",
+        "the {who} was still running {:?} after the {peer} was frozen (idle timeout {IDLE}s); stderr:\n{}",
         ended.waited,
         ended.stderr
     );
     println!(
-        "source facing a frozen destination ended after {:?}: {}",
+        "{who} facing a frozen {peer} ended after {:?}: {}",
         ended.waited,
         ended.error_line()
     );
     ensure!(
         ended.code() == Some(RETRYABLE),
-        "source exit {:?}:\n{}",
+        "{who} exit {:?}:\n{}",
         ended.status,
         ended.stderr
     );
     ensure!(
         ended.error_line().contains(&timed_out()),
-        "the source's error does not name the timeout: {:?}",
+        "the {who}'s error does not name the timeout: {:?}",
         ended.error_line()
     );
-    let status = expect_failed(&fx.source_status, Kind::Source)?;
+    let status = expect_failed(status, kind)?;
     let (reason, message) = condition(&status);
     ensure!(
         reason == "Error" && message.contains(&timed_out()),
@@ -101,55 +95,50 @@ fn a_frozen_destination_fails_the_source_within_the_idle_timeout() -> Result<()>
     );
     ensure!(status.get("lastSyncTime").is_none(), "{status:#}");
     Ok(())
+}
+
+/// Finding 2: with the destination frozen mid-sync (its TCP window closed, nothing read or sent), the source exits
+/// 75 within the idle timeout plus a margin, saying `timed out after 3s`, and records Failed with that reason.
+#[test]
+fn a_frozen_destination_fails_the_source_within_the_idle_timeout() -> Result<()> {
+    let fx = Fixture::random(128 * MIB, 0x2f_0001)?;
+    let (destination, source) = sync_under_way(&fx, &[])?;
+    let frozen = Frozen::stop(destination.child.id())?;
+    let ended = source.finish(bound())?;
+    drop(frozen);
+    expect_timed_out(
+        &ended,
+        "source",
+        "destination",
+        &fx.source_status,
+        Kind::Source,
+    )
 }
 
 /// Finding 2, the other way: with the source frozen mid-sync, a one-shot destination exits 75 within the idle
 /// timeout plus a margin and records Failed naming the timeout, without a lastSyncTime.
 #[test]
 fn a_frozen_source_fails_a_one_shot_destination_within_the_idle_timeout() -> Result<()> {
-    let fx = random_fixture(64 * MIB, 0x2f_0002)?;
+    let fx = Fixture::random(64 * MIB, 0x2f_0002)?;
     let (destination, source) = sync_under_way(&fx, &[])?;
     let frozen = Frozen::stop(source.id())?;
     let mut destination = destination;
     let ended = finish_destination(&mut destination, bound())?;
     drop(frozen);
-    ensure!(
-        ended.status.is_some(),
-        "the destination was still running {:?} after the source was frozen (idle timeout {IDLE}s); stderr:\n{}",
-        ended.waited,
-        ended.stderr
-    );
-    println!(
-        "destination facing a frozen source ended after {:?}: {}",
-        ended.waited,
-        ended.error_line()
-    );
-    ensure!(
-        ended.code() == Some(RETRYABLE),
-        "destination exit {:?}:\n{}",
-        ended.status,
-        ended.stderr
-    );
-    ensure!(
-        ended.error_line().contains(&timed_out()),
-        "{:?}",
-        ended.error_line()
-    );
-    let status = expect_failed(&fx.destination_status, Kind::Destination)?;
-    let (reason, message) = condition(&status);
-    ensure!(
-        reason == "Error" && message.contains(&timed_out()),
-        "{status:#}"
-    );
-    ensure!(status.get("lastSyncTime").is_none(), "{status:#}");
-    Ok(())
+    expect_timed_out(
+        &ended,
+        "destination",
+        "source",
+        &fx.destination_status,
+        Kind::Destination,
+    )
 }
 
 /// Finding 2 with `--serve`: a frozen source's session fails within the bound (status Failed naming the
 /// timeout), the destination keeps serving, and a fresh source then syncs: target == volume.
 #[test]
 fn a_frozen_source_does_not_stop_a_serving_destination_and_a_fresh_source_syncs() -> Result<()> {
-    let fx = random_fixture(64 * MIB, 0x2f_0003)?;
+    let fx = Fixture::random(64 * MIB, 0x2f_0003)?;
     let (mut destination, source) = sync_under_way(&fx, &["--serve"])?;
     let frozen = Frozen::stop(source.id())?;
     let start = std::time::Instant::now();

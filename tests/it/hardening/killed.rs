@@ -20,9 +20,9 @@ use blockmover::sample::SampleSpec;
 use blockmover::tls::{self, Psk, Side};
 use tokio::net::TcpListener;
 
-use super::{random_fixture, reset_target, Ended, Running, RETRYABLE, WAIT};
+use super::{reset_target, RETRYABLE, WAIT};
 use crate::common::proxy::{Faults, Proxy};
-use crate::common::{Destination, Fixture, AGENT_TIMEOUT};
+use crate::common::{Destination, Ended, Fixture, Running, AGENT_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 /// Kills, each at its own offset.
@@ -34,7 +34,7 @@ const VOLUME: u64 = 16 * MIB;
 /// never 1, and never blames the destination's window.
 #[test]
 fn a_destination_killed_mid_sync_always_fails_the_source_retryably() -> Result<()> {
-    let fx = random_fixture(VOLUME, 0x9f_0001)?;
+    let fx = Fixture::random(VOLUME, 0x9f_0001)?;
     let mut wrong = Vec::new();
     for run in 0..RUNS {
         reset_target(&fx.target, VOLUME)?;
@@ -52,29 +52,34 @@ fn a_destination_killed_mid_sync_always_fails_the_source_retryably() -> Result<(
             killed.stderr
         );
         let ended = source.finish(AGENT_TIMEOUT)?;
-        println!(
-            "run {run}: destination killed after {at} bytes: source {:?}: {}",
-            ended.code(),
-            ended.error_line()
+        tally(
+            &mut wrong,
+            &format!("run {run} (destination killed after {at} bytes)"),
+            &ended,
         );
-        if let Some(why) = not_retryable(&ended) {
-            wrong.push(format!("run {run} (killed after {at} bytes): {why}"));
-        }
     }
+    all_retryable(&wrong, RUNS, "a killed destination")
+}
+
+/// Prints how the source of `run` ended, and adds it to `wrong` unless it is the retryable failure a vanished
+/// destination must give: exit 75, never blaming the destination's window.
+fn tally(wrong: &mut Vec<String>, run: &str, ended: &Ended) {
+    let line = ended.error_line();
+    println!("{run}: source {:?}: {line}", ended.code());
+    if ended.code() != Some(RETRYABLE) || line.contains("exceeded its window") {
+        wrong.push(format!("{run}: exit {:?}: {line}", ended.status));
+    }
+}
+
+/// Fails, listing them, if any of `runs` runs with `what` was [`tally`]'d as wrong.
+fn all_retryable(wrong: &[String], runs: u64, what: &str) -> Result<()> {
     ensure!(
         wrong.is_empty(),
-        "a killed destination is retryable, every time; wrong in {} of {RUNS} runs:\n{}",
+        "{what} is retryable, every time; wrong in {} of {runs} runs:\n{}",
         wrong.len(),
         wrong.join("\n")
     );
     Ok(())
-}
-
-/// Why `ended` is not the retryable failure a vanished destination must give, if it is not.
-fn not_retryable(ended: &Ended) -> Option<String> {
-    let line = ended.error_line();
-    let wrong = ended.code() != Some(RETRYABLE) || line.contains("exceeded its window");
-    wrong.then(|| format!("exit {:?}: {line}", ended.status))
 }
 
 /// Runs with the vanishing destination.
@@ -165,20 +170,7 @@ async fn a_destination_vanishing_with_needs_in_flight_fails_the_source_retryably
             "run {run}: the vanishing destination did not get to vanish: {served:?}\n{}",
             ended.stderr
         );
-        println!(
-            "run {run}: source {:?}: {}",
-            ended.code(),
-            ended.error_line()
-        );
-        if let Some(why) = not_retryable(&ended) {
-            wrong.push(format!("run {run}: {why}"));
-        }
+        tally(&mut wrong, &format!("run {run}"), &ended);
     }
-    ensure!(
-        wrong.is_empty(),
-        "a vanished destination is retryable, every time; wrong in {} of {VANISH_RUNS} runs:\n{}",
-        wrong.len(),
-        wrong.join("\n")
-    );
-    Ok(())
+    all_retryable(&wrong, VANISH_RUNS, "a vanished destination")
 }

@@ -4,14 +4,12 @@
 //!
 //! The status is made unwritable by removing its directory: the tests run as root, whom file modes do not stop.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use anyhow::{bail, ensure, Result};
 
-use anyhow::{bail, ensure, Context, Result};
-
-use super::{error_line, Running, PERMANENT, WAIT};
-use crate::common::{bin, read_status, sigterm, Destination, Fixture, AGENT_TIMEOUT};
+use super::{PERMANENT, WAIT};
+use crate::common::{
+    error_line, read_status, sigterm, Destination, Fixture, Started, AGENT_TIMEOUT,
+};
 
 const MIB: u64 = 1 << 20;
 /// The OS cause of a missing directory, as `std::io::Error` shows ENOENT.
@@ -82,40 +80,17 @@ fn a_destination_whose_status_directory_is_missing_exits_1_before_listening() ->
         .join("missing")
         .join("destination-status.json");
     for extra in [&[][..], &["--serve"][..]] {
-        let mut child = Command::new(bin())
-            .args(["destination", "--listen", "127.0.0.1:0", "--target"])
-            .arg(&fx.target)
-            .arg("--psk")
-            .arg(&fx.psk)
-            .arg("--status")
-            .arg(&status)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("stdout is piped")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout)
-                .lines()
-                .map_while(std::io::Result::ok)
-            {
-                let _ = tx.send(line);
-            }
-        });
-        let running = Running::new(child)?;
-        // Every stdout line until the process closes it; `listening on` means it did not check the status.
-        while let Ok(line) = lines.recv_timeout(WAIT) {
-            if line.starts_with("listening on ") {
-                let ended = running.finish(std::time::Duration::ZERO)?;
+        let ended = match Destination::start(&fx.target, &fx.psk, &status, extra)? {
+            Started::Exited(ended) => ended,
+            // `listening on` means it did not check the status.
+            Started::Listening(mut listening) => {
+                let _ = listening.child.kill();
                 bail!(
-                    "destination {extra:?} listened without a writable status directory ({line}):\n{}",
-                    ended.stderr
+                    "destination {extra:?} listened without a writable status directory:\n{}",
+                    listening.wait(WAIT)?.stderr
                 );
             }
-        }
-        let ended = running.finish(WAIT)?;
+        };
         let line = ended.error_line();
         println!(
             "destination {extra:?} without a status directory ({:?}): {line}",

@@ -15,8 +15,10 @@ use blockmover::sample;
 
 use super::files::both_agents_refuse_the_status_dir;
 use super::target::{expect_bench_refused, second_destination_is_refused};
-use super::{random_volume, start_destination, Started, MIB};
-use crate::common::{keygen, run_source, sparse_file, AGENT_TIMEOUT};
+use super::MIB;
+use crate::common::{
+    keygen, random_volume, run_source, sparse_file, Destination, Started, AGENT_TIMEOUT,
+};
 
 const SIZE: u64 = 16 * MIB;
 
@@ -75,6 +77,12 @@ impl LoopDevice {
             bail!("losetup printed no device: {path:?}");
         }
         Ok(Ok(LoopDevice { path }))
+    }
+
+    /// A new all-zero sparse `file` of `size` bytes, [attached](LoopDevice::attach).
+    fn on_sparse_file(file: &Path, size: u64) -> Result<std::result::Result<LoopDevice, String>> {
+        sparse_file(file, size)?;
+        LoopDevice::attach(file)
     }
 }
 
@@ -136,9 +144,10 @@ macro_rules! or_skip {
 #[test]
 fn a_mounted_loop_device_is_refused_naming_the_mount_and_left_unchanged() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let backing = dir.path().join("fs.backing");
-    sparse_file(&backing, SIZE)?;
-    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    let device = or_skip!(
+        LoopDevice::on_sparse_file(&dir.path().join("fs.backing"), SIZE),
+        "loop devices unavailable"
+    );
     if let Err(e) = run("mkfs.ext4", &["-q".as_ref(), device.path.as_os_str()]) {
         println!("skipped: cannot make an ext4 file system ({e:#})");
         return Ok(());
@@ -153,7 +162,7 @@ fn a_mounted_loop_device_is_refused_naming_the_mount_and_left_unchanged() -> Res
     let volume = dir.path().join("volume.img");
     random_volume(&volume, SIZE, 0x10ca_0101)?;
     let status = dir.path().join("destination.json");
-    let (exit, source) = match start_destination(&device.path, &psk, &status, &[])? {
+    let (exit, source) = match Destination::start(&device.path, &psk, &status, &[])? {
         Started::Exited(exit) => (exit, None),
         Started::Listening(mut destination) => {
             let source = run_source(destination.addr, &volume, &psk, &dir.path().join("s.json"))?;
@@ -188,31 +197,25 @@ fn a_mounted_loop_device_is_refused_naming_the_mount_and_left_unchanged() -> Res
 #[test]
 fn a_second_destination_on_a_loop_device_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let backing = dir.path().join("target.backing");
-    sparse_file(&backing, SIZE)?;
-    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    let device = or_skip!(
+        LoopDevice::on_sparse_file(&dir.path().join("target.backing"), SIZE),
+        "loop devices unavailable"
+    );
     let (volume, other) = (dir.path().join("volume.img"), dir.path().join("other.img"));
     random_volume(&volume, SIZE, 0x10ca_0111)?;
     random_volume(&other, SIZE, 0x10ca_0112)?;
     let refusal = second_destination_is_refused(dir.path(), &device.path, &volume, &other, SIZE)?;
-    println!(
-        "refused {}: {}",
-        if refusal.at_start_up {
-            "at start-up"
-        } else {
-            "when its source connected"
-        },
-        refusal.error
-    );
+    refusal.print();
     Ok(())
 }
 
 #[test]
 fn bench_refuses_a_second_device_node_of_the_volume() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let backing = dir.path().join("volume.backing");
-    sparse_file(&backing, 4 * MIB)?;
-    let device = or_skip!(LoopDevice::attach(&backing), "loop devices unavailable");
+    let device = or_skip!(
+        LoopDevice::on_sparse_file(&dir.path().join("volume.backing"), 4 * MIB),
+        "loop devices unavailable"
+    );
     random_volume(&device.path, 4 * MIB, 0x10ca_0121)?;
     let before = sample::file_digest(&device.path, 4 * MIB)?;
     let rdev = std::fs::metadata(&device.path)?.rdev();

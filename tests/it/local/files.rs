@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use super::{error_line, run_bin, start_destination, Started, MIB, PROMPT};
-use crate::common::{expect_successful, keygen, run_source, run_source_with, AGENT_TIMEOUT};
+use super::{MIB, PROMPT};
+use crate::common::{
+    error_line, expect_successful, keygen, run_bin, run_source, run_source_with, Destination,
+    Started, AGENT_TIMEOUT,
+};
 use crate::schema::Kind;
 
 #[test]
@@ -116,7 +119,7 @@ pub fn both_agents_refuse_the_status_dir(status_dir: &Path, reason: &str) -> Res
     crate::common::sparse_file(&volume, MIB)?;
     crate::common::sparse_file(&target, MIB)?;
     let status = status_dir.join("status.json");
-    let exit = match start_destination(&target, &psk, &status, &[])? {
+    let exit = match Destination::start(&target, &psk, &status, &[])? {
         Started::Exited(exit) => exit,
         Started::Listening(_) => bail!("the destination listened with an unwritable status file"),
     };
@@ -155,7 +158,7 @@ fn key_file(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
 fn refused_key(psk: &Path, dir: &Path) -> Result<String> {
     let target = dir.join("t.img");
     crate::common::sparse_file(&target, MIB)?;
-    match start_destination(&target, psk, &dir.join("d.json"), &[])? {
+    match Destination::start(&target, psk, &dir.join("d.json"), &[])? {
         Started::Exited(exit) => {
             assert_eq!(exit.code(), Some(1), "{}", exit.stderr);
             Ok(exit.error_line().to_owned())
@@ -231,7 +234,7 @@ fn a_key_file_with_a_byte_order_mark_syncs_with_the_plain_one() -> Result<()> {
     let plain = std::fs::read_to_string(&fx.psk)?;
     let bom = key_file(fx.dir.path(), "bom.txt", &format!("\u{feff}{plain}"))?;
     let Started::Listening(mut destination) =
-        start_destination(&fx.target, &fx.psk, &fx.destination_status, &[])?
+        Destination::start(&fx.target, &fx.psk, &fx.destination_status, &[])?
     else {
         bail!("the destination did not start");
     };
@@ -304,7 +307,7 @@ fn a_missing_target_is_reported_before_listening() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let psk = keygen(dir.path())?;
     let target = dir.path().join("missing.img");
-    match start_destination(&target, &psk, &dir.path().join("d.json"), &[])? {
+    match Destination::start(&target, &psk, &dir.path().join("d.json"), &[])? {
         Started::Exited(exit) => {
             assert_eq!(exit.code(), Some(1), "{}", exit.stderr);
             assert_eq!(
@@ -337,7 +340,7 @@ fn a_status_file_that_is_the_volume_or_target_is_refused() -> Result<()> {
     assert_eq!(fx.volume_digest()?, before);
     let target_link = fx.dir.path().join("target-link.json");
     std::os::unix::fs::symlink(&fx.target, &target_link)?;
-    let line = match start_destination(&fx.target, &fx.psk, &target_link, &[])? {
+    let line = match Destination::start(&fx.target, &fx.psk, &target_link, &[])? {
         Started::Exited(exit) => {
             assert_eq!(exit.code(), Some(1), "{}", exit.stderr);
             exit.error_line().to_owned()

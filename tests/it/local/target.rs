@@ -1,16 +1,17 @@
 //! One writer per target, and a bench target that is the volume under another name.
 
 use std::ffi::OsStr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Result};
 use blockmover::sample;
 
-use super::{random_volume, run_bin, start_destination, Exit, Started, MIB, PROMPT, STALL_AT};
+use super::{MIB, PROMPT, STALL_AT};
 use crate::common::proxy::{Faults, Proxy};
 use crate::common::{
-    drain, expect_successful, keygen, read_status, result_of, run_source, spawn_source,
-    wait_with_timeout, AGENT_TIMEOUT,
+    expect_successful, keygen, random_volume, read_status, result_of, run_bin, run_source,
+    spawn_source, Destination, Finished, Running, Started, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -20,6 +21,41 @@ pub struct Refusal {
     pub error: String,
     /// Whether it was refused at start-up (rather than when its source connected).
     pub at_start_up: bool,
+}
+
+impl Refusal {
+    /// Prints how the second destination was refused, and its error.
+    pub fn print(&self) {
+        let when = match self.at_start_up {
+            true => "at start-up",
+            false => "when its source connected",
+        };
+        println!("refused {when}: {}", self.error);
+    }
+}
+
+/// A source of a volume into a destination, its sync held by a proxy stalled at [`STALL_AT`] (so that the
+/// destination holds the target), its output drained.
+struct Held {
+    proxy: Proxy,
+    source: Running,
+}
+
+impl Held {
+    /// Starts a source of `volume` (key `psk`, status `status`) through a proxy to the destination at `addr`;
+    /// returns once the proxy holds the stream at [`STALL_AT`].
+    fn start(addr: SocketAddr, volume: &Path, psk: &Path, status: &Path) -> Result<Held> {
+        let proxy = Proxy::start(addr, Faults::none().stall_at(STALL_AT), Faults::none())?;
+        let source = Running::new(spawn_source(proxy.addr(), volume, psk, status)?)?;
+        proxy.wait_stalled(AGENT_TIMEOUT)?;
+        Ok(Held { proxy, source })
+    }
+
+    /// Lets the held sync go on and waits for the source to exit.
+    fn release(self) -> Result<Finished> {
+        self.proxy.release();
+        self.source.wait(AGENT_TIMEOUT)
+    }
 }
 
 /// A first destination syncs `volume` into `target` through a proxy that holds the sync at [`STALL_AT`] (so the
@@ -36,20 +72,12 @@ pub fn second_destination_is_refused(
     let psk = keygen(dir)?;
     let (s1, d1) = (dir.join("source-1.json"), dir.join("destination-1.json"));
     let (s2, d2) = (dir.join("source-2.json"), dir.join("destination-2.json"));
-    let Started::Listening(mut first) = start_destination(target, &psk, &d1, &[])? else {
+    let Started::Listening(mut first) = Destination::start(target, &psk, &d1, &[])? else {
         bail!("the first destination did not start");
     };
-    let proxy = Proxy::start(
-        first.addr,
-        Faults::none().stall_at(STALL_AT),
-        Faults::none(),
-    )?;
-    let mut source = spawn_source(proxy.addr(), volume, &psk, &s1)?;
-    let source_out = drain(source.stdout.take().context("stdout")?);
-    let source_err = drain(source.stderr.take().context("stderr")?);
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    let held = Held::start(first.addr, volume, &psk, &s1)?;
 
-    let refusal = match start_destination(target, &psk, &d2, &[])? {
+    let refusal = match Destination::start(target, &psk, &d2, &[])? {
         Started::Exited(exit) => Refusal {
             error: exit.error_line().to_owned(),
             at_start_up: true,
@@ -72,16 +100,19 @@ pub fn second_destination_is_refused(
         }
     };
     assert!(
-        refusal.error.contains("is in use by") && refusal.error.contains(&first.pid().to_string()),
+        refusal.error.contains("is in use by")
+            && refusal.error.contains(&first.child.id().to_string()),
         "the error names the first destination (pid {}): {:?}",
-        first.pid(),
+        first.child.id(),
         refusal.error
     );
 
-    proxy.release();
-    let status = wait_with_timeout(&mut source, AGENT_TIMEOUT)?;
-    let (_, err) = (source_out.join(), source_err.join());
-    assert!(status.success(), "the first source failed: {err:?}");
+    let source = held.release()?;
+    assert!(
+        source.status.success(),
+        "the first source failed: {}",
+        source.stderr
+    );
     let exit = first.wait(AGENT_TIMEOUT)?;
     assert!(
         exit.status.success(),
@@ -115,23 +146,15 @@ fn a_second_destination_on_a_target_file_is_refused_naming_the_first() -> Result
         "{:?}",
         refusal.error
     );
-    println!(
-        "refused {}: {}",
-        if refusal.at_start_up {
-            "at start-up"
-        } else {
-            "when its source connected"
-        },
-        refusal.error
-    );
+    refusal.print();
     Ok(())
 }
 
 /// One agent pair's outcome in the two-destination scenario.
 struct Pair {
     volume: PathBuf,
-    source: Option<Exit>,
-    destination: Exit,
+    source: Option<Finished>,
+    destination: Finished,
     statuses: [PathBuf; 2],
 }
 
@@ -148,21 +171,13 @@ fn two_destinations_on_one_target_never_report_a_target_that_differs() -> Result
     let status = |name: &str| dir.path().join(name);
 
     // Both destinations are started first, as two mover pods would be.
-    let first = start_destination(&target, &psk, &status("d-a.json"), &[])?;
-    let second = start_destination(&target, &psk, &status("d-b.json"), &[])?;
+    let first = Destination::start(&target, &psk, &status("d-a.json"), &[])?;
+    let second = Destination::start(&target, &psk, &status("d-b.json"), &[])?;
     let Started::Listening(mut first) = first else {
         bail!("the first destination did not start");
     };
     // The first sync is held mid-way while the second source runs, so that the two overlap for sure.
-    let proxy = Proxy::start(
-        first.addr,
-        Faults::none().stall_at(STALL_AT),
-        Faults::none(),
-    )?;
-    let mut source_a = spawn_source(proxy.addr(), &volumes[0], &psk, &status("s-a.json"))?;
-    let a_out = drain(source_a.stdout.take().context("stdout")?);
-    let a_err = drain(source_a.stderr.take().context("stderr")?);
-    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    let held_a = Held::start(first.addr, &volumes[0], &psk, &status("s-a.json"))?;
     let pair_b = match second {
         Started::Exited(exit) => Pair {
             volume: volumes[1].clone(),
@@ -174,25 +189,15 @@ fn two_destinations_on_one_target_never_report_a_target_that_differs() -> Result
             let out = run_source(second.addr, &volumes[1], &psk, &status("s-b.json"))?;
             Pair {
                 volume: volumes[1].clone(),
-                source: Some(Exit {
-                    status: out.status,
-                    stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-                }),
+                source: Some(out.into()),
                 destination: second.wait(AGENT_TIMEOUT)?,
                 statuses: [status("s-b.json"), status("d-b.json")],
             }
         }
     };
-    proxy.release();
-    let a_status = wait_with_timeout(&mut source_a, AGENT_TIMEOUT)?;
     let pair_a = Pair {
         volume: volumes[0].clone(),
-        source: Some(Exit {
-            status: a_status,
-            stdout: a_out.join().map_err(|_| anyhow!("reader panicked"))?,
-            stderr: a_err.join().map_err(|_| anyhow!("reader panicked"))?,
-        }),
+        source: Some(held_a.release()?),
         destination: first.wait(AGENT_TIMEOUT)?,
         statuses: [status("s-a.json"), status("d-a.json")],
     };
@@ -230,7 +235,7 @@ fn two_destinations_on_one_target_never_report_a_target_that_differs() -> Result
         }
         println!(
             "pair {name}: source {:?}, destination {:?} {}",
-            pair.source.as_ref().map(Exit::code),
+            pair.source.as_ref().map(Finished::code),
             pair.destination.code(),
             pair.destination.error_line()
         );
