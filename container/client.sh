@@ -34,7 +34,7 @@ for delay in "${delays[@]}"; do
     [[ $delay =~ ^[0-9]+([.][0-9]+)?$ ]] || die "RETRY_DELAYS=\"$RETRY_DELAYS\": \"$delay\" is not a number of seconds"
 done
 
-check_volume_and_key
+check_volume_and_key read
 
 # Who this source is, for its HELLO (a destination lets only the same source supersede a sync under way, and turns
 # other sources away as busy) and for the metrics' obj_name: VolSync names the mover pod <job>-<5 characters>, and

@@ -51,9 +51,16 @@ check_port() {
     fi
 }
 
-# Dies with a clear reason unless a block device (or, outside a cluster, a file) is at BLOCK_DEVICE and the
-# key file is readable.
+# Who this process is, for permission errors: "uid:gid 65532:65532 (groups 65532 6)".
+whoami_ids() { printf 'uid:gid %s:%s (groups %s)' "$(id -u)" "$(id -g)" "$(id -G)"; }
+
+# Owner, group and mode of PATH (following symlinks), e.g. "root:disk 660".
+node_mode() { stat -L -c '%U:%G %a' -- "$1" 2>/dev/null || printf 'unknown owner and mode'; }
+
+# check_volume_and_key read|readwrite: dies with a clear reason, naming the fix, unless a block device (or,
+# outside a cluster, a file) is at BLOCK_DEVICE and can be opened as needed, and the key file is readable.
 check_volume_and_key() {
+    local access=$1
     if [[ ! -e $BLOCK_DEVICE ]]; then
         if [[ -d $DATA_DIR ]]; then
             die "filesystem PVCs are not supported by this mover: found $DATA_DIR but no block device at" \
@@ -61,7 +68,22 @@ check_volume_and_key() {
         fi
         die "no block device at $BLOCK_DEVICE: mount a PVC with volumeMode: Block at devicePath $BLOCK_DEVICE"
     fi
-    [[ -r $KEY_FILE ]] || die "cannot read the key file $KEY_FILE: mount the key Secret at ${KEY_FILE%/*}"
+    if [[ ! -r $BLOCK_DEVICE || ($access == readwrite && ! -w $BLOCK_DEVICE) ]]; then
+        local how=reading
+        [[ $access == readwrite ]] && how="reading and writing"
+        die "permission denied: $BLOCK_DEVICE ($(node_mode "$BLOCK_DEVICE")) cannot be opened for $how by" \
+            "$(whoami_ids): give the pod's user the device (containerd/CRI-O" \
+            "device_ownership_from_security_context = true makes it owned by runAsUser:runAsGroup), or add the" \
+            "device's group to the pod's supplementalGroups, or run the mover privileged (uid 0)"
+    fi
+    if [[ ! -e $KEY_FILE ]]; then
+        die "no key file at $KEY_FILE: mount the key Secret at ${KEY_FILE%/*}"
+    fi
+    if [[ ! -r $KEY_FILE ]]; then
+        die "the key file $KEY_FILE exists but is not readable by $(whoami_ids): it is" \
+            "$(node_mode "$KEY_FILE"); set the pod's securityContext.fsGroup (the kubelet then gives the Secret's" \
+            "files that group and group read) and mount the Secret with defaultMode 0600 (384), or run as its owner"
+    fi
     # The binary refuses a key file that group or others can read. VolSync mounts the Secret with mode 0600, but
     # under a pod fsGroup the kubelet adds group read (0640), and the file belongs to root, not to a non-root mover:
     # hand the binary a private copy, mode 0600, in the work directory (under /tmp, an in-memory emptyDir in the

@@ -20,7 +20,7 @@ check_port LISTEN_PORT "$LISTEN_PORT"
 if ! [[ $SESSION_TRIES =~ ^[0-9]{1,4}$ ]] || ((10#$SESSION_TRIES < 1)); then
     die "SESSION_TRIES=$SESSION_TRIES is not a positive number"
 fi
-check_volume_and_key
+check_volume_and_key readwrite
 
 listen_host='[::]'
 if [[ -r $IPV6_DISABLE_FILE && $(<"$IPV6_DISABLE_FILE") == 1 ]]; then

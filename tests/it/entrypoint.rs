@@ -295,7 +295,7 @@ fn contains_word(line: &str, word: &str) -> bool {
 
 /// Whether `line` matches the unanchored regex `W1\s.+W2\s.+ ... Wn` (each word `[xX]yz`). Taking the leftmost
 /// occurrence of each word is enough: a later word only needs to start past a minimum offset.
-fn chain_matches(line: &str, words: &[&str]) -> bool {
+pub(crate) fn chain_matches(line: &str, words: &[&str]) -> bool {
     let mut from = 0;
     for (i, word) in words.iter().enumerate() {
         let last = i + 1 == words.len();
@@ -311,14 +311,14 @@ fn chain_matches(line: &str, words: &[&str]) -> bool {
 }
 
 /// VolSync's success filter: `([sS]ent)\s.+([bB]ytes)\s.+([rR]eceived)\s.+([bB]ytes)|([tT]otal size)|([rR]sync completed in)`.
-fn success_filter(line: &str) -> bool {
+pub(crate) fn success_filter(line: &str) -> bool {
     chain_matches(line, &["sent", "bytes", "received", "bytes"])
         || contains_word(line, "total size")
         || contains_word(line, "rsync completed in")
 }
 
 /// VolSync's failure filter: `^\s*([rR]sync)|^\s*(disk[rR]sync)|([fF]ail)|([eE]rror)`.
-fn failure_filter(line: &str) -> bool {
+pub(crate) fn failure_filter(line: &str) -> bool {
     let start = line.trim_start();
     word_at(start, 0, "rsync")
         || start.starts_with("diskrsync")

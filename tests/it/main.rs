@@ -2,6 +2,7 @@
 mod bench;
 mod chaos;
 mod common;
+mod container;
 mod contention;
 mod entrypoint;
 mod faults;
