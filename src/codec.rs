@@ -559,14 +559,33 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Option<(Message, usize)>> {
 ///
 /// The header is read on its own, then the payload straight into a buffer of exactly its length: no read-ahead
 /// buffer that a large frame straddles and has to be copied out of, and never more than one frame's memory.
+///
+/// Cancel-safe: a read dropped halfway (a `select!` that took another branch) keeps what it has read of the frame
+/// in the reader, and the next read goes on from there.
 pub struct FrameReader<R> {
     inner: R,
+    /// The header read so far.
+    head: [u8; HEADER_LEN],
+    got: usize,
+    /// The checked header's type and the payload read so far.
+    payload: Option<(u8, usize, BytesMut)>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps a stream.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner }
+        FrameReader {
+            inner,
+            head: [0u8; HEADER_LEN],
+            got: 0,
+            payload: None,
+        }
+    }
+
+    /// The stream under the frames: for reading what is left once frames no longer matter (a read of a frame
+    /// that was cancelled halfway leaves the stream inside that frame).
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
     }
 
     /// The next message; `Ok(None)` on a clean end of stream between frames, an error inside one.
@@ -576,12 +595,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 "truncated frame: stream ended {at} bytes into a frame"
             ))
         };
-        let mut head = [0u8; HEADER_LEN];
-        let mut got = 0;
-        while got < HEADER_LEN {
+        while self.payload.is_none() {
+            if self.got == HEADER_LEN {
+                let checked = check_header(&self.head);
+                self.got = 0;
+                let Some((ty, len)) = checked? else {
+                    return Err(truncated(HEADER_LEN));
+                };
+                self.payload = Some((ty, len, BytesMut::with_capacity(len)));
+                break;
+            }
+            let got = self.got;
             let n = self
                 .inner
-                .read(&mut head[got..])
+                .read(&mut self.head[got..])
                 .await
                 .map_err(|e| Error::net(phase, e))?;
             if n == 0 {
@@ -591,24 +618,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(truncated(got))
                 };
             }
-            got += n;
+            self.got += n;
         }
-        let Some((ty, len)) = check_header(&head)? else {
-            return Err(truncated(got));
-        };
-        let mut payload = BytesMut::with_capacity(len);
-        while payload.len() < len {
-            let rest = len - payload.len();
+        loop {
+            let Some((_, len, payload)) = self.payload.as_mut() else {
+                return Err(Error::Protocol("frame reader lost its frame".into()));
+            };
+            let (len, have) = (*len, payload.len());
+            if have >= len {
+                break;
+            }
             let n = self
                 .inner
-                .read_buf(&mut (&mut payload).limit(rest))
+                .read_buf(&mut payload.limit(len - have))
                 .await
                 .map_err(|e| Error::net(phase, e))?;
             if n == 0 {
-                return Err(truncated(HEADER_LEN + payload.len()));
+                return Err(truncated(HEADER_LEN + have));
             }
         }
-        Message::decode(ty, payload.freeze()).map(Some)
+        match self.payload.take() {
+            Some((ty, _, payload)) => Message::decode(ty, payload.freeze()).map(Some),
+            None => Err(Error::Protocol("frame reader lost its frame".into())),
+        }
     }
 
     /// The next message, treating end of stream as the peer closing during `phase`.
@@ -903,5 +935,33 @@ mod tests {
         let mut r = FrameReader::new(&bytes[..bytes.len() - 2]);
         let err = r.read("test").await.expect_err("truncated");
         assert!(err.to_string().contains("truncated frame"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_read_cancelled_halfway_resumes_where_it_stopped() {
+        use tokio::io::AsyncWriteExt;
+        let mut buf = BytesMut::new();
+        let end = Message::End {
+            chunk_count: 3,
+            volume_size: 9,
+            digest: Digest::of(b"v"),
+        };
+        end.encode(&mut buf);
+        Message::Ack { through: 2 }.encode(&mut buf);
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut r = FrameReader::new(rx);
+        let limit = std::time::Duration::from_millis(20);
+        // Cancelled inside the header, then inside the payload.
+        for part in [&buf[..5], &buf[5..30]] {
+            tx.write_all(part).await.expect("write");
+            let cancelled = tokio::time::timeout(limit, r.read("test")).await;
+            assert!(cancelled.is_err(), "{cancelled:?}");
+        }
+        tx.write_all(&buf[30..]).await.expect("write");
+        assert_eq!(r.read("test").await.expect("frame"), Some(end));
+        assert_eq!(
+            r.read("test").await.expect("frame"),
+            Some(Message::Ack { through: 2 })
+        );
     }
 }

@@ -268,6 +268,31 @@ where
     (tx, task)
 }
 
+/// How long a side that gave up (its ABORT sent) keeps reading what its peer still sends before it closes.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a failed session so that the peer reads our ABORT: TLS close_notify and TCP FIN, then whatever the peer
+/// still sends is read and dropped until it closes too, for at most [`LINGER`]. Closing a socket with unread data
+/// makes the kernel send a reset, and a peer that receives one may lose the ABORT still in its receive queue:
+/// it would then report a vanished peer instead of the reason.
+pub async fn linger_close<R, W>(reader: &mut FrameReader<R>, mut writer: FrameWriter<W>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    let _ = tokio::time::timeout_at(deadline, writer.shutdown()).await;
+    // Bytes, not frames: the session may have stopped reading in the middle of a frame.
+    let mut sink = vec![0u8; 64 * 1024];
+    let stream = reader.get_mut();
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 /// Waits for the writer task to drain (after every [`Outbox`] is dropped) and returns the writer; a peer that stops
 /// reading cannot hold us: after `limit` the task is aborted and the phase named "send" times out.
 pub async fn finish_writer<W>(

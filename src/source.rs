@@ -23,8 +23,8 @@ use crate::chunk::{block_range, is_zero, Digest, Geometry, VolumeDigest, BLOCK_S
 use crate::codec::{AbortCode, DataFrame, Encoding, FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{
-    abort_on_error, authenticated, finish_writer, spawn_writer, tell_peer, within, Outbox,
-    Timeouts, ABORT_GRACE,
+    abort_on_error, authenticated, finish_writer, linger_close, spawn_writer, tell_peer, within,
+    Outbox, Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
 use crate::stats::{add, Figures};
@@ -298,7 +298,15 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         Some(task) => finish_writer(task, limit).await,
         None => Err(Error::PeerClosed("sync")),
     };
-    let report = result?;
+    let report = match result {
+        Ok(report) => report,
+        Err(e) => {
+            if let (true, Ok(w)) = (tell_peer(&e), writer) {
+                linger_close(&mut reader, w).await;
+            }
+            return Err(e);
+        }
+    };
     let mut writer = writer?;
     within("close", t.handshake, writer.shutdown()).await?;
     Ok(report)

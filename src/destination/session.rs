@@ -17,7 +17,7 @@ use super::{apply, DestinationConfig, INBOX};
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{FrameReader, Message};
 use crate::error::{Error, Result};
-use crate::net::{finish_writer, spawn_writer, tell_peer, within, ABORT_GRACE};
+use crate::net::{finish_writer, linger_close, spawn_writer, tell_peer, within, ABORT_GRACE};
 use crate::progress::Progress;
 use crate::stats::Figures;
 use crate::status::{Role, StatusFile};
@@ -220,7 +220,11 @@ async fn session(
                 let _ = tokio::time::timeout(ABORT_GRACE, outbox.send(abort)).await;
             }
             drop(outbox);
-            let _ = finish_writer(writer_task, ABORT_GRACE).await;
+            if let Ok(w) = finish_writer(writer_task, ABORT_GRACE).await {
+                if tell_peer(&e) {
+                    linger_close(&mut reader, w).await;
+                }
+            }
             return Err(e);
         }
     };
