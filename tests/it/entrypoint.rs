@@ -268,16 +268,7 @@ impl Ran {
 
     /// What VolSync would show as latestMoverStatus.logs: the lines its filter keeps, the last 1024 bytes.
     fn volsync_logs(&self, failed: bool) -> String {
-        let kept: Vec<&str> = self
-            .lines()
-            .filter(|l| success_filter(l) || (failed && failure_filter(l)))
-            .collect();
-        let all = kept.join("\n");
-        let mut start = all.len().saturating_sub(1024);
-        while !all.is_char_boundary(start) {
-            start += 1;
-        }
-        all[start..].to_owned()
+        volsync_logs(self.lines(), failed)
     }
 }
 
@@ -311,6 +302,20 @@ pub(crate) fn chain_matches(line: &str, words: &[&str]) -> bool {
 }
 
 /// VolSync's success filter: `([sS]ent)\s.+([bB]ytes)\s.+([rR]eceived)\s.+([bB]ytes)|([tT]otal size)|([rR]sync completed in)`.
+/// What VolSync would show as `latestMoverStatus.logs` of a mover that printed `lines`: the lines its filter keeps
+/// (on failure also the failure filter's), the last 1024 bytes.
+pub(crate) fn volsync_logs<'a>(lines: impl Iterator<Item = &'a str>, failed: bool) -> String {
+    let kept: Vec<&str> = lines
+        .filter(|l| success_filter(l) || (failed && failure_filter(l)))
+        .collect();
+    let all = kept.join("\n");
+    let mut start = all.len().saturating_sub(1024);
+    while !all.is_char_boundary(start) {
+        start += 1;
+    }
+    all[start..].to_owned()
+}
+
 pub(crate) fn success_filter(line: &str) -> bool {
     chain_matches(line, &["sent", "bytes", "received", "bytes"])
         || contains_word(line, "total size")

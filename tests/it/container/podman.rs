@@ -421,18 +421,7 @@ impl Ran {
 
     /// What VolSync would show as latestMoverStatus.logs: the lines its filter keeps, the last 1024 bytes.
     pub fn volsync_logs(&self, failed: bool) -> String {
-        use crate::entrypoint::{failure_filter, success_filter};
-        let kept: Vec<&str> = self
-            .output
-            .lines()
-            .filter(|l| success_filter(l) || (failed && failure_filter(l)))
-            .collect();
-        let all = kept.join("\n");
-        let mut start = all.len().saturating_sub(1024);
-        while !all.is_char_boundary(start) {
-            start += 1;
-        }
-        all[start..].to_owned()
+        crate::entrypoint::volsync_logs(self.output.lines(), failed)
     }
 
     /// The number after `label` in the last line holding it ("changed chunks 12" -> 12).
