@@ -44,7 +44,8 @@ if [[ -z ${BLOCKMOVER_NAME:-} && ${HOSTNAME:-} =~ ^(volsync-.+)-[a-z0-9]{5}$ ]];
 fi
 
 for ((try = 1; try <= tries; try++)); do
-    run_mover source --connect "$connect" --volume "$BLOCK_DEVICE" --psk "$KEY_FILE" --status "$STATUS_FILE"
+    run_mover source --connect "$connect" --volume "$BLOCK_DEVICE" --psk "$KEY_FILE" --status "$STATUS_FILE" \
+        "${MOVER_OPTIONS[@]}"
     [[ -z $SIGNAL ]] || die "interrupted by $SIGNAL: sync to $connect failed: $MOVER_ERROR"
     case $MOVER_RC in
     0) succeed "source, to $connect, try $try/$tries" ;;

@@ -11,6 +11,13 @@ BLOCK_DEVICE=${BLOCK_DEVICE:-/dev/block}
 DATA_DIR=${DATA_DIR:-/data}
 KEY_FILE=${KEY_FILE:-/keys/psk.txt}
 STATUS_FILE=${STATUS_FILE:-/tmp/blockmover-status.json}
+# ADDR:PORT to serve Prometheus metrics on (http://ADDR:PORT/metrics) while the binary runs; empty: none.
+METRICS_LISTEN=${METRICS_LISTEN:-}
+# The binary's options both entrypoints pass after their own.
+MOVER_OPTIONS=()
+if [[ -n $METRICS_LISTEN ]]; then
+    MOVER_OPTIONS+=(--metrics-listen "$METRICS_LISTEN")
+fi
 
 if [[ ${DEBUG_MOVER:-0} == 1 ]]; then
     set -x

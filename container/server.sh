@@ -29,7 +29,8 @@ fi
 listen="$listen_host:$((10#$LISTEN_PORT))"
 
 for ((session = 1; ; session++)); do
-    run_mover destination --listen "$listen" --target "$BLOCK_DEVICE" --psk "$KEY_FILE" --status "$STATUS_FILE"
+    run_mover destination --listen "$listen" --target "$BLOCK_DEVICE" --psk "$KEY_FILE" --status "$STATUS_FILE" \
+        "${MOVER_OPTIONS[@]}"
     [[ -z $SIGNAL ]] || die "interrupted by $SIGNAL: sync into $BLOCK_DEVICE failed: $MOVER_ERROR"
     case $MOVER_RC in
     0) succeed "destination, on $listen, session $session" ;;

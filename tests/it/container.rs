@@ -12,6 +12,7 @@
 //! (`listening on`, the source's retry lines) and, for the kill mid-sync, the target's bytes; timeouts are safety
 //! nets only.
 
+mod observe;
 mod podman;
 
 use std::os::unix::fs::FileExt;
@@ -117,6 +118,7 @@ struct Pod<'a> {
     keys: PathBuf,
     device: bool,
     address: Option<(String, String)>,
+    tmp: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -175,6 +177,7 @@ impl Scenario {
             keys: self.dir.path().join("keys"),
             device: true,
             address: None,
+            tmp: None,
         }
     }
 
@@ -243,6 +246,12 @@ impl Pod<'_> {
         self
     }
 
+    /// A host directory at `/tmp` instead of a tmpfs, so that the status file outlives the container.
+    fn tmp(mut self, dir: PathBuf) -> Self {
+        self.tmp = Some(dir);
+        self
+    }
+
     /// No `/dev/block` at all (a filesystem PVC, or none).
     fn without_device(mut self) -> Self {
         self.device = false;
@@ -252,12 +261,17 @@ impl Pod<'_> {
     fn start(self) -> Result<Container> {
         let s = self.scenario;
         let (_, _, user, groups) = s.shape.layout();
+        // /tmp: a tmpfs, or a host directory standing for an emptyDir that outlives the container.
+        let tmp = match &self.tmp {
+            Some(dir) => ["-v".to_owned(), format!("{}:/tmp", dir.display())],
+            None => ["--tmpfs".to_owned(), "/tmp".to_owned()],
+        };
         let mut args: Vec<String> = [
             "--network",
             &s.network.name,
             "--read-only",
-            "--tmpfs",
-            "/tmp",
+            &tmp[0],
+            &tmp[1],
             "--cap-drop",
             "ALL",
             "--security-opt",
