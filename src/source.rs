@@ -38,8 +38,9 @@ const MAX_WINDOW: u32 = 1 << 16;
 const MIN_WINDOW: u32 = crate::scan::SEGMENT_CHUNKS as u32;
 /// NEEDs answered together on all cores.
 const NEED_BATCH: usize = 32;
-/// How long the reader still looks for the peer's ABORT after our writer failed.
-const LINGER: Duration = Duration::from_secs(1);
+/// How long the reader still looks for the peer's ABORT after our writer failed (not `net::LINGER`, which is how
+/// long a side that gave up drains its peer before closing).
+const ABORT_LOOKOUT: Duration = Duration::from_secs(1);
 
 /// What the source needs to run one sync.
 #[derive(Clone, Debug)]
@@ -112,9 +113,8 @@ struct Credit {
 
 impl Credit {
     /// Credit for a session whose destination allows `window` unsettled chunks. The digests' buffer is sized
-    /// for the most the window lets the scan announce, once: grown by the scan's thread and drained by the
-    /// reader's, it would otherwise be reallocated across threads, which cost 10-12 MiB of peak RSS (mimalloc
-    /// keeps pages freed by another thread until their owner allocates again).
+    /// once for the most the window lets the scan announce, so the scan's thread never reallocates what the
+    /// reader's thread drains.
     fn new(window: u64) -> Self {
         let most = window + crate::scan::SEGMENT_CHUNKS;
         Credit {
@@ -343,7 +343,7 @@ impl Session {
         let mut writer_failed: Option<Error> = None;
         let result = loop {
             let limit = if writer_failed.is_some() {
-                LINGER
+                ABORT_LOOKOUT
             } else {
                 idle
             };

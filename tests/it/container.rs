@@ -314,17 +314,6 @@ impl Pod<'_> {
     }
 }
 
-/// A sample volume of `size` bytes, all random (nothing compresses or is skipped as zeros).
-fn random_spec(size: u64, seed: u64) -> SampleSpec {
-    SampleSpec {
-        size,
-        zero_share: 0.0,
-        text_share: 0.0,
-        random_share: 1.0,
-        seed,
-    }
-}
-
 #[test]
 fn container_full_then_incremental_sync_converge_and_log_what_volsync_keeps() -> Result<()> {
     let Some(engine) = engine()? else {
@@ -390,7 +379,11 @@ fn container_destination_killed_mid_sync_is_replaced_and_the_source_retry_resume
     };
     let _t = timer("destination killed mid-sync");
     let size = 64 * MIB;
-    let s = Scenario::new(engine, &random_spec(size, 0x13_0004), Shape::OwnedByPodUser)?;
+    let s = Scenario::new(
+        engine,
+        &crate::common::random_spec(size, 0x13_0004),
+        Shape::OwnedByPodUser,
+    )?;
     let name = engine.unique_name("dst");
     let server = s.destination(&name)?;
     // 100 Mbit/s into the destination (tbf on its host-side veth, which goes with the container): the sync takes
