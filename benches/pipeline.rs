@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
 use blockmover::destination::{self, DestinationConfig};
+use blockmover::manifest::Store;
 use blockmover::net::Timeouts;
 use blockmover::sample::{self, SampleSpec};
 use blockmover::source::{self, SourceConfig};
@@ -31,6 +32,8 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         schedule: None,
         metrics: None,
         read_back: false,
+        state: Arc::new(Store::none()),
+        verify: Default::default(),
     };
     let bound = destination::bind(&dconfig).await.expect("bind");
     let addr = bound.local_addr().expect("address");
@@ -44,6 +47,9 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         compression: Default::default(),
         timeouts: Timeouts::default(),
         identity: "default/demo".into(),
+        state: Arc::new(Store::none()),
+        tracker: None,
+        verify: Default::default(),
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

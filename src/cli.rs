@@ -1,12 +1,16 @@
 //! Command-line types (clap only), turned into the library's validated configurations.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use blockmover::changes::{ExtentsFile, Tracker};
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
+use blockmover::delta::Verify;
 use blockmover::destination::DestinationConfig;
+use blockmover::manifest::Store;
 use blockmover::metrics::Labels;
 use blockmover::net::Timeouts;
 use blockmover::schedule::Schedule;
@@ -77,7 +81,29 @@ pub struct Common {
     /// Cron schedule: five fields ("*/5 * * * *") or @hourly, @daily, @weekly, @monthly, @yearly (UTC).
     #[arg(long)]
     pub schedule: Option<String>,
+    /// Keep the manifest of the last synced image here, so that the next sync is a delta (one directory per
+    /// volume, for both roles; see the README's "Delta syncs"). Without it a long-running agent keeps it in memory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// `full`: compare everything in the next sync although a delta is possible (repairs what a delta missed).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub verify: Option<VerifyArg>,
+    /// Compare in full after this many delta syncs (24), or when the last full comparison is older than a
+    /// duration (90s, 30m, 12h, 7d), or never.
+    #[arg(long, value_name = "N|DURATION", default_value = "24h", value_parser = blockmover::delta::Every::parse)]
+    pub verify_every: blockmover::delta::Every,
 }
+
+/// `--verify` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyArg {
+    /// A full comparison.
+    Full,
+}
+
+/// The most a long-running agent without `--state-dir` keeps in memory for a manifest (32 bytes per chunk: a
+/// 128 GiB volume at 64 KiB chunks).
+const MEMORY_MANIFEST: u64 = 64 << 20;
 
 impl Common {
     /// The parsed schedule, if any.
@@ -111,6 +137,23 @@ impl Common {
     /// `namespace/name`: who a source is, as its HELLO tells the destination.
     pub fn identity(&self, device: &std::path::Path) -> String {
         format!("{}/{}", self.namespace, self.name_of(device))
+    }
+
+    /// Where manifests live: `--state-dir`, else memory for a long-running agent, else nowhere.
+    fn state(&self, long_running: bool) -> blockmover::Result<Arc<Store>> {
+        let store = match &self.state_dir {
+            Some(dir) => Store::dir(dir).map_err(|e| blockmover::Error::State(e.to_string()))?,
+            None if long_running => Store::memory(MEMORY_MANIFEST),
+            None => Store::none(),
+        };
+        Ok(Arc::new(store))
+    }
+
+    fn verify(&self) -> Verify {
+        Verify {
+            full: self.verify == Some(VerifyArg::Full),
+            every: self.verify_every,
+        }
     }
 
     fn timeouts(&self) -> Timeouts {
@@ -166,6 +209,10 @@ pub struct SourceArgs {
     /// than sending them raw), always (fewest bytes), never (links faster than zstd).
     #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
     pub compress: CompressArg,
+    /// The byte ranges changed since the last synced image, as JSON {"extents": [[offset, length], ...]}: the sync
+    /// reads and hashes only those (a delta by change list; trusted: see the README's "Delta syncs").
+    #[arg(long, value_name = "FILE")]
+    pub changed_extents: Option<PathBuf>,
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
     #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
     pub manual: Option<String>,
@@ -253,6 +300,8 @@ impl DestinationArgs {
             serve: self.serve,
             timeouts: self.common.timeouts(),
             read_back: self.read_back,
+            state: self.common.state(self.serve)?,
+            verify: self.common.verify(),
         })
     }
 }
@@ -277,6 +326,12 @@ impl SourceArgs {
             },
             timeouts: self.common.timeouts(),
             identity: self.common.identity(&self.volume),
+            state: self.common.state(self.common.schedule.is_some())?,
+            tracker: self
+                .changed_extents
+                .clone()
+                .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
+            verify: self.common.verify(),
         })
     }
 }

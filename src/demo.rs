@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 
 use blockmover::destination::{self, DestinationConfig};
+use blockmover::manifest::Store;
 use blockmover::net::Timeouts;
 use blockmover::sample::{self, SampleSpec};
 use blockmover::source::{self, SourceConfig};
@@ -134,6 +135,8 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         schedule: None,
         metrics: None,
         read_back: false,
+        state: Arc::new(Store::none()),
+        verify: Default::default(),
     };
     let bound = destination::bind(&dconfig).await?;
     let addr = bound.local_addr()?;
@@ -147,6 +150,9 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         compression: Default::default(),
         timeouts: Timeouts::default(),
         identity: "default/demo".into(),
+        state: Arc::new(Store::none()),
+        tracker: None,
+        verify: Default::default(),
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -1,10 +1,12 @@
-//! Small files replaced atomically and durably: the status file, the trigger file, the key file.
+//! Files replaced atomically and durably: the status file, the trigger file, the key file ([`write_file`]), and
+//! files streamed by their writer, such as manifests ([`create_temp`], then [`persist`]).
 //!
 //! A file is written to a temporary with a random name in the same directory, created with `O_CREAT|O_EXCL|
 //! O_NOFOLLOW` and mode 0600 (never a predictable `<path>.tmp`: a user who can write the directory could plant a
 //! symlink there and make this process, often root, overwrite what it points to), then fsynced, given its final
 //! mode through its own descriptor, renamed over the path, and the directory is fsynced. A reader sees the old
 //! file or the new one, never a torn one, and a crash leaves at worst a stray `.NAME.XXXXXX.tmp` beside it.
+//! [`remove_file`] is the durable unlink: the directory is fsynced, so the file stays gone after a crash.
 //!
 //! Errors are the bare OS errors (`No such file or directory`, `Read-only file system`); callers add the path.
 
@@ -24,21 +26,41 @@ pub enum Existing {
 
 /// Writes `bytes` to `path` atomically and durably, with permissions `mode` (see the module doc).
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32, existing: Existing) -> io::Result<()> {
-    let dir = parent_dir(path);
-    let mut tmp = temp_in(dir, path)?;
+    let mut tmp = create_temp(path)?;
     if mode != 0o600 {
         // Through the descriptor, so neither the umask nor a renamed path is involved.
         tmp.as_file()
             .set_permissions(Permissions::from_mode(mode))?;
     }
     tmp.as_file_mut().write_all(bytes)?;
+    persist(tmp, path, existing)
+}
+
+/// A new empty temporary file (mode 0600) beside `path`, for a caller that streams the contents and then calls
+/// [`persist`]; dropped unpersisted, it is removed.
+pub fn create_temp(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    temp_in(parent_dir(path), path)
+}
+
+/// Fsyncs `tmp` (from [`create_temp`] on the same `path`), renames it to `path` and fsyncs the directory.
+pub fn persist(tmp: tempfile::NamedTempFile, path: &Path, existing: Existing) -> io::Result<()> {
     tmp.as_file().sync_all()?;
     // On failure the temporary is removed when the returned handle drops.
     match existing {
         Existing::Replace => tmp.persist(path).map_err(|e| e.error)?,
         Existing::Keep => tmp.persist_noclobber(path).map_err(|e| e.error)?,
     };
-    File::open(dir)?.sync_all()
+    File::open(parent_dir(path))?.sync_all()
+}
+
+/// Removes `path` if it exists and fsyncs its directory (also when it was already absent: an earlier removal's
+/// directory entry may not have reached the disk yet).
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    File::open(parent_dir(path))?.sync_all()
 }
 
 /// Checks that files can be created in `dir` (creates a temporary there and removes it).
@@ -114,6 +136,18 @@ mod tests {
             1,
             "no temporary left"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn remove_file_removes_and_tolerates_an_absent_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("x.manifest");
+        std::fs::write(&path, b"x")?;
+        remove_file(&path)?;
+        assert!(!path.exists());
+        remove_file(&path)?;
+        assert_eq!(std::fs::read_dir(dir.path())?.count(), 0);
         Ok(())
     }
 

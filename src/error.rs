@@ -75,6 +75,17 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A change list (`--changed-extents`) that cannot be used.
+    #[error("change list {}: {reason}", path.display())]
+    ChangeList {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The state directory (`--state-dir`) cannot be used.
+    #[error("state: {0}")]
+    State(String),
     /// Bad configuration (flags, sizes).
     #[error("configuration: {0}")]
     Config(String),
@@ -217,7 +228,9 @@ impl Error {
         match self {
             Error::VersionMismatch { .. } => AbortCode::Version,
             Error::TargetTooSmall { .. } => AbortCode::TargetTooSmall,
-            Error::Io { .. } | Error::Open { .. } | Error::Status(_) => AbortCode::Io,
+            Error::Io { .. } | Error::Open { .. } | Error::Status(_) | Error::State(_) => {
+                AbortCode::Io
+            }
             Error::TargetInUse { .. } => AbortCode::Busy,
             Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
             // Both are cured by a later sync (from a snapshot; once the other writer is gone): the peer may retry.
@@ -227,6 +240,7 @@ impl Error {
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
             Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
             Error::Config(_)
+            | Error::ChangeList { .. }
             | Error::Key { .. }
             | Error::TlsSetup(_)
             | Error::TargetMounted { .. } => AbortCode::Config,

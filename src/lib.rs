@@ -8,12 +8,15 @@
 
 pub mod adapt;
 pub mod agent;
+pub mod changes;
 pub mod chunk;
 pub mod codec;
+pub mod delta;
 pub mod destination;
 pub mod durable;
 pub mod error;
 pub mod listing;
+pub mod manifest;
 pub mod metrics;
 pub mod net;
 pub mod progress;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::chunk::Digest;
+use crate::codec::{Fallback, SyncKind};
 use crate::net::WireCounters;
 
 /// Counters of one sync; shared by the threads of an agent.
@@ -40,6 +41,20 @@ pub struct Figures {
     pub wire: Arc<WireCounters>,
     /// The agreed volume digest, once known.
     pub volume_digest: Mutex<Option<Digest>>,
+    /// The session's kind, and why it is a full comparison (`None` until READY).
+    pub kind: Mutex<Option<(SyncKind, Fallback)>>,
+    /// Source, full comparison with a change list: chunks that changed but were not in the list.
+    pub change_list_missed: AtomicU64,
+    /// Destination: target chunks that did not hold what the destination's manifest said (written by something
+    /// else, or a stale manifest); a full comparison repairs them.
+    pub target_drift: AtomicU64,
+}
+
+/// Puts a count that is only worth showing when it is not zero.
+fn put_some(m: &mut BTreeMap<String, String>, key: &str, n: u64) {
+    if n > 0 {
+        m.insert(key.to_owned(), n.to_string());
+    }
 }
 
 /// Reads a counter.
@@ -92,7 +107,31 @@ impl Figures {
         if let Some(d) = self.volume_digest.lock().ok().and_then(|d| *d) {
             m.insert("volumeDigest".to_owned(), d.to_hex());
         }
+        if let Some((kind, reason)) = self.kind() {
+            m.insert("syncKind".to_owned(), kind.name().to_owned());
+            if kind == SyncKind::Full {
+                m.insert("fullReason".to_owned(), reason.to_string());
+            }
+            put_some(
+                &mut m,
+                "changeListMissedChunks",
+                get(&self.change_list_missed),
+            );
+            put_some(&mut m, "targetDriftChunks", get(&self.target_drift));
+        }
         m
+    }
+
+    /// Records the session's kind (from READY).
+    pub fn set_kind(&self, kind: SyncKind, reason: Fallback) {
+        if let Ok(mut k) = self.kind.lock() {
+            *k = Some((kind, reason));
+        }
+    }
+
+    /// The session's kind, once agreed.
+    pub fn kind(&self) -> Option<(SyncKind, Fallback)> {
+        self.kind.lock().ok().and_then(|k| *k)
     }
 
     /// Summary lines for logs and `latestMoverStatus.logs`, shaped to pass VolSync's log filter.
@@ -102,9 +141,15 @@ impl Figures {
         let secs = elapsed.as_secs_f64().max(1e-9);
         let size = get(&self.volume_size);
         let wire = (sent + received).max(1);
+        // On the line VolSync keeps: which kind of sync ran, and why a delta fell back.
+        let kind = match self.kind() {
+            Some((SyncKind::Full, why)) => format!("  sync full ({why})"),
+            Some((kind, _)) => format!("  sync {kind}"),
+            None => String::new(),
+        };
         format!(
             "sent {sent} bytes  received {received} bytes  {:.2} bytes/sec\n\
-             total size is {size}  speedup is {:.2}  changed chunks {}  blocks sent {}  zero chunks {}\n",
+             total size is {size}  speedup is {:.2}  changed chunks {}  blocks sent {}  zero chunks {}{kind}\n",
             (sent + received) as f64 / secs,
             size as f64 / wire as f64,
             get(&self.chunks_changed),

@@ -20,8 +20,8 @@ use rand_chacha::ChaCha8Rng;
 
 use blockmover::chunk::{Digest, MAX_CHUNK_SIZE};
 use blockmover::codec::{
-    decode_frame, parse_frame, AbortCode, DataFrame, Encoding, Message, HEADER_LEN,
-    MAX_ABORT_MESSAGE, MAX_DIGESTS_PER_FRAME, MAX_PAYLOAD,
+    decode_frame, parse_frame, AbortCode, DataFrame, Encoding, Fallback, Message, Offer, SyncKind,
+    HEADER_LEN, MAX_ABORT_MESSAGE, MAX_DIGESTS_PER_FRAME, MAX_PAYLOAD,
 };
 use blockmover::tls::{Psk, Side};
 
@@ -124,6 +124,10 @@ fn count(rng: &mut ChaCha8Rng, small: usize, max: usize) -> usize {
     }
 }
 
+fn sync_kind(rng: &mut ChaCha8Rng) -> SyncKind {
+    [SyncKind::Full, SyncKind::Manifest, SyncKind::ChangeList][rng.random_range(0..3)]
+}
+
 /// Any valid message, with fields anywhere in their ranges.
 fn message(rng: &mut ChaCha8Rng) -> Message {
     match rng.random_range(0..10) {
@@ -137,10 +141,17 @@ fn message(rng: &mut ChaCha8Rng) -> Message {
             source: (0..rng.random_range(0..=40u8))
                 .map(|_| char::from(rng.random_range(b'a'..=b'z')))
                 .collect(),
+            offer: Offer {
+                kind: sync_kind(rng),
+                reason: Fallback::from_code(rng.random()),
+                base: digest(rng),
+            },
         },
         2 => Message::Ready {
             target_size: rng.random(),
             window: rng.random(),
+            kind: sync_kind(rng),
+            reason: Fallback::from_code(rng.random()),
         },
         3 => Message::Digests {
             first: rng.random(),

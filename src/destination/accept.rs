@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::codec::Offer;
 use crate::codec::{AbortCode, Message};
 use crate::error::{Error, Result};
 use crate::metrics::{Metrics, Rejection};
@@ -43,13 +44,26 @@ pub struct Hello {
     pub block_size: u32,
     /// `namespace/name` of the source.
     pub source: String,
+    /// The kind of sync it offers, and its base.
+    pub offer: Offer,
 }
 
 impl Hello {
     /// Whether a connection saying `other` is the same source as this one, retrying: a new connection from it
-    /// supersedes this one's sync.
+    /// supersedes this one's sync. (Its offer may differ: a retry after a lost COMMIT offers the same base, one
+    /// after `--verify full` none.)
     pub fn same_source(&self, other: &Hello) -> bool {
-        self == other
+        (
+            self.volume_size,
+            self.chunk_size,
+            self.block_size,
+            &self.source,
+        ) == (
+            other.volume_size,
+            other.chunk_size,
+            other.block_size,
+            &other.source,
+        )
     }
 }
 
@@ -222,12 +236,14 @@ async fn handshake(
             chunk_size,
             block_size,
             source,
+            offer,
         } => {
             let hello = Hello {
                 volume_size,
                 chunk_size,
                 block_size,
                 source,
+                offer,
             };
             Ok((hello, (reader, writer)))
         }

@@ -6,20 +6,22 @@
 //! - success is returned only after END, every chunk compared, every NEED answered, the target fsynced and the
 //!   volume digest of what the target holds equal to the source's.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use crate::chunk::{
-    block_digests, block_range, blocks_in, ChunkSummary, Digest, Geometry, VolumeDigest,
-    ZeroDigests,
-};
 use rayon::prelude::*;
 
+use super::basis::Basis;
+use super::finals::FinalDigests;
 use super::flush::Flusher;
-use crate::codec::{DataFrame, Encoding, Message};
+use super::verify::{runs, verify_and_write};
+use crate::chunk::{
+    block_digests, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
+};
+use crate::codec::{DataFrame, Message};
 use crate::error::{Error, Result};
+use crate::manifest::{Reader, Role, Store};
 use crate::net::Outbox;
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
@@ -47,8 +49,19 @@ pub struct Apply {
     target: Arc<Volume>,
     geometry: Geometry,
     zeros: ZeroDigests,
-    local: LocalDigests,
+    /// A full comparison: the target's scan. `None` in a delta session, which does not hash the target.
+    local: Option<LocalDigests>,
     local_ready: VecDeque<ChunkSummary>,
+    /// A full comparison with a manifest: what the manifest says each target chunk holds (a target chunk that
+    /// holds something else was written behind the destination's back, or the manifest is stale).
+    drift: Option<Reader>,
+    /// Announced chunks not yet covered by an ACK we sent (the window counts these).
+    pending: VecDeque<u64>,
+    delta: bool,
+    /// Where the manifest lives; it is invalidated before the first write of the session.
+    store: Arc<Store>,
+    wrote: bool,
+    basis: Basis,
     out: Outbox,
     figures: Arc<Figures>,
     window: u64,
@@ -73,12 +86,37 @@ impl Apply {
     pub fn new(
         target: Arc<Volume>,
         geometry: Geometry,
-        local: LocalDigests,
+        local: Option<LocalDigests>,
         out: Outbox,
         figures: Arc<Figures>,
         options: Options,
+        mut basis: Basis,
     ) -> Self {
+        let store = basis.store.clone();
+        let sink = crate::delta::target_identity(&target)
+            .map_err(|e| e.to_string())
+            .and_then(|(identity, _)| {
+                store
+                    .writer(Role::Destination, geometry, &identity)
+                    .map_err(|e| e.to_string())
+            });
+        let sink = match sink {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("the destination's manifest will not be kept: {e}");
+                None
+            }
+        };
+        let delta = basis.kind.is_delta();
+        let base = basis.base.take();
+        let (base, drift) = if delta { (base, None) } else { (None, base) };
         Apply {
+            drift,
+            pending: VecDeque::new(),
+            delta,
+            store,
+            wrote: false,
+            basis,
             target_size: target.size(),
             read_back: options.read_back,
             target,
@@ -92,7 +130,7 @@ impl Apply {
             next: 0,
             last_ack: 0,
             open: HashMap::new(),
-            finals: FinalDigests::new(geometry),
+            finals: FinalDigests::new(geometry, base, sink),
             end: None,
             zero_run: None,
             flusher: None,
@@ -146,6 +184,12 @@ impl Apply {
                     if self.end.replace(digest).is_some() {
                         return Err(Error::Protocol("second END".into()));
                     }
+                    if self.delta {
+                        // Every chunk not announced is equal to the base.
+                        self.next = self.geometry.chunk_count();
+                        self.finals.base_through(self.next)?;
+                        self.acknowledge()?;
+                    }
                 }
                 other => {
                     return Err(Error::Protocol(format!(
@@ -169,7 +213,7 @@ impl Apply {
         }
         self.target.sync()?;
         tracing::info!("target fsynced in {:.2}s", flushing.elapsed().as_secs_f64());
-        let ours = self.finals.finish()?;
+        let (ours, manifest) = self.finals.finish()?;
         let theirs = self.end.unwrap_or(ours);
         if ours != theirs {
             return Err(Error::VolumeDigestMismatch {
@@ -202,6 +246,9 @@ impl Apply {
                 });
             }
         }
+        if let Some(writer) = manifest {
+            self.basis.commit(writer, ours, &self.target);
+        }
         Ok(ours)
     }
 
@@ -216,7 +263,10 @@ impl Apply {
             if let Some(s) = self.local_ready.pop_front() {
                 return Ok(s);
             }
-            match self.local.recv() {
+            let Some(local) = &self.local else {
+                return Err(Error::Protocol("a delta session has no target scan".into()));
+            };
+            match local.recv() {
                 Ok(Ok((_, summaries))) => self.local_ready.extend(summaries),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => return Err(Error::Cancelled("target scan ended early")),
@@ -227,40 +277,107 @@ impl Apply {
     fn on_digests(&mut self, first: u64, digests: &[Digest]) -> Result<()> {
         let count = self.geometry.chunk_count();
         let through = first + digests.len() as u64;
-        if first != self.next || through > count {
+        // A delta session announces only the chunks that differ from the base: it may skip ahead, never back.
+        let in_order = first == self.next || (self.delta && first > self.next);
+        if !in_order || through > count {
             return Err(Error::Protocol(format!(
                 "DIGESTS for chunks {first}..{through}, expected from {} (volume has {count})",
                 self.next
             )));
         }
-        if through - self.last_ack > self.window {
+        if self.pending.len() as u64 + digests.len() as u64 > self.window {
             return Err(Error::Protocol(format!(
                 "the source announced {} chunks past the last ACK, beyond the window of {}",
-                through - self.last_ack,
+                self.pending.len() + digests.len(),
                 self.window
             )));
         }
-        for (i, theirs) in (first..).zip(digests) {
-            let ours = self.next_local()?;
+        self.pending.extend(first..through);
+        let local: Vec<(ChunkSummary, Option<Vec<Digest>>)> = if self.delta {
+            self.finals.base_through(first)?;
+            self.read_announced(first, digests)?
+        } else {
+            let mut local = Vec::with_capacity(digests.len());
+            for i in first..through {
+                let ours = self.next_local()?;
+                self.check_drift(i, &ours)?;
+                local.push((ours, None));
+            }
+            local
+        };
+        for ((i, theirs), (ours, blocks)) in (first..).zip(digests).zip(local) {
             if ours.digest == *theirs {
-                self.finals.push(i, ours.digest);
+                self.finals.push(i, ours.digest)?;
             } else if *theirs == self.zeros.for_chunk(i) {
                 add(&self.figures.chunks_changed, 1);
                 add(&self.figures.zero_chunks, 1);
                 let (offset, len) = self.geometry.chunk_range(i);
                 self.zero(offset, len as u64)?;
-                self.finals.push(i, *theirs);
+                self.finals.push(i, *theirs)?;
             } else {
                 add(&self.figures.chunks_changed, 1);
-                let blocks = if ours.zero {
-                    None
-                } else {
-                    Some(block_digests(&self.read_chunk(i)?))
+                let blocks = match (ours.zero, blocks) {
+                    (true, _) => None,
+                    (false, Some(b)) => Some(b),
+                    (false, None) => Some(block_digests(&self.read_chunk(i)?)),
                 };
                 self.open.insert(i, (*theirs, ours.zero));
+                self.finals.hold(i);
                 self.send(Message::Need { chunk: i, blocks })?;
             }
             self.next = i + 1;
+        }
+        Ok(())
+    }
+
+    /// A delta session reads only the target chunks the source announced, on all cores: their digests, and the
+    /// block digests of those that will need data.
+    fn read_announced(
+        &self,
+        first: u64,
+        digests: &[Digest],
+    ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
+        let (target, geometry, zeros, figures) =
+            (&*self.target, self.geometry, &self.zeros, &*self.figures);
+        (first..)
+            .zip(digests)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(i, theirs)| {
+                let (offset, len) = geometry.chunk_range(i);
+                let mut buf = vec![0u8; len];
+                target.read_exact_at(&mut buf, offset)?;
+                add(&figures.bytes_read, len as u64);
+                let ours = zeros.summarize(i, &buf);
+                let needs_blocks =
+                    ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
+                Ok((ours, needs_blocks.then(|| block_digests(&buf))))
+            })
+            .collect()
+    }
+
+    /// A full comparison with a manifest: a target chunk that does not hold what the manifest says was written by
+    /// something else (or the manifest is stale); this comparison repairs it, and says so.
+    fn check_drift(&mut self, chunk: u64, ours: &ChunkSummary) -> Result<()> {
+        let Some(base) = &mut self.drift else {
+            return Ok(());
+        };
+        let expected = base.next_digest().map_err(|e| {
+            Error::State(format!(
+                "reading the destination's manifest at chunk {chunk}: {e}"
+            ))
+        })?;
+        if expected != ours.digest {
+            let n = self
+                .figures
+                .target_drift
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n <= 8 {
+                tracing::warn!(
+                    "target chunk {chunk} does not hold what the destination's manifest says: something else wrote the target; this full comparison repairs it"
+                );
+            }
         }
         Ok(())
     }
@@ -272,10 +389,25 @@ impl Apply {
         let settled = self.finals.settled();
         let every = (self.window / 4).clamp(1, ACK_EVERY);
         // Caught up (every announced chunk settled): the source may be waiting for exactly this credit.
-        let due = settled - self.last_ack >= every || settled == self.next;
+        let due = settled - self.last_ack >= every || settled >= self.next;
         if settled > self.last_ack && due {
             self.last_ack = settled;
+            while self.pending.front().is_some_and(|c| *c < settled) {
+                self.pending.pop_front();
+            }
             self.send(Message::Ack { through: settled })?;
+        }
+        Ok(())
+    }
+
+    /// Before the session's first write to the target: its manifest no longer describes it. The removal is durable
+    /// before the write, so no crash can leave a manifest that claims what the target no longer holds.
+    fn before_write(&mut self) -> Result<()> {
+        if !self.wrote {
+            self.store
+                .invalidate(Role::Destination)
+                .map_err(|e| Error::State(e.to_string()))?;
+            self.wrote = true;
         }
         Ok(())
     }
@@ -301,6 +433,7 @@ impl Apply {
             };
             claimed.push((d, expected, target_zero));
         }
+        self.before_write()?;
         let written: Vec<Result<()>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
             claimed
@@ -330,13 +463,14 @@ impl Apply {
             add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
             add(&f.data_bytes, u64::from(d.raw_len));
             add(&f.compressed_bytes, d.payload.len() as u64);
-            self.finals.push(d.chunk, expected);
+            self.finals.push(d.chunk, expected)?;
         }
         Ok(())
     }
 
     /// Zeroes a range, merging adjacent ranges into one call.
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.before_write()?;
         match &mut self.zero_run {
             Some((o, l)) if *o + *l == offset => *l += len,
             _ => {
@@ -369,251 +503,4 @@ fn read_back(target: &Arc<Volume>, geometry: Geometry, figures: &Figures) -> Res
         },
     )?;
     Ok(digest.finish())
-}
-
-/// Rebuilds a chunk (the target's bytes with the DATA's blocks replaced or zeroed), checks it against the source's
-/// digest, and only then writes its data blocks. Zero blocks are left to the caller. Buffers are per worker thread:
-/// a fresh 64 KiB allocation per chunk showed up as page faults and unmapping in profiles.
-fn verify_and_write(
-    target: &Volume,
-    geometry: Geometry,
-    figures: &Figures,
-    d: &DataFrame,
-    expected: Digest,
-    target_zero: bool,
-) -> Result<()> {
-    thread_local! {
-        static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-    }
-    BUFFERS.with(|cell| {
-        let (scratch, chunk) = &mut *cell.borrow_mut();
-        let (offset, len) = geometry.chunk_range(d.chunk);
-        let raw = decoded(d, len, scratch)?;
-        if raw.len() == len {
-            // Every block travelled (a chunk copied whole): the payload is the chunk, hashed and written in place.
-            if Digest::of(raw) != expected {
-                return Err(Error::DigestMismatch { chunk: d.chunk });
-            }
-            return target.write_all_at(raw, offset);
-        }
-        chunk.resize(len, 0);
-        if !target_zero {
-            target.read_exact_at(chunk, offset)?;
-            add(&figures.bytes_read, len as u64);
-        }
-        // The buffer holds the previous chunk: every block is either sent, zeroed, or (when the target chunk is
-        // all zeros) zero-filled here; otherwise it was just read from the target.
-        let mut at = 0;
-        for b in 0..blocks_in(len) {
-            let r = block_range(len, b);
-            if d.send_mask & (1 << b) != 0 {
-                let n = r.len();
-                chunk[r].copy_from_slice(&raw[at..at + n]);
-                at += n;
-            } else if target_zero || d.zero_mask & (1 << b) != 0 {
-                chunk[r].fill(0);
-            }
-        }
-        if Digest::of(chunk) != expected {
-            return Err(Error::DigestMismatch { chunk: d.chunk });
-        }
-        for (b0, b1) in runs(d.send_mask) {
-            let (start, end) = (block_range(len, b0).start, block_range(len, b1 - 1).end);
-            target.write_all_at(&chunk[start..end], offset + start as u64)?;
-        }
-        Ok(())
-    })
-}
-
-/// Checks a DATA frame's masks and lengths against its chunk and decodes its payload (zstd capped at `raw_len`).
-pub fn decode_payload(d: &DataFrame, chunk_len: usize) -> Result<Vec<u8>> {
-    let mut scratch = Vec::new();
-    decoded(d, chunk_len, &mut scratch).map(<[u8]>::to_vec)
-}
-
-/// [`decode_payload`] without copies: a raw payload is borrowed, a zstd one is decompressed into `scratch`.
-fn decoded<'a>(d: &'a DataFrame, chunk_len: usize, scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
-    let blocks = blocks_in(chunk_len);
-    let valid = if blocks == 64 {
-        u64::MAX
-    } else {
-        (1u64 << blocks) - 1
-    };
-    let bad = |why: String| Error::Protocol(format!("DATA for chunk {}: {why}", d.chunk));
-    if d.send_mask & d.zero_mask != 0 || (d.send_mask | d.zero_mask) & !valid != 0 {
-        return Err(bad(
-            "block masks overlap or name blocks outside the chunk".into()
-        ));
-    }
-    let expected: usize = (0..blocks)
-        .filter(|b| d.send_mask & (1 << b) != 0)
-        .map(|b| block_range(chunk_len, b).len())
-        .sum();
-    if d.raw_len as usize != expected {
-        return Err(bad(format!(
-            "raw_len {} but its blocks hold {expected}",
-            d.raw_len
-        )));
-    }
-    match d.encoding {
-        Encoding::Raw if d.payload.len() == expected => Ok(&d.payload),
-        Encoding::Raw => Err(bad(format!(
-            "raw payload of {} bytes, expected {expected}",
-            d.payload.len()
-        ))),
-        Encoding::Zstd if d.payload.len() >= expected => {
-            Err(bad("a zstd payload no smaller than its raw data".into()))
-        }
-        Encoding::Zstd => match decompress(&d.payload, expected, scratch) {
-            Ok(n) if n == expected => Ok(&scratch[..n]),
-            Ok(n) => Err(bad(format!(
-                "zstd payload decompresses to {n} bytes, expected {expected}"
-            ))),
-            Err(e) => Err(bad(format!(
-                "zstd payload does not decompress within {expected} bytes: {e}"
-            ))),
-        },
-    }
-}
-
-/// zstd decompression into `out`, refused beyond `capacity` bytes, with one reusable context per thread.
-fn decompress(payload: &[u8], capacity: usize, out: &mut Vec<u8>) -> std::io::Result<usize> {
-    thread_local! {
-        static CONTEXT: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-    }
-    if out.len() < capacity {
-        out.resize(capacity, 0);
-    }
-    CONTEXT.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match slot.as_mut() {
-            Some(d) => d.decompress_to_buffer(payload, &mut out[..capacity]),
-            None => Err(std::io::Error::other("no zstd context")),
-        }
-    })
-}
-
-/// Runs of set bits as half-open block ranges.
-fn runs(mask: u64) -> impl Iterator<Item = (u32, u32)> {
-    let mut m = mask;
-    std::iter::from_fn(move || {
-        if m == 0 {
-            return None;
-        }
-        let start = m.trailing_zeros();
-        let len = (m >> start).trailing_ones();
-        m &= !(((1u128 << len) - 1) as u64) << start;
-        Some((start, start + len))
-    })
-}
-
-/// The volume digest of what the target holds, fed in any order within the window and hashed in chunk order.
-struct FinalDigests {
-    digest: VolumeDigest,
-    waiting: BTreeMap<u64, Digest>,
-    count: u64,
-}
-
-impl FinalDigests {
-    fn new(geometry: Geometry) -> Self {
-        FinalDigests {
-            digest: VolumeDigest::new(geometry),
-            waiting: BTreeMap::new(),
-            count: geometry.chunk_count(),
-        }
-    }
-
-    fn push(&mut self, chunk: u64, digest: Digest) {
-        self.waiting.insert(chunk, digest);
-        while let Some(d) = self.waiting.remove(&self.digest.chunks()) {
-            self.digest.push(&d);
-        }
-    }
-
-    /// Chunks settled in order: every chunk below this index has its final digest.
-    fn settled(&self) -> u64 {
-        self.digest.chunks()
-    }
-
-    fn finish(&self) -> Result<Digest> {
-        if self.digest.chunks() != self.count || !self.waiting.is_empty() {
-            return Err(Error::Protocol(format!(
-                "only {} of {} chunks are settled",
-                self.digest.chunks(),
-                self.count
-            )));
-        }
-        Ok(self.digest.finish())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-
-    fn frame(send: u64, zero: u64, enc: Encoding, raw_len: u32, payload: Vec<u8>) -> DataFrame {
-        DataFrame {
-            chunk: 0,
-            send_mask: send,
-            zero_mask: zero,
-            encoding: enc,
-            raw_len,
-            payload: Bytes::from(payload),
-        }
-    }
-
-    #[test]
-    fn runs_split_a_mask_into_consecutive_blocks() {
-        assert_eq!(runs(0b0111_0110).collect::<Vec<_>>(), vec![(1, 3), (4, 7)]);
-        assert_eq!(runs(u64::MAX).collect::<Vec<_>>(), vec![(0, 64)]);
-        assert_eq!(runs(0).count(), 0);
-    }
-
-    #[test]
-    fn payload_checks_reject_inconsistent_frames() {
-        let ok = decode_payload(&frame(0b1, 0, Encoding::Raw, 4096, vec![1; 4096]), 65536);
-        assert_eq!(ok.expect("valid").len(), 4096);
-        let overlap = frame(0b1, 0b1, Encoding::Raw, 4096, vec![1; 4096]);
-        assert!(decode_payload(&overlap, 65536).is_err());
-        let outside = frame(1 << 16, 0, Encoding::Raw, 4096, vec![1; 4096]);
-        assert!(decode_payload(&outside, 65536).is_err());
-        let wrong_len = frame(0b11, 0, Encoding::Raw, 4096, vec![1; 4096]);
-        assert!(decode_payload(&wrong_len, 65536).is_err());
-        let short_last = frame(0b10, 0, Encoding::Raw, 100, vec![1; 100]);
-        assert!(decode_payload(&short_last, 4196).is_ok());
-    }
-
-    #[test]
-    fn decompression_is_capped_at_raw_len() {
-        let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).expect("compress");
-        let err =
-            decode_payload(&frame(0b1, 0, Encoding::Zstd, 4096, bomb), 65536).expect_err("bomb");
-        assert!(
-            err.to_string().contains("does not decompress within 4096"),
-            "{err}"
-        );
-        let inflated = zstd::bulk::compress(&[7u8; 10], 3).expect("compress");
-        let err = decode_payload(&frame(0b1, 0, Encoding::Zstd, 4096, inflated), 65536)
-            .expect_err("short");
-        assert!(err.to_string().contains("expected 4096"), "{err}");
-    }
-
-    #[test]
-    fn final_digests_reorder_within_the_window() -> anyhow::Result<()> {
-        let g = Geometry::new(3 * 65536, 65536).map_err(anyhow::Error::msg)?;
-        let ds = [Digest::of(b"0"), Digest::of(b"1"), Digest::of(b"2")];
-        let mut f = FinalDigests::new(g);
-        f.push(1, ds[1]);
-        assert!(f.finish().is_err());
-        f.push(2, ds[2]);
-        f.push(0, ds[0]);
-        let mut v = VolumeDigest::new(g);
-        ds.iter().for_each(|d| v.push(d));
-        assert_eq!(f.finish()?, v.finish());
-        Ok(())
-    }
 }

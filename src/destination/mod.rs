@@ -9,8 +9,11 @@
 
 mod accept;
 mod apply;
+mod basis;
+mod finals;
 mod flush;
 mod session;
+mod verify;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,10 +23,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 pub use accept::MAX_HANDSHAKES;
-pub use apply::{decode_payload, ACK_EVERY};
+pub use apply::ACK_EVERY;
+pub use verify::decode_payload;
 
 use crate::chunk::Digest;
+use crate::delta::Verify;
 use crate::error::{Error, Result};
+use crate::manifest::{Role, Store};
 use crate::metrics::Rejection;
 use crate::net::Timeouts;
 use crate::tls::Psk;
@@ -62,6 +68,10 @@ pub struct DestinationConfig {
     /// After the final fsync, read the whole target back and check its volume digest against the source's (one
     /// more read of the volume's size; catches another writer of the target during the sync).
     pub read_back: bool,
+    /// Where the manifest of the target is kept between syncs (a state directory, memory, or nowhere).
+    pub state: Arc<Store>,
+    /// When to compare in full although a delta is possible.
+    pub verify: Verify,
 }
 
 /// A destination ready to serve: its target held exclusively, its port bound.
@@ -81,6 +91,12 @@ impl Bound {
 /// or a second destination on it is reported at start-up, and the caller learns the address before any sync.
 pub async fn bind(config: &DestinationConfig) -> Result<Bound> {
     let target = Volume::open_target(&config.target)?;
+    // This volume is a destination now: a manifest this state directory kept while it was a source describes an
+    // image it sent, not what a later failback writes here.
+    config
+        .state
+        .invalidate(Role::Source)
+        .map_err(|e| Error::State(e.to_string()))?;
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|e| Error::net("listen", e))?;
@@ -137,6 +153,7 @@ pub async fn serve_until(
     let shared = Arc::new(Shared {
         target: Arc::new(target),
         writing: Arc::new(tokio::sync::Mutex::new(())),
+        policy: Arc::new(basis::Policy::new(config.verify)),
         local: listener
             .local_addr()
             .map_or_else(|_| config.listen.clone(), |a| a.to_string()),

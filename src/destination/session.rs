@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::accept::{Arrival, Hello, Session};
 use super::{apply, DestinationConfig, INBOX};
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
-use crate::codec::{FrameReader, Message};
+use crate::codec::{FrameReader, Message, SyncKind};
 use crate::error::{Error, Result};
 use crate::net::{finish_writer, linger_close, spawn_writer, tell_peer, within, ABORT_GRACE};
 use crate::progress::Progress;
@@ -32,6 +32,8 @@ pub struct Shared {
     pub writing: Arc<tokio::sync::Mutex<()>>,
     /// The address the destination listens on (for `rsyncTLS.address`).
     pub local: String,
+    /// When a full comparison is due.
+    pub policy: Arc<super::basis::Policy>,
 }
 
 /// Aborts a task when dropped: a failed session must not leave its writer blocked on a dead peer, which would
@@ -169,21 +171,45 @@ async fn session(
         }
     };
     figures.set_geometry(&geometry);
+    let target = Arc::new(target);
+    // Validating a manifest reads it whole (32 bytes per chunk): not on the runtime's threads.
+    let basis = {
+        let (state, policy, offer, t) = (
+            config.state.clone(),
+            shared.policy.clone(),
+            hello.offer,
+            target.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            super::basis::decide(&state, &policy, &offer, &t, geometry)
+        })
+        .await
+        .map_err(|e| Error::Protocol(format!("deciding the sync's kind failed: {e}")))?
+    };
+    let kind = basis.kind;
+    figures.set_kind(kind, basis.reason);
     tracing::info!(
         target = %config.target.display(),
         volume_size = geometry.volume_size(),
         chunk_size = geometry.chunk_size(),
+        kind = %kind,
         "sync started"
     );
+    if kind == SyncKind::Full {
+        tracing::info!("full comparison: {}", basis.reason);
+    }
     let ready = Message::Ready {
         target_size: target.size(),
         window: config.window,
+        kind,
+        reason: basis.reason,
     };
     within("hello", t.handshake, writer.send(&ready)).await?;
     let _progress = Progress::start("destination", figures.clone());
 
-    let target = Arc::new(target);
-    let local = spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone());
+    // A delta does not hash the target: the manifest says what it holds.
+    let local = (!kind.is_delta())
+        .then(|| spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone()));
     let (outbox, writer_task) = spawn_writer(writer, 256, t.idle);
     let _abort_writer = AbortOnDrop(writer_task.abort_handle());
     let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
@@ -198,6 +224,7 @@ async fn session(
                 window: config.window,
                 read_back: config.read_back,
             },
+            basis,
         );
         tokio::task::spawn_blocking(move || {
             let _writing = writing;
@@ -230,6 +257,7 @@ async fn session(
     };
     // Durable and verified: record success first, then tell the source.
     figures.set_volume_digest(digest);
+    shared.policy.served(kind);
     let elapsed = started.elapsed();
     let summary = figures.summary(elapsed);
     for line in summary.lines() {

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::{TcpListener, TcpStream};
 
 use blockmover::chunk::Digest;
-use blockmover::codec::{AbortCode, DataFrame, Encoding, FrameReader, FrameWriter, Message};
+use blockmover::codec::{
+    AbortCode, DataFrame, Encoding, Fallback, FrameReader, FrameWriter, Message, Offer, SyncKind,
+};
 use blockmover::net::{authenticate, Counted, WireCounters};
 use blockmover::sample::{file_digest, write_sample_volume, SampleSpec};
 use blockmover::tls::{self, Psk, Side};
@@ -194,6 +196,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
             Message::Ready {
                 target_size,
                 window,
+                kind: SyncKind::Full,
+                ..
             } if target_size == SIZE && window > 0 => Ok(()),
             other => bail!("expected READY for a {SIZE}-byte target, received {other:?}"),
         }
@@ -310,6 +314,7 @@ fn hello(volume_size: u64) -> Message {
         chunk_size: CHUNK,
         block_size: 4096,
         source: "default/hostile".into(),
+        offer: Offer::full(Fallback::SourceNoState),
     }
 }
 
@@ -507,12 +512,14 @@ async fn ready_of_another_version_fails_the_source_with_version_mismatch() -> Re
     let mut peer = Peer::authenticated(tls, &site.psk, Side::Destination, exporter).await?;
     let hello_received = peer.recv().await?;
     ensure!(
-        matches!(hello_received, Message::Hello { volume_size: SIZE, chunk_size: CHUNK, block_size: 4096, ref source } if source == "default/target.img"),
+        matches!(hello_received, Message::Hello { volume_size: SIZE, chunk_size: CHUNK, block_size: 4096, ref source, .. } if source == "default/target.img"),
         "HELLO {hello_received:?}"
     );
     let mut ready = frame(&Message::Ready {
         target_size: SIZE,
         window: 8192,
+        kind: SyncKind::Full,
+        reason: Fallback::DestinationNoState,
     });
     ready[2] = blockmover::codec::VERSION + 1;
     peer.raw(&ready).await?;

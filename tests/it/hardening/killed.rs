@@ -14,7 +14,7 @@ use std::os::unix::process::ExitStatusExt;
 
 use anyhow::{bail, ensure, Result};
 use blockmover::chunk::Digest;
-use blockmover::codec::Message;
+use blockmover::codec::{Fallback, Message, SyncKind};
 use blockmover::net::authenticated;
 use blockmover::sample::SampleSpec;
 use blockmover::tls::{self, Psk, Side};
@@ -108,6 +108,8 @@ async fn vanish_with_needs_in_flight(listener: TcpListener, psk: Psk) -> Result<
     let ready = Message::Ready {
         target_size: volume_size,
         window,
+        kind: SyncKind::Full,
+        reason: Fallback::DestinationNoState,
     };
     writer.send(&ready).await?;
     let mut announced = 0;

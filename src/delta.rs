@@ -1,0 +1,168 @@
+//! What both agents decide about a delta sync: when a full comparison is due, and what a destination manifest
+//! must match to describe the target (see "Why a delta sync is safe" in `proto/PROTOCOL.md`).
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use crate::volume::{Kind, Volume};
+
+/// How often a full comparison runs although a delta is possible (`--verify-every`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Every {
+    /// After this many delta syncs in a row.
+    Syncs(u32),
+    /// When the last full comparison is older than this.
+    Interval(Duration),
+    /// Never (only `--verify full` forces one).
+    Never,
+}
+
+/// The documented default of `--verify-every`: one full comparison a day bounds how long a target that something
+/// else wrote, or a change list that lied, can go unnoticed.
+pub const DEFAULT_EVERY: Every = Every::Interval(Duration::from_secs(24 * 3600));
+
+impl Every {
+    /// Parses `N` (syncs), `DURATION` with a unit (`90s`, `30m`, `12h`, `7d`) or `never`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t == "never" {
+            return Ok(Every::Never);
+        }
+        let bad = || {
+            format!("--verify-every {text:?}: expected a number of syncs (24), a duration (90s, 30m, 12h, 7d) or never")
+        };
+        let (number, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        let secs = match unit {
+            "" => return u32::try_from(n).map(Every::Syncs).map_err(|_| bad()),
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(secs)
+            .map(|s| Every::Interval(Duration::from_secs(s)))
+            .ok_or_else(bad)
+    }
+
+    /// Whether a full comparison is due, for a pair whose manifest counts `deltas` delta syncs since the last full
+    /// comparison, which ran at `last_full_ms` (Unix milliseconds), at `now_ms`.
+    pub fn due(self, deltas: u32, last_full_ms: u64, now_ms: u64) -> bool {
+        match self {
+            Every::Syncs(n) => deltas >= n,
+            Every::Interval(d) => now_ms.saturating_sub(last_full_ms) >= d.as_millis() as u64,
+            Every::Never => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Every {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Every::Syncs(n) => write!(f, "{n} syncs"),
+            Every::Interval(d) => write!(f, "{}s", d.as_secs()),
+            Every::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// An agent's verification policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verify {
+    /// `--verify full`: the next sync is a full comparison (a long-running agent's first sync only).
+    pub full: bool,
+    /// `--verify-every`.
+    pub every: Every,
+}
+
+impl Default for Verify {
+    fn default() -> Self {
+        Verify {
+            full: false,
+            every: DEFAULT_EVERY,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a destination manifest must match to describe `target`: the identity (its path and kind, for a regular
+/// file its device and inode, for a block device its device number) and the stamp (a regular file's modification
+/// time in nanoseconds: any write by another program moves it, and the manifest is then stale; 0 for a block
+/// device). A block device written by something else is not detected here: that is what `--verify-every` bounds.
+pub fn target_identity(target: &Volume) -> std::io::Result<(String, u64)> {
+    let meta = std::fs::metadata(target.path())?;
+    Ok(match target.kind() {
+        Kind::File => (
+            format!(
+                "destination file {} dev={} ino={}",
+                target.path().display(),
+                meta.dev(),
+                meta.ino()
+            ),
+            (meta.mtime() as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(meta.mtime_nsec() as u64),
+        ),
+        Kind::BlockDevice => (
+            format!(
+                "destination block device {} rdev={}",
+                target.path().display(),
+                meta.rdev()
+            ),
+            0,
+        ),
+    })
+}
+
+/// What a source manifest must match: who the source is (`namespace/name`). Its volume is a new snapshot at
+/// every sync, so the manifest describes the image last sent, not a device.
+pub fn source_identity(source: &str) -> String {
+    format!("source {source}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_every_parses_syncs_durations_and_never() {
+        assert_eq!(Every::parse("24"), Ok(Every::Syncs(24)));
+        assert_eq!(
+            Every::parse("90s"),
+            Ok(Every::Interval(Duration::from_secs(90)))
+        );
+        assert_eq!(
+            Every::parse("12h"),
+            Ok(Every::Interval(Duration::from_secs(43200)))
+        );
+        assert_eq!(
+            Every::parse("7d"),
+            Ok(Every::Interval(Duration::from_secs(604800)))
+        );
+        assert_eq!(Every::parse("never"), Ok(Every::Never));
+        for bad in ["", "h", "3w", "-1", "1.5h", "99999999999"] {
+            assert!(Every::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_full_comparison_is_due_after_n_deltas_or_an_interval() {
+        assert!(!Every::Syncs(3).due(2, 0, 0));
+        assert!(Every::Syncs(3).due(3, 0, 0));
+        assert!(
+            Every::Syncs(0).due(0, 0, 0),
+            "0: every sync is a full comparison"
+        );
+        let day = Every::Interval(Duration::from_secs(86400));
+        assert!(!day.due(100, 1000, 1000 + 86_399_999));
+        assert!(day.due(0, 1000, 1000 + 86_400_000));
+        assert!(!Every::Never.due(u32::MAX, 0, u64::MAX));
+    }
+}

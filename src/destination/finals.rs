@@ -1,0 +1,170 @@
+//! The volume digest of what the target holds, and the manifest that records it.
+//!
+//! Chunks settle in any order within the window; their digests are hashed in chunk order. In a delta session the
+//! chunks the source did not announce hold what the destination's manifest (the base) says: the base is read in
+//! step with the chunk order, so a gap of a million chunks costs no memory.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::chunk::{Digest, Geometry, VolumeDigest};
+use crate::error::{Error, Result};
+use crate::manifest::{Reader, Writer};
+
+/// The final digest of every chunk, in chunk order.
+pub struct FinalDigests {
+    digest: VolumeDigest,
+    waiting: BTreeMap<u64, Digest>,
+    count: u64,
+    /// Delta: the base, positioned at the next chunk in order.
+    base: Option<Reader>,
+    /// Delta: every chunk below this that was not announced is equal to the base.
+    base_through: u64,
+    /// Delta: announced chunks not settled yet (a NEED is open).
+    held: BTreeSet<u64>,
+    /// The next manifest, fed in chunk order.
+    sink: Option<Writer>,
+}
+
+impl FinalDigests {
+    /// For a session of `geometry`; `base` in a delta session; `sink` keeps the next manifest.
+    pub fn new(geometry: Geometry, base: Option<Reader>, sink: Option<Writer>) -> Self {
+        FinalDigests {
+            digest: VolumeDigest::new(geometry),
+            waiting: BTreeMap::new(),
+            count: geometry.chunk_count(),
+            base,
+            base_through: 0,
+            held: BTreeSet::new(),
+            sink,
+        }
+    }
+
+    /// Chunk `chunk` was announced and waits for its DATA.
+    pub fn hold(&mut self, chunk: u64) {
+        self.held.insert(chunk);
+    }
+
+    /// Chunk `chunk` holds `digest` now.
+    pub fn push(&mut self, chunk: u64, digest: Digest) -> Result<()> {
+        self.held.remove(&chunk);
+        self.waiting.insert(chunk, digest);
+        self.advance()
+    }
+
+    /// Delta: every chunk below `through` that was not announced is equal to the base.
+    pub fn base_through(&mut self, through: u64) -> Result<()> {
+        self.base_through = self.base_through.max(through);
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Result<()> {
+        loop {
+            let c = self.digest.chunks();
+            if c >= self.count || self.held.contains(&c) {
+                return Ok(());
+            }
+            let own = self.waiting.remove(&c);
+            if own.is_none() && (self.base.is_none() || c >= self.base_through) {
+                return Ok(());
+            }
+            // The base moves in step with the chunk order, used or not.
+            let base = match &mut self.base {
+                Some(r) => Some(r.next_digest().map_err(|e| {
+                    Error::State(format!(
+                        "reading the destination's manifest at chunk {c}: {e}"
+                    ))
+                })?),
+                None => None,
+            };
+            let Some(d) = own.or(base) else {
+                return Ok(());
+            };
+            self.digest.push(&d);
+            if let Some(w) = &mut self.sink {
+                if let Err(e) = w.push(&d) {
+                    tracing::warn!("the destination's manifest will not be kept: {e}");
+                    self.sink = None;
+                }
+            }
+        }
+    }
+
+    /// Chunks settled in order: every chunk below this index has its final digest.
+    pub fn settled(&self) -> u64 {
+        self.digest.chunks()
+    }
+
+    /// The volume digest, once every chunk settled, and the next manifest's writer.
+    pub fn finish(&mut self) -> Result<(Digest, Option<Writer>)> {
+        if self.digest.chunks() != self.count || !self.waiting.is_empty() {
+            return Err(Error::Protocol(format!(
+                "only {} of {} chunks are settled",
+                self.digest.chunks(),
+                self.count
+            )));
+        }
+        Ok((self.digest.finish(), self.sink.take()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Expect, Meta, Role, Store, SyncKind};
+
+    #[test]
+    fn final_digests_reorder_within_the_window() -> anyhow::Result<()> {
+        let g = Geometry::new(3 * 65536, 65536).map_err(anyhow::Error::msg)?;
+        let ds = [Digest::of(b"0"), Digest::of(b"1"), Digest::of(b"2")];
+        let mut f = FinalDigests::new(g, None, None);
+        f.push(1, ds[1])?;
+        assert!(f.finish().is_err());
+        f.push(2, ds[2])?;
+        f.push(0, ds[0])?;
+        let mut v = VolumeDigest::new(g);
+        ds.iter().for_each(|d| v.push(d));
+        assert_eq!(f.finish()?.0, v.finish());
+        Ok(())
+    }
+
+    #[test]
+    fn a_delta_takes_the_base_for_the_chunks_not_announced_and_waits_for_held_ones(
+    ) -> anyhow::Result<()> {
+        let g = Geometry::new(6 * 65536, 65536).map_err(anyhow::Error::msg)?;
+        let old: Vec<Digest> = (0..6u8).map(|i| Digest::of(&[i])).collect();
+        let store = Store::memory(1 << 20);
+        let mut w = store.writer(Role::Destination, g, "t")?;
+        let mut v = VolumeDigest::new(g);
+        for d in &old {
+            w.push(d)?;
+            v.push(d);
+        }
+        w.commit(Meta {
+            volume_digest: v.finish(),
+            kind: SyncKind::Full,
+            last_full_unix_ms: 0,
+            deltas_since_full: 0,
+            stamp: 0,
+        })?;
+        let expect = Expect {
+            identity: "t".into(),
+            geometry: g,
+            stamp: 0,
+        };
+        let base = store.load(Role::Destination, &expect)?;
+        let new2 = Digest::of(b"new 2");
+        let mut f = FinalDigests::new(g, Some(base), None);
+        f.hold(2);
+        f.base_through(4)?;
+        assert_eq!(f.settled(), 2, "chunk 2 is held: nothing past it settles");
+        f.push(2, new2)?;
+        assert_eq!(f.settled(), 4);
+        f.base_through(6)?;
+        let mut want = VolumeDigest::new(g);
+        for (i, d) in old.iter().enumerate() {
+            want.push(if i == 2 { &new2 } else { d });
+        }
+        assert_eq!(f.finish()?.0, want.finish());
+        Ok(())
+    }
+}

@@ -1,0 +1,299 @@
+//! Where manifests live: a state directory, memory, or nowhere, behind the one [`Store`] API.
+
+use std::fmt;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Cursor, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::format::{Backing, BUFFER_LEN};
+use super::{Expect, ManifestError, Reader, Role, Unusable, Writer};
+use crate::chunk::Geometry;
+use crate::durable;
+
+/// Where an agent keeps its manifests, one per [`Role`]. Cloning shares the store (the memory store's manifests
+/// too).
+#[derive(Clone)]
+pub struct Store {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Nothing,
+    Dir(PathBuf),
+    Memory(Arc<Memory>),
+}
+
+/// The memory store: the bytes a state directory would hold, at most `limit` per manifest.
+pub(super) struct Memory {
+    limit: u64,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    source: Option<Arc<[u8]>>,
+    destination: Option<Arc<[u8]>>,
+}
+
+impl Memory {
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        // A panic while holding the lock cannot leave a slot half-written: each is replaced whole.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set(&self, role: Role, bytes: Option<Arc<[u8]>>) {
+        let mut slots = self.slots();
+        match role {
+            Role::Source => slots.source = bytes,
+            Role::Destination => slots.destination = bytes,
+        }
+    }
+
+    fn get(&self, role: Role) -> Option<Arc<[u8]>> {
+        let slots = self.slots();
+        match role {
+            Role::Source => slots.source.clone(),
+            Role::Destination => slots.destination.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::Nothing => f.write_str("Store::None"),
+            Inner::Dir(dir) => write!(f, "Store::Dir({})", dir.display()),
+            Inner::Memory(m) => write!(f, "Store::Memory {{ limit: {} }}", m.limit),
+        }
+    }
+}
+
+impl Store {
+    /// No state: [`Store::load`] finds [`Unusable::Missing`], commits and invalidations do nothing.
+    pub fn none() -> Self {
+        Store {
+            inner: Inner::Nothing,
+        }
+    }
+
+    /// Whether this store keeps manifests at all (a state directory or memory).
+    pub fn keeps_state(&self) -> bool {
+        !matches!(self.inner, Inner::Nothing)
+    }
+
+    /// Manifests in the state directory `path`, created (mode 0700, with its parents) if absent. Fails now, naming
+    /// the directory, if it cannot be created or written, rather than at the end of the first sync.
+    pub fn dir(path: impl Into<PathBuf>) -> Result<Self, ManifestError> {
+        let path = path.into();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .and_then(|()| durable::check_dir_writable(&path))
+            .map_err(|source| ManifestError::StateDir {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            inner: Inner::Dir(path),
+        })
+    }
+
+    /// Manifests kept in memory, for a long-running agent without a state directory: the same bytes as the file,
+    /// one per role; a manifest whose file would exceed `limit_bytes` is not kept.
+    pub fn memory(limit_bytes: u64) -> Self {
+        Store {
+            inner: Inner::Memory(Arc::new(Memory {
+                limit: limit_bytes,
+                slots: Mutex::default(),
+            })),
+        }
+    }
+
+    /// The file of `role`'s manifest in a state directory (`source.manifest`, `destination.manifest`).
+    pub fn path(&self, role: Role) -> Option<PathBuf> {
+        match &self.inner {
+            Inner::Dir(dir) => Some(file_in(dir, role)),
+            Inner::Nothing | Inner::Memory(_) => None,
+        }
+    }
+
+    /// `role`'s manifest, if it is whole and describes `expect` (see [`Unusable`] for every other case). Reads the
+    /// whole manifest once with a fixed buffer before returning; the [`Reader`] then streams the digests.
+    pub fn load(&self, role: Role, expect: &Expect) -> Result<Reader, Unusable> {
+        match &self.inner {
+            Inner::Nothing => Err(Unusable::Missing),
+            Inner::Memory(m) => {
+                let bytes = m.get(role).ok_or(Unusable::Missing)?;
+                Reader::open(Box::new(Cursor::new(bytes)), role, expect)
+            }
+            Inner::Dir(dir) => {
+                let path = file_in(dir, role);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                    .open(&path)
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => Unusable::Missing,
+                        _ => Unusable::Unreadable(e.to_string()).at(&path),
+                    })?;
+                let src: Box<dyn Backing> = Box::new(BufReader::with_capacity(BUFFER_LEN, file));
+                Reader::open(src, role, expect).map_err(|u| u.at(&path))
+            }
+        }
+    }
+
+    /// A writer of `role`'s next manifest, of a volume of `geometry`; `identity` (at most
+    /// [`super::MAX_IDENTITY_LEN`] bytes) is what it describes, the string a later [`Expect`] must match.
+    pub fn writer(
+        &self,
+        role: Role,
+        geometry: Geometry,
+        identity: &str,
+    ) -> Result<Writer, ManifestError> {
+        Writer::new(role, geometry, identity, |header_len, file_len| {
+            let placeholder = vec![0u8; header_len as usize];
+            match &self.inner {
+                Inner::Nothing => Ok(Sink::Nothing),
+                Inner::Memory(memory) => {
+                    let buf = (file_len <= memory.limit).then(|| {
+                        let mut buf = Vec::with_capacity(file_len as usize);
+                        buf.extend_from_slice(&placeholder);
+                        buf
+                    });
+                    Ok(Sink::Memory {
+                        memory: Arc::clone(memory),
+                        buf,
+                        file_len,
+                    })
+                }
+                Inner::Dir(dir) => {
+                    let path = file_in(dir, role);
+                    let opened = durable::create_temp(&path).and_then(|tmp| {
+                        let mut out = BufWriter::with_capacity(BUFFER_LEN, tmp);
+                        out.write_all(&placeholder)?;
+                        Ok(out)
+                    });
+                    match opened {
+                        Ok(out) => Ok(Sink::File { out, path }),
+                        Err(source) => Err(ManifestError::Write { path, source }),
+                    }
+                }
+            }
+        })
+    }
+
+    /// Removes `role`'s manifest durably (unlinked and the directory fsynced), so that it is not trusted after a
+    /// change it does not describe. Nothing to do if there is none.
+    pub fn invalidate(&self, role: Role) -> Result<(), ManifestError> {
+        match &self.inner {
+            Inner::Nothing => Ok(()),
+            Inner::Memory(m) => {
+                m.set(role, None);
+                Ok(())
+            }
+            Inner::Dir(dir) => {
+                let path = file_in(dir, role);
+                durable::remove_file(&path).map_err(|source| ManifestError::Remove { path, source })
+            }
+        }
+    }
+}
+
+/// `role`'s manifest file in `dir`.
+fn file_in(dir: &Path, role: Role) -> PathBuf {
+    dir.join(format!("{}.manifest", role.as_str()))
+}
+
+/// Where a [`Writer`] puts its bytes: the header's placeholder is already there, then the digests.
+pub(super) enum Sink {
+    /// [`Store::none`]: nothing is written or checked.
+    Nothing,
+    /// A temporary file beside `path`, removed if the writer drops.
+    File {
+        out: BufWriter<tempfile::NamedTempFile>,
+        path: PathBuf,
+    },
+    /// The memory store's next manifest; `None` once it would exceed the limit.
+    Memory {
+        memory: Arc<Memory>,
+        buf: Option<Vec<u8>>,
+        file_len: u64,
+    },
+}
+
+impl Sink {
+    /// Whether this is [`Store::none`]'s sink.
+    pub(super) fn is_nothing(&self) -> bool {
+        matches!(self, Sink::Nothing)
+    }
+
+    /// Appends digest bytes.
+    pub(super) fn write(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
+        match self {
+            Sink::Nothing | Sink::Memory { buf: None, .. } => Ok(()),
+            Sink::Memory { buf: Some(buf), .. } => {
+                buf.extend_from_slice(bytes);
+                Ok(())
+            }
+            Sink::File { out, path } => {
+                out.write_all(bytes).map_err(|source| ManifestError::Write {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Appends the trailer, writes the header over its placeholder and makes the bytes `role`'s manifest.
+    pub(super) fn finish(
+        self,
+        role: Role,
+        header: &[u8],
+        trailer: &[u8],
+    ) -> Result<(), ManifestError> {
+        match self {
+            Sink::Nothing => Ok(()),
+            Sink::Memory {
+                memory,
+                buf: None,
+                file_len,
+            } => {
+                memory.set(role, None);
+                tracing::info!(
+                    role = role.as_str(),
+                    "the {} manifest ({file_len} bytes) is too large to keep in memory (limit {} bytes): the next \
+                     sync compares in full; give the agent a --state-dir to keep manifests on disk",
+                    role.as_str(),
+                    memory.limit
+                );
+                Ok(())
+            }
+            Sink::Memory {
+                memory,
+                buf: Some(mut buf),
+                ..
+            } => {
+                buf[..header.len()].copy_from_slice(header);
+                buf.extend_from_slice(trailer);
+                memory.set(role, Some(Arc::from(buf)));
+                Ok(())
+            }
+            Sink::File { mut out, path } => {
+                let finished = out
+                    .write_all(trailer)
+                    .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+                    .and_then(|mut tmp| {
+                        let file: &mut File = tmp.as_file_mut();
+                        file.seek(SeekFrom::Start(0))?;
+                        file.write_all(header)?;
+                        durable::persist(tmp, &path, durable::Existing::Replace)
+                    });
+                finished.map_err(|source| ManifestError::Write { path, source })
+            }
+        }
+    }
+}

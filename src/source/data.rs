@@ -1,0 +1,218 @@
+//! Answering a NEED: the chunk read again, the blocks that differ, compressed when that pays.
+
+use bytes::Bytes;
+use rayon::prelude::*;
+
+use crate::chunk::{block_range, is_zero, Digest, Geometry, BLOCK_SIZE};
+use crate::codec::{DataFrame, Encoding};
+use crate::error::Result;
+use crate::stats::{add, Figures};
+use crate::volume::Volume;
+
+pub(super) fn count_data(figures: &Figures, d: &DataFrame) {
+    add(&figures.chunks_changed, 1);
+    add(&figures.chunks_sent, 1);
+    add(&figures.blocks_sent, u64::from(d.send_mask.count_ones()));
+    add(&figures.zero_blocks, u64::from(d.zero_mask.count_ones()));
+    add(&figures.data_bytes, u64::from(d.raw_len));
+    add(&figures.compressed_bytes, d.payload.len() as u64);
+}
+
+/// The first of `chunks` whose bytes no longer hash to the digest given with it (read again now, on all cores).
+pub fn changed_chunk(
+    volume: &Volume,
+    geometry: Geometry,
+    chunks: &[(u64, Digest)],
+) -> Result<Option<u64>> {
+    let changed: Vec<Result<Option<u64>>> = chunks
+        .par_iter()
+        .map(|&(chunk, announced)| {
+            let (offset, len) = geometry.chunk_range(chunk);
+            let mut bytes = Vec::with_capacity(len);
+            volume.read_append(&mut bytes, offset, len)?;
+            Ok((Digest::of(&bytes) != announced).then_some(chunk))
+        })
+        .collect();
+    changed.into_iter().find_map(|r| r.transpose()).transpose()
+}
+
+/// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
+/// zeros, the non-zero blocks); zero blocks become marks; with a `zstd_level`, the payload is zstd when that is
+/// smaller, else raw.
+///
+/// The chunk is read again, not taken from the scan: on a snapshot it holds the bytes the scan hashed. On a live
+/// volume it may not, and the destination then refuses the rebuilt chunk (its digest is checked before anything is
+/// written); [`changed_chunk`] tells the source why.
+pub fn build_data(
+    volume: &Volume,
+    geometry: Geometry,
+    chunk: u64,
+    target_blocks: Option<&[Digest]>,
+    zstd_level: Option<i32>,
+) -> Result<DataFrame> {
+    let (offset, len) = geometry.chunk_range(chunk);
+    // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
+    // where it was read; otherwise the blocks that travel are moved to the front.
+    let mut raw = Vec::with_capacity(len);
+    volume.read_append(&mut raw, offset, len)?;
+    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    let mut kept = 0;
+    for b in 0..geometry.blocks_in_chunk(chunk) {
+        let r = block_range(len, b);
+        let block = &raw[r.clone()];
+        let zero = is_zero(block);
+        let differs = match target_blocks {
+            None => !zero,
+            Some(theirs) => Digest::of(block) != theirs[b as usize],
+        };
+        if !differs {
+            continue;
+        }
+        if zero {
+            zero_mask |= 1 << b;
+        } else {
+            send_mask |= 1 << b;
+            if r.start != kept {
+                raw.copy_within(r.clone(), kept);
+            }
+            kept += r.len();
+        }
+    }
+    raw.truncate(kept);
+    let raw_len = raw.len() as u32;
+    let (encoding, payload) = match zstd_level
+        .filter(|l| compressible(&raw, *l))
+        .map(|l| compress(&raw, l))
+    {
+        Some(Ok(z)) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
+        _ => (Encoding::Raw, Bytes::from(raw)),
+    };
+    Ok(DataFrame {
+        chunk,
+        send_mask,
+        zero_mask,
+        encoding,
+        raw_len,
+        payload,
+    })
+}
+
+/// Bytes compressed as a probe before compressing a whole payload.
+const PROBE: usize = 2 * BLOCK_SIZE as usize;
+
+/// Whether compressing `raw` looks worthwhile, judged by compressing its first [`PROBE`] bytes: zstd spends as long
+/// on random data (encrypted or already compressed guest files) as on text, only to have the result discarded. A
+/// probe that saves less than 1/32 sends the payload raw; a payload that small is compressed without probing.
+fn compressible(raw: &[u8], level: i32) -> bool {
+    if raw.len() <= 2 * PROBE {
+        return true;
+    }
+    let probe = &raw[..PROBE];
+    compress(probe, level).is_ok_and(|z| z.len() < probe.len() - probe.len() / 32)
+}
+
+/// zstd with one reusable context per thread: a fresh context per 64 KiB chunk costs as much as compressing it.
+fn compress(raw: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        match slot.as_mut() {
+            Some((_, c)) => c.compress(raw),
+            None => zstd::bulk::compress(raw, level),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::block_digests;
+    use crate::error::Error;
+    use rand::{RngCore, SeedableRng};
+
+    fn volume_of(dir: &tempfile::TempDir, data: &[u8]) -> anyhow::Result<(Volume, Geometry)> {
+        let p = dir.path().join("v.img");
+        std::fs::write(&p, data)?;
+        let g = Geometry::new(data.len() as u64, 65536).map_err(anyhow::Error::msg)?;
+        Ok((Volume::open_source(&p)?, g))
+    }
+
+    #[test]
+    fn random_chunks_travel_raw_and_text_chunks_compressed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut data = vec![0u8; 2 * 65536];
+        rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut data[..65536]);
+        let words = b"the replica of a volume keeps every block of the snapshot ";
+        for (i, b) in data[65536..].iter_mut().enumerate() {
+            *b = words[i % words.len()];
+        }
+        let (volume, g) = volume_of(&dir, &data)?;
+
+        let random = build_data(&volume, g, 0, None, Some(1))?;
+        assert_eq!(random.encoding, Encoding::Raw);
+        assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
+        assert_eq!(&random.payload[..], &data[..65536]);
+
+        let text = build_data(&volume, g, 1, None, Some(1))?;
+        assert_eq!(text.encoding, Encoding::Zstd);
+        assert_eq!(text.raw_len, 65536);
+        assert!(
+            text.payload.len() < 65536 / 8,
+            "{} bytes",
+            text.payload.len()
+        );
+        let back = zstd::bulk::decompress(&text.payload, 65536)?;
+        assert_eq!(&back[..], &data[65536..]);
+        Ok(())
+    }
+
+    #[test]
+    fn only_blocks_that_differ_from_the_target_travel_and_zero_blocks_as_a_mask(
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut data = vec![7u8; 65536];
+        data[4096..8192].fill(0);
+        data[40960] = 1;
+        let (volume, g) = volume_of(&dir, &data)?;
+        let mut theirs = block_digests(&data);
+        theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
+        theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
+        let d = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
+        assert_eq!(d.send_mask, 1 << 10);
+        assert_eq!(d.zero_mask, 1 << 1);
+        assert_eq!(d.raw_len, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn a_chunk_that_changed_since_the_scan_is_found_by_reading_it_again() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut data = vec![5u8; 4 * 65536];
+        let (volume, g) = volume_of(&dir, &data)?;
+        let scanned: Vec<(u64, Digest)> = (0..4)
+            .map(|c| (c, Digest::of(&data[c as usize * 65536..][..65536])))
+            .collect();
+        assert_eq!(changed_chunk(&volume, g, &scanned)?, None);
+        data[2 * 65536 + 100] = 6;
+        let (volume, g) = volume_of(&dir, &data)?;
+        assert_eq!(changed_chunk(&volume, g, &scanned)?, Some(2));
+        assert_eq!(
+            changed_chunk(&volume, g, &scanned[..2])?,
+            None,
+            "only the chunks asked about"
+        );
+        let err = Error::VolumeChanged { chunk: 2 };
+        assert!(err.is_retryable());
+        assert!(
+            err.to_string().contains("(chunk 2): sync from a snapshot"),
+            "{err}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! What the source offers before a session (its manifest, its change list) and what it announces once the
+//! destination agreed on the kind of sync: every chunk, or only the chunks that differ from the base.
+
+use std::sync::Arc;
+
+use crate::changes::{ChangedChunks, Tracker};
+use crate::chunk::{Digest, Geometry, VolumeDigest};
+use crate::codec::{Fallback, Offer, SyncKind};
+use crate::delta::{self, Verify};
+use crate::error::{Error, Result};
+use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
+
+/// What the source knows before it connects.
+pub struct Plan {
+    /// What HELLO offers.
+    pub offer: Offer,
+    /// The validated manifest of the image last synced, if any.
+    base: Option<Reader>,
+    /// The change list since that image, if a tracker gave one.
+    changes: Option<ChangedChunks>,
+    store: Arc<Store>,
+    identity: String,
+    geometry: Geometry,
+}
+
+impl Plan {
+    /// Loads the source's manifest and change list and decides what to offer. A manifest that cannot be used is
+    /// logged and means a full comparison; a change list that cannot be read or names ranges past the volume is an
+    /// error (a tracker's list that is wrong must not pass for an empty one).
+    pub fn prepare(
+        store: Arc<Store>,
+        tracker: Option<&dyn Tracker>,
+        verify: Verify,
+        source: &str,
+        geometry: Geometry,
+    ) -> Result<Plan> {
+        // This volume is a source now: a manifest this state directory kept while it was a destination describes
+        // a target that has since been written (the failover), and must never be trusted again.
+        store.invalidate(Role::Destination).map_err(state_error)?;
+        let identity = delta::source_identity(source);
+        let changes = tracker.map(|t| t.changed(geometry)).transpose()?;
+        let mut plan = Plan {
+            offer: Offer::full(Fallback::SourceNoState),
+            base: None,
+            changes,
+            store: store.clone(),
+            identity,
+            geometry,
+        };
+        if !store.keeps_state() {
+            return Ok(plan);
+        }
+        let expect = Expect {
+            identity: plan.identity.clone(),
+            geometry,
+            stamp: 0,
+        };
+        let base = match store.load(Role::Source, &expect) {
+            Ok(r) => r,
+            Err(why) => {
+                if why != manifest::Unusable::Missing {
+                    tracing::warn!("ignoring the source's manifest: {why}");
+                }
+                plan.offer = Offer::full(Fallback::SourceNoManifest);
+                return Ok(plan);
+            }
+        };
+        let h = base.header();
+        let due = verify
+            .every
+            .due(h.deltas_since_full, h.last_full_unix_ms, delta::now_ms());
+        plan.offer = if verify.full {
+            Offer::full(Fallback::SourceVerify)
+        } else if due {
+            Offer::full(Fallback::SourcePeriodic)
+        } else {
+            Offer {
+                kind: if plan.changes.is_some() {
+                    SyncKind::ChangeList
+                } else {
+                    SyncKind::Manifest
+                },
+                reason: Fallback::None,
+                base: h.volume_digest,
+            }
+        };
+        plan.base = Some(base);
+        Ok(plan)
+    }
+
+    /// The announcer for a session of `kind` (the destination's answer to the offer).
+    pub fn settle(self, kind: SyncKind) -> Result<Announcer> {
+        if kind != SyncKind::Full && kind != self.offer.kind {
+            return Err(Error::Protocol(format!(
+                "READY asks for a {kind} sync; the source offered {}",
+                self.offer.kind
+            )));
+        }
+        let (base, selection, check) = match kind {
+            // A full comparison with a change list also tells which changed chunks the list missed.
+            SyncKind::Full if self.changes.is_some() => (self.base, None, self.changes),
+            SyncKind::Full => (None, None, None),
+            SyncKind::Manifest => (self.base, None, None),
+            SyncKind::ChangeList => (self.base, self.changes, None),
+        };
+        let previous = base.as_ref().map(|b| {
+            let h = b.header();
+            (h.last_full_unix_ms, h.deltas_since_full)
+        });
+        let writer = match self
+            .store
+            .writer(Role::Source, self.geometry, &self.identity)
+        {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("the source's manifest will not be kept: {e}");
+                None
+            }
+        };
+        Ok(Announcer {
+            kind,
+            geometry: self.geometry,
+            base,
+            selection,
+            check,
+            cursor: 0,
+            digest: VolumeDigest::new(self.geometry),
+            writer,
+            missed: 0,
+            started_ms: delta::now_ms(),
+            previous,
+        })
+    }
+}
+
+/// Turns what the scan found into what is announced, and keeps the next manifest.
+pub struct Announcer {
+    kind: SyncKind,
+    geometry: Geometry,
+    /// The image of the last sync, streamed in chunk order alongside the scan.
+    base: Option<Reader>,
+    /// The chunks to read (a change list), or all of them.
+    selection: Option<ChangedChunks>,
+    /// A change list to check against a full scan: chunks that differ from the base and are not in it.
+    check: Option<ChangedChunks>,
+    /// The next chunk whose final digest is not known yet.
+    cursor: u64,
+    digest: VolumeDigest,
+    writer: Option<Writer>,
+    missed: u64,
+    started_ms: u64,
+    /// The base's last full comparison and deltas since.
+    previous: Option<(u64, u32)>,
+}
+
+impl Announcer {
+    /// The chunks to read: a change list, or `None` for all.
+    pub fn take_selection(&mut self) -> Option<ChangedChunks> {
+        self.selection.take()
+    }
+
+    /// Takes the digests of scanned chunks (in increasing order) and returns those to announce: in a full
+    /// comparison all, in a delta those that differ from the base. Chunks skipped before a scanned one (not in the
+    /// change list) take the base's digest.
+    pub fn feed(
+        &mut self,
+        scanned: impl IntoIterator<Item = (u64, Digest)>,
+    ) -> Result<Vec<(u64, Digest)>> {
+        let mut out = Vec::new();
+        for (chunk, digest) in scanned {
+            self.skip_to(chunk)?;
+            let base = self.next_base()?;
+            let differs = base != Some(digest);
+            if let (Some(list), true, Some(_)) = (&self.check, differs, base) {
+                if !list.contains(chunk) {
+                    self.missed += 1;
+                    if self.missed <= 8 {
+                        tracing::warn!(
+                            "chunk {chunk} changed but is not in the change list: repaired by this full comparison"
+                        );
+                    }
+                }
+            }
+            if self.kind == SyncKind::Full || differs {
+                out.push((chunk, digest));
+            }
+            self.settle(digest);
+        }
+        Ok(out)
+    }
+
+    /// All chunks are fed: the rest take the base's digests. Returns the volume digest for END.
+    pub fn finish(&mut self) -> Result<Digest> {
+        self.skip_to(self.geometry.chunk_count())?;
+        Ok(self.digest.finish())
+    }
+
+    /// Chunks of a change list's sync that changed but were not in the list (found by a full comparison).
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+
+    /// Keeps the manifest of the image both sides now hold (after a COMMIT equal to our END). A manifest that
+    /// cannot be written is logged: the next sync is then a full comparison, which is slower, not wrong.
+    pub fn commit(&mut self, volume_digest: Digest) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let (last_full, deltas) = match (self.kind, self.previous) {
+            (SyncKind::Full, _) | (_, None) => (self.started_ms, 0),
+            (_, Some((last, n))) => (last, n.saturating_add(1)),
+        };
+        let meta = Meta {
+            volume_digest,
+            stamp: 0,
+            kind: self.kind,
+            last_full_unix_ms: last_full,
+            deltas_since_full: deltas,
+        };
+        if let Err(e) = writer.commit(meta) {
+            tracing::warn!("the source's manifest was not kept: {e}");
+        }
+    }
+
+    fn skip_to(&mut self, chunk: u64) -> Result<()> {
+        while self.cursor < chunk {
+            match self.next_base()? {
+                Some(d) => self.settle(d),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "chunk {} was not scanned and there is no base",
+                        self.cursor
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn next_base(&mut self) -> Result<Option<Digest>> {
+        match &mut self.base {
+            Some(r) => r.next_digest().map(Some).map_err(|e| {
+                Error::State(format!(
+                    "reading the source's manifest at chunk {}: {e}",
+                    self.cursor
+                ))
+            }),
+            None => Ok(None),
+        }
+    }
+
+    fn settle(&mut self, digest: Digest) {
+        self.digest.push(&digest);
+        if let Some(w) = &mut self.writer {
+            if let Err(e) = w.push(&digest) {
+                tracing::warn!("the source's manifest will not be kept: {e}");
+                self.writer = None;
+            }
+        }
+        self.cursor += 1;
+    }
+}
+
+/// A state directory that cannot be used is a configuration problem for someone to fix.
+pub fn state_error(e: manifest::ManifestError) -> Error {
+    Error::State(e.to_string())
+}

@@ -1,0 +1,352 @@
+//! One session of the source: the scan that announces digests within the window, the reader of the
+//! destination's NEED and ACK, and the servicer that answers NEEDs with DATA.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rayon::prelude::*;
+use tokio::sync::mpsc;
+
+use super::credit::Credit;
+use super::data::{build_data, changed_chunk, count_data};
+use super::plan::Announcer;
+use super::{Compression, SyncReport, ABORT_LOOKOUT, NEED_BATCH};
+use crate::adapt::Chooser;
+use crate::chunk::{Digest, Geometry};
+use crate::codec::{AbortCode, DataFrame, FrameReader, Message, MAX_DIGESTS_PER_FRAME};
+use crate::error::{Error, Result};
+use crate::net::{tell_peer, within, Outbox, ABORT_GRACE};
+use crate::stats::{add, Figures};
+use crate::volume::Volume;
+
+pub(super) struct Session {
+    pub volume: Arc<Volume>,
+    pub geometry: Geometry,
+    pub figures: Arc<Figures>,
+    pub credit: Arc<Credit>,
+    pub announced: Arc<AtomicU64>,
+    pub window: u64,
+    pub zstd_level: i32,
+    pub compression: Compression,
+    /// What the scanner announces; taken by it when the session starts.
+    pub announcer: Mutex<Option<Announcer>>,
+}
+
+impl Session {
+    /// Runs the scan and the NEED service until COMMIT; on failure tells the peer why.
+    pub async fn drive<R: tokio::io::AsyncRead + Unpin, W>(
+        &self,
+        reader: &mut FrameReader<R>,
+        outbox: Outbox,
+        writer: &mut Option<tokio::task::JoinHandle<Result<W>>>,
+        idle: Duration,
+    ) -> Result<SyncReport> {
+        let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<Error>();
+        let (need_tx, need_rx) = mpsc::channel::<(u64, Option<Vec<Digest>>)>(self.window as usize);
+        let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone());
+        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx);
+        let mut answered = vec![0u64; self.geometry.chunk_count().div_ceil(64) as usize];
+        // The writer only ends early on an error: a peer that stopped reading (send timeout) or a broken socket.
+        // A peer that gives up sends ABORT and closes, and our next write then fails: its reason may be waiting
+        // to be read, so the reader gets a moment to find it before the writer's error is reported.
+        let mut writer_failed: Option<Error> = None;
+        let result = loop {
+            let limit = if writer_failed.is_some() {
+                ABORT_LOOKOUT
+            } else {
+                idle
+            };
+            let msg = tokio::select! {
+                m = within("idle read", limit, reader.expect("sync")) => m,
+                Some(e) = fail_rx.recv() => Err(e),
+                w = async { writer.as_mut().expect("guarded").await }, if writer.is_some() => {
+                    *writer = None;
+                    writer_failed = Some(match w {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(_)) => Error::Protocol("the writer ended early".into()),
+                        Err(e) => Error::Protocol(format!("writer task failed: {e}")),
+                    });
+                    continue;
+                }
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => break Err(writer_failed.take().unwrap_or(e)),
+            };
+            match msg {
+                Message::Ack { through } => {
+                    if through > self.announced.load(Ordering::Acquire) {
+                        break Err(Error::Protocol(format!(
+                            "ACK through {through} is past the chunks announced"
+                        )));
+                    }
+                    self.credit.ack(through);
+                }
+                Message::Need { chunk, blocks } => {
+                    if let Err(e) = self.check_need(chunk, blocks.as_deref(), &mut answered) {
+                        break Err(e);
+                    }
+                    match need_tx.try_send((chunk, blocks)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            break Err(Error::Protocol(
+                                "the destination exceeded its window of open NEEDs".into(),
+                            ));
+                        }
+                        // The servicer stopped: it reported why (a read error) or its writer failed; either
+                        // reaches this loop, which ends with that cause, not with this NEED.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+                Message::Commit {
+                    chunk_count,
+                    volume_size,
+                    digest,
+                } => {
+                    break match scanner.await {
+                        Ok(Some((ours, mut announcer)))
+                            if ours == digest
+                                && chunk_count == self.geometry.chunk_count()
+                                && volume_size == self.geometry.volume_size() =>
+                        {
+                            self.figures.set_volume_digest(ours);
+                            announcer.commit(ours);
+                            Ok(SyncReport {
+                                geometry: self.geometry,
+                                volume_digest: ours,
+                            })
+                        }
+                        Ok(Some((ours, _))) => Err(Error::VolumeDigestMismatch {
+                            source_digest: ours.to_hex(),
+                            destination_digest: digest.to_hex(),
+                        }),
+                        _ => Err(Error::Protocol("COMMIT before the scan finished".into())),
+                    };
+                }
+                Message::Abort {
+                    code: AbortCode::Digest,
+                    message,
+                } => break Err(self.digest_refused(message, &answered).await),
+                Message::Abort { code, message } => break Err(Error::PeerAbort { code, message }),
+                other => {
+                    break Err(Error::Protocol(format!(
+                        "unexpected {} from the destination",
+                        other.name()
+                    )))
+                }
+            }
+        };
+        self.credit.stop();
+        drop(need_tx);
+        if let Err(e) = &result {
+            if tell_peer(e) {
+                let _ = outbox.try_send(Message::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        drop(outbox);
+        // The servicer may be blocked handing a frame to a writer stuck on a peer that stopped reading: the writer
+        // is ended (and with it the servicer's outbox) by the caller, so it is not waited for past the grace.
+        let _ = tokio::time::timeout(ABORT_GRACE, servicer).await;
+        result
+    }
+
+    /// The destination refused DATA that did not hash to the digest we announced. A snapshot cannot change, so
+    /// either the volume is live (written during the sync) or the target changed under the destination: read the
+    /// chunks we answered that are still unsettled (one of them is the refused one) and hash them again.
+    async fn digest_refused(&self, message: String, answered: &[u64]) -> Error {
+        let candidates = self.credit.unsettled(answered);
+        let (volume, geometry) = (self.volume.clone(), self.geometry);
+        let changed =
+            tokio::task::spawn_blocking(move || changed_chunk(&volume, geometry, &candidates))
+                .await;
+        match changed {
+            Ok(Ok(Some(chunk))) => Error::VolumeChanged { chunk },
+            Ok(Err(e)) => e,
+            _ => Error::PeerAbort {
+                code: AbortCode::Digest,
+                message,
+            },
+        }
+    }
+
+    fn check_need(
+        &self,
+        chunk: u64,
+        blocks: Option<&[Digest]>,
+        answered: &mut [u64],
+    ) -> Result<()> {
+        if chunk >= self.announced.load(Ordering::Acquire) || !self.credit.is_open(chunk) {
+            return Err(Error::Protocol(format!(
+                "NEED for chunk {chunk}, which was not announced"
+            )));
+        }
+        let (word, bit) = ((chunk / 64) as usize, 1u64 << (chunk % 64));
+        if answered[word] & bit != 0 {
+            return Err(Error::Protocol(format!("second NEED for chunk {chunk}")));
+        }
+        answered[word] |= bit;
+        if let Some(b) = blocks {
+            if b.len() != self.geometry.blocks_in_chunk(chunk) as usize {
+                return Err(Error::Protocol(format!(
+                    "NEED for chunk {chunk} carries {} block digests",
+                    b.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans the snapshot (or the chunks of its change list) and announces within the window what the session's
+    /// kind asks for, then END. Returns the volume digest and the announcer, which keeps the next manifest.
+    fn spawn_scanner(
+        &self,
+        outbox: Outbox,
+        fail: mpsc::UnboundedSender<Error>,
+    ) -> tokio::task::JoinHandle<Option<(Digest, Announcer)>> {
+        let (volume, geometry, credit, announced) = (
+            self.volume.clone(),
+            self.geometry,
+            self.credit.clone(),
+            self.announced.clone(),
+        );
+        let (window, figures) = (self.window, self.figures.clone());
+        let announcer = self.announcer.lock().ok().and_then(|mut a| a.take());
+        tokio::task::spawn_blocking(move || {
+            let Some(mut announcer) = announcer else {
+                let _ = fail.send(Error::Protocol("the session has no announcer".into()));
+                return None;
+            };
+            let stopped = || Error::Cancelled("session end");
+            let announce = |announcer: &mut Announcer, scanned: Vec<(u64, Digest)>| {
+                let chunks = announcer.feed(scanned)?;
+                let Some(last) = chunks.last().map(|(c, _)| *c) else {
+                    return Ok(());
+                };
+                if !credit.wait(chunks.len() as u64, window) {
+                    return Err(stopped());
+                }
+                credit.announce(&chunks);
+                announced.store(last + 1, Ordering::Release);
+                for (first, digests) in runs(&chunks) {
+                    outbox
+                        .blocking_send(Message::Digests { first, digests })
+                        .map_err(|_| stopped())?;
+                }
+                Ok(())
+            };
+            let bytes_read = figures.bytes_read.clone();
+            let scanned = match announcer.take_selection() {
+                Some(list) => {
+                    crate::scan::scan_selected(volume, geometry, list, bytes_read, |segment| {
+                        let digests = segment.into_iter().map(|(c, s)| (c, s.digest)).collect();
+                        announce(&mut announcer, digests)
+                    })
+                }
+                None => crate::scan::scan(volume, geometry, bytes_read, |first, summaries| {
+                    let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
+                    announce(&mut announcer, digests)
+                }),
+            };
+            let r = scanned.and_then(|()| {
+                let digest = announcer.finish()?;
+                add(&figures.change_list_missed, announcer.missed());
+                // Every chunk is announced (or proven equal to the base): ACKs may now cover all of them.
+                announced.store(geometry.chunk_count(), Ordering::Release);
+                outbox
+                    .blocking_send(Message::End {
+                        chunk_count: geometry.chunk_count(),
+                        volume_size: geometry.volume_size(),
+                        digest,
+                    })
+                    .map_err(|_| stopped())?;
+                Ok(digest)
+            });
+            match r {
+                Ok(d) => Some((d, announcer)),
+                Err(e) => {
+                    let _ = fail.send(e);
+                    None
+                }
+            }
+        })
+    }
+
+    /// Answers NEEDs in batches, building DATA frames on all cores.
+    fn spawn_servicer(
+        &self,
+        mut needs: mpsc::Receiver<(u64, Option<Vec<Digest>>)>,
+        outbox: Outbox,
+        fail: mpsc::UnboundedSender<Error>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (volume, geometry, figures, level, compression) = (
+            self.volume.clone(),
+            self.geometry,
+            self.figures.clone(),
+            self.zstd_level,
+            self.compression,
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut chooser = Chooser::new();
+            let mut last = std::time::Instant::now();
+            while let Some(first) = needs.blocking_recv() {
+                let mut batch = vec![first];
+                while batch.len() < NEED_BATCH {
+                    match needs.try_recv() {
+                        Ok(n) => batch.push(n),
+                        Err(_) => break,
+                    }
+                }
+                let measured = chooser.compress();
+                let count = batch.len() as u64;
+                let frames: Vec<Result<DataFrame>> = batch
+                    .into_par_iter()
+                    .map(|(chunk, blocks)| {
+                        let level = compression
+                            .wanted(blocks.is_some(), measured)
+                            .then_some(level);
+                        build_data(&volume, geometry, chunk, blocks.as_deref(), level)
+                    })
+                    .collect();
+                let mut raw = 0;
+                for frame in frames {
+                    match frame {
+                        Ok(d) => {
+                            count_data(&figures, &d);
+                            raw += u64::from(d.raw_len);
+                            if outbox.blocking_send(Message::Data(d)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = fail.send(e);
+                            return;
+                        }
+                    }
+                }
+                let now = std::time::Instant::now();
+                chooser.record(count, raw, now - last);
+                last = now;
+            }
+        })
+    }
+}
+
+/// Consecutive chunks as DIGESTS frames: `(first, digests)` per run.
+fn runs(chunks: &[(u64, Digest)]) -> Vec<(u64, Vec<Digest>)> {
+    let mut out: Vec<(u64, Vec<Digest>)> = Vec::new();
+    for &(chunk, digest) in chunks {
+        match out.last_mut() {
+            Some((first, ds))
+                if *first + ds.len() as u64 == chunk && ds.len() < MAX_DIGESTS_PER_FRAME =>
+            {
+                ds.push(digest)
+            }
+            _ => out.push((chunk, vec![digest])),
+        }
+    }
+    out
+}
