@@ -12,6 +12,7 @@
 //! (`listening on`, the source's retry lines) and, for the kill mid-sync, the target's bytes; timeouts are safety
 //! nets only.
 
+mod examples;
 mod kube;
 mod observe;
 mod podman;
