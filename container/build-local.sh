@@ -2,8 +2,8 @@
 # Builds the blockmover image without any container registry: a Debian bookworm base made with debootstrap
 # (from Debian's mirror) and imported into podman once, the binary built by cargo on this machine (same Debian
 # release, so the same glibc), and the final stage of container/Containerfile on top, so that both builds give
-# the same layout, user and entrypoints. Installs podman, runc, netavark, aardvark-dns and debootstrap with apt-get
-# when they are missing (as root).
+# the same layout, user and entrypoints. Installs podman, runc, netavark, aardvark-dns, catatonit and debootstrap
+# with apt-get when they are missing (as root).
 #
 #   container/build-local.sh [TAG]                     # default localhost/blockmover:dev
 #   container/build-local.sh --install-only            # only install the tools and write the podman configuration
@@ -56,6 +56,8 @@ need runc runc
 # Names of containers on a podman network resolve through aardvark-dns, which needs the netavark backend.
 need /usr/lib/podman/netavark netavark
 need /usr/lib/podman/aardvark-dns aardvark-dns
+# The pause process of a pod's infra container, which podman kube play builds its pause image from (no registry).
+need catatonit catatonit
 
 # A hard limit of "unlimited" needs no lowering: podman's default (1048576) is then allowed.
 hard_limit() {
@@ -89,7 +91,7 @@ fi
 export CONTAINERS_CONF
 if ((INSTALL_ONLY)); then
     need debootstrap debootstrap
-    say "podman, runc, netavark, aardvark-dns and debootstrap are installed"
+    say "podman, runc, netavark, aardvark-dns, catatonit and debootstrap are installed"
     exit 0
 fi
 

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use blockmover::sample::SampleSpec;
 
 use super::podman::engine;
-use super::{timer, Role, Scenario, Shape, SIZE, UID};
+use super::scenario::{timer, Role, Scenario, Shape, SIZE, UID};
 
 /// The port the destinations serve metrics on.
 const METRICS_PORT: u16 = 9100;

@@ -3,8 +3,10 @@
 //!
 //! The image is tagged `localhost/blockmover:it-<pid>` and removed after this process exits by a small reaper
 //! (`tail --pid`, then `podman rmi`), since a test binary has no hook that runs after its last test; images,
-//! containers and networks of an earlier run whose process is gone are removed before the first test. Only the
-//! base image (`localhost/blockmover-base:bookworm`, one debootstrap) is kept between runs.
+//! pods, containers, volumes and networks of an earlier run whose process is gone are removed before
+//! the first test. Only the base image (`localhost/blockmover-base:bookworm`, one debootstrap) and the pause
+//! image `podman kube play` builds for pods' infra containers (`localhost/podman-pause:<version>`) are kept
+//! between runs.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -177,7 +179,7 @@ impl Engine {
         format!("{}-{n}-{what}", run_prefix())
     }
 
-    /// Remove the images, containers and networks of earlier runs whose process is gone.
+    /// Remove the images, pods, containers, volumes and networks of earlier runs whose process is gone.
     fn remove_stale(&self) -> Result<()> {
         let gone = |name: &str, prefix: &str| {
             let pid = name.strip_prefix(prefix).and_then(|r| r.split('-').next());
@@ -185,6 +187,15 @@ impl Engine {
                 pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()
             })
         };
+        // Pods (and their containers) and volumes of `podman kube play` (container/kube.rs).
+        let pods = self.podman(&["pod", "ps", "--format", "{{.Name}}"])?;
+        for name in pods.lines().filter(|n| gone(n, "bm-it-")) {
+            let _ = self.podman(&["pod", "rm", "-f", "-t", "0", "--ignore", name]);
+        }
+        let volumes = self.podman(&["volume", "ls", "--format", "{{.Name}}"])?;
+        for name in volumes.lines().filter(|n| gone(n, "bm-it-")) {
+            let _ = self.podman(&["volume", "rm", "-f", name]);
+        }
         let containers = self.podman(&["ps", "-a", "--format", "{{.Names}}"])?;
         for name in containers.lines().filter(|n| gone(n, "bm-it-")) {
             let _ = self.podman(&["rm", "-f", "-t", "0", "--ignore", name]);
