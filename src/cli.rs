@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use blockmover::changes::{ExtentsFile, Tracker};
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
-use blockmover::delta::Verify;
+use blockmover::delta::{Policy, Verify};
 use blockmover::destination::DestinationConfig;
 use blockmover::manifest::Store;
 use blockmover::metrics::Labels;
@@ -331,7 +331,7 @@ impl SourceArgs {
                 .changed_extents
                 .clone()
                 .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
-            verify: self.common.verify(),
+            verify: Arc::new(Policy::new(self.common.verify())),
         })
     }
 }

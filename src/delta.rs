@@ -85,6 +85,48 @@ impl Default for Verify {
     }
 }
 
+/// An agent's verification policy over its life: `--verify full` is spent by the first successful full
+/// comparison (a long-running agent does not compare in full forever), `--verify-every` holds throughout.
+#[derive(Debug)]
+pub struct Policy {
+    verify: Verify,
+    full_pending: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::new(Verify::default())
+    }
+}
+
+impl Policy {
+    /// The policy of `verify`.
+    pub fn new(verify: Verify) -> Self {
+        Policy {
+            verify,
+            full_pending: std::sync::atomic::AtomicBool::new(verify.full),
+        }
+    }
+
+    /// Whether a full comparison was asked for and not yet served.
+    pub fn full_requested(&self) -> bool {
+        self.full_pending.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the periodic full comparison is due (see [`Every::due`]).
+    pub fn periodic_due(&self, deltas: u32, last_full_ms: u64, now_ms: u64) -> bool {
+        self.verify.every.due(deltas, last_full_ms, now_ms)
+    }
+
+    /// A sync of `kind` succeeded.
+    pub fn served(&self, kind: crate::codec::SyncKind) {
+        if kind == crate::codec::SyncKind::Full {
+            self.full_pending
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

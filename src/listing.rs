@@ -35,19 +35,21 @@ fn name_of(path: &Path) -> String {
 }
 
 /// The columns: the CRD's printer columns (`Last sync`, `Duration`, `Next sync`) after the name, then the
-/// latest result and the `Synchronizing` condition's reason, which a newcomer asks for first.
-const HEADERS: [&str; 6] = [
+/// latest result, the kind of the latest sync (`full`, `delta-manifest`, `delta-changelist`: a full comparison
+/// that should have been a delta is what a user looks for) and the `Synchronizing` condition's reason.
+const HEADERS: [&str; 7] = [
     "NAME",
     "LAST SYNC",
     "DURATION",
     "NEXT SYNC",
     "RESULT",
+    "KIND",
     "CONDITION",
 ];
 
 /// A table, one row per entry, columns padded with three spaces as kubectl does; absent values are empty.
 pub fn table(entries: &[Entry]) -> String {
-    let rows: Vec<[String; 6]> = entries
+    let rows: Vec<[String; 7]> = entries
         .iter()
         .map(|e| {
             let s = &e.status;
@@ -66,6 +68,7 @@ pub fn table(entries: &[Entry]) -> String {
                     .as_ref()
                     .map(|m| m.result.clone())
                     .unwrap_or_default(),
+                s.external.get("syncKind").cloned().unwrap_or_default(),
                 condition,
             ]
         })
@@ -118,6 +121,7 @@ mod tests {
                 message: String::new(),
                 last_transition_time: String::new(),
             }],
+            external: [("syncKind".to_owned(), "delta-manifest".to_owned())].into(),
             ..MoverStatus::default()
         };
         let entries = [
@@ -134,11 +138,11 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME      LAST SYNC              DURATION   NEXT SYNC              RESULT       CONDITION"
+            "NAME      LAST SYNC              DURATION   NEXT SYNC              RESULT       KIND             CONDITION"
         );
         assert_eq!(
             lines[1],
-            "vm-disk   2026-11-24T18:31:54Z   24.08s     2026-11-24T18:35:00Z   Successful   WaitingForSchedule"
+            "vm-disk   2026-11-24T18:31:54Z   24.08s     2026-11-24T18:35:00Z   Successful   delta-manifest   WaitingForSchedule"
         );
         assert_eq!(lines[2], "fresh");
     }

@@ -1,12 +1,11 @@
 //! The destination's half of agreeing on a delta: its own manifest of the target, checked against the source's
 //! offer, and the manifest it keeps after a successful sync.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::chunk::{Digest, Geometry};
 use crate::codec::{Fallback, Offer, SyncKind};
-use crate::delta::{self, Verify};
+use crate::delta::{self, Policy};
 use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
 use crate::volume::Volume;
 
@@ -24,29 +23,6 @@ pub struct Basis {
     /// The base's last full comparison and the deltas since.
     previous: Option<(u64, u32)>,
     started_ms: u64,
-}
-
-/// The destination's verification policy, with `--verify full` spent by the first successful sync.
-pub struct Policy {
-    verify: Verify,
-    full_pending: AtomicBool,
-}
-
-impl Policy {
-    /// The policy of `verify`.
-    pub fn new(verify: Verify) -> Self {
-        Policy {
-            verify,
-            full_pending: AtomicBool::new(verify.full),
-        }
-    }
-
-    /// A sync succeeded: `--verify full` has been served.
-    pub fn served(&self, kind: SyncKind) {
-        if kind == SyncKind::Full {
-            self.full_pending.store(false, Ordering::Relaxed);
-        }
-    }
 }
 
 /// Decides the session's kind from the source's offer and the destination's own manifest of `target`.
@@ -96,12 +72,9 @@ pub fn decide(
     };
     let h = base.header();
     basis.previous = Some((h.last_full_unix_ms, h.deltas_since_full));
-    let due = policy
-        .verify
-        .every
-        .due(h.deltas_since_full, h.last_full_unix_ms, basis.started_ms);
+    let due = policy.periodic_due(h.deltas_since_full, h.last_full_unix_ms, basis.started_ms);
     if offer.kind.is_delta() {
-        if policy.full_pending.load(Ordering::Relaxed) {
+        if policy.full_requested() {
             basis.reason = Fallback::DestinationVerify;
         } else if due {
             basis.reason = Fallback::DestinationPeriodic;

@@ -153,7 +153,7 @@ pub async fn serve_until(
     let shared = Arc::new(Shared {
         target: Arc::new(target),
         writing: Arc::new(tokio::sync::Mutex::new(())),
-        policy: Arc::new(basis::Policy::new(config.verify)),
+        policy: Arc::new(crate::delta::Policy::new(config.verify)),
         local: listener
             .local_addr()
             .map_or_else(|_| config.listen.clone(), |a| a.to_string()),

@@ -33,7 +33,7 @@ pub struct Shared {
     /// The address the destination listens on (for `rsyncTLS.address`).
     pub local: String,
     /// When a full comparison is due.
-    pub policy: Arc<super::basis::Policy>,
+    pub policy: Arc<crate::delta::Policy>,
 }
 
 /// Aborts a task when dropped: a failed session must not leave its writer blocked on a dead peer, which would

@@ -11,15 +11,15 @@
 //! agent waits shows without a sync.
 
 pub mod http;
+mod render;
 
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use crate::schedule::{out_of_sync, Clock, Schedule};
+use crate::schedule::{Clock, Schedule};
 use crate::stats::{get, Figures};
 use crate::status::Role;
 
@@ -59,6 +59,12 @@ struct Totals {
     failed: u64,
     /// Connections turned away before a sync, by [`Rejection`].
     rejected: [u64; Rejection::ALL.len()],
+    /// Successful syncs by kind: full, delta by manifest, delta by change list.
+    by_kind: [u64; 3],
+    /// Chunks a full comparison repaired that a delta had missed: not in a change list (source), not what the
+    /// manifest said (destination).
+    missed_by_change_list: u64,
+    target_drift: u64,
 }
 
 /// Why a destination turned a connection away without starting a sync (the `reason` label of
@@ -214,6 +220,11 @@ impl Metrics {
             t.blocks_sent += get(&f.blocks_sent);
             t.data_bytes += get(&f.data_bytes);
             t.bytes_read += get(&f.bytes_read);
+            t.missed_by_change_list += get(&f.change_list_missed);
+            t.target_drift += get(&f.target_drift);
+            if let (true, Some((kind, _))) = (ok, f.kind()) {
+                t.by_kind[usize::from(kind.code()).min(2)] += 1;
+            }
             st.last_scan_rate = scan_rate(f, cur.since.elapsed());
         }
         if ok {
@@ -239,194 +250,6 @@ impl Metrics {
             st.latest_failed = true;
         }
     }
-
-    /// The metrics in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let now = self.clock.now();
-        let mut st = self.state();
-        let cutoff =
-            now - chrono::Duration::from_std(SUMMARY_MAX_AGE).unwrap_or(chrono::Duration::days(1));
-        while st.durations.front().is_some_and(|(t, _)| *t < cutoff) {
-            st.durations.pop_front();
-        }
-        let labels = self.label_text();
-        let mut out = String::new();
-
-        head(
-            &mut out,
-            "volsync_sync_duration_seconds",
-            "summary",
-            "Duration of the synchronization interval in seconds",
-        );
-        let mut values: Vec<f64> = st.durations.iter().map(|(_, v)| *v).collect();
-        values.sort_by(f64::total_cmp);
-        for q in QUANTILES {
-            let _ = writeln!(
-                out,
-                "volsync_sync_duration_seconds{{{labels},quantile=\"{q}\"}} {}",
-                number(quantile(&values, q))
-            );
-        }
-        sample(
-            &mut out,
-            "volsync_sync_duration_seconds_sum",
-            &labels,
-            st.duration_sum,
-        );
-        sample(
-            &mut out,
-            "volsync_sync_duration_seconds_count",
-            &labels,
-            st.duration_count as f64,
-        );
-
-        let missed = st.missed as f64;
-        metric(
-            &mut out,
-            "volsync_missed_intervals_total",
-            "counter",
-            "The number of times a synchronization failed to complete before the next scheduled start",
-            &labels,
-            missed,
-        );
-        let oos = out_of_sync(self.schedule.as_ref(), st.last_sync, st.latest_failed, now);
-        metric(
-            &mut out,
-            "volsync_volume_out_of_sync",
-            "gauge",
-            "Set to 1 if the volume is not properly synchronized",
-            &labels,
-            f64::from(u8::from(oos)),
-        );
-
-        let t = st.totals;
-        let live = |f: fn(&Figures) -> u64| st.current.as_ref().map_or(0, |c| f(&c.figures));
-        let counters: [(&str, &str, u64); 6] = [
-            (
-                "blockmover_wire_sent_bytes_total",
-                "Bytes sent on the socket (TCP payload including TLS), all syncs",
-                t.wire_sent + live(|f| get(&f.wire.sent)),
-            ),
-            (
-                "blockmover_wire_received_bytes_total",
-                "Bytes received on the socket (TCP payload including TLS), all syncs",
-                t.wire_received + live(|f| get(&f.wire.received)),
-            ),
-            (
-                "blockmover_chunks_sent_total",
-                "Chunks that travelled as DATA, all syncs",
-                t.chunks_sent + live(|f| get(&f.chunks_sent)),
-            ),
-            (
-                "blockmover_blocks_sent_total",
-                "4 KiB blocks carried as data, all syncs",
-                t.blocks_sent + live(|f| get(&f.blocks_sent)),
-            ),
-            (
-                "blockmover_data_bytes_total",
-                "Raw bytes of the blocks carried (before compression), all syncs",
-                t.data_bytes + live(|f| get(&f.data_bytes)),
-            ),
-            (
-                "blockmover_scanned_bytes_total",
-                "Bytes read and hashed from the local volume or target, all syncs",
-                t.bytes_read + live(|f| get(&f.bytes_read)),
-            ),
-        ];
-        for (name, help, value) in counters {
-            metric(&mut out, name, "counter", help, &labels, value as f64);
-        }
-        head(
-            &mut out,
-            "blockmover_syncs_total",
-            "counter",
-            "Syncs that ended, by result",
-        );
-        for (result, n) in [("Successful", t.succeeded), ("Failed", t.failed)] {
-            sample(
-                &mut out,
-                "blockmover_syncs_total",
-                &format!("{labels},result=\"{result}\""),
-                n as f64,
-            );
-        }
-        head(
-            &mut out,
-            "blockmover_rejected_connections_total",
-            "counter",
-            "Connections turned away before a sync (not authenticated, busy, overload), by reason",
-        );
-        for (why, n) in Rejection::ALL.iter().zip(t.rejected) {
-            sample(
-                &mut out,
-                "blockmover_rejected_connections_total",
-                &format!("{labels},reason=\"{}\"", why.as_str()),
-                n as f64,
-            );
-        }
-
-        let (in_progress, scanned, total, rate) = match &st.current {
-            Some(c) => (
-                1.0,
-                get(&c.figures.bytes_read) as f64,
-                get(&c.figures.volume_size) as f64,
-                scan_rate(&c.figures, c.since.elapsed()),
-            ),
-            None => (0.0, 0.0, 0.0, st.last_scan_rate),
-        };
-        let gauges: [(&str, &str, f64); 4] = [
-            (
-                "blockmover_sync_in_progress",
-                "1 while a sync is under way",
-                in_progress,
-            ),
-            (
-                "blockmover_progress_scanned_bytes",
-                "Bytes scanned so far by the sync under way (0 when idle)",
-                scanned,
-            ),
-            (
-                "blockmover_progress_total_bytes",
-                "Volume size of the sync under way (0 when idle or not yet known)",
-                total,
-            ),
-            (
-                "blockmover_scan_rate_bytes_per_second",
-                "Scan rate of the sync under way, or of the last one when idle",
-                rate,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            metric(&mut out, name, "gauge", help, &labels, value);
-        }
-        let stamp = |t: Option<DateTime<Utc>>| t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1e3);
-        metric(
-            &mut out,
-            "blockmover_last_sync_timestamp_seconds",
-            "gauge",
-            "Unix time of the last successful sync (0 if none)",
-            &labels,
-            stamp(st.last_sync),
-        );
-        metric(
-            &mut out,
-            "blockmover_next_sync_timestamp_seconds",
-            "gauge",
-            "Unix time the next scheduled sync is due (0 without a schedule)",
-            &labels,
-            stamp(st.next_sync),
-        );
-        out
-    }
-
-    fn label_text(&self) -> String {
-        format!(
-            "obj_name=\"{}\",obj_namespace=\"{}\",role=\"{}\",method=\"{METHOD}\"",
-            escape(&self.labels.name),
-            escape(&self.labels.namespace),
-            self.labels.role.as_str()
-        )
-    }
 }
 
 /// Bytes scanned per second over `elapsed`.
@@ -437,47 +260,6 @@ fn scan_rate(f: &Figures, elapsed: Duration) -> f64 {
     } else {
         get(&f.bytes_read) as f64 / secs
     }
-}
-
-/// The `q` quantile of sorted `values` (nearest rank); NaN when empty, as Prometheus clients report it.
-fn quantile(values: &[f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
-}
-
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn sample(out: &mut String, name: &str, labels: &str, value: f64) {
-    let _ = writeln!(out, "{name}{{{labels}}} {}", number(value));
-}
-
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, value: f64) {
-    head(out, name, kind, help);
-    sample(out, name, labels, value);
-}
-
-/// A sample value as the text format spells it.
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".to_owned()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
-    } else {
-        format!("{v}")
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

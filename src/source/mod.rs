@@ -25,7 +25,7 @@ pub use data::{build_data, changed_chunk};
 use crate::changes::Tracker;
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{Message, SyncKind};
-use crate::delta::Verify;
+use crate::delta::Policy;
 use crate::error::{Error, Result};
 use crate::manifest::Store;
 use crate::net::{
@@ -74,8 +74,8 @@ pub struct SourceConfig {
     pub state: Arc<Store>,
     /// Where the change list since the last sync comes from, if anywhere.
     pub tracker: Option<Arc<dyn Tracker>>,
-    /// When to compare in full although a delta is possible.
-    pub verify: Verify,
+    /// When to compare in full although a delta is possible (shared by the syncs of a schedule).
+    pub verify: Arc<Policy>,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -160,7 +160,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let plan = plan::Plan::prepare(
         config.state.clone(),
         config.tracker.as_deref(),
-        config.verify,
+        &config.verify,
         &config.identity,
         geometry,
     )?;
@@ -248,7 +248,10 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         None => Err(Error::PeerClosed("sync")),
     };
     let report = match result {
-        Ok(report) => report,
+        Ok(report) => {
+            config.verify.served(kind);
+            report
+        }
         Err(e) => {
             if let (true, Ok(w)) = (tell_peer(&e), writer) {
                 linger_close(&mut reader, w).await;

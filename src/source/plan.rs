@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::changes::{ChangedChunks, Tracker};
 use crate::chunk::{Digest, Geometry, VolumeDigest};
 use crate::codec::{Fallback, Offer, SyncKind};
-use crate::delta::{self, Verify};
+use crate::delta::{self, Policy};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
 
@@ -30,7 +30,7 @@ impl Plan {
     pub fn prepare(
         store: Arc<Store>,
         tracker: Option<&dyn Tracker>,
-        verify: Verify,
+        verify: &Policy,
         source: &str,
         geometry: Geometry,
     ) -> Result<Plan> {
@@ -66,10 +66,8 @@ impl Plan {
             }
         };
         let h = base.header();
-        let due = verify
-            .every
-            .due(h.deltas_since_full, h.last_full_unix_ms, delta::now_ms());
-        plan.offer = if verify.full {
+        let due = verify.periodic_due(h.deltas_since_full, h.last_full_unix_ms, delta::now_ms());
+        plan.offer = if verify.full_requested() {
             Offer::full(Fallback::SourceVerify)
         } else if due {
             Offer::full(Fallback::SourcePeriodic)

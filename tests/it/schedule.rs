@@ -18,8 +18,9 @@ use serde_json::Value;
 
 use crate::common::metrics::{metric, scrape_with_head};
 use crate::common::{
-    expect_failure, expect_successful, external_u64, read_block, read_status, run_bin, run_source,
-    sigterm, wait_until, Destination, Finished, Fixture, ObservedSource, AGENT_TIMEOUT,
+    expect_failure, expect_successful, external_str, external_u64, read_block, read_status,
+    run_bin, run_source, sigterm, wait_until, Destination, Finished, Fixture, ObservedSource,
+    AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -230,10 +231,17 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
         "DURATION",
         "NEXT SYNC",
         "RESULT",
+        "KIND",
         "CONDITION",
     ] {
         assert!(lines[0].contains(col), "{text}");
     }
+    let kind = external_str(&read_status(&fx.source_status)?, "syncKind")?;
+    assert!(
+        ["full", "delta-manifest"].contains(&kind.as_str())
+            && lines[1].contains(&format!("   {kind}   ")),
+        "{text}"
+    );
     let st = read_status(&fx.source_status)?;
     assert!(lines[1].starts_with("source "), "{text}");
     for field in ["lastSyncTime", "lastSyncDuration", "nextSyncTime"] {

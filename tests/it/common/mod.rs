@@ -231,6 +231,16 @@ pub fn external_u64(status: &Value, key: &str) -> Result<u64> {
     }
 }
 
+/// `status.external[key]` as text.
+pub fn external_str(status: &Value, key: &str) -> Result<String> {
+    status
+        .get("external")
+        .and_then(|e| e.get(key))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("external.{key} missing in {status}"))
+}
+
 /// `status.latestMoverStatus.result`, or "" if absent.
 pub fn result_of(status: &Value) -> &str {
     status
