@@ -205,7 +205,21 @@ impl Apply {
         self.end.is_some() && self.next == self.geometry.chunk_count() && self.open.is_empty()
     }
 
+    /// Makes the sync durable and checks it; keeps the next manifest only if every check passed. A check that
+    /// fails (the digests differ, the target was resized, its bytes read back differ) also drops the manifest it
+    /// started from: whatever the cause, it no longer describes the target, and the retry compares in full.
     fn finish(mut self) -> Result<Digest> {
+        let store = self.store.clone();
+        let result = self.durable_and_checked();
+        if result.is_err() {
+            if let Err(e) = store.invalidate(Role::Destination) {
+                tracing::warn!("cannot drop the destination's manifest: {e}");
+            }
+        }
+        result
+    }
+
+    fn durable_and_checked(&mut self) -> Result<Digest> {
         self.flush_zero_run()?;
         let flushing = std::time::Instant::now();
         if let Some(f) = self.flusher.take() {
