@@ -13,7 +13,10 @@
 //! destination's fsync and digest, COMMIT, the closing of TLS), whose offsets a clean sync measured before. In some
 //! iterations a second destination is started on the same target while the first one serves it, and a source of
 //! another volume is pointed at it: it must be refused (at start-up, the first holding the target exclusively, or
-//! at the latest when its source connects), never become a second writer.
+//! at the latest when its source connects), never become a second writer. Since the delta syncs (issue 11), either
+//! agent may keep a state directory (the same across the run) and the source may be given a truthful change list
+//! ([`state`]), so deltas by manifest and by change list, and their fallbacks (a target tampered with, a session
+//! killed after it wrote), meet the same faults.
 //!
 //! The invariant, checked after every try and at the end of each iteration:
 //! - whenever an agent claims success (exit 0, or its status rewritten as Successful), the target equals the
@@ -35,6 +38,7 @@ mod agents;
 mod freeze;
 mod plan;
 mod rival;
+mod state;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -53,6 +57,7 @@ use agents::{spawn_destination, spawn_source, verdict, wait_session_end, Listeni
 use freeze::{Freeze, Reaction};
 use plan::{Change, Fault};
 use rival::Rival;
+use state::{Dirs, State};
 
 const MIB: u64 = 1 << 20;
 /// Volume size: large enough for a few hundred chunks, small enough for many iterations.
@@ -107,6 +112,8 @@ struct Tally {
     /// Second destinations on the target, by how they were refused.
     rivals_refused: BTreeMap<&'static str, u64>,
     rivals: u64,
+    /// Successful tries by the kind of sync the source ran (full, delta-manifest, delta-changelist).
+    kinds: BTreeMap<String, u64>,
 }
 
 /// The run's state between tries: statuses before the try, the destination still listening.
@@ -118,11 +125,14 @@ struct Chaos {
     window: u32,
     /// Stream lengths (up, down) of a sync with nothing to send, by (chunk size, window): learnt from clean
     /// tries, to aim faults at the end of a session.
-    ends: std::collections::HashMap<(u32, u32), (u64, u64)>,
+    ends: std::collections::HashMap<(u32, u32, bool), (u64, u64)>,
     /// Where a failure is reported: seed and iteration.
     at: String,
     /// The next iteration starts a second destination on the target whatever the seed says.
     rival_due: bool,
+    /// Who keeps state in this iteration, and where.
+    state: State,
+    dirs: Dirs,
 }
 
 impl Chaos {
@@ -134,7 +144,8 @@ impl Chaos {
         let src_before = Stamp::of(&self.site.source_status);
         let dst_before = Stamp::of(&self.site.destination_status);
         if self.destination.is_none() {
-            self.destination = Some(spawn_destination(&self.site, self.window)?);
+            let extra = self.dirs.destination_args(self.state);
+            self.destination = Some(spawn_destination(&self.site, self.window, &extra)?);
         }
         let Some(destination) = self.destination.as_mut() else {
             bail!("no destination");
@@ -151,7 +162,8 @@ impl Chaos {
             false => None,
         };
         let proxy = Proxy::start(destination.addr, up, down)?;
-        let mut source = spawn_source(&self.site, proxy.addr(), self.chunk_size)?;
+        let extra = self.dirs.source_args(self.state, &self.site)?;
+        let mut source = spawn_source(&self.site, proxy.addr(), self.chunk_size, &extra)?;
 
         // Act on the fault while the source runs; the proxy's reports are the triggers.
         let deadline = Instant::now() + AGENT_TIMEOUT;
@@ -235,10 +247,19 @@ impl Chaos {
             destination_exit,
             fault,
         )?;
+        // A stateless source's success leaves its manifest (of an older image) as it was.
+        if claimed && self.state.source {
+            self.dirs.source_synced(&self.site)?;
+        }
+        if claimed {
+            let src = crate::common::read_status(&self.site.source_status)?;
+            let kind = crate::common::external_str(&src, "syncKind").unwrap_or_default();
+            *self.tally.kinds.entry(kind).or_default() += 1;
+        }
         if fault.is_none() && source_exit.success() {
             let dst = crate::common::read_status(&self.site.destination_status)?;
             if crate::common::external_u64(&dst, "chunksChanged")? == 0 {
-                self.ends.insert((self.chunk_size, self.window), streams);
+                self.ends.insert(self.end_key(), streams);
             }
         }
         Ok(Try {
@@ -247,6 +268,15 @@ impl Chaos {
             claimed,
             streams,
         })
+    }
+
+    /// What the stream lengths of a sync with nothing to send depend on: a delta announces nothing.
+    fn end_key(&self) -> (u32, u32, bool) {
+        (
+            self.chunk_size,
+            self.window,
+            self.state.source && self.state.destination,
+        )
     }
 
     /// The invariant after one try; returns whether the source claimed success.
@@ -311,16 +341,24 @@ impl Chaos {
     fn iteration(&mut self, rng: &mut ChaCha8Rng) -> Result<()> {
         let change = Change::random(rng);
         change.apply(&self.site, rng.next_u64())?;
-        let new_chunk_size = CHUNK_SIZES[rng.random_range(0..CHUNK_SIZES.len())];
+        // Often the same chunk size as before: a delta needs the geometry of the last sync.
+        let new_chunk_size = match rng.random_bool(0.5) {
+            true => self.chunk_size,
+            false => CHUNK_SIZES[rng.random_range(0..CHUNK_SIZES.len())],
+        };
         let new_window = WINDOWS[rng.random_range(0..WINDOWS.len())];
-        if new_window != self.window {
-            // A new window needs a new destination (a new pod, in a cluster).
+        let new_state = match rng.random_bool(0.6) {
+            true => self.state,
+            false => State::random(rng),
+        };
+        if new_window != self.window || new_state.destination != self.state.destination {
+            // A new window or state directory needs a new destination (a new pod, in a cluster).
             if let Some(mut d) = self.destination.take() {
                 let _ = d.agent.kill();
                 let _ = d.agent.wait("replaced destination");
             }
         }
-        (self.chunk_size, self.window) = (new_chunk_size, new_window);
+        (self.chunk_size, self.window, self.state) = (new_chunk_size, new_window, new_state);
         let keeps_failing = rng.random_bool(0.1);
         // The first iteration always has one, so that every run meets a second destination.
         let rival = std::mem::take(&mut self.rival_due) || rng.random_bool(0.1);
@@ -330,7 +368,7 @@ impl Chaos {
         // stream lengths of such a sync are known, measuring them with a clean sync if need be.
         let nothing_to_send =
             matches!(change, Change::Unchanged) && self.site.target_matches_volume()?;
-        let key = (self.chunk_size, self.window);
+        let key = self.end_key();
         if nothing_to_send && !self.ends.contains_key(&key) {
             let probe = self.attempt(None, false, false)?;
             self.tally.probes += 1;
@@ -344,10 +382,11 @@ impl Chaos {
             .status()?
             .and_then(|s| s.get("lastSyncTime").cloned());
         println!(
-            "{}: {change:?}, chunk {} window {}{}{}{}{}{}",
+            "{}: {change:?}, chunk {} window {}{}{}{}{}{}{}",
             self.at,
             self.chunk_size,
             self.window,
+            self.state.describe(),
             if slow { ", slow link" } else { "" },
             if aim_at_end {
                 ", fault aimed at the end"
@@ -478,8 +517,11 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
     println!("chaos: seed {seed:#x} ({iterations} iterations); reproduce with BLOCKMOVER_CHAOS_SEED={seed:#x}");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let started = Instant::now();
+    let site = Site::new(rng.next_u64())?;
     let mut chaos = Chaos {
-        site: Site::new(rng.next_u64())?,
+        dirs: Dirs::new(&site),
+        state: State::default(),
+        site,
         tally: Tally::default(),
         destination: None,
         chunk_size: CHUNK_SIZES[1],
@@ -505,8 +547,8 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
     };
     println!(
         "chaos summary: seed {seed:#x}, {iterations} iterations, {} tries ({} of them probes) in {:.1}s; faults injected {} ({}), \
-         planned {} ({}); second destinations {} (refused {}); syncs completed {}, failed as expected {}, mismatches {}, \
-         other violations {}",
+         planned {} ({}); second destinations {} (refused {}); successful tries by kind ({}); syncs completed {}, \
+         failed as expected {}, mismatches {}, other violations {}",
         t.tries,
         t.probes,
         started.elapsed().as_secs_f64(),
@@ -516,6 +558,11 @@ fn chaos_target_equals_source_or_the_sync_failed() -> Result<()> {
         list(&t.planned),
         t.rivals,
         list(&t.rivals_refused),
+        t.kinds
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         t.completed,
         t.failed_as_expected,
         t.mismatches.len(),

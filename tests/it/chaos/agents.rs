@@ -1,7 +1,7 @@
 //! The chaos suite's agents and files: real `blockmover` processes with their output on channels, the volume and
 //! target they share across iterations, and what a status file says about the try that just ended.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -217,11 +217,13 @@ pub fn destination_args<'a>(site: &'a Site, status: &'a Path) -> Vec<&'a OsStr> 
     ]
 }
 
-/// The site's destination (its own status file, `--window WINDOW`), once it printed `listening on`.
-pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
+/// The site's destination (its own status file, `--window WINDOW`, and `extra` flags), once it printed
+/// `listening on`.
+pub fn spawn_destination(site: &Site, window: u32, extra: &[OsString]) -> Result<Listening> {
     let window = window.to_string();
     let mut args = destination_args(site, &site.destination_status);
     args.extend([OsStr::new("--window"), OsStr::new(&window)]);
+    args.extend(extra.iter().map(OsString::as_os_str));
     let agent = Agent::spawn(&args)?;
     let line = agent
         .stdout
@@ -234,8 +236,20 @@ pub fn spawn_destination(site: &Site, window: u32) -> Result<Listening> {
     Ok(Listening { agent, addr })
 }
 
-pub fn spawn_source(site: &Site, addr: SocketAddr, chunk_size: u32) -> Result<Agent> {
-    spawn_source_of(&site.volume, &site.source_status, site, addr, chunk_size)
+pub fn spawn_source(
+    site: &Site,
+    addr: SocketAddr,
+    chunk_size: u32,
+    extra: &[OsString],
+) -> Result<Agent> {
+    spawn_source_of(
+        &site.volume,
+        &site.source_status,
+        site,
+        addr,
+        chunk_size,
+        extra,
+    )
 }
 
 /// A source of `volume` recording in `status`, with `site`'s key.
@@ -245,9 +259,10 @@ pub fn spawn_source_of(
     site: &Site,
     addr: SocketAddr,
     chunk_size: u32,
+    extra: &[OsString],
 ) -> Result<Agent> {
     let (addr, chunk) = (addr.to_string(), chunk_size.to_string());
-    let args: Vec<&OsStr> = vec![
+    let mut args: Vec<&OsStr> = vec![
         "source".as_ref(),
         "--connect".as_ref(),
         addr.as_ref(),
@@ -264,6 +279,7 @@ pub fn spawn_source_of(
         "--handshake-timeout".as_ref(),
         HANDSHAKE_TIMEOUT.as_ref(),
     ];
+    args.extend(extra.iter().map(OsString::as_os_str));
     Agent::spawn(&args)
 }
 

@@ -65,7 +65,7 @@ impl Rival {
             .parse()?;
         let volume = rival_volume(site, seed)?;
         let status = site.volume.with_file_name("rival-source-status.json");
-        let source = spawn_source_of(&volume, &status, site, addr, 65_536)?;
+        let source = spawn_source_of(&volume, &status, site, addr, 65_536, &[])?;
         Ok(Rival::Listening {
             destination,
             source,
