@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::status::{MoverStatus, CONDITION_SYNCHRONIZING};
+use crate::status::{go_duration, MoverStatus, CONDITION_SYNCHRONIZING};
 
 /// A status file and its document.
 #[derive(Clone, Debug)]
@@ -35,13 +35,15 @@ fn name_of(path: &Path) -> String {
 }
 
 /// The columns: the CRD's printer columns (`Last sync`, `Duration`, `Next sync`) after the name, then the
-/// latest result, the kind of the latest sync (`full`, `delta-manifest`, `delta-changelist`: a full comparison
+/// age of the data the target holds (now minus the start of the last successful sync: what a disaster now would
+/// lose, the live RPO), the latest result, the kind of the latest sync (`full`, `delta-manifest`, `delta-changelist`: a full comparison
 /// that should have been a delta is what a user looks for) and the `Synchronizing` condition's reason.
-const HEADERS: [&str; 7] = [
+const HEADERS: [&str; 8] = [
     "NAME",
     "LAST SYNC",
     "DURATION",
     "NEXT SYNC",
+    "DATA AGE",
     "RESULT",
     "KIND",
     "CONDITION",
@@ -49,7 +51,12 @@ const HEADERS: [&str; 7] = [
 
 /// A table, one row per entry, columns padded with three spaces as kubectl does; absent values are empty.
 pub fn table(entries: &[Entry]) -> String {
-    let rows: Vec<[String; 7]> = entries
+    table_at(entries, chrono::Utc::now())
+}
+
+/// [`table`] as of `now`.
+pub fn table_at(entries: &[Entry], now: chrono::DateTime<chrono::Utc>) -> String {
+    let rows: Vec<[String; 8]> = entries
         .iter()
         .map(|e| {
             let s = &e.status;
@@ -64,6 +71,10 @@ pub fn table(entries: &[Entry]) -> String {
                 s.last_sync_time.clone().unwrap_or_default(),
                 s.last_sync_duration.clone().unwrap_or_default(),
                 s.next_sync_time.clone().unwrap_or_default(),
+                s.image_time()
+                    .and_then(|t| (now - t).to_std().ok())
+                    .map(|d| go_duration(std::time::Duration::from_secs(d.as_secs())))
+                    .unwrap_or_default(),
                 s.latest_mover_status
                     .as_ref()
                     .map(|m| m.result.clone())
@@ -134,15 +145,18 @@ mod tests {
                 status: MoverStatus::default(),
             },
         ];
-        let t = table(&entries);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-24T18:33:00Z")
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .expect("time");
+        let t = table_at(&entries, now);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME      LAST SYNC              DURATION   NEXT SYNC              RESULT       KIND             CONDITION"
+            "NAME      LAST SYNC              DURATION   NEXT SYNC              DATA AGE   RESULT       KIND             CONDITION"
         );
         assert_eq!(
             lines[1],
-            "vm-disk   2026-11-24T18:31:54Z   24.08s     2026-11-24T18:35:00Z   Successful   delta-manifest   WaitingForSchedule"
+            "vm-disk   2026-11-24T18:31:54Z   24.08s     2026-11-24T18:35:00Z   1m30s      Successful   delta-manifest   WaitingForSchedule"
         );
         assert_eq!(lines[2], "fresh");
     }

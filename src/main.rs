@@ -184,6 +184,7 @@ async fn serve_metrics(
         blockmover::schedule::system_clock(),
         status.last_sync_time(),
     ));
+    metrics.set_image_time(status.status().image_time());
     let (bound, task) = blockmover::metrics::http::spawn(addr, metrics.clone()).await?;
     println!("metrics on http://{bound}/metrics");
     std::io::stdout().flush()?;

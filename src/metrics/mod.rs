@@ -125,6 +125,8 @@ struct State {
     duration_count: u64,
     last_scan_rate: f64,
     next_sync: Option<DateTime<Utc>>,
+    /// When the image of the last successful sync was read (its start): the data age counts from here.
+    image_time: Option<DateTime<Utc>>,
 }
 
 /// The metrics of one agent, shared between its syncs and the HTTP server.
@@ -164,8 +166,14 @@ impl Metrics {
                 duration_count: 0,
                 last_scan_rate: 0.0,
                 next_sync,
+                image_time: None,
             }),
         }
+    }
+
+    /// When the image of the previous successful sync (from the status file) was read.
+    pub fn set_image_time(&self, at: Option<DateTime<Utc>>) {
+        self.state().image_time = at;
     }
 
     /// The schedule the deadlines are counted against.
@@ -236,6 +244,7 @@ impl Metrics {
                 }
             }
             st.last_sync = Some(now);
+            st.image_time = chrono::Duration::from_std(duration).ok().map(|d| now - d);
             st.latest_failed = false;
             st.next_sync = self.schedule.as_ref().and_then(|s| s.next_after(now));
             let secs = duration.as_secs_f64();
@@ -315,6 +324,36 @@ mod tests {
             Some(t(18, 15, 0).timestamp() as f64)
         );
         Ok(())
+    }
+
+    #[test]
+    fn data_age_counts_from_the_start_of_the_last_successful_sync() {
+        let clock = Arc::new(FakeClock::at(t(18, 0, 0)));
+        let m = Metrics::new(labels(), None, clock.clone(), None);
+        let age = |m: &Metrics| value(&m.render(), "blockmover_data_age_seconds{");
+        assert_eq!(
+            age(&m),
+            Some(f64::INFINITY),
+            "never synced: everything is at risk"
+        );
+        m.set_image_time(Some(t(17, 59, 0)));
+        assert_eq!(age(&m), Some(60.0));
+        clock.set(t(18, 1, 0));
+        m.started(Arc::new(Figures::default()));
+        m.finished(true, Duration::from_secs(20));
+        assert_eq!(
+            age(&m),
+            Some(20.0),
+            "the image was read when that sync started"
+        );
+        clock.advance(100);
+        m.started(Arc::new(Figures::default()));
+        m.finished(false, Duration::from_secs(5));
+        assert_eq!(
+            age(&m),
+            Some(120.0),
+            "a failed sync does not refresh the image"
+        );
     }
 
     #[test]

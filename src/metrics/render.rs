@@ -210,6 +210,18 @@ impl Metrics {
             &labels,
             stamp(st.last_sync),
         );
+        // +Inf before any successful sync: everything would be lost, and an alert on the age fires.
+        let age = st.image_time.map_or(f64::INFINITY, |t| {
+            (now - t).num_milliseconds().max(0) as f64 / 1e3
+        });
+        metric(
+            &mut out,
+            "blockmover_data_age_seconds",
+            "gauge",
+            "Seconds since the image the destination holds was read (the start of the last successful sync): the data a disaster now would lose",
+            &labels,
+            age,
+        );
         metric(
             &mut out,
             "blockmover_next_sync_timestamp_seconds",

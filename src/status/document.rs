@@ -5,6 +5,16 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+impl MoverStatus {
+    /// When the image of the last successful sync was read: `lastSyncTime - lastSyncDuration` (the sync's start).
+    /// What a disaster now would lose is everything written since.
+    pub fn image_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let end = super::parse_time(self.last_sync_time.as_deref())?;
+        let took = super::format::parse_go_duration(self.last_sync_duration.as_deref()?)?;
+        Some(end - chrono::Duration::from_std(took).ok()?)
+    }
+}
+
 /// The `.status` document, field for field as VolSync's CRDs name them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -45,6 +45,36 @@ pub fn go_duration(d: Duration) -> String {
     out
 }
 
+/// Parses what [`go_duration`] writes (Go's `time.Duration.String()`: `1h2m3.5s`, `250ms`, `0s`); `None` for
+/// anything else.
+pub fn parse_go_duration(text: &str) -> Option<Duration> {
+    if text == "0s" {
+        return Some(Duration::ZERO);
+    }
+    let mut rest = text;
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&n| n > 0)?;
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let (unit, secs) = [
+            ("h", 3600.0),
+            ("ms", 1e-3),
+            ("m", 60.0),
+            ("s", 1.0),
+            ("µs", 1e-6),
+            ("ns", 1e-9),
+        ]
+        .into_iter()
+        .find(|(u, _)| rest.starts_with(u))?;
+        total += value * secs;
+        rest = &rest[unit.len()..];
+    }
+    (total.is_finite() && !text.is_empty()).then(|| Duration::from_secs_f64(total))
+}
+
 /// Splits `v` into `v / 10^prec` and the fraction text `.ddd` without trailing zeros (empty when zero),
 /// as Go's `fmtFrac`.
 fn split_frac(v: u64, prec: u32) -> (u64, String) {
@@ -139,5 +169,25 @@ mod tests {
         assert_eq!(truncate_logs("aé", 1), "");
         assert_eq!(truncate_logs("aéb", 2), "b");
         assert_eq!(truncate_logs("aéb", 3), "éb");
+    }
+
+    #[test]
+    fn go_durations_parse_back_to_what_they_format() {
+        for d in [
+            Duration::ZERO,
+            Duration::from_millis(250),
+            Duration::from_micros(1500),
+            Duration::from_secs_f64(62.5),
+            Duration::from_secs(3 * 3600 + 7),
+            Duration::from_secs(49 * 3600 + 60),
+        ] {
+            let text = go_duration(d);
+            let back = parse_go_duration(&text).unwrap_or(Duration::MAX);
+            let err = back.as_secs_f64() - d.as_secs_f64();
+            assert!(err.abs() < 1e-6, "{text}: {back:?} for {d:?}");
+        }
+        for bad in ["", "5", "h", "1x", "1h-2m", "1..5s"] {
+            assert_eq!(parse_go_duration(bad), None, "{bad}");
+        }
     }
 }
