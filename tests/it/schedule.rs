@@ -165,7 +165,17 @@ fn scheduled_agents_sync_at_start_then_on_manual_trigger_with_status_and_metrics
     ] {
         assert_eq!(missed.labels.get(k), Some(v), "{k}");
     }
+    // The data age counts from the start of that sync: its duration, plus the time since it ended.
+    let image = blockmover::status::parse_time(str_field(&first, "lastSyncTime"))
+        .context("lastSyncTime")?;
+    let age = must(&s, "blockmover_data_age_seconds")?;
+    let since_end = (chrono::Utc::now() - image).num_milliseconds() as f64 / 1e3;
+    assert!(
+        age.is_finite() && age >= since_end - 1.0 && age <= since_end + 60.0,
+        "data age {age} s, the sync ended {since_end} s ago"
+    );
     let d = scrape(dmetrics)?;
+    assert!(must(&d, "blockmover_data_age_seconds")?.is_finite());
     assert_eq!(
         must(&d, "blockmover_wire_received_bytes_total")?,
         external_u64(&dfirst, "wireBytesReceived")? as f64
