@@ -108,6 +108,21 @@ impl Outcome {
         }
     }
 
+    /// Asserts the destination hashed its whole target (a full comparison): `bytesRead` is the volume size plus at
+    /// most two more reads of each changed chunk (its block digests for NEED, then the rebuild before writing).
+    pub fn expect_whole_target_read(&self) {
+        let (size, read, changed) = (
+            self.dst("volumeSize"),
+            self.dst("bytesRead"),
+            self.dst("chunksChanged"),
+        );
+        assert!(
+            (size..=size + 2 * changed * CHUNK).contains(&read),
+            "destination bytesRead {read}, volume {size} bytes, {changed} changed chunks: {}",
+            self.describe()
+        );
+    }
+
     /// Both statuses' `external` maps, for failure messages.
     pub fn describe(&self) -> String {
         format!(

@@ -136,6 +136,7 @@ fn a_change_list_that_misses_a_range_is_repaired_by_verify_full() -> Result<()> 
         fixed.describe()
     );
     assert_eq!(fixed.src("bytesRead"), size, "{}", fixed.describe());
+    fixed.expect_whole_target_read();
     assert_eq!(fixed.src("blocksSent"), 1, "only the missed block travels");
     assert!(
         super::text(&fixed.destination, "targetDriftChunks").is_none(),

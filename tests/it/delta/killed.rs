@@ -80,6 +80,7 @@ fn retry_is_full(p: &Pair) -> Result<()> {
     );
     let out = p.sync(&[], &[])?;
     out.expect_full(DESTINATION_NO_MANIFEST);
+    out.expect_whole_target_read();
     println!("retry: {} ({})", out.kind(), out.reason());
     change(p, 1)?;
     p.sync(&[], &[])?.expect_delta("delta-manifest");
