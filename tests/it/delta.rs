@@ -11,12 +11,15 @@
 //! - [`policy`]: one side without state, `destination --serve` without `--state-dir`, `--verify-every N`.
 //! - [`killed`]: `kill -9` of either agent during a delta, then the retry.
 //! - [`failback`]: A -> B, then B -> A, then A -> B again, with the same state directories.
+//! - [`scheduled`]: a scheduled source and a serving destination keeping manifests in memory; `--verify full` on a
+//!   long-running source.
 
 mod basics;
 mod failback;
 mod killed;
 mod manifests;
 mod policy;
+mod scheduled;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
