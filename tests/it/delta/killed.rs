@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::policy::Served;
 use super::{scribble_chunks, Pair, CHUNK, DESTINATION_NO_MANIFEST, MIB, SOURCE_NO_MANIFEST};
 use crate::common::proxy::{Faults, Proxy};
 use crate::common::{
-    expect_failed, signal, wait_until, Destination, Ended, Finished, Running, AGENT_TIMEOUT,
+    expect_failed, read_block, signal, wait_until, Destination, Ended, Finished, Running,
+    AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 
@@ -207,5 +209,51 @@ fn kills_at_any_point_of_a_delta_never_leave_a_wrong_target() -> Result<()> {
             change(&p, round + i as u64)?;
         }
     }
+    Ok(())
+}
+
+/// A serving destination without `--state-dir` keeps its manifest in memory; a delta cut short after it wrote
+/// drops that manifest too (the process lives on): the retry into the same process is full and correct.
+#[test]
+fn a_delta_cut_short_into_a_serving_destination_drops_its_memory_manifest() -> Result<()> {
+    let p = Pair::new(VOLUME, 0xde6_0004)?;
+    let destination = Destination::spawn(
+        &p.fx.target,
+        &p.fx.psk,
+        &p.fx.destination_status,
+        &["--serve"],
+    )?;
+    let mut served = Served { p: &p, destination };
+    served.sync(&[])?.expect_full(SOURCE_NO_MANIFEST);
+    change(&p, 0)?;
+
+    let proxy = Proxy::start(
+        served.destination.addr,
+        Faults::none().stall_at(2 * MIB),
+        Faults::none(),
+    )?;
+    let source = Running::source(proxy.addr(), &p.fx, &["--state-dir", &p.sa])?;
+    proxy.wait_stalled(AGENT_TIMEOUT)?;
+    // Chunk 0 is the first one the delta rewrites: once the target holds it, the destination has written.
+    wait_until(
+        "the destination wrote chunk 0",
+        Duration::from_secs(30),
+        || Ok(read_block(&p.fx.target, 0)? == read_block(&p.fx.volume, 0)?),
+    )?;
+    proxy.close();
+    let ended = source.finish(AGENT_TIMEOUT)?;
+    println!("source: {:?} {}", ended.code(), ended.error_line());
+    assert_eq!(ended.code(), Some(RETRYABLE), "{}", ended.stderr);
+    assert!(
+        served.destination.child.try_wait()?.is_none(),
+        "the destination serves on"
+    );
+
+    let retry = served.sync(&[])?;
+    println!("retry: {} ({})", retry.kind(), retry.reason());
+    retry.expect_full(DESTINATION_NO_MANIFEST);
+    change(&p, 1)?;
+    served.sync(&[])?.expect_delta("delta-manifest");
+    served.stop()?;
     Ok(())
 }

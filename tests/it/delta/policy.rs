@@ -67,15 +67,15 @@ fn a_source_without_state_makes_every_sync_full() -> Result<()> {
 }
 
 /// A serving destination and one-shot sources (with a state directory) against it.
-struct Served<'a> {
-    p: &'a Pair,
-    destination: Destination,
+pub(super) struct Served<'a> {
+    pub p: &'a Pair,
+    pub destination: Destination,
 }
 
 impl Served<'_> {
     /// Runs a source with the pair's source state directory and `flags`; waits for the destination's status to
     /// record the sync (its volume digest is the source's), and checks target == volume.
-    fn sync(&mut self, flags: &[&str]) -> Result<Outcome> {
+    pub fn sync(&mut self, flags: &[&str]) -> Result<Outcome> {
         let p = self.p;
         let mut all = vec!["--state-dir", p.sa.as_str()];
         all.extend_from_slice(flags);
@@ -122,7 +122,7 @@ impl Served<'_> {
     }
 
     /// SIGTERM; the destination exits 0.
-    fn stop(mut self) -> Result<Finished> {
+    pub fn stop(mut self) -> Result<Finished> {
         sigterm(self.destination.child.id())?;
         let finished = self.destination.wait(AGENT_TIMEOUT)?;
         assert!(finished.status.success(), "{}", finished.stderr);
