@@ -144,3 +144,30 @@ fn a_state_dir_that_is_a_file_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Flow control in a delta: the destination's smallest window (64 chunks) against a delta that announces every
+/// other chunk (sparse runs), then a change list naming them in 2048 one-block extents: both correct.
+#[test]
+fn a_small_window_carries_sparse_deltas() -> Result<()> {
+    let p = Pair::new(32 * MIB, 0xdeb_0004)?;
+    let window = ["--window", "64"];
+    p.sync(&[], &window)?.expect_full(SOURCE_NO_MANIFEST);
+    let per = CHUNK / BLOCK;
+    let every_other: Vec<u64> = (0..p.size() / CHUNK)
+        .filter(|c| c % 2 == 1)
+        .map(|c| c * per + c % per)
+        .collect();
+    scribble(&p.fx.volume, &every_other, 1)?;
+    let out = p.sync(&[], &window)?;
+    out.expect_delta("delta-manifest");
+    assert_eq!(out.dst("chunksChanged"), every_other.len() as u64);
+
+    let blocks: Vec<u64> = (0..2048).map(|i| i * 4 + i % 3).collect();
+    let extents = scribble(&p.fx.volume, &blocks, 2)?;
+    let list = change_list(p.fx.dir.path(), "many.json", &extents)?;
+    let out = p.sync(&["--changed-extents", &list], &window)?;
+    out.expect_delta("delta-changelist");
+    assert_eq!(out.src("blocksSent"), 2048, "{}", out.describe());
+    assert_eq!(out.src("bytesRead"), 2048 * 4 * BLOCK, "{}", out.describe());
+    Ok(())
+}
