@@ -6,6 +6,7 @@
 //!
 //! - [`basics`]: full, then delta by manifest, then delta by change list; a change list that lies, repaired by
 //!   `--verify full`; a change list past the end of the volume.
+//! - [`blockdev`]: a loop device target; the same device node attached to other storage.
 //! - [`edges`]: an odd-sized volume, zeroed chunks, `--read-back` after a delta, an unusable state directory.
 //! - [`manifests`]: damaged, truncated, foreign and other-geometry manifests are ignored; a target written behind
 //!   the destination's back.
@@ -16,6 +17,7 @@
 //!   long-running source.
 
 mod basics;
+mod blockdev;
 mod edges;
 mod failback;
 mod killed;
