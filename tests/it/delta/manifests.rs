@@ -248,3 +248,25 @@ fn destination_verify_full_finds_and_repairs_target_drift() -> Result<()> {
     out.expect_delta("delta-manifest");
     Ok(())
 }
+
+/// A whole, valid source manifest of an older image (put back from a copy): the destination's manifest describes
+/// the newer image its target holds, the bases differ, and the sync compares in full.
+#[test]
+fn manifests_of_different_images_make_a_full_comparison() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0xde3_0004)?;
+    let size = p.size();
+    p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
+    let old = p.fx.dir.path().join("old-source.manifest");
+    std::fs::copy(p.source_manifest(), &old)?;
+    scribble(&p.fx.volume, &scattered(size, 3, 1), 1)?;
+    p.sync(&[], &[])?.expect_delta("delta-manifest");
+
+    std::fs::copy(&old, p.source_manifest())?;
+    scribble(&p.fx.volume, &scattered(size, 3, 2), 2)?;
+    let out = p.sync(&[], &[])?;
+    out.expect_full("the two manifests describe different images");
+    out.expect_whole_target_read();
+    assert_eq!(out.src("blocksSent"), 3, "{}", out.describe());
+    p.sync(&[], &[])?.expect_delta("delta-manifest");
+    Ok(())
+}

@@ -222,3 +222,20 @@ fn verify_every_n_syncs_makes_every_third_delta_eligible_sync_full() -> Result<(
     next(&["--verify-every", "never"], &[])?.expect_delta("delta-manifest");
     Ok(())
 }
+
+/// `--verify-every 1s`: a sync more than a second after the last full comparison is full, "periodic"; with an
+/// hour it is a delta.
+#[test]
+fn verify_every_a_duration_makes_a_sync_after_it_full() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0xde9_0002)?;
+    let size = p.size();
+    p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
+    scribble(&p.fx.volume, &scattered(size, 2, 1), 1)?;
+    p.sync(&["--verify-every", "1h"], &[])?
+        .expect_delta("delta-manifest");
+    std::thread::sleep(Duration::from_millis(1200));
+    scribble(&p.fx.volume, &scattered(size, 2, 2), 2)?;
+    p.sync(&[], &["--verify-every", "1s"])?
+        .expect_full("the destination's periodic full comparison is due");
+    Ok(())
+}
