@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::Value;
 
 use super::{scattered, scribble, text, Pair, CHUNK, MIB, SOURCE_NO_MANIFEST};
@@ -55,8 +55,12 @@ impl<'a> Agents<'a> {
             let Ok(s) = read_status(&p.fx.source_status) else {
                 return Ok(false);
             };
+            let idle = s.get("lastSyncStartTime").is_none();
+            if idle && result_of(&s) == "Failed" {
+                bail!("the source's sync failed: {s:#}");
+            }
             let done = result_of(&s) == "Successful"
-                && s.get("lastSyncStartTime").is_none()
+                && idle
                 && token.is_none_or(|t| s.get("lastManualSync").and_then(Value::as_str) == Some(t));
             digest = text(&s, "volumeDigest").map(str::to_owned);
             Ok(done)
@@ -174,4 +178,35 @@ fn verify_full_on_a_scheduled_source_is_spent_by_its_first_sync() -> Result<()> 
         "--verify full is spent by the first sync of a long-running source: {s:#}"
     );
     agents.stop()
+}
+
+/// A state directory removed while the agents run (by an operator, a cleanup job, a remounted volume) holds no
+/// manifest: the next sync compares in full and succeeds, as for any other manifest that cannot be used, instead of
+/// failing on the removal of a manifest that is not there. `source_side` picks the source's directory, else the
+/// destination's.
+fn state_directory_removed(seed: u64, source_side: bool) -> Result<()> {
+    let p = Pair::new(16 * MIB, seed)?;
+    let size = p.size();
+    let mut agents = Agents::start(&p, &["--state-dir", &p.sa], &["--state-dir", &p.sb])?;
+    agents.synced(None)?;
+    std::fs::remove_dir_all(if source_side { &p.sa } else { &p.sb })?;
+    for round in 1..=2 {
+        scribble(&p.fx.volume, &scattered(size, 2, round), round)?;
+        let (s, _) = agents.trigger(&format!("t{round}"))?;
+        println!("sync {round}: {} {:?}", kind(&s), text(&s, "fullReason"));
+        if round == 1 {
+            assert_eq!(kind(&s), "full", "{s:#}");
+        }
+    }
+    agents.stop()
+}
+
+#[test]
+fn a_serving_destination_whose_state_directory_was_removed_syncs_in_full() -> Result<()> {
+    state_directory_removed(0xdea_0003, false)
+}
+
+#[test]
+fn a_scheduled_source_whose_state_directory_was_removed_syncs_in_full() -> Result<()> {
+    state_directory_removed(0xdea_0004, true)
 }
