@@ -48,6 +48,11 @@ struct Underway {
 }
 
 fn underway(p: &Pair, up: Faults) -> Result<Underway> {
+    underway_with(p, up, &[])
+}
+
+/// [`underway`] with extra source flags.
+fn underway_with(p: &Pair, up: Faults, source_flags: &[&str]) -> Result<Underway> {
     let destination = Destination::spawn(
         &p.fx.target,
         &p.fx.psk,
@@ -55,7 +60,9 @@ fn underway(p: &Pair, up: Faults) -> Result<Underway> {
         &["--state-dir", &p.sb],
     )?;
     let proxy = Proxy::start(destination.addr, up, Faults::none())?;
-    let source = Running::source(proxy.addr(), &p.fx, &["--state-dir", &p.sa])?;
+    let mut flags = vec!["--state-dir", p.sa.as_str()];
+    flags.extend_from_slice(source_flags);
+    let source = Running::source(proxy.addr(), &p.fx, &flags)?;
     Ok(Underway {
         destination,
         proxy,
@@ -255,5 +262,37 @@ fn a_delta_cut_short_into_a_serving_destination_drops_its_memory_manifest() -> R
     change(&p, 1)?;
     served.sync(&[])?.expect_delta("delta-manifest");
     served.stop()?;
+    Ok(())
+}
+
+/// A delta by change list whose destination is killed after it wrote: the retry, given the same (true) change
+/// list, is a full comparison (the destination's manifest is gone) that finds no chunk the list missed.
+#[test]
+fn a_change_list_delta_killed_then_retried_with_the_same_list_reports_no_missed_chunks(
+) -> Result<()> {
+    let p = Pair::new(VOLUME, 0xde6_0005)?;
+    p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
+    let chunks: Vec<u64> = (0..p.size() / CHUNK).filter(|c| c % 4 == 2).collect();
+    let extents = super::scribble_chunks(&p.fx.volume, &chunks, 77)?;
+    let list = super::change_list(p.fx.dir.path(), "changes.json", &extents)?;
+    let flags = ["--changed-extents", list.as_str()];
+
+    let mut u = underway_with(&p, Faults::none().stall_at(2 * MIB), &flags)?;
+    u.proxy.wait_stalled(AGENT_TIMEOUT)?;
+    wait_invalidated(&p)?;
+    u.destination.child.kill()?;
+    u.destination.wait(AGENT_TIMEOUT)?;
+    u.proxy.close();
+    let ended = u.source.finish(AGENT_TIMEOUT)?;
+    assert_eq!(ended.code(), Some(RETRYABLE), "{}", ended.stderr);
+
+    let retry = p.sync(&flags, &[])?;
+    retry.expect_full(DESTINATION_NO_MANIFEST);
+    assert!(
+        super::text(&retry.source, "changeListMissedChunks").is_none(),
+        "a true change list missed nothing: {}",
+        retry.describe()
+    );
+    p.sync(&[], &[])?.expect_delta("delta-manifest");
     Ok(())
 }
