@@ -104,56 +104,61 @@ fn a_full_sync_then_a_delta_by_manifest_then_a_delta_by_change_list() -> Result<
 }
 
 /// Issue 11, case 2: a change list that misses a changed range is believed (the lie is the tracker's): the sync is
-/// Successful and the target differs from the volume. `--verify full` with an empty change list repairs it, sends
-/// only what was missed, and says on the source how many changed chunks the list missed.
+/// Successful and the target differs from the volume. `--verify full`, given the same change list again or an
+/// empty one, repairs it, sends only what was missed, and says on the source how many changed chunks the list
+/// missed.
 #[test]
 fn a_change_list_that_misses_a_range_is_repaired_by_verify_full() -> Result<()> {
     let p = Pair::new(16 * MIB, 0xde1_0002)?;
     let size = p.size();
     p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
-
-    let changed = scattered(size, 4, 5);
-    let extents = scribble(&p.fx.volume, &changed, 1)?;
-    // The tracker forgets the last range.
-    let list = change_list(p.fx.dir.path(), "lying.json", &extents[..3])?;
-    let lied = p.sync_unchecked(&["--changed-extents", &list], &[])?;
-    lied.expect_delta("delta-changelist");
-    assert_eq!(lied.src("blocksSent"), 3, "{}", lied.describe());
-    assert_ne!(
-        p.fx.target_digest()?,
-        p.fx.volume_digest()?,
-        "a change list that misses a range leaves the target behind (documented)"
-    );
-
-    // An empty change list with --verify full: every chunk is compared, the missed one is found and repaired.
     let empty = change_list(p.fx.dir.path(), "empty.json", &[])?;
-    let fixed = p.sync(&["--changed-extents", &empty, "--verify", "full"], &[])?;
-    fixed.expect_full("the source asked for a full comparison");
-    assert_eq!(
-        fixed.src("changeListMissedChunks"),
-        1,
-        "the source says the list missed one changed chunk: {}",
-        fixed.describe()
-    );
-    assert_eq!(fixed.src("bytesRead"), size, "{}", fixed.describe());
-    fixed.expect_whole_target_read();
-    assert_eq!(fixed.src("blocksSent"), 1, "only the missed block travels");
-    assert!(
-        super::text(&fixed.destination, "targetDriftChunks").is_none(),
-        "the target held what the destination's manifest said: {}",
-        fixed.describe()
-    );
-    let warned = warnings(&fixed.source_log).join("\n");
-    assert!(
-        warned.contains("not in the change list"),
-        "the source warns about the missed chunk: {warned}"
-    );
 
-    // Both manifests describe the repaired image: the next sync is a delta that finds nothing to do.
-    let after = p.sync(&[], &[])?;
-    after.expect_delta("delta-manifest");
-    assert_eq!(after.src("chunksChanged"), 0, "{}", after.describe());
-    assert!(super::text(&after.source, "changeListMissedChunks").is_none());
+    for (round, again) in [(1, true), (2, false)] {
+        let changed = scattered(size, 4, 5 + round);
+        let extents = scribble(&p.fx.volume, &changed, round)?;
+        // The tracker forgets the last range.
+        let list = change_list(p.fx.dir.path(), "lying.json", &extents[..3])?;
+        let lied = p.sync_unchecked(&["--changed-extents", &list], &[])?;
+        lied.expect_delta("delta-changelist");
+        assert_eq!(lied.src("blocksSent"), 3, "{}", lied.describe());
+        assert_ne!(
+            p.fx.target_digest()?,
+            p.fx.volume_digest()?,
+            "a change list that misses a range leaves the target behind (documented)"
+        );
+
+        // --verify full with the same list or an empty one: every chunk is compared, the missed one is found and
+        // repaired.
+        let verify_list = if again { &list } else { &empty };
+        let fixed = p.sync(&["--changed-extents", verify_list, "--verify", "full"], &[])?;
+        fixed.expect_full("the source asked for a full comparison");
+        assert_eq!(
+            fixed.src("changeListMissedChunks"),
+            1,
+            "the source says the list missed one changed chunk: {}",
+            fixed.describe()
+        );
+        assert_eq!(fixed.src("bytesRead"), size, "{}", fixed.describe());
+        fixed.expect_whole_target_read();
+        assert_eq!(fixed.src("blocksSent"), 1, "only the missed block travels");
+        assert!(
+            super::text(&fixed.destination, "targetDriftChunks").is_none(),
+            "the target held what the destination's manifest said: {}",
+            fixed.describe()
+        );
+        let warned = warnings(&fixed.source_log).join("\n");
+        assert!(
+            warned.contains("not in the change list"),
+            "the source warns about the missed chunk: {warned}"
+        );
+
+        // Both manifests describe the repaired image: the next sync is a delta that finds nothing to do.
+        let after = p.sync(&[], &[])?;
+        after.expect_delta("delta-manifest");
+        assert_eq!(after.src("chunksChanged"), 0, "{}", after.describe());
+        assert!(super::text(&after.source, "changeListMissedChunks").is_none());
+    }
     Ok(())
 }
 
