@@ -20,6 +20,17 @@ struct Loop {
 impl Loop {
     /// `losetup [DEVICE | --find --show] FILE`; None (after printing why) when loop devices cannot be used.
     fn attach(device: Option<&Path>, file: &Path) -> Result<Option<Loop>> {
+        Ok(match Loop::try_attach(device, file)? {
+            Ok(l) => Some(l),
+            Err(why) => {
+                println!("skipped: {why}");
+                None
+            }
+        })
+    }
+
+    /// `losetup [DEVICE | --find --show] FILE`: the device, or why losetup refused.
+    fn try_attach(device: Option<&Path>, file: &Path) -> Result<Result<Loop, String>> {
         let mut cmd = Command::new("losetup");
         match device {
             Some(d) => cmd.arg(d),
@@ -27,17 +38,13 @@ impl Loop {
         };
         let out = match cmd.arg(file).output() {
             Ok(out) => out,
-            Err(e) => {
-                println!("skipped: losetup not runnable: {e}");
-                return Ok(None);
-            }
+            Err(e) => return Ok(Err(format!("losetup not runnable: {e}"))),
         };
         if !out.status.success() {
-            eprintln!(
-                "skipped: losetup failed: {}",
+            return Ok(Err(format!(
+                "losetup failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
-            return Ok(None);
+            )));
         }
         let path = match device {
             Some(d) => d.to_owned(),
@@ -46,7 +53,7 @@ impl Loop {
         if !path.starts_with("/dev") {
             bail!("losetup printed no device: {path:?}");
         }
-        Ok(Some(Loop { path }))
+        Ok(Ok(Loop { path }))
     }
 }
 
@@ -162,16 +169,20 @@ fn a_loop_device_reattached_to_other_storage_is_not_trusted() -> Result<()> {
     let path = dev.path.clone();
     drop(dev);
     // The detach completes asynchronously (and another test may hold the node a moment): retry for a while.
-    let mut reattached = None;
+    let mut reattached = Err(String::new());
     for _ in 0..250 {
-        reattached = Loop::attach(Some(&path), &other).context("reattach")?;
-        if reattached.is_some() {
+        reattached = Loop::try_attach(Some(&path), &other).context("reattach")?;
+        if reattached.is_ok() {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let Some(dev) = reattached else {
-        return Ok(());
+    let dev = match reattached {
+        Ok(dev) => dev,
+        Err(why) => {
+            println!("skipped: {why}");
+            return Ok(());
+        }
     };
     scribble(&s.volume, &scattered(SIZE, 2, 1), 1)?;
     let out = s.sync(&dev.path)?;
