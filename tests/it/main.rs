@@ -4,6 +4,7 @@ mod chaos;
 mod common;
 mod container;
 mod contention;
+mod delta;
 mod entrypoint;
 mod faults;
 mod hardening;
