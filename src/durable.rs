@@ -54,13 +54,17 @@ pub fn persist(tmp: tempfile::NamedTempFile, path: &Path, existing: Existing) ->
 }
 
 /// Removes `path` if it exists and fsyncs its directory (also when it was already absent: an earlier removal's
-/// directory entry may not have reached the disk yet).
+/// directory entry may not have reached the disk yet). A directory that is gone holds nothing to remove.
 pub fn remove_file(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    File::open(parent_dir(path))?.sync_all()
+    match File::open(parent_dir(path)) {
+        Ok(dir) => dir.sync_all(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks that files can be created in `dir` (creates a temporary there and removes it).

@@ -88,10 +88,7 @@ impl Store {
     /// the directory, if it cannot be created or written, rather than at the end of the first sync.
     pub fn dir(path: impl Into<PathBuf>) -> Result<Self, ManifestError> {
         let path = path.into();
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)
+        create_dir(&path)
             .and_then(|()| durable::check_dir_writable(&path))
             .map_err(|source| ManifestError::StateDir {
                 path: path.clone(),
@@ -172,7 +169,8 @@ impl Store {
                 }
                 Inner::Dir(dir) => {
                     let path = file_in(dir, role);
-                    let opened = durable::create_temp(&path).and_then(|tmp| {
+                    // A state directory removed while the agent runs is made again: removing it forgets the state.
+                    let opened = create_dir(dir).and_then(|()| durable::create_temp(&path)).and_then(|tmp| {
                         let mut out = BufWriter::with_capacity(BUFFER_LEN, tmp);
                         out.write_all(&placeholder)?;
                         Ok(out)
@@ -296,4 +294,9 @@ impl Sink {
             }
         }
     }
+}
+
+/// Creates a state directory (mode 0700, with its parents) unless it exists.
+fn create_dir(path: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
