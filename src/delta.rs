@@ -134,10 +134,12 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What a destination manifest must match to describe `target`: the identity (its path and kind, for a regular
-/// file its device and inode, for a block device its device number) and the stamp (a regular file's modification
-/// time in nanoseconds: any write by another program moves it, and the manifest is then stale; 0 for a block
-/// device). A block device written by something else is not detected here: that is what `--verify-every` bounds.
+/// What a destination manifest must match to describe `target`: the identity (its path and kind; for a regular
+/// file its device and inode; for a block device its device number, its size, and what the kernel says backs it:
+/// a loop device's backing file, a device-mapper UUID, a disk's WWID or serial) and the stamp (a regular file's
+/// modification time in nanoseconds: any write by another program moves it, and the manifest is then stale; 0 for
+/// a block device). A block device written by something else is not detected here: the spot check
+/// ([`SPOT_CHECKS`]) and `--verify-every` are what bound that.
 pub fn target_identity(target: &Volume) -> std::io::Result<(String, u64)> {
     let meta = std::fs::metadata(target.path())?;
     Ok(match target.kind() {
@@ -154,13 +156,49 @@ pub fn target_identity(target: &Volume) -> std::io::Result<(String, u64)> {
         ),
         Kind::BlockDevice => (
             format!(
-                "destination block device {} rdev={}",
+                "destination block device {} rdev={} size={} backing={}",
                 target.path().display(),
-                meta.rdev()
+                meta.rdev(),
+                target.size(),
+                backing_of(meta.rdev())
             ),
             0,
         ),
     })
+}
+
+/// Chunks of the target a destination reads and compares with its manifest before it agrees on a delta (non-zero
+/// chunks first, chosen at random): 4 MiB at 64 KiB chunks. Storage swapped behind the same device node, or a
+/// target restored or reformatted since the last sync, fails it with near certainty; a few changed blocks do not
+/// (that is what `--verify-every` is for).
+pub const SPOT_CHECKS: usize = 64;
+
+/// What backs block device `rdev`, as far as sysfs tells: a loop device's backing file (and its inode), a
+/// device-mapper UUID, a disk's WWID or serial; empty when it tells nothing.
+fn backing_of(rdev: u64) -> String {
+    let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+    let dir = std::path::PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    let read = |rel: &str| {
+        std::fs::read_to_string(dir.join(rel))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(file) = read("loop/backing_file") {
+        let ino = std::fs::metadata(&file).map_or(0, |m| m.ino());
+        return format!("loop:{file}:{ino}");
+    }
+    for (label, rel) in [
+        ("dm", "dm/uuid"),
+        ("wwid", "device/wwid"),
+        ("wwid", "wwid"),
+        ("serial", "device/serial"),
+    ] {
+        if let Some(v) = read(rel) {
+            return format!("{label}:{v}");
+        }
+    }
+    String::new()
 }
 
 /// What a source manifest must match: who the source is (`namespace/name`). Its volume is a new snapshot at

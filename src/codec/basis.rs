@@ -82,6 +82,8 @@ pub enum Fallback {
     DestinationPeriodic,
     /// Both have manifests, of different images.
     BasesDiffer,
+    /// The destination's target does not hold what its manifest says (its spot check read other bytes).
+    DestinationTargetChanged,
     /// A code this build does not know.
     Unknown(u8),
 }
@@ -100,6 +102,7 @@ impl Fallback {
             Fallback::DestinationVerify => 7,
             Fallback::DestinationPeriodic => 8,
             Fallback::BasesDiffer => 9,
+            Fallback::DestinationTargetChanged => 10,
             Fallback::Unknown(c) => c,
         }
     }
@@ -117,6 +120,7 @@ impl Fallback {
             7 => Fallback::DestinationVerify,
             8 => Fallback::DestinationPeriodic,
             9 => Fallback::BasesDiffer,
+            10 => Fallback::DestinationTargetChanged,
             c => Fallback::Unknown(c),
         }
     }
@@ -134,6 +138,7 @@ impl Fallback {
             Fallback::DestinationVerify => "destination-verify",
             Fallback::DestinationPeriodic => "destination-periodic",
             Fallback::BasesDiffer => "bases-differ",
+            Fallback::DestinationTargetChanged => "destination-target-changed",
             Fallback::Unknown(_) => "unknown",
         }
     }
@@ -160,6 +165,9 @@ impl fmt::Display for Fallback {
                 "the destination's periodic full comparison is due (--verify-every)"
             }
             Fallback::BasesDiffer => "the two manifests describe different images",
+            Fallback::DestinationTargetChanged => {
+                "the destination's target does not hold what its manifest says (spot check)"
+            }
             Fallback::Unknown(c) => return write!(f, "reason {c}"),
         };
         f.write_str(text)

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::chunk::{Digest, Geometry};
+use rayon::prelude::*;
+
+use crate::chunk::{Digest, Geometry, ZeroDigests};
 use crate::codec::{Fallback, Offer, SyncKind};
 use crate::delta::{self, Policy};
 use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
@@ -81,12 +83,93 @@ pub fn decide(
         } else if h.volume_digest != offer.base {
             basis.reason = Fallback::BasesDiffer;
         } else {
-            basis.kind = offer.kind;
-            basis.reason = Fallback::None;
+            // The manifest is whole and of this target; check that the target still holds it before trusting it.
+            let checked = spot_check(base, target, geometry).and_then(|()| {
+                store
+                    .load(Role::Destination, &expect_of(target, geometry)?)
+                    .map_err(|e| e.to_string())
+            });
+            match checked {
+                Ok(fresh) => {
+                    basis.kind = offer.kind;
+                    basis.reason = Fallback::None;
+                    basis.base = Some(fresh);
+                }
+                Err(why) => {
+                    tracing::warn!("not trusting the destination's manifest: {why}");
+                    basis.reason = Fallback::DestinationTargetChanged;
+                    // A full comparison that counts (and repairs) what differs from the manifest.
+                    basis.base = expect_of(target, geometry)
+                        .ok()
+                        .and_then(|e| store.load(Role::Destination, &e).ok());
+                }
+            }
+            return basis;
         }
     }
     basis.base = Some(base);
     basis
+}
+
+/// What the destination's manifest of `target` must match.
+fn expect_of(target: &Volume, geometry: Geometry) -> Result<Expect, String> {
+    delta::target_identity(target)
+        .map(|(identity, stamp)| Expect {
+            identity,
+            geometry,
+            stamp,
+        })
+        .map_err(|e| format!("cannot stat the target: {e}"))
+}
+
+/// Reads [`delta::SPOT_CHECKS`] chunks of the target, chosen at random among those the manifest says are not
+/// zero (topped up with zero chunks when there are too few), and compares them with the manifest. Consumes `base`.
+fn spot_check(mut base: Reader, target: &Volume, geometry: Geometry) -> Result<(), String> {
+    use rand::Rng;
+    let zeros = ZeroDigests::new(geometry);
+    let mut rng = rand::rng();
+    let (mut data, mut zero): (Vec<(u64, Digest)>, Vec<(u64, Digest)>) = (Vec::new(), Vec::new());
+    let (mut seen_data, mut seen_zero) = (0u64, 0u64);
+    for chunk in 0..geometry.chunk_count() {
+        let d = base
+            .next_digest()
+            .map_err(|e| format!("reading it at chunk {chunk}: {e}"))?;
+        // Reservoir sampling: every chunk of its kind has the same chance to be checked.
+        let (pool, seen) = match d == zeros.for_chunk(chunk) {
+            false => (&mut data, &mut seen_data),
+            true => (&mut zero, &mut seen_zero),
+        };
+        *seen += 1;
+        if pool.len() < delta::SPOT_CHECKS {
+            pool.push((chunk, d));
+        } else {
+            let j = rng.random_range(0..*seen);
+            if (j as usize) < delta::SPOT_CHECKS {
+                pool[j as usize] = (chunk, d);
+            }
+        }
+    }
+    let top_up = delta::SPOT_CHECKS.saturating_sub(data.len());
+    data.extend(zero.into_iter().take(top_up));
+    let differs: Vec<u64> = data
+        .par_iter()
+        .filter_map(|&(chunk, expected)| {
+            let (offset, len) = geometry.chunk_range(chunk);
+            let mut buf = vec![0u8; len];
+            match target.read_exact_at(&mut buf, offset) {
+                Ok(()) if Digest::of(&buf) == expected => None,
+                _ => Some(chunk),
+            }
+        })
+        .collect();
+    match differs.first() {
+        None => Ok(()),
+        Some(chunk) => Err(format!(
+            "{} of {} chunks read back differ from it (chunk {chunk} first): the target changed since the last sync",
+            differs.len(),
+            data.len()
+        )),
+    }
 }
 
 impl Basis {

@@ -170,11 +170,13 @@ impl Store {
                 Inner::Dir(dir) => {
                     let path = file_in(dir, role);
                     // A state directory removed while the agent runs is made again: removing it forgets the state.
-                    let opened = create_dir(dir).and_then(|()| durable::create_temp(&path)).and_then(|tmp| {
-                        let mut out = BufWriter::with_capacity(BUFFER_LEN, tmp);
-                        out.write_all(&placeholder)?;
-                        Ok(out)
-                    });
+                    let opened = create_dir(dir)
+                        .and_then(|()| durable::create_temp(&path))
+                        .and_then(|tmp| {
+                            let mut out = BufWriter::with_capacity(BUFFER_LEN, tmp);
+                            out.write_all(&placeholder)?;
+                            Ok(out)
+                        });
                     match opened {
                         Ok(out) => Ok(Sink::File { out, path }),
                         Err(source) => Err(ManifestError::Write { path, source }),

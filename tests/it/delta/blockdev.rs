@@ -200,3 +200,44 @@ fn a_loop_device_reattached_to_other_storage_is_not_trusted() -> Result<()> {
     );
     Ok(())
 }
+
+/// The device's storage rewritten behind the destination's back with other data (a restore, a reformat, another
+/// program): path, device number and backing file are unchanged, so only the spot check at the start of a delta
+/// (chunks read back and compared with the manifest) can tell. It must refuse the delta, compare in full, repair,
+/// and count what differed.
+#[test]
+fn a_block_device_rewritten_behind_the_destination_fails_the_spot_check() -> Result<()> {
+    if !is_root() {
+        println!("skipped: not root");
+        return Ok(());
+    }
+    let s = Setup::new(0xdec_0003)?;
+    let Some(dev) = Loop::attach(None, &s.backing)? else {
+        return Ok(());
+    };
+    s.sync(&dev.path)?.expect_full(SOURCE_NO_MANIFEST);
+    assert!(s.equal(&dev.path)?);
+    // Other data over the first half of the device, through the device (no file stamp to give it away).
+    let other = s.dir.path().join("other.img");
+    random_volume(&other, SIZE / 2, 0xdec_0033)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(&dev.path)?;
+        f.write_all(&std::fs::read(&other)?)?;
+        f.sync_all()?;
+    }
+    scribble(&s.volume, &scattered(SIZE, 2, 1), 1)?;
+    let out = s.sync(&dev.path)?;
+    out.expect_full("spot check");
+    assert!(s.equal(&dev.path)?, "{}", out.describe());
+    assert!(
+        out.dst("targetDriftChunks") >= (SIZE / 2 / 65536) - 1,
+        "{}",
+        out.describe()
+    );
+    // Repaired and described again: the next sync is a delta.
+    scribble(&s.volume, &scattered(SIZE, 2, 2), 2)?;
+    s.sync(&dev.path)?.expect_delta("delta-manifest");
+    assert!(s.equal(&dev.path)?);
+    Ok(())
+}
