@@ -128,7 +128,8 @@ fn spot_check(mut base: Reader, target: &Volume, geometry: Geometry) -> Result<(
     use rand::Rng;
     let zeros = ZeroDigests::new(geometry);
     let mut rng = rand::rng();
-    let (mut data, mut zero): (Vec<(u64, Digest)>, Vec<(u64, Digest)>) = (Vec::new(), Vec::new());
+    let mut data: Vec<(u64, Digest)> = Vec::new();
+    let mut zero: Vec<(u64, Digest)> = Vec::new();
     let (mut seen_data, mut seen_zero) = (0u64, 0u64);
     for chunk in 0..geometry.chunk_count() {
         let d = base
