@@ -170,7 +170,7 @@ pub fn percent(p: f64) -> String {
 
 /// `0.1`, `1`, `10`: no trailing zeros.
 pub fn trim_float(v: f64) -> String {
-    let s = format!("{v:.3}");
+    let s = format!("{v:.4}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
