@@ -47,6 +47,17 @@ impl AgentSync {
     }
 }
 
+/// How one sync runs.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// The source connects through a [`DelayProxy`] adding this round-trip time.
+    pub rtt: Option<Duration>,
+    /// `--state-dir` of the source and of the destination: manifests of the last synced image.
+    pub state: Option<(PathBuf, PathBuf)>,
+    /// `source --changed-extents`: the change list since the last synced image.
+    pub changed_extents: Option<PathBuf>,
+}
+
 /// Runs the agents: this binary, a key made by `blockmover keygen`, and a directory for logs and status files.
 pub struct Agents {
     exe: PathBuf,
@@ -92,14 +103,14 @@ impl Agents {
         &self.psk
     }
 
-    /// One sync of `volume` into `target`.
-    /// With `rtt`, the source connects through a [`DelayProxy`] adding that round-trip time.
+    /// One sync of `volume` into `target`, as `how` says.
     pub fn sync(
         &mut self,
         volume: &Path,
         target: &Path,
-        rtt: Option<Duration>,
+        how: &SyncOptions,
     ) -> anyhow::Result<AgentSync> {
+        let rtt = how.rtt;
         self.runs += 1;
         let n = self.runs;
         let dst_status = self.dir.join(format!("dst-status-{n}.json"));
@@ -112,6 +123,9 @@ impl Agents {
             .arg(&self.psk)
             .arg("--status")
             .arg(&dst_status);
+        if let Some((_, dst_state)) = &how.state {
+            dcmd.arg("--state-dir").arg(dst_state);
+        }
         let mut dest = ChildGuard::spawn(
             "blockmover destination",
             dcmd,
@@ -150,6 +164,12 @@ impl Agents {
             .arg(&self.psk)
             .arg("--status")
             .arg(&src_status);
+        if let Some((src_state, _)) = &how.state {
+            scmd.arg("--state-dir").arg(src_state);
+        }
+        if let Some(extents) = &how.changed_extents {
+            scmd.arg("--changed-extents").arg(extents);
+        }
         let start = Instant::now();
         let mut source = ChildGuard::spawn(
             "blockmover source",

@@ -1,5 +1,7 @@
-//! `--svg FILE`: sync duration and bytes on the wire against change rate and against volume size, drawn with
-//! plotters' SVG backend: four panels, one colour per tool, one dash pattern per volume size or per sync.
+//! `--svg FILE`: sync duration and bytes on the wire against change rate and against volume size, and the bytes
+//! blockmover's agents read and their peak RSS against volume size, drawn with plotters' SVG backend: six panels,
+//! one colour per tool (blockmover's stateless, manifest and change-list rows apart), one dash pattern per volume
+//! size or per sync.
 
 use std::path::Path;
 
@@ -9,7 +11,9 @@ use plotters::coord::ranged1d::Ranged;
 use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
-use super::report::{bytes, trim_float, Report, SyncKind, SyncRow};
+use super::report::{
+    bytes, secs, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
+};
 
 /// One line of a panel: a tool and a variant of it (a volume size, or a kind of sync), its points sorted by x.
 struct Line {
@@ -21,8 +25,11 @@ struct Line {
 }
 
 /// Tools in a fixed order with a fixed colour each.
-const TOOLS: [(&str, RGBColor); 3] = [
-    ("blockmover", RGBColor(200, 30, 40)),
+const TOOLS: [(&str, RGBColor); 6] = [
+    (BLOCKMOVER, RGBColor(200, 30, 40)),
+    (MANIFEST, RGBColor(30, 150, 60)),
+    (CHANGELIST, RGBColor(130, 50, 170)),
+    (DELAYED, RGBColor(120, 120, 120)),
     ("rsync", RGBColor(30, 100, 190)),
     ("volsync-rsync-tls", RGBColor(240, 140, 0)),
 ];
@@ -48,7 +55,7 @@ pub fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
     };
     let by_size = |value: fn(&SyncRow) -> f64| {
         let mut lines = Vec::new();
-        for r in &report.syncs {
+        for r in report.syncs.iter().filter(|r| value(r) > 0.0) {
             let (variant, order) = match (r.kind, r.change_percent) {
                 (SyncKind::Incremental, Some(p)) => (format!("incremental {}%", trim_float(p)), p),
                 (kind, _) => (kind.name().to_owned(), -1.0),
@@ -60,15 +67,19 @@ pub fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
     };
     let duration = |r: &SyncRow| r.duration_secs;
     let wire = |r: &SyncRow| (r.wire_sent + r.wire_received) as f64;
+    let read = |r: &SyncRow| {
+        (r.bytes_read_source.unwrap_or(0) + r.bytes_read_destination.unwrap_or(0)) as f64
+    };
+    let rss = |r: &SyncRow| r.rss_source.max(r.rss_destination).unwrap_or(0) as f64;
 
-    let root = SVGBackend::new(path, (1400, 1200)).into_drawing_area();
+    let root = SVGBackend::new(path, (1400, 1750)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let title = format!(
         "blockmover bench: {}; change: {}",
         report.volume, report.change
     );
     let root = root.titled(&title, ("sans-serif", 17)).map_err(plot_err)?;
-    let panels = root.split_evenly((2, 2));
+    let panels = root.split_evenly((3, 2));
     let rate_axis = "change rate (% of 4 KiB blocks, log)";
     let size_axis = "volume size (MiB, log)";
     let p = &panels;
@@ -77,9 +88,9 @@ pub fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
         &p[0],
         dur_title,
         rate_axis,
-        "seconds",
+        "seconds (log)",
         &by_rate(duration),
-        false,
+        Y::Seconds,
     )?;
     let wire_title = "incremental bytes on the wire (both ways) vs change rate";
     panel(
@@ -88,16 +99,16 @@ pub fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
         rate_axis,
         "bytes (log)",
         &by_rate(wire),
-        true,
+        Y::Bytes,
     )?;
     let dur_title = "sync duration vs volume size";
     panel(
         &p[2],
         dur_title,
         size_axis,
-        "seconds",
+        "seconds (log)",
         &by_size(duration),
-        false,
+        Y::Seconds,
     )?;
     let wire_title = "bytes on the wire (both ways) vs volume size";
     panel(
@@ -106,7 +117,25 @@ pub fn write_svg(report: &Report, path: &Path) -> anyhow::Result<()> {
         size_axis,
         "bytes (log)",
         &by_size(wire),
-        true,
+        Y::Bytes,
+    )?;
+    let read_title = "bytes blockmover's agents read (source + destination) vs volume size";
+    panel(
+        &p[4],
+        read_title,
+        size_axis,
+        "bytes (log)",
+        &by_size(read),
+        Y::Bytes,
+    )?;
+    let rss_title = "peak RSS of the larger agent vs volume size";
+    panel(
+        &p[5],
+        rss_title,
+        size_axis,
+        "bytes (log)",
+        &by_size(rss),
+        Y::Bytes,
     )?;
     root.present().map_err(plot_err)?;
     Ok(())
@@ -174,14 +203,21 @@ fn legend_share(lines: &[Line]) -> f64 {
     ((lines.len() as f64 * 17.0 + 20.0) / 480.0).min(0.6)
 }
 
-/// One panel: x on a log axis; y on a log axis (bytes) or linear from zero (seconds).
+/// What a panel's y axis shows (both on a log axis).
+#[derive(Clone, Copy)]
+enum Y {
+    Seconds,
+    Bytes,
+}
+
+/// One panel: x and y on log axes.
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     x_desc: &str,
     y_desc: &str,
     lines: &[Line],
-    y_bytes: bool,
+    y: Y,
 ) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -196,33 +232,22 @@ where
         .x_label_area_size(40)
         .y_label_area_size(75);
     let x_fmt = |v: &f64| trim_float(*v);
-    if y_bytes {
-        let mut chart = builder
-            .build_cartesian_2d(x.log_scale(), log_range(ys, headroom).log_scale())
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&x_fmt)
-            .y_label_formatter(&|v: &f64| bytes(*v as u64))
-            .draw()
-            .map_err(plot_err)?;
-        draw_lines(&mut chart, lines)
-    } else {
-        let top = ys.fold(0.0f64, f64::max).max(0.001) * 1.1 / (1.0 - headroom);
-        let mut chart = builder
-            .build_cartesian_2d(x.log_scale(), 0.0..top)
-            .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&x_fmt)
-            .draw()
-            .map_err(plot_err)?;
-        draw_lines(&mut chart, lines)
-    }
+    let y_fmt = |v: &f64| match y {
+        Y::Seconds => secs(*v),
+        Y::Bytes => bytes(*v as u64),
+    };
+    let mut chart = builder
+        .build_cartesian_2d(x.log_scale(), log_range(ys, headroom).log_scale())
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&x_fmt)
+        .y_label_formatter(&y_fmt)
+        .draw()
+        .map_err(plot_err)?;
+    draw_lines(&mut chart, lines)
 }
 
 /// Each line in its tool's colour and its variant's dash pattern, its points marked, and the legend.

@@ -2,14 +2,20 @@
 //! (duration, scan rate, bytes on the wire, peak RSS, max RPO, hashing against the raw BLAKE3 rate) and optionally
 //! compared with rsync and VolSync's rsync-tls on the same volume and change, in the same run.
 //!
-//! Layout: `scenario` runs the syncs, `agents` starts blockmover's agents, `rsync` the comparisons, `procs` the
-//! process guards and RSS probes, `hashrate` the raw rate, `report` the table and JSON, `chart` the SVG.
+//! Layout: `scenario` runs the syncs, `change` writes the change (and its change list, and undoes it on a target),
+//! `agents` starts blockmover's agents, `rsync` the comparisons, `procs` the process guards and RSS probes,
+//! `hashrate` the raw rate, `files` the untimed file work, `report` the table and JSON, `notes` the notes under
+//! it, `chart` the SVG.
 
 mod agents;
 mod cache;
+mod change;
 mod chart;
+mod compare;
 mod delay;
+mod files;
 mod hashrate;
+mod notes;
 mod procs;
 mod report;
 mod rsync;
@@ -25,9 +31,10 @@ use rsync::Flavour;
 /// `blockmover bench` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Volume size in MiB of the generated sample volume.
-    #[arg(long, default_value_t = 2048)]
-    pub size_mib: u64,
+    /// Volume size in MiB of the generated sample volume; several, separated by commas, run one after the other
+    /// (each with every --change-percent).
+    #[arg(long, value_delimiter = ',', default_value = "2048")]
+    pub size_mib: Vec<u64>,
     /// Relative share of all-zero 1 MiB regions in the sample volume (sparse holes).
     #[arg(long, default_value_t = 1.0)]
     pub zero_share: f64,
@@ -40,9 +47,10 @@ pub struct BenchArgs {
     /// Seed of the sample volume and of the change (same seed, same bytes on every machine).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Change between the full and the incremental sync, percent of the volume's 4 KiB blocks.
-    #[arg(long, default_value_t = 1.0)]
-    pub change_percent: f64,
+    /// Change between the full and the incremental sync, percent of the volume's 4 KiB blocks; several,
+    /// separated by commas, are written and synced one after the other.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub change_percent: Vec<f64>,
     /// Fraction (0..=1) of the changed blocks written as clustered runs (extents) instead of scattered 4 KiB
     /// writes.
     #[arg(long, default_value_t = 0.0)]
@@ -94,32 +102,51 @@ pub struct BenchArgs {
     /// posix_fadvise DONTNEED), as for a fresh snapshot clone; the note says how much stayed cached.
     #[arg(long)]
     pub cold: bool,
+    /// Also sync each change as a delta: the blockmover full sync runs with --state-dir on both agents, and each
+    /// change is synced again from the same target with the manifests (delta-manifest) and with the manifests and
+    /// the exact change list (delta-changelist, source --changed-extents), besides the stateless row.
+    #[arg(long, visible_alias = "state")]
+    pub delta: bool,
     /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
 
 impl BenchArgs {
-    /// Checks the numbers that clap cannot.
-    fn validate(&self) -> anyhow::Result<()> {
-        let rates: &[f64] = if self.sweep {
+    /// The volume sizes to run, MiB: --sizes with --sweep, else --size-mib.
+    fn size_list(&self) -> &[u64] {
+        if self.sweep {
+            &self.sizes
+        } else {
+            &self.size_mib
+        }
+    }
+
+    /// The change rates to run, percent: --rates with --sweep, else --change-percent.
+    fn rate_list(&self) -> &[f64] {
+        if self.sweep {
             &self.rates
         } else {
-            std::slice::from_ref(&self.change_percent)
-        };
+            &self.change_percent
+        }
+    }
+
+    /// Checks the numbers that clap cannot.
+    fn validate(&self) -> anyhow::Result<()> {
+        let rates = self.rate_list();
         for rate in rates {
             ensure!(
                 (0.0..=100.0).contains(rate),
                 "change rates must be between 0 and 100 percent, not {rate}"
             );
         }
-        let sizes: &[u64] = if self.sweep {
-            &self.sizes
-        } else {
-            std::slice::from_ref(&self.size_mib)
-        };
+        let sizes = self.size_list();
         ensure!(!sizes.is_empty(), "--sizes needs at least one size");
         ensure!(!rates.is_empty(), "--rates needs at least one rate");
+        ensure!(
+            self.volume.is_none() || self.size_mib.len() == 1,
+            "--size-mib takes one size with --volume (it is not used then)"
+        );
         ensure!(
             sizes.iter().all(|s| *s > 0),
             "volume sizes must be at least 1 MiB"

@@ -5,8 +5,21 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::hashrate::HashRate;
-use super::scenario::DELAYED;
 use super::storage::WriteRate;
+
+/// blockmover's rows: stateless (no state dir: every sync compares everything).
+pub const BLOCKMOVER: &str = "blockmover";
+/// blockmover's incremental with manifests in both agents' state dirs (syncKind delta-manifest).
+pub const MANIFEST: &str = "blockmover+manifest";
+/// blockmover's incremental with manifests and the change list (syncKind delta-changelist).
+pub const CHANGELIST: &str = "blockmover+changelist";
+/// blockmover's stateless incremental through the delaying proxy (`--rtt-ms`).
+pub const DELAYED: &str = "blockmover+rtt";
+
+/// Whether `tool` names one of blockmover's rows.
+pub fn is_blockmover(tool: &str) -> bool {
+    [BLOCKMOVER, MANIFEST, CHANGELIST, DELAYED].contains(&tool)
+}
 
 /// Which sync of a run a row is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -35,10 +48,13 @@ impl SyncKind {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncRow {
-    /// `blockmover`, `rsync` or `volsync-rsync-tls`.
+    /// `blockmover` (stateless), `blockmover+manifest`, `blockmover+changelist`, `blockmover+rtt`, `rsync` or
+    /// `volsync-rsync-tls`.
     pub tool: &'static str,
     /// Full, first or incremental.
     pub kind: SyncKind,
+    /// What blockmover's source reported as the session's kind: `full`, `delta-manifest` or `delta-changelist`.
+    pub sync_kind: Option<String>,
     /// Volume size in bytes.
     pub volume_bytes: u64,
     /// Change before this sync, percent of the volume's 4 KiB blocks (None for a full or first sync).
@@ -148,13 +164,13 @@ fn cpu(src: Option<f64>, dst: Option<f64>) -> String {
     format!("{}+{} s", one(src), one(dst))
 }
 
-fn percent(p: f64) -> String {
+pub fn percent(p: f64) -> String {
     format!("{}%", trim_float(p))
 }
 
 /// `0.1`, `1`, `10`: no trailing zeros.
 pub fn trim_float(v: f64) -> String {
-    let s = format!("{v:.3}");
+    let s = format!("{v:.4}");
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
@@ -188,13 +204,15 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:>9} {:>7} {:<11} {:<17} {:>9} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  verified",
+        "{:>9} {:>7} {:<11} {:<21} {:>9} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  verified",
         "volume",
         "change",
         "sync",
         "tool",
         "duration",
         "scan rate",
+        "read src",
+        "read dst",
         "wire sent",
         "wire recv",
         "chunks",
@@ -208,13 +226,15 @@ pub fn table(report: &Report) -> String {
     for row in &report.syncs {
         let _ = writeln!(
             out,
-            "{:>9} {:>7} {:<11} {:<17} {:>9} {:>11} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  {}",
+            "{:>9} {:>7} {:<11} {:<21} {:>9} {:>11} {:>10} {:>10} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}  {}",
             bytes(row.volume_bytes),
             row.change_percent.map_or_else(|| "-".to_owned(), percent),
             row.kind.name(),
             row.tool,
             secs(row.duration_secs),
             format!("{}/s", bytes(row.scan_bytes_per_sec as u64)),
+            opt_bytes(row.bytes_read_source),
+            opt_bytes(row.bytes_read_destination),
             bytes(row.wire_sent),
             bytes(row.wire_received),
             opt_count(row.chunks_sent),
@@ -233,10 +253,28 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "ratios (other tool / blockmover; above 1 means blockmover is faster or sends less):"
+            "ratios (other tool / blockmover row; above 1 means blockmover is faster or sends less):"
         );
         for line in ratios {
             let _ = writeln!(out, "  {line}");
+        }
+    }
+    for (title, lines) in [
+        (
+            "delta syncs, each change from the same target state (ratio: stateless blockmover / this row):",
+            super::compare::delta_lines(&report.syncs),
+        ),
+        (
+            "cost by volume size, per kind of sync and change (ratio: this size / the smallest size):",
+            super::compare::size_lines(&report.syncs),
+        ),
+    ] {
+        if !lines.is_empty() {
+            let _ = writeln!(out);
+            let _ = writeln!(out, "{title}");
+            for line in lines {
+                let _ = writeln!(out, "  {line}");
+            }
         }
     }
     let floors = storage_lines(report);
@@ -285,7 +323,7 @@ fn storage_lines(report: &Report) -> Vec<String> {
     report
         .syncs
         .iter()
-        .filter(|r| r.tool == "blockmover" && r.kind == SyncKind::Full)
+        .filter(|r| r.tool == BLOCKMOVER && r.kind == SyncKind::Full)
         .filter_map(|r| {
             let written = r.data_bytes?;
             let floor = written as f64 / w.bytes_per_sec.max(1.0);
@@ -301,49 +339,52 @@ fn storage_lines(report: &Report) -> Vec<String> {
         .collect()
 }
 
-/// One line per (other tool, sync) pair with a blockmover sync of the same volume, kind and change.
+/// One line per (other tool, sync) pair and each blockmover row (stateless, with manifests, with a change list) of
+/// the same volume, kind and change.
 fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
     let mut lines = Vec::new();
-    for other in rows
-        .iter()
-        .filter(|r| r.tool != "blockmover" && r.tool != DELAYED)
-    {
-        let Some(ours) = rows.iter().find(|r| {
-            r.tool == "blockmover"
-                && r.kind == other.kind
-                && r.volume_bytes == other.volume_bytes
-                && r.change_percent == other.change_percent
-        }) else {
-            continue;
-        };
-        let ratio = |a: f64, b: f64| {
-            if b > 0.0 {
-                format!("{:.1}x", a / b)
-            } else {
-                "-".to_owned()
-            }
-        };
-        lines.push(format!(
-            "{:<17} {:>9} {:<11} {:>7}  duration {:>7}  wire sent {:>7}  wire total {:>7}",
-            other.tool,
-            bytes(other.volume_bytes),
-            other.kind.name(),
-            other.change_percent.map_or_else(|| "-".to_owned(), percent),
-            ratio(other.duration_secs, ours.duration_secs),
-            ratio(other.wire_sent as f64, ours.wire_sent as f64),
-            ratio(
-                (other.wire_sent + other.wire_received) as f64,
-                (ours.wire_sent + ours.wire_received) as f64
-            ),
-        ));
+    for other in rows.iter().filter(|r| !is_blockmover(r.tool)) {
+        for tool in [BLOCKMOVER, MANIFEST, CHANGELIST] {
+            let Some(ours) = rows.iter().find(|r| r.tool == tool && same_sync(r, other)) else {
+                continue;
+            };
+            lines.push(format!(
+                "{:<17} / {:<21} {:>9} {:<11} {:>7}  duration {:>7}  wire sent {:>7}  wire total {:>7}",
+                other.tool,
+                ours.tool,
+                bytes(other.volume_bytes),
+                other.kind.name(),
+                other.change_percent.map_or_else(|| "-".to_owned(), percent),
+                ratio(other.duration_secs, ours.duration_secs),
+                ratio(other.wire_sent as f64, ours.wire_sent as f64),
+                ratio(
+                    (other.wire_sent + other.wire_received) as f64,
+                    (ours.wire_sent + ours.wire_received) as f64
+                ),
+            ));
+        }
     }
     lines
+}
+
+/// Two rows of the same volume size, kind and change.
+pub fn same_sync(a: &SyncRow, b: &SyncRow) -> bool {
+    a.kind == b.kind && a.volume_bytes == b.volume_bytes && a.change_percent == b.change_percent
+}
+
+/// `a / b` as `12.3x`, `-` when `b` is not positive.
+pub fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.1}x", a / b)
+    } else {
+        "-".to_owned()
+    }
 }
 
 /// One line per blockmover sync repeated through the delaying proxy: how much longer it took.
 fn latency_lines(rows: &[SyncRow]) -> Vec<String> {
     rows.windows(2)
-        .filter(|w| w[0].tool == "blockmover" && w[1].tool == DELAYED)
+        .filter(|w| w[0].tool == BLOCKMOVER && w[1].tool == DELAYED)
         .map(|w| {
             let (plain, delayed) = (&w[0], &w[1]);
             format!(

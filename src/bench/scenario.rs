@@ -1,26 +1,33 @@
 //! The syncs of one bench run, in order: for each volume size a full sync by every tool, then for each change rate
-//! the change and an incremental sync by every tool. Every tool's incremental starts from the same state (its own
-//! target after the previous sync, equal to the volume before the change), and every target is checked against
-//! the volume (BLAKE3 of the whole volume) after every sync.
+//! the change and an incremental sync by every tool (blockmover: stateless, and with `--delta` with manifests and
+//! with manifests and a change list). Every incremental starts from the same state (its own target after the
+//! previous sync, equal to the volume before the change), and every target is checked against the volume (BLAKE3
+//! of the whole volume) after every sync.
 
-use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 
 use blockmover::sample::{self, SampleSpec};
 
-use super::agents::Agents;
+use super::agents::{Agents, SyncOptions};
 use super::cache;
+use super::change::{self, Rollback};
+use super::files::{
+    device_or_file_size, durable, is_block_device, load_average, prepare_target, stamp_mtime,
+    verify,
+};
 use super::hashrate::{self, HashRate};
-use super::report::{bytes, trim_float, Report, SyncKind, SyncRow};
+use super::notes;
+use super::report::{
+    bytes, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
+};
 use super::rsync::{self, Flavour, RsyncSetup};
 use super::storage;
 use super::BenchArgs;
 
 const MIB: u64 = 1 << 20;
-const BLOCK: u64 = 4096;
 
 /// Runs every sync the flags ask for, with work files in `dir`.
 pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
@@ -33,7 +40,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
-        delayed: None,
+        dir: dir.to_owned(),
         cached: Vec::new(),
     };
     let mut skipped = Vec::new();
@@ -72,11 +79,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         }
     }
 
-    let rates: Vec<f64> = if args.sweep {
-        args.rates.clone()
-    } else {
-        vec![args.change_percent]
-    };
+    let rates = args.rate_list().to_vec();
     let (volume_text, change_text) = match (&args.volume, &args.target) {
         (Some(volume), Some(target)) => {
             let size = device_or_file_size(volume)?;
@@ -91,7 +94,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                     target.display()
                 ),
                 if args.modify_volume {
-                    change_text(args, &rates)
+                    change::describe(args, &rates)
                 } else {
                     "none: the volume is not written (--modify-volume writes the change into it); the second \
                      sync is an unchanged one"
@@ -100,11 +103,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
             )
         }
         _ => {
-            let sizes: Vec<u64> = if args.sweep {
-                args.sizes.clone()
-            } else {
-                vec![args.size_mib]
-            };
+            let sizes = args.size_list().to_vec();
             let volume = dir.join("volume.img");
             let target = dir.join("target.img");
             for &mib in &sizes {
@@ -137,7 +136,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                     share(args.random_share),
                     args.seed
                 ),
-                change_text(args, &rates),
+                change::describe(args, &rates),
             )
         }
     };
@@ -154,81 +153,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 .join(", ")
         ),
     };
-    let mut notes = vec![
-        "duration is wall time until the target is durable: blockmover's source exits only after the destination \
-         fsynced the target and confirmed the volume digest; each rsync run is timed together with an fsync of its \
-         target file. Daemons (blockmover destination, rsync daemon, stunnel) are started before the clock."
-            .to_owned(),
-        "wire: blockmover counts TCP payload bytes including TLS at its sockets; rsync reports its own protocol \
-         bytes (`sent`/`received`), so stunnel's TLS overhead is not in volsync-rsync-tls's figures."
-            .to_owned(),
-        "scan rate = volume / duration; max RPO = interval + duration; hashed = bytes both agents hash per second \
-         (2 x volume / duration) over the raw all-core BLAKE3 rate above (all-zero chunks are recognised without \
-         hashing, so sparse volumes can exceed 100%)."
-            .to_owned(),
-        if args.cold {
-            "volumes and targets were written back and dropped from the page cache (fsync, posix_fadvise \
-             DONTNEED) before each timed sync; every target is compared with the volume (BLAKE3) after every sync."
-                .to_owned()
-        } else {
-            "volumes and targets are in the page cache (written just before); every target is compared with the \
-             volume (BLAKE3) after every sync."
-                .to_owned()
-        },
-    ];
-    if args.allocated {
-        notes.push(
-            "allocated: every hole of the volume and of each target was filled with written zeros before each \
-             timed sync, as on a block PVC (no hole for a reader to skip); blockmover's own zeroing punches holes \
-             in a file target, which the next sync's preparation fills again."
-                .to_owned(),
-        );
-    }
-    if args.cold {
-        let most = bench
-            .cached
-            .iter()
-            .copied()
-            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
-        notes.push(match most {
-            Some(share) => format!(
-                "cold: after eviction, at most {:.1}% of a volume's or target's pages were still cached when the \
-                 clock started ({} files measured with fincore)",
-                share * 100.0,
-                bench.cached.len()
-            ),
-            None => "cold: how much stayed cached could not be measured (fincore missing)".to_owned(),
-        });
-    }
-    if let Some(ms) = args.rtt_ms {
-        notes.push(format!(
-            "{DELAYED}: the same incremental sync as the blockmover row above it, from a copy of the same target, \
-             with the source connected through a proxy that delays every byte by {} ms each way ({ms} ms round \
-             trip).",
-            ms as f64 / 2.0
-        ));
-    }
-    if let Some(load) = load.filter(|l| *l >= 0.5) {
-        notes.push(format!(
-            "the 1-minute load average was {load:.2} when the bench started: other processes were using the \
-             cores, so durations are longer and noisier than on an idle machine"
-        ));
-    }
-    for setup in &bench.setups {
-        if let Some(tls) = setup.negotiated_tls() {
-            notes.push(format!(
-                "{}: stunnel negotiated {tls}",
-                setup.flavour().name()
-            ));
-        }
-    }
-    if !bench.setups.is_empty() {
-        notes.push(
-            "rsync RSS src is the rsync client (the sender); RSS dst sums the rsync processes serving the \
-             connection (generator and receiver), stunnel not counted."
-                .to_owned(),
-        );
-    }
+    let notes = notes::notes(args, &bench.cached, load, &bench.setups);
     let storage = match &args.target {
         Some(t) if is_block_device(t)? => None,
         Some(t) => Some(t.parent().unwrap_or(Path::new(".")).to_owned()),
@@ -236,8 +161,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     };
     let largest = match &args.volume {
         Some(v) => device_or_file_size(v)?,
-        None if args.sweep => args.sizes.iter().max().copied().unwrap_or(args.size_mib) * MIB,
-        None => args.size_mib * MIB,
+        None => args.size_list().iter().max().copied().unwrap_or(1) * MIB,
     };
     // Last, so that its writes (and the discard of its file) do not land in a timed sync.
     let storage = match storage {
@@ -263,26 +187,6 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     })
 }
 
-/// `1% of 4 KiB blocks: scattered 4 KiB writes`, with the clustered share when there is one.
-fn change_text(args: &BenchArgs, rates: &[f64]) -> String {
-    let rates = rates
-        .iter()
-        .map(|r| format!("{}%", trim_float(*r)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let how = if args.clustered_share <= 0.0 {
-        "scattered 4 KiB writes".to_owned()
-    } else {
-        format!(
-            "{:.0}% scattered 4 KiB writes, {:.0}% in runs of {} blocks",
-            (1.0 - args.clustered_share) * 100.0,
-            args.clustered_share * 100.0,
-            args.run_blocks
-        )
-    };
-    format!("{rates} of 4 KiB blocks, {how}")
-}
-
 /// The state of one bench run.
 struct Bench<'a> {
     args: &'a BenchArgs,
@@ -290,40 +194,36 @@ struct Bench<'a> {
     setups: Vec<RsyncSetup>,
     rows: Vec<SyncRow>,
     raw: HashRate,
-    /// The round-trip time added to the blockmover sync under way, if any.
-    delayed: Option<Duration>,
+    /// Work files: state directories, change lists, what a rollback keeps.
+    dir: PathBuf,
     /// With `--cold`: the share of each evicted file still in the page cache when the clock started.
     cached: Vec<f64>,
 }
 
-/// The tool name of blockmover's syncs through the delaying proxy (`--rtt-ms`).
-pub const DELAYED: &str = "blockmover+rtt";
-
-/// Copies a target aside (sparse files stay sparse only where the copy can; this is outside the timed part).
-fn keep_copy(target: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let copy = target.with_extension("before.img");
-    std::fs::copy(target, &copy)
-        .with_context(|| format!("cannot copy {} aside", target.display()))?;
-    durable(&copy)?;
-    Ok(copy)
-}
-
-/// fsyncs a file written outside the timed part, so that its writeback does not land in a timed sync: the target's
-/// final fsync would otherwise flush the whole restored copy, and a volume just generated or changed would be
-/// written back while the first tool syncs it. Read-only, so a given snapshot device works too.
-fn durable(path: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot fsync {}", path.display()))
+/// One blockmover sync as the bench runs it: its row's tool name, how the agents run, the kind they must report.
+struct Run {
+    tool: &'static str,
+    how: SyncOptions,
+    /// The `syncKind` the source must report (a delta that fell back to a full comparison is not a delta row).
+    expect: &'static str,
 }
 
 impl Bench<'_> {
     /// Sets the files of the next timed sync as `--allocated` and `--cold` ask (outside the clock). A target that
-    /// does not exist yet (rsync's, before its first sync) is skipped.
-    fn prepare(&mut self, files: &[&Path]) -> anyhow::Result<()> {
+    /// does not exist yet (rsync's, before its first sync) is skipped. `keep_mtime`: files whose mtime is put
+    /// back after their holes were filled (blockmover's target with a manifest: filling holes writes no data, and
+    /// a block device has no mtime to go stale on).
+    fn prepare(&mut self, files: &[&Path], keep_mtime: bool) -> anyhow::Result<()> {
         for file in files.iter().filter(|f| f.exists()) {
             if self.args.allocated {
-                cache::fill_holes(file)?;
+                let before = std::fs::metadata(file)?.modified()?;
+                if cache::fill_holes(file)? > 0 && keep_mtime && !is_block_device(file)? {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(file)
+                        .and_then(|f| f.set_modified(before))
+                        .with_context(|| format!("cannot set the mtime of {}", file.display()))?;
+                }
             }
             if self.args.cold {
                 cache::evict(file)?;
@@ -335,7 +235,28 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// The full (or first) sync by every tool, then per rate a change and an incremental sync by every tool.
+    /// With `--delta`: empty state directories for the source and the destination, for a new volume.
+    fn fresh_state(&self) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+        if !self.args.delta {
+            return Ok(None);
+        }
+        let (src, dst) = (
+            self.dir.join("state-source"),
+            self.dir.join("state-destination"),
+        );
+        for d in [&src, &dst] {
+            match std::fs::remove_dir_all(d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("cannot clear {}", d.display()))
+                }
+                _ => {}
+            }
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        Ok(Some((src, dst)))
+    }
+
+    /// The full (or first) sync by every tool, then per rate a change and the incremental syncs by every tool.
     fn size_run(
         &mut self,
         volume: &Path,
@@ -346,42 +267,59 @@ impl Bench<'_> {
         write_changes: bool,
     ) -> anyhow::Result<()> {
         durable(volume)?;
+        let state = self.fresh_state()?;
         let mut digest = sample::file_digest(volume, size)
             .with_context(|| format!("cannot read {}", volume.display()))?;
-        self.blockmover(volume, target, size, first, None, &digest)?;
+        let full = Run {
+            tool: BLOCKMOVER,
+            how: SyncOptions {
+                state: state.clone(),
+                ..SyncOptions::default()
+            },
+            expect: "full",
+        };
+        self.blockmover(volume, target, size, first, None, &digest, &full)?;
         for i in 0..self.setups.len() {
             self.setups[i].reset(volume)?;
             self.rsync(i, volume, size, SyncKind::Full, None, &digest)?;
         }
         for (i, &rate) in rates.iter().enumerate() {
-            let changed = if write_changes {
+            let blocks = if write_changes {
                 eprintln!("bench: changing {}% of the volume", trim_float(rate));
-                let changed = apply_change(self.args, volume, size, rate, i as u64)?;
+                let blocks = change::apply(self.args, volume, size, rate, i as u64)?;
                 durable(volume)?;
                 if !self.setups.is_empty() {
                     stamp_mtime(volume)?;
                 }
-                changed
+                blocks
             } else {
-                0
+                Vec::new()
             };
             let rate = if write_changes { rate } else { 0.0 };
             digest = sample::file_digest(volume, size)?;
-            let change = Some((rate, changed));
-            let before = match self.args.rtt_ms {
-                Some(_) => Some(keep_copy(target)?),
-                None => None,
+            let change = Some((rate, blocks.len() as u64));
+            let extents = change::extents(&blocks, size);
+            let runs = self.incrementals(&extents, state.as_ref())?;
+            let rollback = match runs.len() {
+                1 => None,
+                _ => {
+                    let states: Vec<&Path> = state
+                        .iter()
+                        .flat_map(|(s, d)| [s.as_path(), d.as_path()])
+                        .collect();
+                    let aside = self.dir.join("rollback");
+                    Some(Rollback::take(target, extents, &states, &aside)?)
+                }
             };
-            self.blockmover(volume, target, size, SyncKind::Incremental, change, &digest)?;
-            if let (Some(before), Some(ms)) = (before, self.args.rtt_ms) {
-                std::fs::copy(&before, target).context("cannot restore the target")?;
-                durable(target)?;
-                std::fs::remove_file(&before)?;
-                self.delayed = Some(Duration::from_millis(ms));
-                let r =
-                    self.blockmover(volume, target, size, SyncKind::Incremental, change, &digest);
-                self.delayed = None;
-                r?;
+            for (n, run) in runs.iter().enumerate() {
+                if let (Some(rollback), true) = (&rollback, n > 0) {
+                    rollback.restore()?;
+                }
+                let kind = SyncKind::Incremental;
+                self.blockmover(volume, target, size, kind, change, &digest, run)?;
+            }
+            if let Some(rollback) = rollback {
+                rollback.discard()?;
             }
             for s in 0..self.setups.len() {
                 self.rsync(s, volume, size, SyncKind::Incremental, change, &digest)?;
@@ -390,6 +328,54 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// The blockmover syncs of one change, in order: stateless, through the delaying proxy (`--rtt-ms`), with
+    /// manifests and with manifests and the change list (`--delta`, which writes the change list `extents`). The
+    /// last one runs with the state directories, so that they describe the target it leaves.
+    fn incrementals(
+        &self,
+        extents: &[(u64, u64)],
+        state: Option<&(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<Vec<Run>> {
+        let mut runs = vec![Run {
+            tool: BLOCKMOVER,
+            how: SyncOptions::default(),
+            expect: "full",
+        }];
+        if let Some(ms) = self.args.rtt_ms {
+            runs.push(Run {
+                tool: DELAYED,
+                how: SyncOptions {
+                    rtt: Some(Duration::from_millis(ms)),
+                    ..SyncOptions::default()
+                },
+                expect: "full",
+            });
+        }
+        if let Some(state) = state {
+            let list = self.dir.join("changed-extents.json");
+            change::write_extents(&list, extents)?;
+            runs.push(Run {
+                tool: MANIFEST,
+                how: SyncOptions {
+                    state: Some(state.clone()),
+                    ..SyncOptions::default()
+                },
+                expect: "delta-manifest",
+            });
+            runs.push(Run {
+                tool: CHANGELIST,
+                how: SyncOptions {
+                    state: Some(state.clone()),
+                    changed_extents: Some(list),
+                    ..SyncOptions::default()
+                },
+                expect: "delta-changelist",
+            });
+        }
+        Ok(runs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn blockmover(
         &mut self,
         volume: &Path,
@@ -398,27 +384,41 @@ impl Bench<'_> {
         kind: SyncKind,
         change: Option<(f64, u64)>,
         digest: &blake3::Hash,
+        run: &Run,
     ) -> anyhow::Result<()> {
         eprintln!(
-            "bench: {} sync of {} with blockmover",
+            "bench: {} sync of {} with {}",
             kind.name(),
-            bytes(size)
+            bytes(size),
+            run.tool
         );
-        self.prepare(&[volume, target])?;
-        let s = self.agents.sync(volume, target, self.delayed)?;
-        verify("blockmover", kind, target, size, digest)?;
+        self.prepare(&[volume], false)?;
+        self.prepare(&[target], self.args.delta)?;
+        let s = self.agents.sync(volume, target, &run.how)?;
+        verify(run.tool, kind, target, size, digest)?;
+        let got = s.source.get("syncKind").map(String::as_str);
+        if got != Some(run.expect) {
+            bail!(
+                "the {} sync by {} was {} ({}), not {}",
+                kind.name(),
+                run.tool,
+                got.unwrap_or("of no kind"),
+                s.source
+                    .get("fullReason")
+                    .map_or("no reason given", |r| r.as_str()),
+                run.expect
+            );
+        }
         let secs = s.duration.as_secs_f64().max(1e-9);
         let wire = |key: &str| {
             s.src(key)
                 .with_context(|| format!("the source status has no {key}"))
         };
+        let delta = run.expect != "full";
         self.rows.push(SyncRow {
-            tool: if self.delayed.is_some() {
-                DELAYED
-            } else {
-                "blockmover"
-            },
+            tool: run.tool,
             kind,
+            sync_kind: got.map(str::to_owned),
             volume_bytes: size,
             change_percent: change.map(|c| c.0),
             changed_blocks: change.map(|c| c.1),
@@ -437,7 +437,8 @@ impl Bench<'_> {
             cpu_source_secs: s.cpu_source,
             cpu_destination_secs: s.cpu_destination,
             max_rpo_secs: self.args.interval + secs,
-            hashed_share_of_raw: Some(2.0 * size as f64 / secs / self.raw.bytes_per_sec),
+            hashed_share_of_raw: (!delta)
+                .then(|| 2.0 * size as f64 / secs / self.raw.bytes_per_sec),
             verified: true,
         });
         Ok(())
@@ -453,7 +454,7 @@ impl Bench<'_> {
         digest: &blake3::Hash,
     ) -> anyhow::Result<()> {
         let their_target = self.setups[setup].target(volume);
-        self.prepare(&[volume, &their_target])?;
+        self.prepare(&[volume, &their_target], false)?;
         let setup = &mut self.setups[setup];
         let tool = setup.flavour().name();
         eprintln!("bench: {} sync of {} with {tool}", kind.name(), bytes(size));
@@ -463,6 +464,7 @@ impl Bench<'_> {
         self.rows.push(SyncRow {
             tool,
             kind,
+            sync_kind: None,
             volume_bytes: size,
             change_percent: change.map(|c| c.0),
             changed_blocks: change.map(|c| c.1),
@@ -486,117 +488,4 @@ impl Bench<'_> {
         });
         Ok(())
     }
-}
-
-/// Fails loudly unless the first `size` bytes of `target` hash like the volume.
-fn verify(
-    tool: &str,
-    kind: SyncKind,
-    target: &Path,
-    size: u64,
-    digest: &blake3::Hash,
-) -> anyhow::Result<()> {
-    let got = sample::file_digest(target, size)
-        .with_context(|| format!("cannot read {}", target.display()))?;
-    if got != *digest {
-        bail!(
-            "after the {} sync by {tool}, {} differs from the volume (BLAKE3 {} != {})",
-            kind.name(),
-            target.display(),
-            got.to_hex(),
-            digest.to_hex()
-        );
-    }
-    Ok(())
-}
-
-/// Writes the change for rate `percent` (the `index`-th change of the run) into the volume; returns the number
-/// of distinct 4 KiB blocks written.
-fn apply_change(
-    args: &BenchArgs,
-    volume: &Path,
-    size: u64,
-    percent: f64,
-    index: u64,
-) -> anyhow::Result<u64> {
-    let rate = percent / 100.0;
-    let clustered = rate * args.clustered_share;
-    let scattered = rate - clustered;
-    let mut blocks = Vec::new();
-    if scattered > 0.0 {
-        let seed = args.seed.wrapping_add(1 + index);
-        blocks.extend(sample::scattered_change(volume, size, scattered, seed)?.blocks);
-    }
-    if clustered > 0.0 {
-        let seed = args.seed.wrapping_add(1001 + index);
-        blocks.extend(
-            sample::clustered_change(volume, size, clustered, args.run_blocks, seed)?.blocks,
-        );
-    }
-    blocks.sort_unstable();
-    blocks.dedup();
-    debug_assert!(blocks.last().is_none_or(|b| *b < size.div_ceil(BLOCK)));
-    Ok(blocks.len() as u64)
-}
-
-/// Sets a regular file's mtime one second ahead of now, so that it differs in whole seconds from every file
-/// written before: rsync's quick check skips a file whose size and mtime (to the second) equal the target's, and
-/// so misses a change made within the same second as the previous sync.
-fn stamp_mtime(volume: &Path) -> anyhow::Result<()> {
-    if is_block_device(volume)? {
-        return Ok(());
-    }
-    let ahead = std::time::SystemTime::now() + std::time::Duration::from_secs(1);
-    std::fs::File::options()
-        .write(true)
-        .open(volume)
-        .and_then(|f| f.set_modified(ahead))
-        .with_context(|| format!("cannot set the mtime of {}", volume.display()))
-}
-
-/// The 1-minute load average (`/proc/loadavg`).
-fn load_average() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn is_block_device(path: &Path) -> anyhow::Result<bool> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
-    Ok(meta.file_type().is_block_device())
-}
-
-/// The size of a regular file or block device.
-fn device_or_file_size(path: &Path) -> anyhow::Result<u64> {
-    use std::io::Seek;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(file.seek(std::io::SeekFrom::End(0))?)
-}
-
-/// Makes a regular-file target (existing or not) an all-zero sparse file of `size` bytes, for a full sync; leaves
-/// a block device as it is (its first sync is then a "first" one) after checking that it is large enough.
-fn prepare_target(target: &Path, size: u64) -> anyhow::Result<SyncKind> {
-    if target.exists() && is_block_device(target)? {
-        let capacity = device_or_file_size(target)?;
-        ensure!(
-            capacity >= size,
-            "target {} holds {} bytes, the volume {size}",
-            target.display(),
-            capacity
-        );
-        return Ok(SyncKind::First);
-    }
-    let file = std::fs::File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(target)
-        .with_context(|| format!("cannot create {}", target.display()))?;
-    file.set_len(size)?;
-    Ok(SyncKind::Full)
 }

@@ -8,9 +8,14 @@ use serde_json::Value;
 use crate::common::bin;
 
 fn bench(dir: &std::path::Path, mib: u64) -> Result<Value> {
+    bench_with(dir, mib, &[])
+}
+
+fn bench_with(dir: &std::path::Path, mib: u64, extra: &[&str]) -> Result<Value> {
     let out = Command::new(bin())
         .args(["bench", "--json", "--size-mib", &mib.to_string(), "--dir"])
         .arg(dir)
+        .args(extra)
         .output()?;
     ensure!(
         out.status.success(),
@@ -79,5 +84,69 @@ fn bench_reports_verified_syncs_the_change_on_the_wire_and_the_storage_rate() ->
     // A second run in the same directory replaces the key of the first.
     let again = bench(dir.path(), 16)?;
     assert_eq!(again["syncs"][0]["verified"], true);
+    Ok(())
+}
+
+#[test]
+fn bench_delta_rows_are_verified_deltas_and_the_change_list_reads_only_the_change() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = bench_with(dir.path(), 32, &["--delta", "--change-percent", "0.1"])?;
+    let syncs = report["syncs"].as_array().context("syncs")?;
+    let shape: Vec<(&str, &str, &str)> = syncs
+        .iter()
+        .map(|s| {
+            (
+                s["tool"].as_str().unwrap_or("?"),
+                s["kind"].as_str().unwrap_or("?"),
+                s["syncKind"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("blockmover", "full", "full"),
+            ("blockmover", "incremental", "full"),
+            ("blockmover+manifest", "incremental", "delta-manifest"),
+            ("blockmover+changelist", "incremental", "delta-changelist"),
+        ],
+        "{syncs:?}"
+    );
+    for s in syncs {
+        assert_eq!(s["verified"], true, "{s}");
+        assert_eq!(u(s, "volumeBytes"), 32 << 20);
+    }
+    let (stateless, manifest, list) = (&syncs[1], &syncs[2], &syncs[3]);
+    // The same change from the same target state: every kind sends exactly the changed blocks.
+    let changed = u(stateless, "changedBlocks");
+    assert_eq!(
+        changed,
+        ((32 << 20) as f64 / 4096.0 / 1000.0).round() as u64
+    );
+    for s in [stateless, manifest, list] {
+        assert_eq!(u(s, "changedBlocks"), changed, "{s}");
+        assert_eq!(u(s, "blocksSent"), changed, "{s}");
+    }
+    // With the change list the source reads the changed chunks only (8 of 512); with manifests the destination
+    // reads no more than the chunks it patches; stateless, both read every allocated byte.
+    let read = |s: &Value, side: &str| u(s, side);
+    assert!(
+        read(list, "bytesReadSource") * 10 < read(stateless, "bytesReadSource"),
+        "change list {list} vs stateless {stateless}"
+    );
+    assert!(
+        read(list, "bytesReadSource") <= changed * (64 << 10),
+        "change list read {list}"
+    );
+    for s in [manifest, list] {
+        assert!(
+            read(s, "bytesReadDestination") * 10 < read(stateless, "bytesReadDestination"),
+            "{s} vs stateless {stateless}"
+        );
+    }
+    assert!(
+        read(manifest, "bytesReadSource") * 10 > read(stateless, "bytesReadSource") * 9,
+        "with manifests the source still reads its whole volume: {manifest} vs {stateless}"
+    );
     Ok(())
 }
