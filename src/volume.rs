@@ -228,29 +228,22 @@ impl Volume {
         self.read_exact_at(buf, offset).map(|()| false)
     }
 
+    /// Reads a range of a file, zero-filling (without reading) a hole at its start. Only `SEEK_DATA` is asked:
+    /// `SEEK_HOLE` on a fully allocated tmpfs file walks every page to the end of the file, which made each chunk
+    /// cost a scan of the whole volume; holes after the first data read as zeros from the kernel.
     fn read_sparse_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let at = |p: u64| (p - offset) as usize;
-            let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
-                Ok(d) => d.min(end),
-                Err(rustix::io::Errno::NXIO) => end,
-                Err(e) => return Err(self.io_err("seek", pos, e.into())),
-            };
-            buf[at(pos)..at(data)].fill(0);
-            if data == end {
-                break;
-            }
-            let hole = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(data)) {
-                Ok(h) => h.min(end),
-                Err(e) => return Err(self.io_err("seek", data, e.into())),
-            };
-            let hole = if hole <= data { end } else { hole };
+        let data = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => d.clamp(offset, end),
+            Err(rustix::io::Errno::NXIO) => end,
+            Err(e) => return Err(self.io_err("seek", offset, e.into())),
+        };
+        let at = (data - offset) as usize;
+        buf[..at].fill(0);
+        if data < end {
             self.file
-                .read_exact_at(&mut buf[at(data)..at(hole)], data)
+                .read_exact_at(&mut buf[at..], data)
                 .map_err(|source| self.io_err("read", data, source))?;
-            pos = hole;
         }
         Ok(())
     }
