@@ -60,7 +60,7 @@ pub fn scan(
     result
 }
 
-/// Reads and summarizes chunks `first..first + n` on all cores.
+/// Summarizes chunks `first..first + n` on all cores, hashing them in place in one mapping of the segment.
 fn summarize_segment(
     volume: &Volume,
     geometry: Geometry,
@@ -69,15 +69,21 @@ fn summarize_segment(
     first: u64,
     n: u64,
 ) -> Result<Vec<ChunkSummary>> {
+    let start = geometry.chunk_range(first).0;
+    let (last, last_len) = geometry.chunk_range(first + n - 1);
+    let map = volume.map(start, last + last_len as u64 - start);
+    let mapped = map.as_deref().map(|m| (start, m));
     (first..first + n)
         .into_par_iter()
-        .map(|i| summarize(volume, geometry, zeros, bytes_read, i))
+        .map(|i| summarize(volume, mapped, geometry, zeros, bytes_read, i))
         .collect()
 }
 
-/// Reads and summarizes one chunk, in this worker's buffer.
+/// Summarizes one chunk: hashed in place from `map` (the volume mapped), else read into this worker's buffer. A
+/// chunk in a hole of a sparse file is known to be zeros without reading it either way.
 fn summarize(
     volume: &Volume,
+    map: Option<(u64, &[u8])>,
     geometry: Geometry,
     zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
@@ -87,6 +93,19 @@ fn summarize(
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
     let (offset, len) = geometry.chunk_range(i);
+    let in_map = map.and_then(|(start, m)| {
+        let at = usize::try_from(offset - start).ok()?;
+        m.get(at..at + len)
+    });
+    if let Some(bytes) = in_map {
+        let hole = volume.is_hole(offset, len as u64);
+        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        return Ok(if hole {
+            zeros.zero_summary(i)
+        } else {
+            zeros.summarize(i, bytes)
+        });
+    }
     BUFFER.with(|cell| {
         let mut buf = cell.borrow_mut();
         buf.resize(len, 0);
@@ -119,7 +138,11 @@ pub fn scan_selected(
                 let segment: Vec<u64> = indices.by_ref().take(SEGMENT_CHUNKS as usize).collect();
                 let item: Result<Vec<(u64, ChunkSummary)>> = segment
                     .par_iter()
-                    .map(|&i| Ok((i, summarize(&volume, geometry, &zeros, &bytes_read, i)?)))
+                    .map(|&i| {
+                        // A change list's chunks are scattered: read, not mapped one by one.
+                        let s = summarize(&volume, None, geometry, &zeros, &bytes_read, i)?;
+                        Ok((i, s))
+                    })
                     .collect();
                 let failed = item.is_err();
                 if tx.send(item).is_err() || failed {
