@@ -224,13 +224,7 @@ fn kills_at_any_point_of_a_delta_never_leave_a_wrong_target() -> Result<()> {
 #[test]
 fn a_delta_cut_short_into_a_serving_destination_drops_its_memory_manifest() -> Result<()> {
     let p = Pair::new(VOLUME, 0xde6_0004)?;
-    let destination = Destination::spawn(
-        &p.fx.target,
-        &p.fx.psk,
-        &p.fx.destination_status,
-        &["--serve"],
-    )?;
-    let mut served = Served { p: &p, destination };
+    let mut served = Served::spawn(&p, &[])?;
     served.sync(&[])?.expect_full(SOURCE_NO_MANIFEST);
     change(&p, 0)?;
 

@@ -72,7 +72,29 @@ pub(super) struct Served<'a> {
     pub destination: Destination,
 }
 
-impl Served<'_> {
+/// Waits until the destination's status records a finished Successful sync of the image of volume digest
+/// `digest` (a serving destination writes it after the source has its COMMIT).
+pub(super) fn wait_destination_recorded(p: &Pair, digest: Option<String>) -> Result<()> {
+    wait_until("the destination's status", Duration::from_secs(30), || {
+        let Ok(d) = read_status(&p.fx.destination_status) else {
+            return Ok(false);
+        };
+        Ok(result_of(&d) == "Successful"
+            && d.get("lastSyncStartTime").is_none()
+            && text(&d, "volumeDigest").map(str::to_owned) == digest)
+    })
+}
+
+impl<'a> Served<'a> {
+    /// A `destination --serve` of the pair's target with `flags`.
+    pub fn spawn(p: &'a Pair, flags: &[&str]) -> Result<Served<'a>> {
+        let mut all = vec!["--serve"];
+        all.extend_from_slice(flags);
+        let destination =
+            Destination::spawn(&p.fx.target, &p.fx.psk, &p.fx.destination_status, &all)?;
+        Ok(Served { p, destination })
+    }
+
     /// Runs a source with the pair's source state directory and `flags`; waits for the destination's status to
     /// record the sync (its volume digest is the source's), and checks target == volume.
     pub fn sync(&mut self, flags: &[&str]) -> Result<Outcome> {
@@ -93,14 +115,7 @@ impl Served<'_> {
         );
         let src = expect_successful(&p.fx.source_status, Kind::Source)?;
         let digest = text(&src, "volumeDigest").map(str::to_owned);
-        wait_until("the destination's status", Duration::from_secs(30), || {
-            let Ok(d) = read_status(&p.fx.destination_status) else {
-                return Ok(false);
-            };
-            Ok(result_of(&d) == "Successful"
-                && d.get("lastSyncStartTime").is_none()
-                && text(&d, "volumeDigest").map(str::to_owned) == digest)
-        })?;
+        wait_destination_recorded(p, digest)?;
         let dst: Value = expect_successful(&p.fx.destination_status, Kind::Destination)?;
         p.fx.expect_target_matches_volume()?;
         assert!(
@@ -136,13 +151,7 @@ impl Served<'_> {
 fn a_serving_destination_keeps_its_manifest_in_memory() -> Result<()> {
     let p = Pair::new(16 * MIB, 0xde8_0001)?;
     let size = p.size();
-    let destination = Destination::spawn(
-        &p.fx.target,
-        &p.fx.psk,
-        &p.fx.destination_status,
-        &["--serve"],
-    )?;
-    let mut served = Served { p: &p, destination };
+    let mut served = Served::spawn(&p, &[])?;
     served.sync(&[])?.expect_full(SOURCE_NO_MANIFEST);
 
     let changed = scattered(size, 6, 1);
@@ -174,13 +183,7 @@ fn verify_full_on_a_serving_destination_is_spent_by_its_first_sync() -> Result<(
     let p = Pair::new(16 * MIB, 0xde8_0002)?;
     let size = p.size();
     p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
-    let destination = Destination::spawn(
-        &p.fx.target,
-        &p.fx.psk,
-        &p.fx.destination_status,
-        &["--serve", "--state-dir", &p.sb, "--verify", "full"],
-    )?;
-    let mut served = Served { p: &p, destination };
+    let mut served = Served::spawn(&p, &["--state-dir", &p.sb, "--verify", "full"])?;
     scribble(&p.fx.volume, &scattered(size, 2, 1), 1)?;
     let out = served.sync(&[])?;
     out.expect_full("the destination asked for a full comparison");

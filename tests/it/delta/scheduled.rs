@@ -65,14 +65,7 @@ impl<'a> Agents<'a> {
             digest = text(&s, "volumeDigest").map(str::to_owned);
             Ok(done)
         })?;
-        wait_until("the destination's sync", WAIT, || {
-            let Ok(d) = read_status(&p.fx.destination_status) else {
-                return Ok(false);
-            };
-            Ok(result_of(&d) == "Successful"
-                && d.get("lastSyncStartTime").is_none()
-                && text(&d, "volumeDigest").map(str::to_owned) == digest)
-        })?;
+        super::policy::wait_destination_recorded(p, digest)?;
         assert!(
             self.source.exited().ok() == Some(false),
             "the scheduled source exited"
