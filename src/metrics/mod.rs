@@ -46,6 +46,9 @@ pub struct Labels {
     pub role: Role,
 }
 
+/// Fallback reason codes counted (0 is "none": a delta).
+pub(super) const FALLBACKS: usize = 11;
+
 /// Totals of the syncs that ended.
 #[derive(Clone, Copy, Debug, Default)]
 struct Totals {
@@ -61,6 +64,8 @@ struct Totals {
     rejected: [u64; Rejection::ALL.len()],
     /// Successful syncs by kind: full, delta by manifest, delta by change list.
     by_kind: [u64; 3],
+    /// Successful full comparisons by why no delta ran ([`Fallback`] codes 1 to 10).
+    full_reasons: [u64; FALLBACKS],
     /// Chunks a full comparison repaired that a delta had missed: not in a change list (source), not what the
     /// manifest said (destination).
     missed_by_change_list: u64,
@@ -230,8 +235,11 @@ impl Metrics {
             t.bytes_read += get(&f.bytes_read);
             t.missed_by_change_list += get(&f.change_list_missed);
             t.target_drift += get(&f.target_drift);
-            if let (true, Some((kind, _))) = (ok, f.kind()) {
+            if let (true, Some((kind, reason))) = (ok, f.kind()) {
                 t.by_kind[usize::from(kind.code()).min(2)] += 1;
+                if let Some(n) = t.full_reasons.get_mut(usize::from(reason.code())) {
+                    *n += u64::from(kind == crate::codec::SyncKind::Full);
+                }
             }
             st.last_scan_rate = scan_rate(f, cur.since.elapsed());
         }
@@ -324,6 +332,53 @@ mod tests {
             Some(t(18, 15, 0).timestamp() as f64)
         );
         Ok(())
+    }
+
+    #[test]
+    fn successful_syncs_are_counted_by_kind_and_full_comparisons_by_reason() {
+        use crate::codec::{Fallback, SyncKind};
+        let m = Metrics::new(labels(), None, Arc::new(FakeClock::at(t(18, 0, 0))), None);
+        for (kind, reason, ok) in [
+            (SyncKind::Full, Fallback::SourceNoManifest, true),
+            (SyncKind::Manifest, Fallback::None, true),
+            (SyncKind::Full, Fallback::DestinationTargetChanged, false),
+            (SyncKind::Full, Fallback::DestinationTargetChanged, true),
+        ] {
+            let f = Arc::new(Figures::default());
+            f.set_kind(kind, reason);
+            m.started(f);
+            m.finished(ok, Duration::from_secs(1));
+        }
+        let r = m.render();
+        let count = |name: &str, label: &str| {
+            r.lines()
+                .find(|l| l.starts_with(name) && l.contains(label))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        assert_eq!(
+            count("blockmover_syncs_by_kind_total", "kind=\"full\""),
+            Some(2.0)
+        );
+        assert_eq!(
+            count("blockmover_syncs_by_kind_total", "kind=\"delta-manifest\""),
+            Some(1.0)
+        );
+        assert_eq!(
+            count(
+                "blockmover_syncs_by_kind_total",
+                "kind=\"delta-changelist\""
+            ),
+            Some(0.0)
+        );
+        let full = "blockmover_full_comparisons_total";
+        assert_eq!(count(full, "reason=\"source-no-manifest\""), Some(1.0));
+        assert_eq!(
+            count(full, "reason=\"destination-target-changed\""),
+            Some(1.0),
+            "the failed one is not counted"
+        );
+        assert_eq!(count(full, "reason=\"bases-differ\""), Some(0.0));
     }
 
     #[test]

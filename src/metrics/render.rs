@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, Utc};
 
 use super::{scan_rate, Metrics, Rejection, METHOD, QUANTILES, SUMMARY_MAX_AGE};
-use crate::codec::SyncKind;
+use crate::codec::{Fallback, SyncKind};
 use crate::schedule::out_of_sync;
 use crate::stats::{get, Figures};
 
@@ -147,6 +147,21 @@ impl Metrics {
                 "blockmover_syncs_by_kind_total",
                 &format!("{labels},kind=\"{}\"", kind.name()),
                 t.by_kind[usize::from(kind.code())] as f64,
+            );
+        }
+        head(
+            &mut out,
+            "blockmover_full_comparisons_total",
+            "counter",
+            "Successful full comparisons, by why no delta ran (a state directory missing, a manifest unusable, verification, ...)",
+        );
+        for code in 1..super::FALLBACKS {
+            let reason = Fallback::from_code(code as u8);
+            sample(
+                &mut out,
+                "blockmover_full_comparisons_total",
+                &format!("{labels},reason=\"{}\"", reason.key()),
+                t.full_reasons[code] as f64,
             );
         }
         head(
