@@ -62,6 +62,8 @@ pub struct Apply {
     store: Arc<Store>,
     wrote: bool,
     basis: Basis,
+    /// The buffer [`Apply::target_block_digests`] reads into.
+    scratch: Vec<u8>,
     out: Outbox,
     figures: Arc<Figures>,
     window: u64,
@@ -117,6 +119,7 @@ impl Apply {
             store,
             wrote: false,
             basis,
+            scratch: Vec::new(),
             target_size: target.size(),
             read_back: options.read_back,
             target,
@@ -333,7 +336,7 @@ impl Apply {
                 let blocks = match (ours.zero, blocks) {
                     (true, _) => None,
                     (false, Some(b)) => Some(b),
-                    (false, None) => Some(block_digests(&self.read_chunk(i)?)),
+                    (false, None) => Some(self.target_block_digests(i)?),
                 };
                 self.open.insert(i, (*theirs, ours.zero));
                 self.finals.hold(i);
@@ -358,14 +361,20 @@ impl Apply {
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|(i, theirs)| {
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
                 let (offset, len) = geometry.chunk_range(i);
-                let mut buf = vec![0u8; len];
-                target.read_exact_at(&mut buf, offset)?;
-                add(&figures.bytes_read, len as u64);
-                let ours = zeros.summarize(i, &buf);
-                let needs_blocks =
-                    ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
-                Ok((ours, needs_blocks.then(|| block_digests(&buf))))
+                BUFFER.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    buf.resize(len, 0);
+                    target.read_exact_at(&mut buf, offset)?;
+                    add(&figures.bytes_read, len as u64);
+                    let ours = zeros.summarize(i, &buf);
+                    let needs_blocks =
+                        ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
+                    Ok((ours, needs_blocks.then(|| block_digests(&buf))))
+                })
             })
             .collect()
     }
@@ -426,12 +435,16 @@ impl Apply {
         Ok(())
     }
 
-    fn read_chunk(&self, chunk: u64) -> Result<Vec<u8>> {
+    /// The block digests of target chunk `chunk`, read into a buffer kept across chunks.
+    fn target_block_digests(&mut self, chunk: u64) -> Result<Vec<Digest>> {
         let (offset, len) = self.geometry.chunk_range(chunk);
-        let mut buf = vec![0u8; len];
-        self.target.read_exact_at(&mut buf, offset)?;
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(len, 0);
+        let read = self.target.read_exact_at(&mut buf, offset);
+        let digests = read.map(|()| block_digests(&buf));
+        self.scratch = buf;
         add(&self.figures.bytes_read, len as u64);
-        Ok(buf)
+        digests
     }
 
     /// Verifies a batch of DATA frames on all cores; each worker writes the data blocks of the chunks it verified,

@@ -79,6 +79,11 @@ pub fn build_data(
         }
     }
     raw.truncate(kept);
+    if kept < len / 2 {
+        // An incremental's few changed blocks: give the chunk-sized buffer back now rather than hold it while the
+        // frame waits to be sent (and have every NEED take fresh, kernel-zeroed pages).
+        raw.shrink_to_fit();
+    }
     let raw_len = raw.len() as u32;
     let (encoding, payload) = match zstd_level
         .filter(|l| compressible(&raw, *l))
