@@ -127,6 +127,19 @@ impl Policy {
     }
 }
 
+/// What the next manifest records of verification: the last full comparison (Unix ms) and the deltas since, after
+/// a sync of `kind` that started at `started_ms`, given the base's `previous` record (none without a base).
+pub fn verification_after(
+    kind: crate::codec::SyncKind,
+    previous: Option<(u64, u32)>,
+    started_ms: u64,
+) -> (u64, u32) {
+    match (kind, previous) {
+        (crate::codec::SyncKind::Full, _) | (_, None) => (started_ms, 0),
+        (_, Some((last, n))) => (last, n.saturating_add(1)),
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

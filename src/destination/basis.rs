@@ -49,16 +49,9 @@ pub fn decide(
         }
         return basis;
     }
-    let expect = delta::target_identity(target).map(|(identity, stamp)| Expect {
-        identity,
-        geometry,
-        stamp,
-    });
-    let loaded = match expect {
+    let loaded = match expect_of(target, geometry) {
         Ok(expect) => store.load(Role::Destination, &expect),
-        Err(e) => Err(manifest::Unusable::Unreadable(format!(
-            "cannot stat the target: {e}"
-        ))),
+        Err(e) => Err(manifest::Unusable::Unreadable(e)),
     };
     let base = match loaded {
         Ok(b) => b,
@@ -84,26 +77,21 @@ pub fn decide(
             basis.reason = Fallback::BasesDiffer;
         } else {
             // The manifest is whole and of this target; check that the target still holds it before trusting it.
-            let checked = spot_check(base, target, geometry).and_then(|()| {
-                store
-                    .load(Role::Destination, &expect_of(target, geometry)?)
-                    .map_err(|e| e.to_string())
-            });
+            let mut base = base;
+            let checked = spot_check(&mut base, target, geometry)
+                .and_then(|()| base.rewind().map_err(|e| format!("rereading it: {e}")));
             match checked {
-                Ok(fresh) => {
+                Ok(()) => {
                     basis.kind = offer.kind;
                     basis.reason = Fallback::None;
-                    basis.base = Some(fresh);
                 }
                 Err(why) => {
                     tracing::warn!("not trusting the destination's manifest: {why}");
                     basis.reason = Fallback::DestinationTargetChanged;
-                    // A full comparison that counts (and repairs) what differs from the manifest.
-                    basis.base = expect_of(target, geometry)
-                        .ok()
-                        .and_then(|e| store.load(Role::Destination, &e).ok());
                 }
             }
+            // A full comparison after a failed spot check counts (and repairs) what differs from the manifest.
+            basis.base = base.rewind().ok().map(|()| base);
             return basis;
         }
     }
@@ -123,8 +111,9 @@ fn expect_of(target: &Volume, geometry: Geometry) -> Result<Expect, String> {
 }
 
 /// Reads [`delta::SPOT_CHECKS`] chunks of the target, chosen at random among those the manifest says are not
-/// zero (topped up with zero chunks when there are too few), and compares them with the manifest. Consumes `base`.
-fn spot_check(mut base: Reader, target: &Volume, geometry: Geometry) -> Result<(), String> {
+/// zero (topped up with zero chunks when there are too few), and compares them with the manifest. Reads `base` to
+/// its end.
+fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<(), String> {
     use rand::Rng;
     let zeros = ZeroDigests::new(geometry);
     let mut rng = rand::rng();
@@ -177,10 +166,8 @@ impl Basis {
     /// Keeps the manifest of what the target now holds (durable, verified): `identity` is taken now, after the
     /// session's writes. A manifest that cannot be kept is logged; the next sync then compares in full.
     pub fn commit(&self, writer: Writer, volume_digest: Digest, target: &Volume) {
-        let (last_full, deltas) = match (self.kind, self.previous) {
-            (SyncKind::Full, _) | (_, None) => (self.started_ms, 0),
-            (_, Some((last, n))) => (last, n.saturating_add(1)),
-        };
+        let (last_full, deltas) =
+            delta::verification_after(self.kind, self.previous, self.started_ms);
         let stamp = match delta::target_identity(target) {
             Ok((_, stamp)) => stamp,
             Err(e) => {

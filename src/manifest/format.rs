@@ -239,6 +239,8 @@ fn validate(src: &mut dyn Backing, role: Role, expect: &Expect) -> Result<(Heade
 /// the stream is checked against the volume digest.
 pub struct Reader {
     src: Box<dyn Backing>,
+    /// Where the first digest is.
+    digests_at: u64,
     header: Header,
     next: u64,
     volume: VolumeDigest,
@@ -255,11 +257,20 @@ impl Reader {
         src.seek(SeekFrom::Start(digests_at)).map_err(read_error)?;
         let volume = VolumeDigest::new(header.geometry);
         Ok(Reader {
+            digests_at,
             src,
             header,
             next: 0,
             volume,
         })
+    }
+
+    /// Starts the stream of digests again from chunk 0 (a second pass over the file validated once).
+    pub fn rewind(&mut self) -> io::Result<()> {
+        self.src.seek(SeekFrom::Start(self.digests_at))?;
+        self.next = 0;
+        self.volume = VolumeDigest::new(self.header.geometry);
+        Ok(())
     }
 
     /// The manifest's header.

@@ -204,10 +204,8 @@ impl Announcer {
         let Some(writer) = self.writer.take() else {
             return;
         };
-        let (last_full, deltas) = match (self.kind, self.previous) {
-            (SyncKind::Full, _) | (_, None) => (self.started_ms, 0),
-            (_, Some((last, n))) => (last, n.saturating_add(1)),
-        };
+        let (last_full, deltas) =
+            delta::verification_after(self.kind, self.previous, self.started_ms);
         let meta = Meta {
             volume_digest,
             stamp: 0,
