@@ -59,7 +59,12 @@ impl Session {
             };
             let msg = tokio::select! {
                 m = within("idle read", limit, reader.expect("sync")) => m,
-                Some(e) = fail_rx.recv() => Err(e),
+                // The scan or the servicer stops with Cancelled when its outbox closed, i.e. the writer ended: the
+                // writer's own outcome (a send timeout, a broken socket) is the cause, and the next turn gets it.
+                Some(e) = fail_rx.recv() => match e {
+                    Error::Cancelled(_) if writer.is_some() => continue,
+                    e => Err(e),
+                },
                 w = async { writer.as_mut().expect("guarded").await }, if writer.is_some() => {
                     *writer = None;
                     writer_failed = Some(match w {
