@@ -83,6 +83,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A change tracker (NBD dirty bitmap, reflink extents, CSI changed block tracking) could not say what
+    /// changed. The source falls back to a full comparison ([`crate::codec::Fallback::SourceTrackerFailed`]),
+    /// never to a partial sync; this error only ends a sync where no fallback exists.
+    #[error("change tracker {tracker}: {reason}")]
+    Tracker {
+        /// What the tracker is ([`crate::changes::Tracker::describe`]).
+        tracker: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The state directory (`--state-dir`) cannot be used.
     #[error("state: {0}")]
     State(String),

@@ -48,6 +48,8 @@ pub struct Figures {
     /// Destination: target chunks that did not hold what the destination's manifest said (written by something
     /// else, or a stale manifest); a full comparison repairs them.
     pub target_drift: AtomicU64,
+    /// Source: what gave the change list (`Tracker::describe`), and why it gave none if it failed.
+    pub tracker: Mutex<Option<(String, Option<String>)>>,
 }
 
 /// Puts a count that is only worth showing when it is not zero.
@@ -119,7 +121,20 @@ impl Figures {
             );
             put_some(&mut m, "targetDriftChunks", get(&self.target_drift));
         }
+        if let Some((tracker, failure)) = self.tracker.lock().ok().and_then(|t| t.clone()) {
+            m.insert("changeTracker".to_owned(), tracker);
+            if let Some(why) = failure {
+                m.insert("changeTrackerError".to_owned(), why);
+            }
+        }
         m
+    }
+
+    /// Records which tracker the source asked for a change list, and why it gave none if it failed.
+    pub fn set_tracker(&self, tracker: String, failure: Option<String>) {
+        if let Ok(mut t) = self.tracker.lock() {
+            *t = Some((tracker, failure));
+        }
     }
 
     /// Records the session's kind (from READY).

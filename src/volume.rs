@@ -47,6 +47,9 @@ pub struct Volume {
     /// lock), and a writer waiting there spins on the CPU: on a full sync that was 2% of all CPU time, taken from
     /// the hashing workers. Waiting here sleeps instead. Writes to a block device run in parallel.
     file_writes: std::sync::Mutex<()>,
+    /// A source's allocation map, when a tracker gave one ([`Volume::set_allocated`]): sorted, disjoint byte
+    /// extents that may hold data. Everything outside them reads as zeros.
+    allocated: std::sync::OnceLock<Vec<(u64, u64)>>,
 }
 
 impl Volume {
@@ -112,6 +115,7 @@ impl Volume {
             kind: self.kind,
             limit: 0,
             file_writes: std::sync::Mutex::new(()),
+            allocated: std::sync::OnceLock::new(),
         })
     }
 
@@ -140,6 +144,7 @@ impl Volume {
             kind,
             limit: 0,
             file_writes: std::sync::Mutex::new(()),
+            allocated: std::sync::OnceLock::new(),
         })
     }
 
@@ -232,8 +237,42 @@ impl Volume {
         Ok(())
     }
 
-    /// Whether `[offset, offset + len)` is one hole of a sparse file (never for a block device).
+    /// Takes the allocation map of a source volume from its tracker (NBD `base:allocation`, CSI
+    /// GetMetadataAllocated): byte extents `(offset, length)` that may hold data. A range outside all of them is
+    /// a hole for [`Volume::is_hole`]: a scan takes it for zeros without reading it. The map is trusted as the
+    /// storage's own statement that those ranges read as zeros; set once, before the scan. Returns whether it was
+    /// taken (a second map is ignored).
+    pub fn set_allocated(&self, mut extents: Vec<(u64, u64)>) -> bool {
+        extents.retain(|(_, len)| *len > 0);
+        extents.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(extents.len());
+        for (off, len) in extents {
+            let end = off.saturating_add(len);
+            match merged.last_mut() {
+                Some(last) if off <= last.0 + last.1 => last.1 = last.1.max(end - last.0),
+                _ => merged.push((off, len)),
+            }
+        }
+        self.allocated.set(merged).is_ok()
+    }
+
+    /// Whether `[offset, offset + len)` is unallocated in the allocation map (see [`Volume::set_allocated`]).
+    fn unallocated(&self, offset: u64, len: u64) -> Option<bool> {
+        let map = self.allocated.get()?;
+        let end = offset.saturating_add(len);
+        // The first extent that ends after `offset`: the range is a hole unless it starts before `end`.
+        let i = map.partition_point(|(o, l)| o + l <= offset);
+        Some(map.get(i).is_none_or(|(o, _)| *o >= end))
+    }
+
+    /// Whether `[offset, offset + len)` is one hole of a sparse file or outside the allocation map (never for a
+    /// block device without one).
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if let Some(hole) = self.unallocated(offset, len) {
+            if hole {
+                return true;
+            }
+        }
         if self.kind != Kind::File {
             return false;
         }
@@ -373,6 +412,33 @@ fn device_is_read_only(file: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_allocation_map_makes_everything_outside_it_a_hole() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("v");
+        std::fs::write(&p, vec![7u8; 1 << 20])?;
+        let v = Volume::open_source(&p)?;
+        assert!(!v.is_hole(0, 4096), "an allocated file has no holes");
+        // Unsorted, overlapping and empty extents are merged.
+        assert!(v.set_allocated(vec![
+            (200_000, 100),
+            (65536, 65536),
+            (100_000, 50_000),
+            (5, 0)
+        ]));
+        assert!(!v.set_allocated(vec![]), "the map is set once");
+        assert!(v.is_hole(0, 65536));
+        assert!(!v.is_hole(0, 65537), "touches the first extent");
+        assert!(!v.is_hole(131_000, 10));
+        assert!(
+            v.is_hole(150_000, 50_000),
+            "between the merged extent and the next"
+        );
+        assert!(!v.is_hole(150_000, 50_001));
+        assert!(v.is_hole(200_100, 1 << 19));
+        Ok(())
+    }
 
     #[test]
     fn writes_outside_the_volume_are_refused() -> anyhow::Result<()> {

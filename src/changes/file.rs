@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{ChangedChunks, Tracker};
-use crate::chunk::Geometry;
+use crate::chunk::{Digest, Geometry};
 use crate::error::{Error, Result};
 
 /// The largest change list file read (64 MiB: about four million extents).
@@ -43,7 +43,7 @@ impl Tracker for ExtentsFile {
         format!("extents file {}", self.path.display())
     }
 
-    fn changed(&self, geometry: Geometry) -> Result<ChangedChunks> {
+    fn changed(&self, geometry: Geometry, _base: &Digest) -> Result<ChangedChunks> {
         use std::io::Read;
         let file = std::fs::File::open(&self.path).map_err(|source| Error::Open {
             what: "change list",
@@ -73,11 +73,11 @@ mod tests {
         let geo = Geometry::new(8 * 65536, 65536).map_err(anyhow::Error::msg)?;
         let p = dir.path().join("c.json");
         std::fs::write(&p, r#"{"extents": [[70000, 5], [0, 4096]]}"#)?;
-        let c = ExtentsFile::new(p.clone()).changed(geo)?;
+        let c = ExtentsFile::new(p.clone()).changed(geo, &Digest([0; 32]))?;
         assert_eq!(c.ranges(), &[(0, 2)]);
         std::fs::write(&p, r#"{"extents": [[0, 1], [524288, 1]]}"#)?;
         let e = ExtentsFile::new(p.clone())
-            .changed(geo)
+            .changed(geo, &Digest([0; 32]))
             .expect_err("past the end");
         assert!(
             e.to_string().contains("c.json") && e.to_string().contains("past the end"),
@@ -86,11 +86,11 @@ mod tests {
         assert!(!e.is_retryable());
         std::fs::write(&p, r#"{"ranges": []}"#)?;
         let e = ExtentsFile::new(p.clone())
-            .changed(geo)
+            .changed(geo, &Digest([0; 32]))
             .expect_err("wrong shape");
         assert!(e.to_string().contains("not {\"extents\""), "{e}");
         let e = ExtentsFile::new(dir.path().join("absent"))
-            .changed(geo)
+            .changed(geo, &Digest([0; 32]))
             .expect_err("absent");
         assert!(e.to_string().contains("cannot open change list"), "{e}");
         Ok(())

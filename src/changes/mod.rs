@@ -10,15 +10,29 @@ mod file;
 
 pub use file::ExtentsFile;
 
-use crate::chunk::{Geometry, BLOCK_SIZE};
+use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::error::Result;
 
 /// Something that tells which byte ranges of the volume changed since the source's manifest was written.
+///
+/// The source asks only when it holds a usable manifest (`base` is that image's volume digest): without one the
+/// sync is a full comparison whatever changed. A tracker that cannot answer returns
+/// [`crate::error::Error::Tracker`], and the sync falls back to a full comparison with the reason in the log and
+/// the status; any other error (a change list file that names ranges past the volume) fails the sync, because a
+/// list that is wrong must not pass for one that could not be read.
 pub trait Tracker: Send + Sync + std::fmt::Debug {
     /// What produced the list, for logs and the status (e.g. `extents file /run/changes.json`).
     fn describe(&self) -> String;
-    /// The changed chunks of a volume of `geometry`.
-    fn changed(&self, geometry: Geometry) -> Result<ChangedChunks>;
+    /// The changed chunks of a volume of `geometry` since the image whose volume digest is `base`.
+    fn changed(&self, geometry: Geometry, base: &Digest) -> Result<ChangedChunks>;
+
+    /// For a full comparison: the byte extents `(offset, length)` of the volume that may hold data, if the
+    /// tracker knows (NBD `base:allocation`, CSI GetMetadataAllocated). The rest is taken for zeros without being
+    /// read. Not asked for a full comparison that verifies (`--verify`, `--verify-every`): that one trusts no
+    /// tracker. An error means the whole volume is read.
+    fn allocated(&self, _geometry: Geometry) -> Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
 }
 
 /// Chunks that changed, as sorted, disjoint, non-empty half-open ranges of chunk indices.

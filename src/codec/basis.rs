@@ -84,6 +84,9 @@ pub enum Fallback {
     BasesDiffer,
     /// The destination's target does not hold what its manifest says (its spot check read other bytes).
     DestinationTargetChanged,
+    /// The source's change tracker could not say what changed (an NBD dirty bitmap that is not exported, a kept
+    /// clone that is missing, a CSI service that failed: the source's log and status say which).
+    SourceTrackerFailed,
     /// A code this build does not know.
     Unknown(u8),
 }
@@ -103,6 +106,7 @@ impl Fallback {
             Fallback::DestinationPeriodic => 8,
             Fallback::BasesDiffer => 9,
             Fallback::DestinationTargetChanged => 10,
+            Fallback::SourceTrackerFailed => 11,
             Fallback::Unknown(c) => c,
         }
     }
@@ -121,6 +125,7 @@ impl Fallback {
             8 => Fallback::DestinationPeriodic,
             9 => Fallback::BasesDiffer,
             10 => Fallback::DestinationTargetChanged,
+            11 => Fallback::SourceTrackerFailed,
             c => Fallback::Unknown(c),
         }
     }
@@ -139,6 +144,7 @@ impl Fallback {
             Fallback::DestinationPeriodic => "destination-periodic",
             Fallback::BasesDiffer => "bases-differ",
             Fallback::DestinationTargetChanged => "destination-target-changed",
+            Fallback::SourceTrackerFailed => "source-tracker-failed",
             Fallback::Unknown(_) => "unknown",
         }
     }
@@ -168,6 +174,7 @@ impl fmt::Display for Fallback {
             Fallback::DestinationTargetChanged => {
                 "the destination's target does not hold what its manifest says (spot check)"
             }
+            Fallback::SourceTrackerFailed => "the source's change tracker failed",
             Fallback::Unknown(c) => return write!(f, "reason {c}"),
         };
         f.write_str(text)

@@ -24,7 +24,7 @@ pub use data::{build_data, changed_chunk};
 
 use crate::changes::Tracker;
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
-use crate::codec::{Message, SyncKind};
+use crate::codec::{Fallback, Message, SyncKind};
 use crate::delta::Policy;
 use crate::error::{Error, Result};
 use crate::manifest::Store;
@@ -164,6 +164,10 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
         &config.identity,
         geometry,
     )?;
+    if let Some(tracker) = &config.tracker {
+        let failure = plan.tracker_failure().map(str::to_owned);
+        figures.set_tracker(tracker.describe(), failure);
+    }
     let t = config.timeouts;
 
     let tcp = within("connect", t.connect, async {
@@ -220,6 +224,9 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
 
     let announcer = abort_on_error(&mut writer, plan.settle(kind)).await?;
     figures.set_kind(kind, reason);
+    if let (SyncKind::Full, Some(tracker)) = (kind, &config.tracker) {
+        use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
+    }
     match kind {
         SyncKind::Full => tracing::info!("full comparison: {reason}"),
         _ => tracing::info!("{kind} sync against the image of the last sync"),
@@ -262,4 +269,36 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let mut writer = writer?;
     within("close", t.handshake, writer.shutdown()).await?;
     Ok(report)
+}
+
+/// A full comparison that does not verify reads only what the tracker says is allocated (the rest is zeros).
+fn use_allocation_map(
+    volume: &Volume,
+    tracker: &dyn Tracker,
+    geometry: Geometry,
+    reason: Fallback,
+) {
+    let verifying = matches!(
+        reason,
+        Fallback::SourceVerify
+            | Fallback::SourcePeriodic
+            | Fallback::DestinationVerify
+            | Fallback::DestinationPeriodic
+    );
+    if verifying {
+        return;
+    }
+    match tracker.allocated(geometry) {
+        Ok(Some(extents)) => {
+            let bytes: u64 = extents.iter().map(|(_, l)| l).sum();
+            tracing::info!(
+                "{}: {} extents, {bytes} bytes allocated; the rest is read as zeros",
+                tracker.describe(),
+                extents.len()
+            );
+            volume.set_allocated(extents);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("no allocation map ({e}): reading the whole volume"),
+    }
 }

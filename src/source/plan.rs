@@ -18,6 +18,8 @@ pub struct Plan {
     base: Option<Reader>,
     /// The change list since that image, if a tracker gave one.
     changes: Option<ChangedChunks>,
+    /// Why the tracker gave no change list (the session is then a full comparison).
+    tracker_failure: Option<String>,
     store: Arc<Store>,
     identity: String,
     geometry: Geometry,
@@ -26,7 +28,8 @@ pub struct Plan {
 impl Plan {
     /// Loads the source's manifest and change list and decides what to offer. A manifest that cannot be used is
     /// logged and means a full comparison; a change list that cannot be read or names ranges past the volume is an
-    /// error (a tracker's list that is wrong must not pass for an empty one).
+    /// error (a tracker's list that is wrong must not pass for an empty one), but a tracker that cannot answer
+    /// ([`Error::Tracker`]) means a full comparison.
     pub fn prepare(
         store: Arc<Store>,
         tracker: Option<&dyn Tracker>,
@@ -38,11 +41,11 @@ impl Plan {
         // a target that has since been written (the failover), and must never be trusted again.
         store.invalidate(Role::Destination).map_err(state_error)?;
         let identity = delta::source_identity(source);
-        let changes = tracker.map(|t| t.changed(geometry)).transpose()?;
         let mut plan = Plan {
             offer: Offer::full(Fallback::SourceNoState),
             base: None,
-            changes,
+            changes: None,
+            tracker_failure: None,
             store: store.clone(),
             identity,
             geometry,
@@ -66,11 +69,25 @@ impl Plan {
             }
         };
         let h = base.header();
+        // The change list is asked for only against a usable base (without one every chunk is compared anyway).
+        // A full comparison with a list still uses it: it tells which changed chunks the list missed.
+        if let Some(t) = tracker {
+            match t.changed(geometry, &h.volume_digest) {
+                Ok(changes) => plan.changes = Some(changes),
+                Err(Error::Tracker { tracker, reason }) => {
+                    tracing::warn!("change tracker {tracker}: {reason}; running a full comparison");
+                    plan.tracker_failure = Some(reason);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let due = verify.periodic_due(h.deltas_since_full, h.last_full_unix_ms, delta::now_ms());
         plan.offer = if verify.full_requested() {
             Offer::full(Fallback::SourceVerify)
         } else if due {
             Offer::full(Fallback::SourcePeriodic)
+        } else if plan.tracker_failure.is_some() {
+            Offer::full(Fallback::SourceTrackerFailed)
         } else {
             Offer {
                 kind: if plan.changes.is_some() {
@@ -84,6 +101,11 @@ impl Plan {
         };
         plan.base = Some(base);
         Ok(plan)
+    }
+
+    /// Why the tracker could not give a change list, if it failed.
+    pub fn tracker_failure(&self) -> Option<&str> {
+        self.tracker_failure.as_deref()
     }
 
     /// The announcer for a session of `kind` (the destination's answer to the offer).
