@@ -50,6 +50,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         state: Arc::new(Store::none()),
         tracker: None,
         verify: Default::default(),
+        snapshot: Default::default(),
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

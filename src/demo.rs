@@ -153,6 +153,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         state: Arc::new(Store::none()),
         tracker: None,
         verify: Default::default(),
+        snapshot: Default::default(),
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod sample;
 pub mod scan;
 pub mod schedule;
+pub mod snapshot;
 pub mod source;
 pub mod stats;
 pub mod status;

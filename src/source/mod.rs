@@ -33,6 +33,7 @@ use crate::net::{
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
+use crate::snapshot::{Snapshot, SnapshotConfig};
 use crate::stats::Figures;
 use crate::status::{Role, StatusFile};
 use crate::tls::{self, Psk, Side};
@@ -76,6 +77,8 @@ pub struct SourceConfig {
     pub tracker: Option<Arc<dyn Tracker>>,
     /// When to compare in full although a delta is possible (shared by the syncs of a schedule).
     pub verify: Arc<Policy>,
+    /// How the point-in-time copy is taken, and the hooks around it.
+    pub snapshot: SnapshotConfig,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -152,19 +155,41 @@ pub async fn sync_recorded(
     result
 }
 
-/// Runs one sync of `config.volume` to the destination; `figures` fills as it goes.
+/// Runs one sync of `config.volume` to the destination; `figures` fills as it goes. The point-in-time copy
+/// (`config.snapshot`) is taken first and ended after: kept as the next sync's base after a success when the
+/// configuration keeps one, removed otherwise.
 pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
-    let volume = Arc::new(Volume::open_source(&config.volume)?);
+    let (snap, volume) = (config.snapshot.clone(), config.volume.clone());
+    let snapshot = tokio::task::spawn_blocking(move || Snapshot::take(&snap, &volume))
+        .await
+        .map_err(|e| Error::Snapshot(format!("the copy was not taken: {e}")))??;
+    let tracker = snapshot.tracker().or_else(|| config.tracker.clone());
+    let result = run_on(config, snapshot.path(), tracker, figures).await;
+    let synced = result.as_ref().ok().map(|r| r.volume_digest);
+    tokio::task::spawn_blocking(move || snapshot.finish(synced.as_ref()))
+        .await
+        .map_err(|e| Error::Snapshot(format!("the copy was not ended: {e}")))?;
+    result
+}
+
+/// One sync of the copy at `path`, with the change list from `tracker`.
+async fn run_on(
+    config: &SourceConfig,
+    path: &std::path::Path,
+    tracker: Option<Arc<dyn Tracker>>,
+    figures: Arc<Figures>,
+) -> Result<SyncReport> {
+    let volume = Arc::new(Volume::open_source(path)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
     let plan = plan::Plan::prepare(
         config.state.clone(),
-        config.tracker.as_deref(),
+        tracker.as_deref(),
         &config.verify,
         &config.identity,
         geometry,
     )?;
-    if let Some(tracker) = &config.tracker {
+    if let Some(tracker) = &tracker {
         let failure = plan.tracker_failure().map(str::to_owned);
         figures.set_tracker(tracker.describe(), failure);
     }
@@ -224,7 +249,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
 
     let announcer = abort_on_error(&mut writer, plan.settle(kind)).await?;
     figures.set_kind(kind, reason);
-    if let (SyncKind::Full, Some(tracker)) = (kind, &config.tracker) {
+    if let (SyncKind::Full, Some(tracker)) = (kind, &tracker) {
         use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
     }
     match kind {

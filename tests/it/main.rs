@@ -16,4 +16,5 @@ mod resume;
 mod schedule;
 mod schema;
 mod security;
+mod snapshot;
 mod sync;
