@@ -56,6 +56,8 @@ pub struct SyncOptions {
     pub state: Option<(PathBuf, PathBuf)>,
     /// `source --changed-extents`: the change list since the last synced image.
     pub changed_extents: Option<PathBuf>,
+    /// `source --snapshot reflink`: sync a reflink clone (and, with `state`, take the change list from it).
+    pub reflink: bool,
 }
 
 /// Runs the agents: this binary, a key made by `blockmover keygen`, and a directory for logs and status files.
@@ -169,6 +171,9 @@ impl Agents {
         }
         if let Some(extents) = &how.changed_extents {
             scmd.arg("--changed-extents").arg(extents);
+        }
+        if how.reflink {
+            scmd.args(["--snapshot", "reflink"]);
         }
         let start = Instant::now();
         let mut source = ChildGuard::spawn(

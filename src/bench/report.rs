@@ -13,12 +13,15 @@ pub const BLOCKMOVER: &str = "blockmover";
 pub const MANIFEST: &str = "blockmover+manifest";
 /// blockmover's incremental with manifests and the change list (syncKind delta-changelist).
 pub const CHANGELIST: &str = "blockmover+changelist";
+/// blockmover's incremental with manifests and the change list from reflink clones' extent maps (`--reflink`:
+/// source --snapshot reflink, syncKind delta-changelist).
+pub const REFLINK: &str = "blockmover+reflink";
 /// blockmover's stateless incremental through the delaying proxy (`--rtt-ms`).
 pub const DELAYED: &str = "blockmover+rtt";
 
 /// Whether `tool` names one of blockmover's rows.
 pub fn is_blockmover(tool: &str) -> bool {
-    [BLOCKMOVER, MANIFEST, CHANGELIST, DELAYED].contains(&tool)
+    [BLOCKMOVER, MANIFEST, CHANGELIST, REFLINK, DELAYED].contains(&tool)
 }
 
 /// Which sync of a run a row is.
@@ -344,7 +347,7 @@ fn storage_lines(report: &Report) -> Vec<String> {
 fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
     let mut lines = Vec::new();
     for other in rows.iter().filter(|r| !is_blockmover(r.tool)) {
-        for tool in [BLOCKMOVER, MANIFEST, CHANGELIST] {
+        for tool in [BLOCKMOVER, MANIFEST, CHANGELIST, REFLINK] {
             let Some(ours) = rows.iter().find(|r| r.tool == tool && same_sync(r, other)) else {
                 continue;
             };

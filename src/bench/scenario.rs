@@ -22,6 +22,7 @@ use super::hashrate::{self, HashRate};
 use super::notes;
 use super::report::{
     bytes, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
+    REFLINK,
 };
 use super::rsync::{self, Flavour, RsyncSetup};
 use super::storage;
@@ -274,6 +275,8 @@ impl Bench<'_> {
             tool: BLOCKMOVER,
             how: SyncOptions {
                 state: state.clone(),
+                // The reflink row's first base clone is kept by this sync.
+                reflink: self.args.reflink,
                 ..SyncOptions::default()
             },
             expect: "full",
@@ -329,8 +332,9 @@ impl Bench<'_> {
     }
 
     /// The blockmover syncs of one change, in order: stateless, through the delaying proxy (`--rtt-ms`), with
-    /// manifests and with manifests and the change list (`--delta`, which writes the change list `extents`). The
-    /// last one runs with the state directories, so that they describe the target it leaves.
+    /// manifests and with manifests and the change list (`--delta`, which writes the change list `extents`), and
+    /// with the change list from reflink clones (`--reflink`). The last one runs with the state directories, so
+    /// that they describe the target it leaves.
     fn incrementals(
         &self,
         extents: &[(u64, u64)],
@@ -371,6 +375,19 @@ impl Bench<'_> {
                 },
                 expect: "delta-changelist",
             });
+            if self.args.reflink {
+                // Last: the clone it keeps (beside the volume, outside the rolled-back state) pairs with the
+                // manifests it leaves, as the next change's reflink row needs.
+                runs.push(Run {
+                    tool: REFLINK,
+                    how: SyncOptions {
+                        state: Some(state.clone()),
+                        reflink: true,
+                        ..SyncOptions::default()
+                    },
+                    expect: "delta-changelist",
+                });
+            }
         }
         Ok(runs)
     }
