@@ -116,6 +116,8 @@ pub struct Report {
     pub change: String,
     /// `--interval`, seconds.
     pub interval_secs: f64,
+    /// `--rtt-ms`: the round trip the delaying proxy adds.
+    pub rtt_ms: Option<u64>,
     /// Every sync, in the order run.
     pub syncs: Vec<SyncRow>,
     /// Comparisons that were asked for but could not run, with the reason.
@@ -291,7 +293,7 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
-    let latency = latency_lines(&report.syncs);
+    let latency = latency_lines(&report.syncs, report.rtt_ms);
     if !latency.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -384,20 +386,30 @@ pub fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// One line per blockmover sync repeated through the delaying proxy: how much longer it took.
-fn latency_lines(rows: &[SyncRow]) -> Vec<String> {
+/// One line per blockmover sync repeated through the delaying proxy: how much longer it took, and how many round
+/// trips of `rtt_ms` that is (the TCP connect to the proxy is local: every added round trip is the protocol's).
+fn latency_lines(rows: &[SyncRow], rtt_ms: Option<u64>) -> Vec<String> {
     rows.windows(2)
         .filter(|w| w[0].tool == BLOCKMOVER && w[1].tool == DELAYED)
         .map(|w| {
             let (plain, delayed) = (&w[0], &w[1]);
+            let added = delayed.duration_secs - plain.duration_secs;
+            let trips = match rtt_ms {
+                Some(ms) if ms > 0 => {
+                    format!(
+                        " = {:.1} round trips of {ms} ms",
+                        added * 1000.0 / ms as f64
+                    )
+                }
+                _ => String::new(),
+            };
             format!(
-                "{:>9} {:<11} {:>7}  {} -> {}: {:+.2} s",
+                "{:>9} {:<11} {:>7}  {} -> {}: {added:+.2} s{trips}",
                 bytes(plain.volume_bytes),
                 plain.kind.name(),
                 plain.change_percent.map_or_else(|| "-".to_owned(), percent),
                 secs(plain.duration_secs),
                 secs(delayed.duration_secs),
-                delayed.duration_secs - plain.duration_secs
             )
         })
         .collect()

@@ -182,6 +182,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         volume: volume_text,
         change: change_text,
         interval_secs: args.interval,
+        rtt_ms: args.rtt_ms,
         syncs: bench.rows,
         skipped,
         notes,
