@@ -51,6 +51,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         tracker: None,
         verify: Default::default(),
         snapshot: Default::default(),
+        bwlimit: None,
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

@@ -228,6 +228,10 @@ pub struct SourceArgs {
     /// A command run after the copy is taken, whenever the pre-snapshot command ran (e.g. the thaw).
     #[arg(long, value_name = "CMD")]
     pub post_snapshot: Option<String>,
+    /// At most this many bytes per second on the wire (TLS included), e.g. 50M, 800KB: K, M, G are powers of
+    /// 1024 and KB, MB, GB powers of 1000; a bare number is bytes. At least 64K.
+    #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Seconds each snapshot hook may run before it is killed (the sync then fails, retryable).
     #[arg(long, default_value_t = 60, value_parser = timeout_secs)]
     pub hook_timeout: u64,
@@ -358,6 +362,7 @@ impl SourceArgs {
                 .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
             verify: Arc::new(Policy::new(self.common.verify())),
             snapshot,
+            bwlimit: self.bwlimit,
         })
     }
 

@@ -154,6 +154,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         tracker: None,
         verify: Default::default(),
         snapshot: Default::default(),
+        bwlimit: None,
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod net;
 pub mod progress;
+pub mod ratelimit;
 pub mod sample;
 pub mod scan;
 pub mod schedule;

@@ -66,6 +66,8 @@ pub struct Agents {
     dir: PathBuf,
     psk: PathBuf,
     runs: u32,
+    /// `source --bwlimit` for every sync.
+    bwlimit: Option<u64>,
 }
 
 impl Agents {
@@ -97,7 +99,14 @@ impl Agents {
             dir: dir.to_owned(),
             psk,
             runs: 0,
+            bwlimit: None,
         })
+    }
+
+    /// Every source runs with `--bwlimit rate`.
+    pub fn with_bwlimit(mut self, rate: Option<u64>) -> Self {
+        self.bwlimit = rate;
+        self
     }
 
     /// The key file (`volsync:<hex>`), also usable as stunnel's `PSKsecrets`.
@@ -174,6 +183,9 @@ impl Agents {
         }
         if how.reflink {
             scmd.args(["--snapshot", "reflink"]);
+        }
+        if let Some(rate) = self.bwlimit {
+            scmd.arg("--bwlimit").arg(rate.to_string());
         }
         let start = Instant::now();
         let mut source = ChildGuard::spawn(

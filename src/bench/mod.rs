@@ -75,6 +75,9 @@ pub struct BenchArgs {
     /// this round-trip time (milliseconds) on loopback, and print how much longer it took.
     #[arg(long)]
     pub rtt_ms: Option<u64>,
+    /// Run every blockmover source with `--bwlimit RATE` (e.g. 50M) and print the rate each achieved against it.
+    #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Run every volume size in --sizes with every change rate in --rates.
     #[arg(long, conflicts_with = "volume")]
     pub sweep: bool,

@@ -98,6 +98,8 @@ pub struct SyncRow {
     pub hashed_share_of_raw: Option<f64>,
     /// The target's BLAKE3 equalled the volume's after the sync (the bench fails otherwise).
     pub verified: bool,
+    /// blockmover's source: wire bytes sent per second from connect to the end of the session (`wireSendRate`).
+    pub wire_send_rate: Option<u64>,
 }
 
 /// Everything one bench run measured.
@@ -118,6 +120,8 @@ pub struct Report {
     pub interval_secs: f64,
     /// `--rtt-ms`: the round trip the delaying proxy adds.
     pub rtt_ms: Option<u64>,
+    /// `--bwlimit`: every blockmover source's limit, bytes per second.
+    pub bwlimit: Option<u64>,
     /// Every sync, in the order run.
     pub syncs: Vec<SyncRow>,
     /// Comparisons that were asked for but could not run, with the reason.
@@ -291,6 +295,30 @@ pub fn table(report: &Report) -> String {
         );
         for line in floors {
             let _ = writeln!(out, "  {line}");
+        }
+    }
+    if let Some(limit) = report.bwlimit {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "bandwidth limit (--bwlimit {}/s): wire bytes sent per second from connect to the end of the session",
+            bytes(limit)
+        );
+        for r in report.syncs.iter().filter(|r| is_blockmover(r.tool)) {
+            let Some(rate) = r.wire_send_rate else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "  {:>9} {:<11} {:<21} sent {:>9} in {:>8}: {}/s = {:.1}% of the limit",
+                bytes(r.volume_bytes),
+                r.kind.name(),
+                r.tool,
+                bytes(r.wire_sent),
+                secs(r.duration_secs),
+                bytes(rate),
+                rate as f64 * 100.0 / limit as f64
+            );
         }
     }
     let latency = latency_lines(&report.syncs, report.rtt_ms);

@@ -37,7 +37,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let raw = hashrate::measure();
     let mut bench = Bench {
         args,
-        agents: Agents::new(dir)?,
+        agents: Agents::new(dir)?.with_bwlimit(args.bwlimit),
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
@@ -183,6 +183,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         change: change_text,
         interval_secs: args.interval,
         rtt_ms: args.rtt_ms,
+        bwlimit: args.bwlimit,
         syncs: bench.rows,
         skipped,
         notes,
@@ -458,6 +459,7 @@ impl Bench<'_> {
             hashed_share_of_raw: (!delta)
                 .then(|| 2.0 * size as f64 / secs / self.raw.bytes_per_sec),
             verified: true,
+            wire_send_rate: s.src("wireSendRate"),
         });
         Ok(())
     }
@@ -503,6 +505,7 @@ impl Bench<'_> {
             max_rpo_secs: self.args.interval + secs,
             hashed_share_of_raw: None,
             verified: true,
+            wire_send_rate: None,
         });
         Ok(())
     }

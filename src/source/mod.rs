@@ -14,7 +14,7 @@ mod session;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,6 +79,8 @@ pub struct SourceConfig {
     pub verify: Arc<Policy>,
     /// How the point-in-time copy is taken, and the hooks around it.
     pub snapshot: SnapshotConfig,
+    /// `--bwlimit`: at most this many bytes per second on the wire.
+    pub bwlimit: Option<u64>,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -207,7 +209,11 @@ async fn run_on(
     let _ = tcp.set_nodelay(true);
     let peer: Option<SocketAddr> = tcp.peer_addr().ok();
     tracing::info!(?peer, volume = %config.volume.display(), size = geometry.volume_size(), "connected");
-    let stream = crate::net::socket(tcp, figures.wire.clone());
+    let stream = crate::net::socket_limited(tcp, figures.wire.clone(), config.bwlimit);
+    figures
+        .rate_limit
+        .store(config.bwlimit.unwrap_or(0), Ordering::Relaxed);
+    let connected = std::time::Instant::now();
     let tls = within("tls handshake", t.handshake, async {
         tls::connector()?
             .connect(tls::server_name(), stream)
@@ -248,6 +254,10 @@ async fn run_on(
     };
 
     let announcer = abort_on_error(&mut writer, plan.settle(kind)).await?;
+    let _rate = WireRate {
+        figures: figures.clone(),
+        since: connected,
+    };
     figures.set_kind(kind, reason);
     if let (SyncKind::Full, Some(tracker)) = (kind, &tracker) {
         use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
@@ -325,5 +335,23 @@ fn use_allocation_map(
         }
         Ok(None) => {}
         Err(e) => tracing::warn!("no allocation map ({e}): reading the whole volume"),
+    }
+}
+
+/// Records the bytes per second sent on the wire from connect to the end of the session, however it ends.
+struct WireRate {
+    figures: Arc<Figures>,
+    since: std::time::Instant,
+}
+
+impl Drop for WireRate {
+    fn drop(&mut self) {
+        let secs = self.since.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            let sent = crate::stats::get(&self.figures.wire.sent) as f64;
+            self.figures
+                .wire_send_rate
+                .store((sent / secs) as u64, Ordering::Relaxed);
+        }
     }
 }

@@ -12,6 +12,7 @@ mod hostile;
 mod local;
 mod loopdev;
 mod pressure;
+mod regional;
 mod resume;
 mod schedule;
 mod schema;
