@@ -216,9 +216,9 @@ pub struct SourceArgs {
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
     #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
     pub manual: Option<String>,
-    /// The change list and allocation map from CSI changed block tracking.
+    /// The change list and allocation map from CSI changed block tracking (boxed: most sources have none).
     #[command(flatten)]
-    pub cbt: CbtArgs,
+    pub cbt: Box<CbtArgs>,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
