@@ -6,9 +6,11 @@
 //! - [`syncs`]: a first sync reads only the allocated chunks; a delta reads only the changed chunks (FIXED_LENGTH
 //!   and VARIABLE_LENGTH, paged by `max_results`); a cut stream is resumed; a bad range, a wrong token, a stream
 //!   cut too often and a server that is down each make the sync a full comparison that says why.
+//! - [`trust`]: the service's certificate (CA, name, an IP endpoint), a silent service (timeouts), usage errors.
 
 mod server;
 mod syncs;
+mod trust;
 
 use std::path::PathBuf;
 
