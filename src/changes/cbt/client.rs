@@ -1,5 +1,8 @@
 //! The gRPC calls to the SnapshotMetadata service (tonic over rustls), each stream resumed where it broke off.
 //!
+//! No `grpc-timeout` is sent: an answer may stream for minutes on a large volume, and the limits here are on
+//! silence (connecting, the call's first answer, each next message), not on the length of an answer.
+//!
 //! Trusts the service's TLS certificate only when the CA of `--cbt-ca` signed it for the endpoint's name (or
 //! `--cbt-server-name`). Every wait has a limit (connect, the call, each message); a stream that fails mid-way
 //! with a transient status (the sidecar cuts streams after ten minutes) is asked again from `starting_offset` =
@@ -92,15 +95,14 @@ impl Client {
             max_results,
             timeout,
             |start| {
-                let mut request = tonic::Request::new(pb::GetMetadataDeltaRequest {
+                let request = tonic::Request::new(pb::GetMetadataDeltaRequest {
                     security_token: token.to_owned(),
                     namespace: config.namespace.clone(),
                     base_snapshot_id: base_id.to_owned(),
                     target_snapshot_name: config.snapshot.clone(),
                     starting_offset: start,
-                    max_results: max_results as i32,
+                    max_results: i32::try_from(max_results).unwrap_or(i32::MAX),
                 });
-                request.set_timeout(timeout);
                 let mut client = inner.clone();
                 async move {
                     let stream = client.get_metadata_delta(request).await?.into_inner();
@@ -126,14 +128,13 @@ impl Client {
             max_results,
             timeout,
             |start| {
-                let mut request = tonic::Request::new(pb::GetMetadataAllocatedRequest {
+                let request = tonic::Request::new(pb::GetMetadataAllocatedRequest {
                     security_token: token.to_owned(),
                     namespace: config.namespace.clone(),
                     snapshot_name: config.snapshot.clone(),
                     starting_offset: start,
-                    max_results: max_results as i32,
+                    max_results: i32::try_from(max_results).unwrap_or(i32::MAX),
                 });
-                request.set_timeout(timeout);
                 let mut client = inner.clone();
                 async move {
                     let stream = client.get_metadata_allocated(request).await?.into_inner();

@@ -185,6 +185,29 @@ where
 mod tests {
     use super::*;
 
+    async fn later(v: u32) -> std::result::Result<u32, String> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(v)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_calls_run_beside_a_current_thread_runtime() {
+        assert_eq!(on_own_runtime(|| later(1)), Ok(1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_calls_run_beside_a_multi_thread_runtime_without_starving_it() {
+        // A task of the caller's runtime makes progress while the tracker waits (block_in_place).
+        let other = tokio::spawn(async { later(2).await });
+        assert_eq!(on_own_runtime(|| later(1)), Ok(1));
+        assert_eq!(other.await.ok(), Some(Ok(2)));
+    }
+
+    #[test]
+    fn the_calls_run_without_a_runtime() {
+        assert_eq!(on_own_runtime(|| later(3)), Ok(3));
+    }
+
     fn config(dir: &std::path::Path) -> CbtConfig {
         CbtConfig {
             endpoint: "127.0.0.1:1".to_owned(),
