@@ -229,8 +229,8 @@ pub struct SourceArgs {
 pub struct CbtArgs {
     /// The SnapshotMetadata gRPC service (the external-snapshot-metadata sidecar), HOST:PORT: the change list
     /// since --cbt-base-snapshot-id and the allocation map of a full comparison (trusted: see the README's "Source
-    /// kinds: CSI changed block tracking").
-    #[arg(long, value_name = "HOST:PORT", value_parser = host_port, conflicts_with = "changed_extents",
+    /// kinds: CSI changed block tracking"). One sync per snapshot: not with --schedule.
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port, conflicts_with_all = ["changed_extents", "schedule"],
           requires_all = ["cbt_ca", "cbt_token_file", "cbt_namespace", "cbt_snapshot"])]
     pub cbt_endpoint: Option<String>,
     /// PEM CA certificate that signs the sidecar's certificate.

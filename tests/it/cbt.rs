@@ -5,7 +5,8 @@
 //!
 //! - [`syncs`]: a first sync reads only the allocated chunks; a delta reads only the changed chunks (FIXED_LENGTH
 //!   and VARIABLE_LENGTH, paged by `max_results`); a cut stream is resumed; a bad range, a wrong token, a stream
-//!   cut too often and a server that is down each make the sync a full comparison that says why.
+//!   cut too often and a server that is down each make the sync a full comparison that says why; a service that
+//!   leaves a changed range out is believed, and `--verify full` repairs it and counts what it missed.
 //! - [`trust`]: the service's certificate (CA, name, an IP endpoint), a silent service (timeouts), usage errors.
 
 mod server;
@@ -88,5 +89,11 @@ impl Cbt {
         let mut s: Vec<&str> = flags.iter().map(String::as_str).collect();
         s.extend_from_slice(extra);
         self.p.sync(&s, &[])
+    }
+
+    /// [`Pair::sync_unchecked`] with `flags` on the source (for a service that lies).
+    pub fn sync_unchecked(&self, flags: &[String]) -> Result<crate::delta::Outcome> {
+        let s: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.p.sync_unchecked(&s, &[])
     }
 }

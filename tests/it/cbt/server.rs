@@ -8,7 +8,7 @@
 //! the blocks of a snapshot that hold a non-zero byte. It checks `security_token` (a wrong one is
 //! UNAUTHENTICATED), honours `starting_offset` and `max_results`, logs every call, and can be told
 //! ([`Behaviour`]) to send FIXED_LENGTH or VARIABLE_LENGTH ranges, to cut the first streams after some messages
-//! (the client must resume) or to send a bad range.
+//! (the client must resume), to send a bad range, or to leave a changed range out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,6 +57,8 @@ pub struct Behaviour {
     pub cuts: usize,
     /// Send a bad range in every answer.
     pub bad: Option<Bad>,
+    /// Leave the last range out of every answer (a lie no check can see).
+    pub lie: bool,
 }
 
 impl Default for Behaviour {
@@ -67,6 +69,7 @@ impl Default for Behaviour {
             cut_after: 0,
             cuts: 0,
             bad: None,
+            lie: false,
         }
     }
 }
@@ -298,6 +301,9 @@ impl Service {
             }
         };
         let b = state.behaviour.clone();
+        if b.lie {
+            ranges.pop();
+        }
         match b.bad {
             Some(Bad::NotIncreasing) if ranges.len() >= 2 => ranges.insert(2, ranges[0]),
             Some(Bad::NotIncreasing) => ranges.extend([(0, b.block as i64), (0, b.block as i64)]),

@@ -227,3 +227,47 @@ fn expect_tracker_failed(out: &crate::delta::Outcome, why: &str, size: u64, case
         out.source_log
     );
 }
+
+/// What the service's diff is trusted for, and what bounds it: a range it leaves out is not read, so the delta is
+/// Successful and the target differs there; `--verify full` compares in full (asking no allocation map), repairs
+/// the range and counts it in `changeListMissedChunks`.
+#[test]
+fn a_range_the_service_leaves_out_is_repaired_by_verify_full() -> Result<()> {
+    let size = 8 * MIB;
+    let mut c = Cbt::new(size, 45)?;
+    let k1 = c.snapshot()?;
+    c.sync(&c.flags(k1, None), &[])?;
+    scribble(&c.p.fx.volume, &scattered(size, 4, 3), 50)?;
+    let k2 = c.snapshot()?;
+    c.server.behave(Behaviour {
+        lie: true,
+        ..Behaviour::default()
+    });
+    let lied = c.sync_unchecked(&c.flags(k2, Some(k1)))?;
+    lied.expect_delta("delta-changelist");
+    assert_eq!(lied.src("bytesRead"), 3 * CHUNK, "{}", lied.describe());
+    assert_ne!(
+        c.p.fx.target_digest()?,
+        c.p.fx.volume_digest()?,
+        "the range left out was not synced"
+    );
+    c.server.take_calls();
+    let k3 = c.snapshot()?;
+    let fixed = c.sync(&c.flags(k3, Some(k2)), &["--verify", "full"])?;
+    fixed.expect_full("--verify full");
+    assert_eq!(fixed.src("bytesRead"), size, "{}", fixed.describe());
+    assert_eq!(
+        fixed.src("changeListMissedChunks"),
+        1,
+        "{}",
+        fixed.describe()
+    );
+    assert_eq!(fixed.src("chunksChanged"), 1, "{}", fixed.describe());
+    let methods: Vec<&str> = c.server.take_calls().iter().map(|c| c.method).collect();
+    assert_eq!(
+        methods,
+        ["GetMetadataDelta"],
+        "a verifying sync asks no allocation map"
+    );
+    Ok(())
+}

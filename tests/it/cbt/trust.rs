@@ -102,7 +102,8 @@ fn a_silent_service_times_out() -> Result<()> {
     Ok(())
 }
 
-/// The flags a CBT source needs are required together, and exclude `--changed-extents`: usage errors, exit 2.
+/// The flags a CBT source needs are required together, and exclude `--changed-extents` and `--schedule`: usage
+/// errors, exit 2.
 #[test]
 fn cbt_flags_are_checked_as_usage_errors() -> Result<()> {
     let base = [
@@ -126,7 +127,7 @@ fn cbt_flags_are_checked_as_usage_errors() -> Result<()> {
         "--cbt-snapshot",
         "s",
     ];
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
         (&full[..2], "--cbt-ca"),
         (&["--cbt-snapshot", "s"], "--cbt-endpoint"),
         (&["--cbt-base-snapshot-id", "h"], "--cbt-endpoint"),
@@ -135,6 +136,11 @@ fn cbt_flags_are_checked_as_usage_errors() -> Result<()> {
             "cannot be used with",
         ),
         (&with_endpoint(&full, "localhost"), "not HOST:PORT"),
+        // The snapshot names change with every sync: a schedule would sync the same snapshot again and again.
+        (
+            &[&full[..], &["--schedule", "@hourly"]].concat(),
+            "cannot be used with",
+        ),
     ];
     for (flags, says) in cases {
         let args = [&base[..], flags].concat();
