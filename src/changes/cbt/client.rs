@@ -81,14 +81,14 @@ impl Client {
     /// GetMetadataDelta: the ranges that changed from the snapshot whose CSI handle is `base_id` to the
     /// VolumeSnapshot `config.snapshot`.
     pub async fn delta(
-        &mut self,
+        &self,
         config: &CbtConfig,
         token: &str,
         base_id: &str,
         volume_size: u64,
     ) -> Result<Answer, String> {
         let (timeout, max_results) = (self.timeout, self.max_results);
-        let inner = &mut self.inner;
+        let inner = &self.inner;
         collect(
             "GetMetadataDelta",
             volume_size,
@@ -115,13 +115,13 @@ impl Client {
 
     /// GetMetadataAllocated: the ranges of the VolumeSnapshot `config.snapshot` that hold data.
     pub async fn allocated(
-        &mut self,
+        &self,
         config: &CbtConfig,
         token: &str,
         volume_size: u64,
     ) -> Result<Answer, String> {
         let (timeout, max_results) = (self.timeout, self.max_results);
-        let inner = &mut self.inner;
+        let inner = &self.inner;
         collect(
             "GetMetadataAllocated",
             volume_size,

@@ -125,7 +125,7 @@ impl Tracker for CsiSnapshotMetadata {
         let size = geometry.volume_size();
         let config = self.config.clone();
         let answer = on_own_runtime(move || async move {
-            let mut client = client::Client::connect(&config).await?;
+            let client = client::Client::connect(&config).await?;
             client.delta(&config, &token, &base_id, size).await
         })
         .map_err(|e| self.failed(e))?;
@@ -144,7 +144,7 @@ impl Tracker for CsiSnapshotMetadata {
         let size = geometry.volume_size();
         let config = self.config.clone();
         let answer = on_own_runtime(move || async move {
-            let mut client = client::Client::connect(&config).await?;
+            let client = client::Client::connect(&config).await?;
             client.allocated(&config, &token, size).await
         })
         .map_err(|e| self.failed(e))?;
