@@ -62,15 +62,27 @@ pub struct CbtConfig {
 }
 
 /// `source --cbt-endpoint ...`: the change list and allocation map from CSI snapshot metadata.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CsiSnapshotMetadata {
     config: CbtConfig,
+    /// Why the last change list failed, if it did: the full comparison that follows then asks no allocation map
+    /// (a service whose answer was just refused is not trusted to say what may be skipped).
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl CsiSnapshotMetadata {
     /// The tracker for `config` (nothing is read or connected until a sync asks).
     pub fn new(config: CbtConfig) -> Self {
-        CsiSnapshotMetadata { config }
+        CsiSnapshotMetadata {
+            config,
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn remember(&self, failure: Option<String>) {
+        if let Ok(mut f) = self.failed.lock() {
+            *f = failure;
+        }
     }
 
     fn failed(&self, reason: String) -> Error {
@@ -114,7 +126,36 @@ impl Tracker for CsiSnapshotMetadata {
         )
     }
 
-    fn changed(&self, geometry: Geometry, _base: &Digest) -> Result<ChangedChunks> {
+    fn changed(&self, geometry: Geometry, base: &Digest) -> Result<ChangedChunks> {
+        let answer = self.ask_changed(geometry, base);
+        self.remember(match &answer {
+            Err(Error::Tracker { reason, .. }) => Some(reason.clone()),
+            Err(e) => Some(e.to_string()),
+            Ok(_) => None,
+        });
+        answer
+    }
+
+    fn allocated(&self, geometry: Geometry) -> Result<Option<Vec<(u64, u64)>>> {
+        if let Some(why) = self.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(self.failed(format!(
+                "no allocation map from a service whose change list failed ({why})"
+            )));
+        }
+        let token = self.token().map_err(|e| self.failed(e))?;
+        let size = geometry.volume_size();
+        let config = self.config.clone();
+        let answer = on_own_runtime(move || async move {
+            let client = client::Client::connect(&config).await?;
+            client.allocated(&config, &token, size).await
+        })
+        .map_err(|e| self.failed(e))?;
+        Ok(Some(answer.extents))
+    }
+}
+
+impl CsiSnapshotMetadata {
+    fn ask_changed(&self, geometry: Geometry, _base: &Digest) -> Result<ChangedChunks> {
         let Some(base_id) = self.config.base_snapshot_id.clone() else {
             return Err(self.failed(
                 "no --cbt-base-snapshot-id: there is no base snapshot to ask the changes since"
@@ -137,18 +178,6 @@ impl Tracker for CsiSnapshotMetadata {
             answer.resumes
         );
         ChangedChunks::from_extents(&answer.extents, geometry).map_err(|e| self.failed(e.0))
-    }
-
-    fn allocated(&self, geometry: Geometry) -> Result<Option<Vec<(u64, u64)>>> {
-        let token = self.token().map_err(|e| self.failed(e))?;
-        let size = geometry.volume_size();
-        let config = self.config.clone();
-        let answer = on_own_runtime(move || async move {
-            let client = client::Client::connect(&config).await?;
-            client.allocated(&config, &token, size).await
-        })
-        .map_err(|e| self.failed(e))?;
-        Ok(Some(answer.extents))
     }
 }
 
@@ -237,16 +266,28 @@ mod tests {
         };
         let e = t.changed(geo, &Digest([0; 32])).expect_err("no token");
         tracker_error(e, "cannot read token file");
+        // Fresh trackers: after a failed change list, `allocated` is refused whatever the token or CA.
+        let fresh = || CsiSnapshotMetadata::new(config(dir.path()));
         std::fs::write(dir.path().join("token"), "\n")?;
-        tracker_error(t.allocated(geo).expect_err("empty"), "is empty");
+        tracker_error(fresh().allocated(geo).expect_err("empty"), "is empty");
         std::fs::write(dir.path().join("token"), "secret\n")?;
-        tracker_error(t.allocated(geo).expect_err("no CA"), "cannot read CA file");
+        tracker_error(
+            fresh().allocated(geo).expect_err("no CA"),
+            "cannot read CA file",
+        );
         let mut c = config(dir.path());
         c.base_snapshot_id = None;
         let e = CsiSnapshotMetadata::new(c)
             .changed(geo, &Digest([0; 32]))
             .expect_err("no base");
         tracker_error(e, "no --cbt-base-snapshot-id");
+        // After a failed change list, the fallback asks no allocation map of that service.
+        let e = t.changed(geo, &Digest([0; 32])).expect_err("no CA");
+        tracker_error(e, "cannot read CA file");
+        tracker_error(
+            t.allocated(geo).expect_err("after a failure"),
+            "no allocation map from a service whose change list failed (cannot read CA file",
+        );
         Ok(())
     }
 }

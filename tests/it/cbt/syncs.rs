@@ -150,13 +150,15 @@ fn a_cut_stream_is_resumed_where_it_stopped() -> Result<()> {
 
 /// A bad range (not increasing, past the end), a wrong token (the token file is read again for each sync), a
 /// stream cut more often than the client resumes, and a server that is down: each sync is a full comparison that
-/// says the tracker failed and why (`changeTrackerError`), reads the whole volume and leaves target == volume.
+/// says the tracker failed and why (`changeTrackerError`), asks that service for no allocation map, reads the whole
+/// volume and leaves target == volume.
 #[test]
 fn a_failing_service_means_a_full_comparison_that_says_why() -> Result<()> {
     let size = 8 * MIB;
     let mut c = Cbt::new(size, 44)?;
     let mut base = c.snapshot()?;
     c.sync(&c.flags(base, None), &[])?;
+    c.server.take_calls();
     let cases: [(&str, Behaviour, &str); 4] = [
         (
             "not increasing",
@@ -199,6 +201,11 @@ fn a_failing_service_means_a_full_comparison_that_says_why() -> Result<()> {
         let out = c.sync(&c.flags(k, Some(base)), &["--cbt-max-results", "1"])?;
         std::fs::write(&c.token, format!("{}\n", super::TOKEN))?;
         expect_tracker_failed(&out, why, size, case);
+        let methods: Vec<&str> = c.server.take_calls().iter().map(|c| c.method).collect();
+        assert!(
+            !methods.contains(&"GetMetadataAllocated"),
+            "{case}: no allocation map is asked of a service whose change list failed: {methods:?}"
+        );
         base = k;
     }
     scribble(&c.p.fx.volume, &scattered(size, 4, 9), 20)?;
