@@ -7,7 +7,8 @@
 //! full comparison. Trusted: the storage provider's diff, as the file change list is trusted (a range it omits
 //! is not read; `--verify-every` bounds that), and that the base snapshot is the image of the source's manifest.
 //! Not trusted: the shape of its answers, checked in [`ranges`] (refused as a whole when wrong). Any failure is
-//! [`Error::Tracker`], and the sync is a full comparison, never a partial one.
+//! [`Error::Tracker`], and the sync is a full comparison, never a partial one; after a failed change list that
+//! comparison gets no allocation map from the same service either (it reads the whole volume).
 //!
 //! The calls run on a current-thread tokio runtime of their own, on a thread of their own: `Tracker::changed`
 //! is synchronous and asked from the source's async code, and a runtime nested in (or blocking) the caller's
