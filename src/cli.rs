@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use blockmover::changes::{ExtentsFile, Tracker};
+use blockmover::changes::{CbtConfig, CsiSnapshotMetadata, ExtentsFile, Tracker};
 use blockmover::chunk::DEFAULT_CHUNK_SIZE;
 use blockmover::delta::{Policy, Verify};
 use blockmover::destination::DestinationConfig;
@@ -235,6 +235,9 @@ pub struct SourceArgs {
     /// Seconds each snapshot hook may run before it is killed (the sync then fails, retryable).
     #[arg(long, default_value_t = 60, value_parser = timeout_secs)]
     pub hook_timeout: u64,
+    /// The change list and allocation map from CSI changed block tracking (boxed: most sources have none).
+    #[command(flatten)]
+    pub cbt: Box<CbtArgs>,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
@@ -247,6 +250,74 @@ pub enum SnapshotArg {
     None,
     /// Clone the file volume with FICLONE.
     Reflink,
+}
+
+/// `source --cbt-*`: CSI changed block tracking (the Kubernetes SnapshotMetadata service, KEP-3314).
+#[derive(Debug, Args)]
+pub struct CbtArgs {
+    /// The SnapshotMetadata gRPC service (the external-snapshot-metadata sidecar), HOST:PORT: the change list
+    /// since --cbt-base-snapshot-id and the allocation map of a full comparison (trusted: see the README's "Source
+    /// kinds: CSI changed block tracking"). One sync per snapshot: not with --schedule.
+    #[arg(long, value_name = "HOST:PORT", value_parser = host_port, conflicts_with_all = ["changed_extents", "schedule"],
+          requires_all = ["cbt_ca", "cbt_token_file", "cbt_namespace", "cbt_snapshot"])]
+    pub cbt_endpoint: Option<String>,
+    /// PEM CA certificate that signs the sidecar's certificate.
+    #[arg(long, value_name = "FILE", requires = "cbt_endpoint")]
+    pub cbt_ca: Option<PathBuf>,
+    /// The service account token, sent as security_token (read again for every sync).
+    #[arg(long, value_name = "FILE", requires = "cbt_endpoint")]
+    pub cbt_token_file: Option<PathBuf>,
+    /// The namespace of the VolumeSnapshots.
+    #[arg(long, value_name = "NS", requires = "cbt_endpoint")]
+    pub cbt_namespace: Option<String>,
+    /// The VolumeSnapshot being synced (--volume is its clone).
+    #[arg(long, value_name = "NAME", requires = "cbt_endpoint")]
+    pub cbt_snapshot: Option<String>,
+    /// The CSI snapshot handle of the snapshot the last sync read: the base of the change list.
+    #[arg(long, value_name = "ID", requires = "cbt_endpoint")]
+    pub cbt_base_snapshot_id: Option<String>,
+    /// The name the sidecar's certificate must carry, when not the endpoint's host (e.g. an IP endpoint).
+    #[arg(long, value_name = "NAME", requires = "cbt_endpoint")]
+    pub cbt_server_name: Option<String>,
+    /// The limit on connecting to the service, on each call's answer and on each message (seconds, at least 1).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = timeout_secs)]
+    pub cbt_timeout: u64,
+    /// Ranges asked per response message (max_results; for testing).
+    #[arg(long, hide = true, default_value_t = blockmover::changes::cbt::DEFAULT_MAX_RESULTS,
+          value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
+    pub cbt_max_results: u32,
+}
+
+impl CbtArgs {
+    /// The tracker, when `--cbt-endpoint` is given (clap has checked the flags it needs).
+    fn tracker(&self) -> Option<Arc<dyn Tracker>> {
+        let endpoint = self.cbt_endpoint.clone()?;
+        Some(Arc::new(CsiSnapshotMetadata::new(CbtConfig {
+            endpoint,
+            ca: self.cbt_ca.clone().unwrap_or_default(),
+            token_file: self.cbt_token_file.clone().unwrap_or_default(),
+            namespace: self.cbt_namespace.clone().unwrap_or_default(),
+            snapshot: self.cbt_snapshot.clone().unwrap_or_default(),
+            base_snapshot_id: self.cbt_base_snapshot_id.clone(),
+            server_name: self.cbt_server_name.clone(),
+            timeout: Duration::from_secs(self.cbt_timeout),
+            max_results: self.cbt_max_results,
+        })))
+    }
+}
+
+/// `HOST:PORT` with a non-empty host and a port number.
+fn host_port(text: &str) -> Result<String, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| "not HOST:PORT".to_owned())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') {
+        return Err("not HOST:PORT".to_owned());
+    }
+    port.parse::<u16>()
+        .map_err(|e| format!("port {port:?}: {e}"))?;
+    Ok(text.to_owned())
 }
 
 /// How `blockmover status` prints.
@@ -359,7 +430,8 @@ impl SourceArgs {
             tracker: self
                 .changed_extents
                 .clone()
-                .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
+                .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>)
+                .or_else(|| self.cbt.tracker()),
             verify: Arc::new(Policy::new(self.common.verify())),
             snapshot,
             bwlimit: self.bwlimit,
@@ -383,6 +455,12 @@ impl SourceArgs {
         if method == Method::Reflink && self.changed_extents.is_some() {
             return Err(blockmover::Error::Config(
                 "--changed-extents and --snapshot reflink both give the change list; choose one"
+                    .into(),
+            ));
+        }
+        if method == Method::Reflink && self.cbt.cbt_endpoint.is_some() {
+            return Err(blockmover::Error::Config(
+                "--cbt-endpoint and --snapshot reflink both give the change list; choose one"
                     .into(),
             ));
         }

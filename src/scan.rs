@@ -93,6 +93,10 @@ fn summarize(
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
     let (offset, len) = geometry.chunk_range(i);
+    // Outside a tracker's allocation map: zeros, and not read (so not in `bytesRead`).
+    if volume.outside_allocation_map(offset, len as u64) {
+        return Ok(zeros.zero_summary(i));
+    }
     let in_map = map.and_then(|(start, m)| {
         let at = usize::try_from(offset - start).ok()?;
         m.get(at..at + len)

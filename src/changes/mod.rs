@@ -6,8 +6,10 @@
 //! ranges. A change list is only as good as its tracker: a range it misses is not read, not compared and not sent
 //! (see "Why a delta sync is safe" in `proto/PROTOCOL.md`, and `--verify-every`, which bounds that).
 
+pub mod cbt;
 mod file;
 
+pub use cbt::{CbtConfig, CsiSnapshotMetadata};
 pub use file::ExtentsFile;
 
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};

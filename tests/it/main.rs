@@ -1,5 +1,6 @@
 //! Integration tests: real `blockmover` agents on loopback with real TLS, sparse files and loop devices.
 mod bench;
+mod cbt;
 mod chaos;
 mod common;
 mod container;
