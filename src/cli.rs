@@ -17,6 +17,7 @@ use blockmover::schedule::Schedule;
 use blockmover::source::{Compression, SourceConfig};
 use blockmover::status::Role;
 use blockmover::tls::Psk;
+use blockmover::volume::Source;
 
 /// Replicate block volumes over TLS, sending only the 4 KiB blocks that changed.
 #[derive(Debug, Parser)]
@@ -196,7 +197,8 @@ pub struct SourceArgs {
     /// Destination address, host:port.
     #[arg(long)]
     pub connect: String,
-    /// The snapshot to send: block device or file.
+    /// The snapshot to send: block device, file, or NBD export (nbd+unix:///EXPORT?socket=PATH,
+    /// nbd://HOST[:PORT]/EXPORT; see the README's "Source kinds").
     #[arg(long)]
     pub volume: PathBuf,
     /// First-level chunk size in bytes (power of two, 4096..=262144).
@@ -213,6 +215,10 @@ pub struct SourceArgs {
     /// reads and hashes only those (a delta by change list; trusted: see the README's "Delta syncs").
     #[arg(long, value_name = "FILE")]
     pub changed_extents: Option<PathBuf>,
+    /// With an NBD volume: take the change list since the last synced image from the export's dirty bitmap NAME
+    /// (`qemu:dirty-bitmap:NAME`; trusted: see the README's "Source kinds").
+    #[arg(long, value_name = "NAME", conflicts_with = "changed_extents")]
+    pub dirty_bitmap: Option<String>,
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
     #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
     pub manual: Option<String>,
@@ -310,12 +316,24 @@ impl SourceArgs {
     /// The validated configuration.
     pub fn config(&self) -> blockmover::Result<SourceConfig> {
         blockmover::chunk::Geometry::new(0, self.chunk_size).map_err(blockmover::Error::Config)?;
-        if let Some(status) = &self.common.status {
-            refuse_same(status, "status file", &self.volume, "volume")?;
+        let volume = match (self.source()?, &self.dirty_bitmap) {
+            (Source::Nbd { address, .. }, Some(b)) if !b.is_empty() => Source::Nbd {
+                address,
+                dirty_bitmap: Some(b.clone()),
+            },
+            (_, Some(_)) => {
+                return Err(blockmover::Error::Config(
+                    "--dirty-bitmap needs an NBD volume (--volume nbd+unix:///EXPORT?socket=PATH) and a name".into(),
+                ))
+            }
+            (v, None) => v,
+        };
+        if let (Some(status), Some(path)) = (&self.common.status, volume.file()) {
+            refuse_same(status, "status file", path, "volume")?;
         }
         Ok(SourceConfig {
             connect: self.connect.clone(),
-            volume: self.volume.clone(),
+            volume,
             psk: Psk::load(&self.common.psk)?,
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
@@ -325,13 +343,28 @@ impl SourceArgs {
                 CompressArg::Never => Compression::Never,
             },
             timeouts: self.common.timeouts(),
-            identity: self.common.identity(&self.volume),
+            identity: self.common.identity(&self.label_device()?),
             state: self.common.state(self.common.schedule.is_some())?,
             tracker: self
                 .changed_extents
                 .clone()
                 .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
             verify: Arc::new(Policy::new(self.common.verify())),
+        })
+    }
+}
+
+impl SourceArgs {
+    /// What `--volume` names: a file or device, or an NBD export.
+    fn source(&self) -> blockmover::Result<Source> {
+        Source::parse(self.volume.as_os_str())
+    }
+
+    /// What names the source by default (`--name` unset): the volume's path, or an NBD export's URI.
+    pub fn label_device(&self) -> blockmover::Result<PathBuf> {
+        Ok(match self.source()? {
+            Source::File(p) => p,
+            Source::Nbd { address, .. } => PathBuf::from(address.uri().replace('/', "_")),
         })
     }
 }

@@ -55,8 +55,8 @@ const ABORT_LOOKOUT: Duration = Duration::from_secs(1);
 pub struct SourceConfig {
     /// Destination address (`host:port`).
     pub connect: String,
-    /// The snapshot: block device or file.
-    pub volume: PathBuf,
+    /// The snapshot: block device, file, or NBD export (with its dirty bitmap, if any).
+    pub volume: crate::volume::Source,
     /// The pre-shared key.
     pub psk: Psk,
     /// First-level chunk size.
@@ -72,7 +72,8 @@ pub struct SourceConfig {
     pub identity: String,
     /// Where manifests are kept between syncs (a state directory, memory, or nowhere).
     pub state: Arc<Store>,
-    /// Where the change list since the last sync comes from, if anywhere.
+    /// Where the change list since the last sync comes from, if anywhere (an NBD volume with a dirty bitmap
+    /// brings its own: [`crate::volume::Volume::nbd_tracker`]).
     pub tracker: Option<Arc<dyn Tracker>>,
     /// When to compare in full although a delta is possible (shared by the syncs of a schedule).
     pub verify: Arc<Policy>,
@@ -154,21 +155,31 @@ pub async fn sync_recorded(
 
 /// Runs one sync of `config.volume` to the destination; `figures` fills as it goes.
 pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
-    let volume = Arc::new(Volume::open_source(&config.volume)?);
+    let t = config.timeouts;
+    let volume = Arc::new(Volume::open(&config.volume, t.connect, t.idle)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
+    // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from
+    // base:allocation (always, for full comparisons that do not verify).
+    let nbd = volume.nbd_tracker();
+    let tracker: Option<Arc<dyn Tracker>> = config.tracker.clone().or_else(|| {
+        let t = nbd.clone().filter(|t| t.bitmap().is_some())?;
+        Some(t as Arc<dyn Tracker>)
+    });
+    let allocation: Option<Arc<dyn Tracker>> = tracker
+        .clone()
+        .or_else(|| nbd.map(|t| t as Arc<dyn Tracker>));
     let plan = plan::Plan::prepare(
         config.state.clone(),
-        config.tracker.as_deref(),
+        tracker.as_deref(),
         &config.verify,
         &config.identity,
         geometry,
     )?;
-    if let Some(tracker) = &config.tracker {
+    if let Some(tracker) = &tracker {
         let failure = plan.tracker_failure().map(str::to_owned);
         figures.set_tracker(tracker.describe(), failure);
     }
-    let t = config.timeouts;
 
     let tcp = within("connect", t.connect, async {
         TcpStream::connect(&config.connect)
@@ -181,7 +192,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     .await?;
     let _ = tcp.set_nodelay(true);
     let peer: Option<SocketAddr> = tcp.peer_addr().ok();
-    tracing::info!(?peer, volume = %config.volume.display(), size = geometry.volume_size(), "connected");
+    tracing::info!(?peer, volume = %config.volume, size = geometry.volume_size(), "connected");
     let stream = crate::net::socket(tcp, figures.wire.clone());
     let tls = within("tls handshake", t.handshake, async {
         tls::connector()?
@@ -224,7 +235,7 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
 
     let announcer = abort_on_error(&mut writer, plan.settle(kind)).await?;
     figures.set_kind(kind, reason);
-    if let (SyncKind::Full, Some(tracker)) = (kind, &config.tracker) {
+    if let (SyncKind::Full, Some(tracker)) = (kind, &allocation) {
         use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
     }
     match kind {
