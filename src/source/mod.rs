@@ -156,7 +156,10 @@ pub async fn sync_recorded(
 /// Runs one sync of `config.volume` to the destination; `figures` fills as it goes.
 pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
     let t = config.timeouts;
-    let volume = Arc::new(Volume::open(&config.volume, t.connect, t.idle)?);
+    // An NBD reply is waited for half the idle timeout: a frozen export is reported as such, before the
+    // destination's silence (it waits for the digests the frozen export holds up) is.
+    let nbd_wait = (t.idle / 2).max(Duration::from_secs(1));
+    let volume = Arc::new(Volume::open(&config.volume, t.connect, nbd_wait)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
     // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from

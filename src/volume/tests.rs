@@ -1,6 +1,7 @@
 //! Tests of volumes on files (NBD exports are tested against qemu-nbd in `tests/it/nbd/`).
 
 use super::*;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 #[test]
 fn an_allocation_map_makes_everything_outside_it_a_hole() -> anyhow::Result<()> {

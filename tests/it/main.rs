@@ -11,6 +11,7 @@ mod hardening;
 mod hostile;
 mod local;
 mod loopdev;
+mod nbd;
 mod pressure;
 mod resume;
 mod schedule;

@@ -1,0 +1,73 @@
+//! An export that goes away (`kill -9 qemu-nbd`) or freezes (`SIGSTOP`) during a sync: the source exits 75
+//! (retryable) with one error line naming the export, its status is Failed, and the destination does not report
+//! the target synced.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::{qemu_tools, Image, Watched, MIB};
+use crate::common::{
+    error_line, expect_failed, read_status, result_of, signal, Destination, AGENT_TIMEOUT,
+};
+use crate::schema::Kind;
+
+/// Starts a sync of a 256 MiB fully written image, waits until its scan starts, then does `act` to the export.
+fn interrupted(
+    act: &str,
+    source_flags: &[&str],
+) -> Result<Option<(Option<i32>, Duration, String, Image)>> {
+    if !qemu_tools() {
+        return Ok(None);
+    }
+    let mut img = Image::new(256 * MIB)?;
+    img.write(&[(0x11, 0, 128 * MIB), (0x22, 128 * MIB, 128 * MIB)])?;
+    img.serve(None)?;
+    let mut destination = Destination::spawn(&img.target, &img.psk, &img.destination_status, &[])?;
+    let mut source = Watched::source(destination.addr, &img.uri(), &img, source_flags)?;
+    source.wait_for("full comparison:", AGENT_TIMEOUT)?;
+    signal(act, img.server_pid()?)?;
+    let (code, waited, log) = source.finish(AGENT_TIMEOUT)?;
+    let _ = destination.wait(AGENT_TIMEOUT)?;
+    Ok(Some((code, waited, log, img)))
+}
+
+fn expect_retryable_failure(code: Option<i32>, log: &str, img: &Image) -> Result<()> {
+    assert_eq!(code, Some(75), "{log}");
+    let line = error_line(log);
+    assert!(
+        line.contains(&format!("nbd export {}", img.uri())),
+        "{line}\n{log}"
+    );
+    assert_eq!(
+        log.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
+        "{log}"
+    );
+    expect_failed(&img.source_status, Kind::Source)?;
+    if img.destination_status.exists() {
+        let destination = read_status(&img.destination_status)?;
+        assert_ne!(result_of(&destination), "Successful", "{destination:#}");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_export_killed_during_a_sync_fails_the_source_retryably() -> Result<()> {
+    let Some((code, _, log, img)) = interrupted("KILL", &[])? else {
+        return Ok(());
+    };
+    expect_retryable_failure(code, &log, &img)?;
+    Ok(())
+}
+
+#[test]
+fn a_frozen_export_fails_the_source_within_its_timeout() -> Result<()> {
+    let Some((code, waited, log, img)) = interrupted("STOP", &["--idle-timeout", "3"])? else {
+        return Ok(());
+    };
+    expect_retryable_failure(code, &log, &img)?;
+    assert!(error_line(&log).contains("frozen"), "{log}");
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    Ok(())
+}
