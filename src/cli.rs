@@ -333,6 +333,7 @@ impl SourceArgs {
         }
         Ok(SourceConfig {
             connect: self.connect.clone(),
+            identity: self.identity(&volume),
             volume,
             psk: Psk::load(&self.common.psk)?,
             chunk_size: self.chunk_size,
@@ -343,7 +344,6 @@ impl SourceArgs {
                 CompressArg::Never => Compression::Never,
             },
             timeouts: self.common.timeouts(),
-            identity: self.common.identity(&self.label_device()?),
             state: self.common.state(self.common.schedule.is_some())?,
             tracker: self
                 .changed_extents
@@ -360,12 +360,22 @@ impl SourceArgs {
         Source::parse(self.volume.as_os_str())
     }
 
-    /// What names the source by default (`--name` unset): the volume's path, or an NBD export's URI.
+    /// What names the source's metrics by default (`--name` unset): the volume's path, or an NBD export's name.
     pub fn label_device(&self) -> blockmover::Result<PathBuf> {
         Ok(match self.source()? {
             Source::File(p) => p,
-            Source::Nbd { address, .. } => PathBuf::from(address.uri().replace('/', "_")),
+            Source::Nbd { address, .. } if address.export.is_empty() => PathBuf::from("nbd"),
+            Source::Nbd { address, .. } => PathBuf::from(address.export),
         })
+    }
+
+    /// `namespace/name` (HELLO, the manifest's identity); without `--name`, an NBD source is named by its URI.
+    fn identity(&self, volume: &Source) -> String {
+        match (volume, &self.common.name) {
+            (Source::Nbd { address, .. }, None) => format!("{}/{address}", self.common.namespace),
+            (Source::File(p), _) => self.common.identity(p),
+            (Source::Nbd { .. }, Some(_)) => self.common.identity(Path::new("")),
+        }
     }
 }
 

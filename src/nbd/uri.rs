@@ -92,10 +92,9 @@ impl Address {
         {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value = decode(value).map_err(|e| format!("{text}: query {key}: {e}"))?;
-            match key {
-                "socket" => socket = Some(value),
-                // doc/uri.md: unknown query parameters are ignored; the TLS ones only matter for nbds.
-                _ => {}
+            // doc/uri.md: unknown query parameters are ignored; the TLS ones only matter for nbds.
+            if key == "socket" {
+                socket = Some(value);
             }
         }
         let transport = if unix {

@@ -12,11 +12,11 @@ use crate::common::{
 };
 use crate::schema::Kind;
 
+/// How an interrupted sync ended: the source's exit code, how long it took to exit after the signal, its log.
+type Interrupted = (Option<i32>, Duration, String, Image);
+
 /// Starts a sync of a 256 MiB fully written image, waits until its scan starts, then does `act` to the export.
-fn interrupted(
-    act: &str,
-    source_flags: &[&str],
-) -> Result<Option<(Option<i32>, Duration, String, Image)>> {
+fn interrupted(act: &str, source_flags: &[&str]) -> Result<Option<Interrupted>> {
     if !qemu_tools() {
         return Ok(None);
     }
