@@ -16,6 +16,7 @@
 pub mod client;
 pub mod handshake;
 pub mod reply;
+mod stream;
 pub mod uri;
 
 pub use client::{Client, Options};
@@ -31,3 +32,6 @@ pub const STATE_HOLE: u32 = 1;
 pub const STATE_ZERO: u32 = 2;
 /// Bit 0 in `qemu:dirty-bitmap:NAME`: the range was written while the bitmap was recording.
 pub const STATE_DIRTY: u32 = 1;
+
+#[cfg(test)]
+mod tests;
