@@ -60,8 +60,8 @@ enum Event {
         message: String,
     },
     Done,
-    /// The connection is gone (the reason).
-    Gone(String),
+    /// The connection is gone: why, and whether a retry may help.
+    Gone(String, bool),
 }
 
 /// A caller waiting on a cookie.
@@ -74,8 +74,8 @@ struct Waiter {
 #[derive(Default)]
 struct State {
     waiters: HashMap<u64, Waiter>,
-    /// Why the connection is gone, once it is.
-    gone: Option<String>,
+    /// Why the connection is gone, once it is, and whether a retry may help (not after a protocol violation).
+    gone: Option<(String, bool)>,
 }
 
 #[derive(Default)]
@@ -89,11 +89,11 @@ impl Shared {
     }
 
     /// Marks the connection gone and fails every waiting caller.
-    fn fail_all(&self, reason: String) {
+    fn fail_all(&self, reason: String, retryable: bool) {
         let mut st = self.lock();
-        let reason = st.gone.get_or_insert(reason).clone();
+        let (reason, retryable) = st.gone.get_or_insert((reason, retryable)).clone();
         for (_, w) in st.waiters.drain() {
-            let _ = w.tx.send(Event::Gone(reason.clone()));
+            let _ = w.tx.send(Event::Gone(reason.clone(), retryable));
         }
     }
 }
@@ -180,7 +180,8 @@ impl Client {
             .name("nbd-reader".into())
             .spawn(move || {
                 let reason = read_replies(reader, &thread_shared);
-                thread_shared.fail_all(reason);
+                let (reason, retryable) = reason;
+                thread_shared.fail_all(reason, retryable);
             })
             .map_err(|e| err(format!("cannot start the reader thread: {e}"), false))?;
         tracing::info!(
@@ -232,8 +233,8 @@ impl Client {
     }
 
     /// Shuts the connection down: every waiting and later request fails with `reason`.
-    fn kill(&self, reason: String) {
-        self.shared.fail_all(reason);
+    fn kill(&self, reason: String, retryable: bool) {
+        self.shared.fail_all(reason, retryable);
         self.control.shutdown();
     }
 
@@ -243,8 +244,8 @@ impl Client {
         let (tx, rx) = mpsc::channel();
         {
             let mut st = self.shared.lock();
-            if let Some(reason) = &st.gone {
-                return Err(self.error(reason.clone(), true));
+            if let Some((reason, retryable)) = &st.gone {
+                return Err(self.error(reason.clone(), *retryable));
             }
             let read = (cmd == CMD_READ).then_some((offset, length));
             st.waiters.insert(cookie, Waiter { tx, read });
@@ -267,7 +268,7 @@ impl Client {
                 ),
                 _ => format!("the connection failed: {e}"),
             };
-            self.kill(reason.clone());
+            self.kill(reason.clone(), true);
             return Err(self.error(reason, true));
         }
         Ok(rx)
@@ -276,7 +277,7 @@ impl Client {
     /// The next event of a reply, within the timeout.
     fn next(&self, rx: &Receiver<Event>, what: &dyn Fn() -> String) -> Result<Event> {
         match rx.recv_timeout(self.timeout) {
-            Ok(Event::Gone(reason)) => Err(self.error(reason, true)),
+            Ok(Event::Gone(reason, retryable)) => Err(self.error(reason, retryable)),
             Ok(event) => Ok(event),
             Err(RecvTimeoutError::Timeout) => {
                 let reason = format!(
@@ -284,22 +285,21 @@ impl Client {
                     what(),
                     self.timeout.as_secs()
                 );
-                self.kill(reason.clone());
+                self.kill(reason.clone(), true);
                 Err(self.error(reason, true))
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let reason = self.shared.lock().gone.clone();
-                Err(self.error(
-                    reason.unwrap_or_else(|| "the connection is closed".into()),
-                    true,
-                ))
+                let gone = self.shared.lock().gone.clone();
+                let (reason, retryable) =
+                    gone.unwrap_or_else(|| ("the connection is closed".into(), true));
+                Err(self.error(reason, retryable))
             }
         }
     }
 
     /// A reply that breaks the protocol: the connection cannot be trusted any more.
     fn violation(&self, reason: String) -> Error {
-        self.kill(format!("the server broke the protocol: {reason}"));
+        self.kill(format!("the server broke the protocol: {reason}"), false);
         self.error(format!("the server broke the protocol: {reason}"), false)
     }
 
@@ -362,7 +362,7 @@ impl Client {
                     return Err(self.violation("block status in a read reply".into()))
                 }
                 Event::Done => break,
-                Event::Gone(reason) => return Err(self.error(reason, true)),
+                Event::Gone(reason, retryable) => return Err(self.error(reason, retryable)),
             }
         }
         if let Some((code, message)) = failure {
@@ -416,7 +416,7 @@ impl Client {
                     return Err(self.violation("read data in a block status reply".into()))
                 }
                 Event::Done => break,
-                Event::Gone(reason) => return Err(self.error(reason, true)),
+                Event::Gone(reason, retryable) => return Err(self.error(reason, retryable)),
             }
         }
         if let Some((code, message)) = failure {
@@ -454,28 +454,39 @@ impl Drop for Client {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             let _ = w.write_all(&msg);
         }
-        self.shared.fail_all("the client disconnected".into());
+        self.shared.fail_all("the client disconnected".into(), true);
         self.control.shutdown();
     }
 }
 
 /// The reader thread: reads replies until the connection ends, handing each to its waiter; returns why it ended.
-fn read_replies(mut s: Stream, shared: &Shared) -> String {
+/// Why the reader ended: a connection that failed (retryable) or a server that broke the protocol (not).
+enum Ended {
+    Io(String),
+    Violation(String),
+}
+
+fn read_replies(mut s: Stream, shared: &Shared) -> (String, bool) {
     match read_loop(&mut s, shared) {
         Ok(never) => match never {},
-        Err(reason) => reason,
+        Err(Ended::Io(reason)) => (reason, true),
+        Err(Ended::Violation(reason)) => {
+            (format!("the server broke the protocol: {reason}"), false)
+        }
     }
 }
 
 fn read_loop(
     s: &mut Stream,
     shared: &Shared,
-) -> std::result::Result<std::convert::Infallible, String> {
-    let io = |e: io::Error| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_owned(),
-        _ => format!("the connection failed: {e}"),
+) -> std::result::Result<std::convert::Infallible, Ended> {
+    let io = |e: io::Error| {
+        Ended::Io(match e.kind() {
+            io::ErrorKind::UnexpectedEof => "the server closed the connection".to_owned(),
+            _ => format!("the connection failed: {e}"),
+        })
     };
-    let violation = |e: reply::ReplyError| format!("the server broke the protocol: {e}");
+    let violation = |e: reply::ReplyError| Ended::Violation(e.0);
     loop {
         let mut head = [0u8; reply::STRUCTURED_HEADER];
         s.read_exact(&mut head[..4]).map_err(io)?;
@@ -485,9 +496,9 @@ fn read_loop(
             Header::Simple { error, cookie } => {
                 let waiter = shared.lock().waiters.remove(&cookie);
                 let Some(waiter) = waiter else {
-                    return Err(format!(
-                        "the server broke the protocol: a reply to unknown cookie {cookie}"
-                    ));
+                    return Err(Ended::Violation(format!(
+                        "a reply to unknown cookie {cookie}"
+                    )));
                 };
                 if error != 0 {
                     let _ = waiter.tx.send(Event::Error {
@@ -545,9 +556,9 @@ fn read_loop(
                 };
                 drop(st);
                 let Some(tx) = tx else {
-                    return Err(format!(
-                        "the server broke the protocol: a reply to unknown cookie {cookie}"
-                    ));
+                    return Err(Ended::Violation(format!(
+                        "a reply to unknown cookie {cookie}"
+                    )));
                 };
                 if let Some(event) = event {
                     let _ = tx.send(event);

@@ -350,10 +350,14 @@ fn claimed_lengths_are_refused_before_anything_is_allocated() -> anyhow::Result<
         e.to_string().contains("broke the protocol") && e.to_string().contains("more than"),
         "{e}"
     );
+    assert!(!e.is_retryable(), "a protocol violation is permanent: {e}");
     let e = client
         .read_at(&mut buf, 0)
         .expect_err("the connection is gone");
-    assert!(e.is_retryable(), "{e}");
+    assert!(
+        e.to_string().contains("broke the protocol") && !e.is_retryable(),
+        "{e}"
+    );
     Ok(())
 }
 

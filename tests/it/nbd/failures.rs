@@ -71,3 +71,60 @@ fn a_frozen_export_fails_the_source_within_its_timeout() -> Result<()> {
     assert!(waited < Duration::from_secs(30), "took {waited:?}");
     Ok(())
 }
+
+#[test]
+fn a_bad_nbd_uri_or_a_bitmap_without_an_nbd_volume_is_refused_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let psk = crate::common::keygen(dir.path())?;
+    let volume = dir.path().join("v.img");
+    crate::common::sparse_file(&volume, MIB)?;
+    let (psk, volume) = (psk.to_string_lossy(), volume.to_string_lossy());
+    for (vol, extra, says) in [
+        ("nbd+unix:///disk", &[][..], "needs ?socket=PATH"),
+        ("nbds://host/disk", &[][..], "TLS (nbds) is not supported"),
+        (
+            &*volume,
+            &["--dirty-bitmap", "b0"][..],
+            "--dirty-bitmap needs an NBD volume",
+        ),
+    ] {
+        let mut args = vec![
+            "source",
+            "--connect",
+            "127.0.0.1:9",
+            "--volume",
+            vol,
+            "--psk",
+            &psk,
+        ];
+        args.extend_from_slice(extra);
+        let out = crate::common::run_bin(&args, AGENT_TIMEOUT)?;
+        assert_eq!(out.code(), Some(1), "{vol} {extra:?}: {}", out.stderr);
+        assert!(out.error_line().contains(says), "{}", out.stderr);
+    }
+    // A socket nobody serves: retryable (the export may come back).
+    let missing = format!(
+        "nbd+unix:///disk?socket={}/absent.sock",
+        dir.path().display()
+    );
+    let out = crate::common::run_bin(
+        &[
+            "source",
+            "--connect",
+            "127.0.0.1:9",
+            "--volume",
+            &missing,
+            "--psk",
+            &psk,
+        ],
+        AGENT_TIMEOUT,
+    )?;
+    assert_eq!(out.code(), Some(75), "{}", out.stderr);
+    assert!(
+        out.error_line()
+            .contains(&format!("nbd export {missing}: cannot connect")),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
