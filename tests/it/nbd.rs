@@ -74,6 +74,8 @@ pub struct Image {
     pub sb: String,
     pub size: u64,
     server: Option<Child>,
+    /// Served on TCP 127.0.0.1:PORT instead of the Unix socket.
+    tcp: Option<u16>,
 }
 
 impl Image {
@@ -100,6 +102,7 @@ impl Image {
             qcow2,
             size,
             server: None,
+            tcp: None,
             dir,
         })
     }
@@ -133,8 +136,11 @@ impl Image {
         ensure!(self.server.is_none(), "already served");
         let _ = std::fs::remove_file(&self.socket);
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-r", "-t", "--format", "qcow2", "-x", EXPORT, "-k"])
-            .arg(&self.socket);
+        cmd.args(["-r", "-t", "--format", "qcow2", "-x", EXPORT]);
+        match self.tcp {
+            Some(port) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
+            None => cmd.arg("-k").arg(&self.socket),
+        };
         if let Some(b) = bitmap {
             cmd.args(["-B", b]);
         }
@@ -146,10 +152,23 @@ impl Image {
             .spawn()
             .context("spawn qemu-nbd")?;
         self.server = Some(child);
-        let socket = self.socket.clone();
+        let (socket, tcp) = (self.socket.clone(), self.tcp);
         wait_until("qemu-nbd listening", Duration::from_secs(20), || {
-            Ok(socket.exists())
+            Ok(match tcp {
+                // A probe connection: -t serves the next client after it.
+                Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                None => socket.exists(),
+            })
         })
+    }
+
+    /// From now on, serve on TCP at a free loopback port (`nbd://127.0.0.1:PORT/disk`).
+    pub fn use_tcp(&mut self) -> Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        self.tcp = Some(port);
+        Ok(())
     }
 
     /// The pid of the running qemu-nbd.
@@ -167,8 +186,11 @@ impl Image {
         Ok(())
     }
 
-    /// `nbd+unix:///disk?socket=PATH`.
+    /// `nbd+unix:///disk?socket=PATH`, or `nbd://127.0.0.1:PORT/disk` on TCP.
     pub fn uri(&self) -> String {
+        if let Some(port) = self.tcp {
+            return format!("nbd://127.0.0.1:{port}/{EXPORT}");
+        }
         format!("nbd+unix:///{EXPORT}?socket={}", self.socket.display())
     }
 

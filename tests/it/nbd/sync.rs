@@ -99,3 +99,29 @@ fn a_bitmap_the_export_lacks_falls_back_to_a_full_comparison() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_tcp_export_syncs_and_deltas_like_a_unix_one() -> Result<()> {
+    if !qemu_tools() {
+        return Ok(());
+    }
+    let mut img = Image::new(8 * MIB)?;
+    img.use_tcp()?;
+    img.write(&[(0x61, 0, MIB), (0x62, 7 * MIB, 4096)])?;
+    img.serve(Some("b0"))?;
+    let first = img.sync(&["--dirty-bitmap", "b0"])?;
+    first.expect_full(crate::delta::SOURCE_NO_MANIFEST);
+    assert!(
+        first.source_log.contains("nbd://127.0.0.1:"),
+        "{}",
+        first.source_log
+    );
+    img.stop()?;
+    img.bitmap("--clear", "b0")?;
+    img.write(&[(0x63, 3 * MIB, 4096)])?;
+    img.serve(Some("b0"))?;
+    let delta = img.sync(&["--dirty-bitmap", "b0"])?;
+    delta.expect_delta("delta-changelist");
+    assert_eq!(delta.src("bytesRead"), CHUNK, "{}", delta.describe());
+    Ok(())
+}
