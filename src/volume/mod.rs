@@ -334,6 +334,12 @@ impl Volume {
         Some(map.get(i).is_none_or(|(o, _)| *o >= end))
     }
 
+    /// Whether `[offset, offset + len)` lies outside the allocation map (false without one): it reads as zeros
+    /// without being read.
+    pub fn outside_allocation(&self, offset: u64, len: u64) -> bool {
+        self.unallocated(offset, len) == Some(true)
+    }
+
     /// Whether `[offset, offset + len)` is one hole of a sparse file or outside the allocation map (never for a
     /// block device without one).
     pub fn is_hole(&self, offset: u64, len: u64) -> bool {

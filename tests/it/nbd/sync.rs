@@ -38,6 +38,12 @@ fn a_first_sync_skips_unallocated_ranges_and_a_delta_reads_only_the_dirty_chunks
         first.source_log
     );
     assert_eq!(first.dst("chunksChanged"), allocated / CHUNK);
+    assert_eq!(
+        first.src("bytesRead"),
+        allocated,
+        "the scan read the allocated chunks only: {}",
+        first.describe()
+    );
 
     // Writes while the export is stopped: the bitmap, cleared at the last sync, records them.
     img.stop()?;
