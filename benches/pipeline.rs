@@ -50,6 +50,8 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         state: Arc::new(Store::none()),
         tracker: None,
         verify: Default::default(),
+        snapshot: Default::default(),
+        bwlimit: None,
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

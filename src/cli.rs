@@ -14,6 +14,7 @@ use blockmover::manifest::Store;
 use blockmover::metrics::Labels;
 use blockmover::net::Timeouts;
 use blockmover::schedule::Schedule;
+use blockmover::snapshot::{Hooks, Method, SnapshotConfig};
 use blockmover::source::{Compression, SourceConfig};
 use blockmover::status::Role;
 use blockmover::tls::Psk;
@@ -222,9 +223,36 @@ pub struct SourceArgs {
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
     #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
     pub manual: Option<String>,
+    /// How the point-in-time copy is taken: none (the volume is one already: a CSI snapshot's clone, an NBD
+    /// export of a backup job), or reflink (a FICLONE clone of a file volume on XFS or btrfs, removed after the
+    /// sync; with --state-dir the last synced clone is kept and the next change list comes from the extent maps).
+    #[arg(long, value_enum, default_value_t = SnapshotArg::None)]
+    pub snapshot: SnapshotArg,
+    /// A command run (sh -c) before the copy is taken, e.g. `fsfreeze --freeze /mnt`; its failure fails the sync.
+    #[arg(long, value_name = "CMD")]
+    pub pre_snapshot: Option<String>,
+    /// A command run after the copy is taken, whenever the pre-snapshot command ran (e.g. the thaw).
+    #[arg(long, value_name = "CMD")]
+    pub post_snapshot: Option<String>,
+    /// At most this many bytes per second on the wire (TLS included), e.g. 50M, 800KB: K, M, G are powers of
+    /// 1024 and KB, MB, GB powers of 1000; a bare number is bytes. At least 64K.
+    #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
+    pub bwlimit: Option<u64>,
+    /// Seconds each snapshot hook may run before it is killed (the sync then fails, retryable).
+    #[arg(long, default_value_t = 60, value_parser = timeout_secs)]
+    pub hook_timeout: u64,
     /// Shared flags.
     #[command(flatten)]
     pub common: Common,
+}
+
+/// `--snapshot` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SnapshotArg {
+    /// Read the volume as it is.
+    None,
+    /// Clone the file volume with FICLONE.
+    Reflink,
 }
 
 /// How `blockmover status` prints.
@@ -331,6 +359,7 @@ impl SourceArgs {
         if let (Some(status), Some(path)) = (&self.common.status, volume.file()) {
             refuse_same(status, "status file", path, "volume")?;
         }
+        let snapshot = self.snapshot()?;
         Ok(SourceConfig {
             connect: self.connect.clone(),
             identity: self.identity(&volume),
@@ -350,6 +379,44 @@ impl SourceArgs {
                 .clone()
                 .map(|p| Arc::new(ExtentsFile::new(p)) as Arc<dyn Tracker>),
             verify: Arc::new(Policy::new(self.common.verify())),
+            snapshot,
+            bwlimit: self.bwlimit,
+        })
+    }
+
+    /// `--snapshot` and its hooks.
+    fn snapshot(&self) -> blockmover::Result<SnapshotConfig> {
+        let method = match self.snapshot {
+            SnapshotArg::None => Method::None,
+            SnapshotArg::Reflink => Method::Reflink,
+        };
+        let hooked = self.pre_snapshot.is_some() || self.post_snapshot.is_some();
+        if hooked && method == Method::None {
+            return Err(blockmover::Error::Config(
+                "--pre-snapshot and --post-snapshot run around the copy that --snapshot takes; without \
+                 --snapshot blockmover takes none"
+                    .into(),
+            ));
+        }
+        if method == Method::Reflink && Source::parse(self.volume.as_os_str())?.file().is_none() {
+            return Err(blockmover::Error::Config(
+                "--snapshot reflink clones a file volume; an NBD export is a point-in-time copy already".into(),
+            ));
+        }
+        if method == Method::Reflink && self.changed_extents.is_some() {
+            return Err(blockmover::Error::Config(
+                "--changed-extents and --snapshot reflink both give the change list; choose one"
+                    .into(),
+            ));
+        }
+        Ok(SnapshotConfig {
+            method,
+            hooks: Hooks {
+                pre: self.pre_snapshot.clone(),
+                post: self.post_snapshot.clone(),
+                timeout: std::time::Duration::from_secs(self.hook_timeout),
+            },
+            keep_base: self.common.state_dir.is_some() || self.common.schedule.is_some(),
         })
     }
 }

@@ -153,6 +153,8 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         state: Arc::new(Store::none()),
         tracker: None,
         verify: Default::default(),
+        snapshot: Default::default(),
+        bwlimit: None,
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -104,6 +104,19 @@ pub enum Error {
         /// Whether a retry may help.
         retryable: bool,
     },
+    /// A quiesce hook (`--pre-snapshot`, `--post-snapshot`) failed or ran over its timeout.
+    #[error("{which} hook failed: {reason}")]
+    Hook {
+        /// `pre-snapshot` or `post-snapshot`.
+        which: &'static str,
+        /// Its exit status and last stderr line, or why it could not run.
+        reason: String,
+        /// It timed out or exited 75.
+        retryable: bool,
+    },
+    /// The point-in-time copy (`--snapshot`) could not be taken.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// The state directory (`--state-dir`) cannot be used.
     #[error("state: {0}")]
     State(String),
@@ -236,6 +249,7 @@ impl Error {
             | Error::TargetInUse { .. } => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
             Error::Nbd { retryable, .. } => *retryable,
+            Error::Hook { retryable, .. } => *retryable,
             // A full disk, a read-only or failing device stay that way until someone acts.
             Error::Io { source, .. } => matches!(
                 source.kind(),
@@ -268,6 +282,8 @@ impl Error {
             Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
             Error::Config(_)
             | Error::ChangeList { .. }
+            | Error::Hook { .. }
+            | Error::Snapshot(_)
             | Error::Key { .. }
             | Error::TlsSetup(_)
             | Error::TargetMounted { .. } => AbortCode::Config,

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::codec::{AbortCode, FrameReader, FrameWriter, Message};
 use crate::error::{Error, Result};
+use crate::ratelimit::Bucket;
 use crate::tls::{Psk, Side};
 
 /// Limits of the network phases.
@@ -71,19 +72,62 @@ pub type Socket<S> = tokio::io::BufReader<Counted<S>>;
 
 /// Wraps a connected socket for TLS: see [`Socket`].
 pub fn socket<S: AsyncRead + Unpin>(inner: S, counters: Arc<WireCounters>) -> Socket<S> {
-    tokio::io::BufReader::with_capacity(SOCKET_READ_AHEAD, Counted::new(inner, counters))
+    socket_limited(inner, counters, None)
 }
 
-/// A stream that counts the bytes read and written through it.
+/// [`socket`], writing at most `rate` bytes per second when given (`source --bwlimit`).
+pub fn socket_limited<S: AsyncRead + Unpin>(
+    inner: S,
+    counters: Arc<WireCounters>,
+    rate: Option<u64>,
+) -> Socket<S> {
+    let mut counted = Counted::new(inner, counters);
+    counted.limit = rate.map(|r| Limit {
+        bucket: Bucket::new(r),
+        sleep: None,
+    });
+    tokio::io::BufReader::with_capacity(SOCKET_READ_AHEAD, counted)
+}
+
+/// A stream that counts the bytes read and written through it, and may limit the rate it writes at.
 pub struct Counted<S> {
     inner: S,
     counters: Arc<WireCounters>,
+    limit: Option<Limit>,
+}
+
+/// A write rate limit and the timer a write waits on for tokens.
+struct Limit {
+    bucket: Bucket,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Limit {
+    /// How many of `want` bytes may be written now; pending (with the timer armed) until any may.
+    fn poll_allowed(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<usize> {
+        loop {
+            if let Some(sleep) = &mut self.sleep {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.sleep = None;
+            }
+            match self.bucket.take(want, std::time::Instant::now()) {
+                Ok(n) => return Poll::Ready(n),
+                Err(wait) => self.sleep = Some(Box::pin(tokio::time::sleep(wait))),
+            }
+        }
+    }
 }
 
 impl<S> Counted<S> {
     /// Wraps `inner`, adding to `counters`.
     pub fn new(inner: S, counters: Arc<WireCounters>) -> Self {
-        Counted { inner, counters }
+        Counted {
+            inner,
+            counters,
+            limit: None,
+        }
     }
 }
 
@@ -107,9 +151,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        let this = &mut *self;
+        let allowed = match &mut this.limit {
+            Some(limit) if !buf.is_empty() => match limit.poll_allowed(cx, buf.len()) {
+                Poll::Ready(n) => n,
+                Poll::Pending => return Poll::Pending,
+            },
+            _ => buf.len(),
+        };
+        let r = Pin::new(&mut this.inner).poll_write(cx, &buf[..allowed]);
         if let Poll::Ready(Ok(n)) = &r {
-            self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            this.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);
+            if let Some(limit) = &mut this.limit {
+                limit.bucket.spend(*n);
+            }
         }
         r
     }
@@ -121,6 +176,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.limit.is_some() {
+            // Limited: one slice at a time, as much of it as the bucket allows.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.poll_write(cx, first);
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {
             self.counters.sent.fetch_add(*n as u64, Ordering::Relaxed);

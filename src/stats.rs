@@ -48,6 +48,10 @@ pub struct Figures {
     /// Destination: target chunks that did not hold what the destination's manifest said (written by something
     /// else, or a stale manifest); a full comparison repairs them.
     pub target_drift: AtomicU64,
+    /// Source: `--bwlimit` in bytes per second (0: none).
+    pub rate_limit: AtomicU64,
+    /// Bytes per second sent on the wire from connect to the end of the session (set when it ends).
+    pub wire_send_rate: AtomicU64,
     /// Source: what gave the change list (`Tracker::describe`), and why it gave none if it failed.
     pub tracker: Mutex<Option<(String, Option<String>)>>,
 }
@@ -121,6 +125,8 @@ impl Figures {
             );
             put_some(&mut m, "targetDriftChunks", get(&self.target_drift));
         }
+        put_some(&mut m, "bwlimit", get(&self.rate_limit));
+        put_some(&mut m, "wireSendRate", get(&self.wire_send_rate));
         if let Some((tracker, failure)) = self.tracker.lock().ok().and_then(|t| t.clone()) {
             m.insert("changeTracker".to_owned(), tracker);
             if let Some(why) = failure {

@@ -56,6 +56,8 @@ pub struct SyncOptions {
     pub state: Option<(PathBuf, PathBuf)>,
     /// `source --changed-extents`: the change list since the last synced image.
     pub changed_extents: Option<PathBuf>,
+    /// `source --snapshot reflink`: sync a reflink clone (and, with `state`, take the change list from it).
+    pub reflink: bool,
 }
 
 /// Runs the agents: this binary, a key made by `blockmover keygen`, and a directory for logs and status files.
@@ -64,6 +66,8 @@ pub struct Agents {
     dir: PathBuf,
     psk: PathBuf,
     runs: u32,
+    /// `source --bwlimit` for every sync.
+    bwlimit: Option<u64>,
 }
 
 impl Agents {
@@ -95,7 +99,14 @@ impl Agents {
             dir: dir.to_owned(),
             psk,
             runs: 0,
+            bwlimit: None,
         })
+    }
+
+    /// Every source runs with `--bwlimit rate`.
+    pub fn with_bwlimit(mut self, rate: Option<u64>) -> Self {
+        self.bwlimit = rate;
+        self
     }
 
     /// The key file (`volsync:<hex>`), also usable as stunnel's `PSKsecrets`.
@@ -169,6 +180,12 @@ impl Agents {
         }
         if let Some(extents) = &how.changed_extents {
             scmd.arg("--changed-extents").arg(extents);
+        }
+        if how.reflink {
+            scmd.args(["--snapshot", "reflink"]);
+        }
+        if let Some(rate) = self.bwlimit {
+            scmd.arg("--bwlimit").arg(rate.to_string());
         }
         let start = Instant::now();
         let mut source = ChildGuard::spawn(

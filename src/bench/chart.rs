@@ -13,6 +13,7 @@ use plotters::prelude::*;
 
 use super::report::{
     bytes, secs, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
+    REFLINK,
 };
 
 /// One line of a panel: a tool and a variant of it (a volume size, or a kind of sync), its points sorted by x.
@@ -25,10 +26,11 @@ struct Line {
 }
 
 /// Tools in a fixed order with a fixed colour each.
-const TOOLS: [(&str, RGBColor); 6] = [
+const TOOLS: [(&str, RGBColor); 7] = [
     (BLOCKMOVER, RGBColor(200, 30, 40)),
     (MANIFEST, RGBColor(30, 150, 60)),
     (CHANGELIST, RGBColor(130, 50, 170)),
+    (REFLINK, RGBColor(0, 150, 160)),
     (DELAYED, RGBColor(120, 120, 120)),
     ("rsync", RGBColor(30, 100, 190)),
     ("volsync-rsync-tls", RGBColor(240, 140, 0)),

@@ -3,6 +3,7 @@
 
 use super::report::{
     bytes, percent, ratio, same_sync, secs, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, MANIFEST,
+    REFLINK,
 };
 
 /// One line per stateless blockmover incremental that has delta rows of the same change: each row's duration
@@ -19,7 +20,7 @@ pub fn delta_lines(rows: &[SyncRow]) -> Vec<String> {
             .collect();
         if !same
             .iter()
-            .any(|r| r.tool == MANIFEST || r.tool == CHANGELIST)
+            .any(|r| [MANIFEST, CHANGELIST, REFLINK].contains(&r.tool))
         {
             continue;
         }

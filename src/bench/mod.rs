@@ -75,6 +75,9 @@ pub struct BenchArgs {
     /// this round-trip time (milliseconds) on loopback, and print how much longer it took.
     #[arg(long)]
     pub rtt_ms: Option<u64>,
+    /// Run every blockmover source with `--bwlimit RATE` (e.g. 50M) and print the rate each achieved against it.
+    #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
+    pub bwlimit: Option<u64>,
     /// Run every volume size in --sizes with every change rate in --rates.
     #[arg(long, conflicts_with = "volume")]
     pub sweep: bool,
@@ -107,6 +110,11 @@ pub struct BenchArgs {
     /// the exact change list (delta-changelist, source --changed-extents), besides the stateless row.
     #[arg(long, visible_alias = "state")]
     pub delta: bool,
+    /// With --delta, a row more: the source takes a reflink clone of the volume (source --snapshot reflink) and
+    /// its change list comes from the extent maps of that clone and the one kept by the last sync, as a tracker
+    /// would give it. The volume's directory (--dir) must be on XFS or btrfs.
+    #[arg(long, requires = "delta")]
+    pub reflink: bool,
     /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,

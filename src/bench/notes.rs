@@ -1,6 +1,6 @@
 //! The notes under the table: how to read its figures, given the flags and what the run saw.
 
-use super::report::{CHANGELIST, DELAYED, MANIFEST};
+use super::report::{CHANGELIST, DELAYED, MANIFEST, REFLINK};
 use super::rsync::RsyncSetup;
 use super::BenchArgs;
 
@@ -46,6 +46,14 @@ pub fn notes(
              byte ranges the change wrote: syncKind delta-changelist, the source reads only those chunks). Between \
              them the bench writes the target's old bytes of the changed ranges back, resets its mtime and restores \
              the state dirs (outside the clock); the bench fails if an agent reports another syncKind."
+        ));
+    }
+    if args.reflink {
+        notes.push(format!(
+            "reflink (--reflink): {REFLINK} is a fourth delta row, last: the source clones the volume with FICLONE \
+             (source --snapshot reflink, inside the clock) and its change list comes from the FIEMAP extent maps of \
+             that clone and the clone kept by the previous sync (syncKind delta-changelist, changeTracker reflink \
+             extents): the change as the file system tracked it, against {CHANGELIST}'s exact list."
         ));
     }
     if args.allocated {

@@ -13,12 +13,15 @@ pub const BLOCKMOVER: &str = "blockmover";
 pub const MANIFEST: &str = "blockmover+manifest";
 /// blockmover's incremental with manifests and the change list (syncKind delta-changelist).
 pub const CHANGELIST: &str = "blockmover+changelist";
+/// blockmover's incremental with manifests and the change list from reflink clones' extent maps (`--reflink`:
+/// source --snapshot reflink, syncKind delta-changelist).
+pub const REFLINK: &str = "blockmover+reflink";
 /// blockmover's stateless incremental through the delaying proxy (`--rtt-ms`).
 pub const DELAYED: &str = "blockmover+rtt";
 
 /// Whether `tool` names one of blockmover's rows.
 pub fn is_blockmover(tool: &str) -> bool {
-    [BLOCKMOVER, MANIFEST, CHANGELIST, DELAYED].contains(&tool)
+    [BLOCKMOVER, MANIFEST, CHANGELIST, REFLINK, DELAYED].contains(&tool)
 }
 
 /// Which sync of a run a row is.
@@ -95,6 +98,8 @@ pub struct SyncRow {
     pub hashed_share_of_raw: Option<f64>,
     /// The target's BLAKE3 equalled the volume's after the sync (the bench fails otherwise).
     pub verified: bool,
+    /// blockmover's source: wire bytes sent per second from connect to the end of the session (`wireSendRate`).
+    pub wire_send_rate: Option<u64>,
 }
 
 /// Everything one bench run measured.
@@ -113,6 +118,10 @@ pub struct Report {
     pub change: String,
     /// `--interval`, seconds.
     pub interval_secs: f64,
+    /// `--rtt-ms`: the round trip the delaying proxy adds.
+    pub rtt_ms: Option<u64>,
+    /// `--bwlimit`: every blockmover source's limit, bytes per second.
+    pub bwlimit: Option<u64>,
     /// Every sync, in the order run.
     pub syncs: Vec<SyncRow>,
     /// Comparisons that were asked for but could not run, with the reason.
@@ -288,7 +297,31 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
-    let latency = latency_lines(&report.syncs);
+    if let Some(limit) = report.bwlimit {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "bandwidth limit (--bwlimit {}/s): wire bytes sent per second from connect to the end of the session",
+            bytes(limit)
+        );
+        for r in report.syncs.iter().filter(|r| is_blockmover(r.tool)) {
+            let Some(rate) = r.wire_send_rate else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "  {:>9} {:<11} {:<21} sent {:>9} in {:>8}: {}/s = {:.1}% of the limit",
+                bytes(r.volume_bytes),
+                r.kind.name(),
+                r.tool,
+                bytes(r.wire_sent),
+                secs(r.duration_secs),
+                bytes(rate),
+                rate as f64 * 100.0 / limit as f64
+            );
+        }
+    }
+    let latency = latency_lines(&report.syncs, report.rtt_ms);
     if !latency.is_empty() {
         let _ = writeln!(out);
         let _ = writeln!(
@@ -344,7 +377,7 @@ fn storage_lines(report: &Report) -> Vec<String> {
 fn ratio_lines(rows: &[SyncRow]) -> Vec<String> {
     let mut lines = Vec::new();
     for other in rows.iter().filter(|r| !is_blockmover(r.tool)) {
-        for tool in [BLOCKMOVER, MANIFEST, CHANGELIST] {
+        for tool in [BLOCKMOVER, MANIFEST, CHANGELIST, REFLINK] {
             let Some(ours) = rows.iter().find(|r| r.tool == tool && same_sync(r, other)) else {
                 continue;
             };
@@ -381,20 +414,30 @@ pub fn ratio(a: f64, b: f64) -> String {
     }
 }
 
-/// One line per blockmover sync repeated through the delaying proxy: how much longer it took.
-fn latency_lines(rows: &[SyncRow]) -> Vec<String> {
+/// One line per blockmover sync repeated through the delaying proxy: how much longer it took, and how many round
+/// trips of `rtt_ms` that is (the TCP connect to the proxy is local: every added round trip is the protocol's).
+fn latency_lines(rows: &[SyncRow], rtt_ms: Option<u64>) -> Vec<String> {
     rows.windows(2)
         .filter(|w| w[0].tool == BLOCKMOVER && w[1].tool == DELAYED)
         .map(|w| {
             let (plain, delayed) = (&w[0], &w[1]);
+            let added = delayed.duration_secs - plain.duration_secs;
+            let trips = match rtt_ms {
+                Some(ms) if ms > 0 => {
+                    format!(
+                        " = {:.1} round trips of {ms} ms",
+                        added * 1000.0 / ms as f64
+                    )
+                }
+                _ => String::new(),
+            };
             format!(
-                "{:>9} {:<11} {:>7}  {} -> {}: {:+.2} s",
+                "{:>9} {:<11} {:>7}  {} -> {}: {added:+.2} s{trips}",
                 bytes(plain.volume_bytes),
                 plain.kind.name(),
                 plain.change_percent.map_or_else(|| "-".to_owned(), percent),
                 secs(plain.duration_secs),
                 secs(delayed.duration_secs),
-                delayed.duration_secs - plain.duration_secs
             )
         })
         .collect()

@@ -22,6 +22,7 @@ use super::hashrate::{self, HashRate};
 use super::notes;
 use super::report::{
     bytes, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
+    REFLINK,
 };
 use super::rsync::{self, Flavour, RsyncSetup};
 use super::storage;
@@ -36,7 +37,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let raw = hashrate::measure();
     let mut bench = Bench {
         args,
-        agents: Agents::new(dir)?,
+        agents: Agents::new(dir)?.with_bwlimit(args.bwlimit),
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
@@ -181,6 +182,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         volume: volume_text,
         change: change_text,
         interval_secs: args.interval,
+        rtt_ms: args.rtt_ms,
+        bwlimit: args.bwlimit,
         syncs: bench.rows,
         skipped,
         notes,
@@ -274,6 +277,8 @@ impl Bench<'_> {
             tool: BLOCKMOVER,
             how: SyncOptions {
                 state: state.clone(),
+                // The reflink row's first base clone is kept by this sync.
+                reflink: self.args.reflink,
                 ..SyncOptions::default()
             },
             expect: "full",
@@ -329,8 +334,9 @@ impl Bench<'_> {
     }
 
     /// The blockmover syncs of one change, in order: stateless, through the delaying proxy (`--rtt-ms`), with
-    /// manifests and with manifests and the change list (`--delta`, which writes the change list `extents`). The
-    /// last one runs with the state directories, so that they describe the target it leaves.
+    /// manifests and with manifests and the change list (`--delta`, which writes the change list `extents`), and
+    /// with the change list from reflink clones (`--reflink`). The last one runs with the state directories, so
+    /// that they describe the target it leaves.
     fn incrementals(
         &self,
         extents: &[(u64, u64)],
@@ -371,6 +377,19 @@ impl Bench<'_> {
                 },
                 expect: "delta-changelist",
             });
+            if self.args.reflink {
+                // Last: the clone it keeps (beside the volume, outside the rolled-back state) pairs with the
+                // manifests it leaves, as the next change's reflink row needs.
+                runs.push(Run {
+                    tool: REFLINK,
+                    how: SyncOptions {
+                        state: Some(state.clone()),
+                        reflink: true,
+                        ..SyncOptions::default()
+                    },
+                    expect: "delta-changelist",
+                });
+            }
         }
         Ok(runs)
     }
@@ -440,6 +459,7 @@ impl Bench<'_> {
             hashed_share_of_raw: (!delta)
                 .then(|| 2.0 * size as f64 / secs / self.raw.bytes_per_sec),
             verified: true,
+            wire_send_rate: s.src("wireSendRate"),
         });
         Ok(())
     }
@@ -485,6 +505,7 @@ impl Bench<'_> {
             max_rpo_secs: self.args.interval + secs,
             hashed_share_of_raw: None,
             verified: true,
+            wire_send_rate: None,
         });
         Ok(())
     }

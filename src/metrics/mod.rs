@@ -129,6 +129,8 @@ struct State {
     duration_sum: f64,
     duration_count: u64,
     last_scan_rate: f64,
+    /// Wire bytes sent per second by the last sync, and its `--bwlimit` (0: none).
+    last_wire_rate: (f64, f64),
     next_sync: Option<DateTime<Utc>>,
     /// When the image of the last successful sync was read (its start): the data age counts from here.
     image_time: Option<DateTime<Utc>>,
@@ -170,6 +172,7 @@ impl Metrics {
                 duration_sum: 0.0,
                 duration_count: 0,
                 last_scan_rate: 0.0,
+                last_wire_rate: (0.0, 0.0),
                 next_sync,
                 image_time: None,
             }),
@@ -242,6 +245,7 @@ impl Metrics {
                 }
             }
             st.last_scan_rate = scan_rate(f, cur.since.elapsed());
+            st.last_wire_rate = wire_rate(f, cur.since.elapsed());
         }
         if ok {
             st.totals.succeeded += 1;
@@ -270,6 +274,17 @@ impl Metrics {
 }
 
 /// Bytes scanned per second over `elapsed`.
+/// Wire bytes sent per second over `elapsed`, and the sync's rate limit (0: none).
+fn wire_rate(f: &Figures, elapsed: Duration) -> (f64, f64) {
+    let secs = elapsed.as_secs_f64();
+    let sent = if secs <= 0.0 {
+        0.0
+    } else {
+        get(&f.wire.sent) as f64 / secs
+    };
+    (sent, get(&f.rate_limit) as f64)
+}
+
 fn scan_rate(f: &Figures, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();
     if secs <= 0.0 {

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use super::{scan_rate, Metrics, Rejection, METHOD, QUANTILES, SUMMARY_MAX_AGE};
+use super::{scan_rate, wire_rate, Metrics, Rejection, METHOD, QUANTILES, SUMMARY_MAX_AGE};
 use crate::codec::{Fallback, SyncKind};
 use crate::schedule::out_of_sync;
 use crate::stats::{get, Figures};
@@ -182,16 +182,17 @@ impl Metrics {
             );
         }
 
-        let (in_progress, scanned, total, rate) = match &st.current {
+        let (in_progress, scanned, total, rate, (wire, limit)) = match &st.current {
             Some(c) => (
                 1.0,
                 get(&c.figures.bytes_read) as f64,
                 get(&c.figures.volume_size) as f64,
                 scan_rate(&c.figures, c.since.elapsed()),
+                wire_rate(&c.figures, c.since.elapsed()),
             ),
-            None => (0.0, 0.0, 0.0, st.last_scan_rate),
+            None => (0.0, 0.0, 0.0, st.last_scan_rate, st.last_wire_rate),
         };
-        let gauges: [(&str, &str, f64); 4] = [
+        let gauges: [(&str, &str, f64); 6] = [
             (
                 "blockmover_sync_in_progress",
                 "1 while a sync is under way",
@@ -211,6 +212,16 @@ impl Metrics {
                 "blockmover_scan_rate_bytes_per_second",
                 "Scan rate of the sync under way, or of the last one when idle",
                 rate,
+            ),
+            (
+                "blockmover_wire_send_rate_bytes_per_second",
+                "Bytes per second this agent sent on the wire in the sync under way, or in the last one when idle",
+                wire,
+            ),
+            (
+                "blockmover_bwlimit_bytes_per_second",
+                "The source's --bwlimit for the sync under way or the last one (0: no limit)",
+                limit,
             ),
         ];
         for (name, help, value) in gauges {

@@ -14,7 +14,7 @@ mod session;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use crate::net::{
     Timeouts, ABORT_GRACE,
 };
 use crate::progress::Progress;
+use crate::snapshot::{Snapshot, SnapshotConfig};
 use crate::stats::Figures;
 use crate::status::{Role, StatusFile};
 use crate::tls::{self, Psk, Side};
@@ -77,6 +78,10 @@ pub struct SourceConfig {
     pub tracker: Option<Arc<dyn Tracker>>,
     /// When to compare in full although a delta is possible (shared by the syncs of a schedule).
     pub verify: Arc<Policy>,
+    /// How the point-in-time copy is taken, and the hooks around it.
+    pub snapshot: SnapshotConfig,
+    /// `--bwlimit`: at most this many bytes per second on the wire.
+    pub bwlimit: Option<u64>,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -153,19 +158,49 @@ pub async fn sync_recorded(
     result
 }
 
-/// Runs one sync of `config.volume` to the destination; `figures` fills as it goes.
+/// Runs one sync of `config.volume` to the destination; `figures` fills as it goes. The point-in-time copy
+/// (`config.snapshot`) is taken first and ended after: kept as the next sync's base after a success when the
+/// configuration keeps one, removed otherwise.
 pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
+    let path = match &config.volume {
+        crate::volume::Source::File(path) => path.clone(),
+        // An NBD export is a point-in-time copy already (a backup job's export): no copy is taken of it.
+        nbd @ crate::volume::Source::Nbd { .. } => {
+            return run_on(config, nbd, config.tracker.clone(), figures).await
+        }
+    };
+    let snap = config.snapshot.clone();
+    let snapshot = tokio::task::spawn_blocking(move || Snapshot::take(&snap, &path))
+        .await
+        .map_err(|e| Error::Snapshot(format!("the copy was not taken: {e}")))??;
+    let tracker = snapshot.tracker().or_else(|| config.tracker.clone());
+    let copy = crate::volume::Source::File(snapshot.path().to_owned());
+    let result = run_on(config, &copy, tracker, figures).await;
+    let synced = result.as_ref().ok().map(|r| r.volume_digest);
+    tokio::task::spawn_blocking(move || snapshot.finish(synced.as_ref()))
+        .await
+        .map_err(|e| Error::Snapshot(format!("the copy was not ended: {e}")))?;
+    result
+}
+
+/// One sync of `source` (the copy, or an NBD export), with the change list from `tracker`.
+async fn run_on(
+    config: &SourceConfig,
+    source: &crate::volume::Source,
+    tracker: Option<Arc<dyn Tracker>>,
+    figures: Arc<Figures>,
+) -> Result<SyncReport> {
     let t = config.timeouts;
     // An NBD reply is waited for half the idle timeout: a frozen export is reported as such, before the
     // destination's silence (it waits for the digests the frozen export holds up) is.
     let nbd_wait = (t.idle / 2).max(Duration::from_secs(1));
-    let volume = Arc::new(Volume::open(&config.volume, t.connect, nbd_wait)?);
+    let volume = Arc::new(Volume::open(source, t.connect, nbd_wait)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
     // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from
     // base:allocation (always, for full comparisons that do not verify).
     let nbd = volume.nbd_tracker();
-    let tracker: Option<Arc<dyn Tracker>> = config.tracker.clone().or_else(|| {
+    let tracker: Option<Arc<dyn Tracker>> = tracker.or_else(|| {
         let t = nbd.clone().filter(|t| t.bitmap().is_some())?;
         Some(t as Arc<dyn Tracker>)
     });
@@ -196,7 +231,11 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     let _ = tcp.set_nodelay(true);
     let peer: Option<SocketAddr> = tcp.peer_addr().ok();
     tracing::info!(?peer, volume = %config.volume, size = geometry.volume_size(), "connected");
-    let stream = crate::net::socket(tcp, figures.wire.clone());
+    let stream = crate::net::socket_limited(tcp, figures.wire.clone(), config.bwlimit);
+    figures
+        .rate_limit
+        .store(config.bwlimit.unwrap_or(0), Ordering::Relaxed);
+    let connected = std::time::Instant::now();
     let tls = within("tls handshake", t.handshake, async {
         tls::connector()?
             .connect(tls::server_name(), stream)
@@ -237,6 +276,10 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     };
 
     let announcer = abort_on_error(&mut writer, plan.settle(kind)).await?;
+    let _rate = WireRate {
+        figures: figures.clone(),
+        since: connected,
+    };
     figures.set_kind(kind, reason);
     if let (SyncKind::Full, Some(tracker)) = (kind, &allocation) {
         use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
@@ -314,5 +357,23 @@ fn use_allocation_map(
         }
         Ok(None) => {}
         Err(e) => tracing::warn!("no allocation map ({e}): reading the whole volume"),
+    }
+}
+
+/// Records the bytes per second sent on the wire from connect to the end of the session, however it ends.
+struct WireRate {
+    figures: Arc<Figures>,
+    since: std::time::Instant,
+}
+
+impl Drop for WireRate {
+    fn drop(&mut self) {
+        let secs = self.since.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            let sent = crate::stats::get(&self.figures.wire.sent) as f64;
+            self.figures
+                .wire_send_rate
+                .store((sent / secs) as u64, Ordering::Relaxed);
+        }
     }
 }

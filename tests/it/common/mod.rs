@@ -6,6 +6,7 @@
 
 mod destination;
 pub mod metrics;
+pub mod mounts;
 pub mod proxy;
 mod running;
 
