@@ -7,14 +7,14 @@
 //! its own timeout), and a server that goes away fails every waiting and later request with a retryable
 //! [`Error::Nbd`]. `NBD_CMD_DISC` is sent when the client is dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::handshake::{self, Export};
 use super::reply::{self, Chunk, Extent, Header};
@@ -264,7 +264,7 @@ impl Client {
             let reason = match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
                     "the server took no request for {}s (frozen?)",
-                    self.timeout.as_secs()
+                    self.timeout.as_secs_f64()
                 ),
                 _ => format!("the connection failed: {e}"),
             };
@@ -274,16 +274,22 @@ impl Client {
         Ok(rx)
     }
 
-    /// The next event of a reply, within the timeout.
-    fn next(&self, rx: &Receiver<Event>, what: &dyn Fn() -> String) -> Result<Event> {
-        match rx.recv_timeout(self.timeout) {
+    /// The next event of a reply, before the request's `deadline` (its start plus the timeout: a server that
+    /// trickles chunks cannot stretch one request past it).
+    fn next(
+        &self,
+        rx: &Receiver<Event>,
+        deadline: Instant,
+        what: &dyn Fn() -> String,
+    ) -> Result<Event> {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Event::Gone(reason, retryable)) => Err(self.error(reason, retryable)),
             Ok(event) => Ok(event),
             Err(RecvTimeoutError::Timeout) => {
                 let reason = format!(
                     "no reply to {} within {}s (the server is frozen or overloaded)",
                     what(),
-                    self.timeout.as_secs()
+                    self.timeout.as_secs_f64()
                 );
                 self.kill(reason.clone(), true);
                 Err(self.error(reason, true))
@@ -301,6 +307,36 @@ impl Client {
     fn violation(&self, reason: String) -> Error {
         self.kill(format!("the server broke the protocol: {reason}"), false);
         self.error(format!("the server broke the protocol: {reason}"), false)
+    }
+
+    /// Where `n` bytes a reply puts at export offset `o` go in the buffer of a read of `len` bytes at `offset`:
+    /// inside the request and overlapping nothing filled before, or the server broke the protocol.
+    fn place(
+        &self,
+        filled: &mut BTreeMap<u64, u64>,
+        offset: u64,
+        len: u32,
+        o: u64,
+        n: u64,
+    ) -> Result<usize> {
+        let end = offset + u64::from(len);
+        let Some(at) = o.checked_sub(offset).filter(|a| a + n <= u64::from(len)) else {
+            return Err(self.violation(format!(
+                "read reply at offset {o} ({n} bytes) outside the request [{offset}, {end})"
+            )));
+        };
+        let before = filled
+            .range(..=at)
+            .next_back()
+            .is_some_and(|(_, e)| *e > at);
+        let after = filled.range(at..).next().is_some_and(|(s, _)| *s < at + n);
+        if before || after {
+            return Err(self.violation(format!(
+                "read reply chunks overlap at offset {o} ({n} bytes)"
+            )));
+        }
+        filled.insert(at, at + n);
+        Ok(at as usize)
     }
 
     /// Fills `buf` from export offset `offset`, in requests of at most the server's maximum block size.
@@ -329,32 +365,21 @@ impl Client {
         let len = buf.len() as u32;
         let rx = self.request(CMD_READ, offset, len)?;
         let what = || format!("a read of {len} bytes at offset {offset}");
-        let end = offset + u64::from(len);
+        let deadline = Instant::now() + self.timeout;
+        // The ranges filled so far (start -> end, relative): chunks of one reply must not overlap, or a byte
+        // counted twice would leave another unfilled (holding whatever the buffer held before).
+        let mut filled = BTreeMap::new();
         let (mut covered, mut failure) = (0u64, None);
         loop {
-            match self.next(&rx, &what)? {
+            match self.next(&rx, deadline, &what)? {
                 Event::Data { offset: o, data } => {
-                    let at = o
-                        .checked_sub(offset)
-                        .filter(|a| a + data.len() as u64 <= u64::from(len));
-                    let Some(at) = at else {
-                        return Err(self.violation(format!(
-                            "read data at offset {o} outside the request [{offset}, {end})"
-                        )));
-                    };
-                    buf[at as usize..at as usize + data.len()].copy_from_slice(&data);
+                    let at = self.place(&mut filled, offset, len, o, data.len() as u64)?;
+                    buf[at..at + data.len()].copy_from_slice(&data);
                     covered += data.len() as u64;
                 }
                 Event::Hole { offset: o, length } => {
-                    let at = o
-                        .checked_sub(offset)
-                        .filter(|a| a + u64::from(length) <= u64::from(len));
-                    let Some(at) = at else {
-                        return Err(self.violation(format!(
-                            "read hole at offset {o} outside the request [{offset}, {end})"
-                        )));
-                    };
-                    buf[at as usize..at as usize + length as usize].fill(0);
+                    let at = self.place(&mut filled, offset, len, o, u64::from(length))?;
+                    buf[at..at + length as usize].fill(0);
                     covered += u64::from(length);
                 }
                 Event::Error { code, message } => failure = Some((code, message)),
@@ -397,9 +422,10 @@ impl Client {
         }
         let rx = self.request(CMD_BLOCK_STATUS, offset, length)?;
         let what = || format!("a block status of {length} bytes at offset {offset}");
+        let deadline = Instant::now() + self.timeout;
         let (mut found, mut failure) = (None, None);
         loop {
-            match self.next(&rx, &what)? {
+            match self.next(&rx, deadline, &what)? {
                 Event::Status {
                     context: c,
                     extents,

@@ -44,6 +44,10 @@ enum Reads {
     Huge,
     /// Answer the first read with an EIO error chunk, the rest normally.
     FailFirst,
+    /// Answer with the first half twice: as many bytes as asked, the second half never sent.
+    Overlap,
+    /// Answer with one-byte holes, one every 50 ms.
+    Trickle,
 }
 
 /// What the server saw: every request `(type, offset, length)`.
@@ -187,6 +191,29 @@ fn serve(listener: UnixListener, script: Script, seen: Seen) -> JoinHandle<()> {
                             let mut h = structured(cookie, 0, TYPE_OFFSET_DATA, &[]);
                             h[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
                             let _ = s.write_all(&h);
+                            continue;
+                        }
+                        Reads::Overlap => {
+                            let half = length / 2;
+                            for _ in 0..2 {
+                                let mut p = offset.to_be_bytes().to_vec();
+                                p.extend(half.to_be_bytes());
+                                let _ = s.write_all(&structured(cookie, 0, TYPE_OFFSET_HOLE, &p));
+                            }
+                            let _ = s.write_all(&structured(cookie, FLAG_DONE, TYPE_NONE, &[]));
+                            continue;
+                        }
+                        Reads::Trickle => {
+                            for i in 0..u64::from(length) {
+                                let mut p = (offset + i).to_be_bytes().to_vec();
+                                p.extend(1u32.to_be_bytes());
+                                if s.write_all(&structured(cookie, 0, TYPE_OFFSET_HOLE, &p))
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                std::thread::sleep(Duration::from_millis(50));
+                            }
                             continue;
                         }
                         Reads::FailFirst if !failed_one => {
@@ -422,5 +449,45 @@ fn an_error_reply_fails_that_read_and_the_connection_goes_on() -> anyhow::Result
     assert!(!e.is_retryable());
     client.read_at(&mut buf, 8192)?;
     assert_eq!(buf, expected(8192, 4096));
+    Ok(())
+}
+
+#[test]
+fn overlapping_chunks_that_add_up_are_a_protocol_violation_not_a_read() -> anyhow::Result<()> {
+    let srv = server(Script {
+        reads: Reads::Overlap,
+        ..Script::default()
+    })?;
+    let client = Client::connect(&srv.address, &options(5000))?;
+    let mut buf = vec![0xEEu8; 8192];
+    let e = client
+        .read_at(&mut buf, 0)
+        .expect_err("the second half was never sent");
+    assert!(e.to_string().contains("overlap"), "{e}");
+    assert!(!e.is_retryable());
+    Ok(())
+}
+
+#[test]
+fn a_server_trickling_chunks_cannot_stretch_a_read_past_the_timeout() -> anyhow::Result<()> {
+    let srv = server(Script {
+        reads: Reads::Trickle,
+        ..Script::default()
+    })?;
+    let client = Client::connect(&srv.address, &options(300))?;
+    let mut buf = vec![0u8; 4096];
+    let start = Instant::now();
+    let e = client
+        .read_at(&mut buf, 0)
+        .expect_err("4096 chunks at 50 ms each");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        e.is_retryable() && e.to_string().contains("no reply"),
+        "{e}"
+    );
     Ok(())
 }
