@@ -40,7 +40,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
     let dest = tokio::spawn(async move { destination::serve(&dconfig, bound).await });
     let sconfig = SourceConfig {
         connect: addr.to_string(),
-        volume: volume.to_owned(),
+        volume: volume.to_owned().into(),
         psk: psk.clone(),
         chunk_size: DEFAULT_CHUNK_SIZE,
         zstd_level: 1,

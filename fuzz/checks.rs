@@ -264,3 +264,71 @@ pub fn data_frame(d: &DataFrame, chunk_len: usize) {
         Err(e) => assert!(!e.to_string().contains('\n'), "multi-line error: {e}"),
     }
 }
+
+/// The most the NBD reply parser may allocate for `input`: proportional to the bytes it holds (block status
+/// descriptors, a lossy UTF-8 message of up to three bytes per input byte) and a one-line error text, never to a
+/// length a header claims.
+pub fn nbd_reply_bound(input: &[u8]) -> usize {
+    3 * input.len() + 256
+}
+
+/// One NBD reply at the front of arbitrary bytes: a reply, "incomplete" only for a true prefix of one whose
+/// claimed length is within [`nbd::reply::MAX_PAYLOAD`], or a one-line error; never a panic. Every chunk type
+/// parses any payload the same way.
+pub fn nbd_reply(data: &[u8]) {
+    use blockmover::nbd::reply::{self, Chunk, Header};
+    match reply::decode(data) {
+        Ok(Some((header, chunk, used))) => {
+            assert!(used <= data.len());
+            match (header, chunk) {
+                (Header::Simple { .. }, None) => assert_eq!(used, reply::SIMPLE_HEADER),
+                (Header::Structured { length, flags, .. }, Some(chunk)) => {
+                    assert!(length <= reply::MAX_PAYLOAD);
+                    assert_eq!(used, reply::STRUCTURED_HEADER + length as usize);
+                    match chunk {
+                        Chunk::None => assert!(length == 0 && flags & reply::FLAG_DONE != 0),
+                        Chunk::Data { data: d, .. } => assert_eq!(d.len() + 8, length as usize),
+                        Chunk::Hole { length: l, .. } => assert!(l > 0 && length == 12),
+                        Chunk::BlockStatus { extents, .. } => {
+                            assert_eq!(extents.len() * 8 + 4, length as usize);
+                            assert!(extents.iter().all(|e| e.length > 0));
+                        }
+                        Chunk::Error { code, message, .. } => {
+                            assert_ne!(code, 0);
+                            assert!(!message.contains('\n'));
+                        }
+                    }
+                }
+                other => panic!("header and chunk disagree: {other:?}"),
+            }
+        }
+        Ok(None) => {
+            if data.len() >= 4 {
+                let len = reply::header_len(data).expect("incomplete, so the magic is known");
+                if data.len() >= len {
+                    let h = reply::parse_header(&data[..len])
+                        .expect("incomplete, so the header parses");
+                    match h {
+                        Header::Structured { length, .. } => {
+                            assert!(
+                                data.len() < len + length as usize,
+                                "complete but reported incomplete"
+                            )
+                        }
+                        Header::Simple { .. } => {
+                            panic!("a whole simple header reported incomplete")
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) => assert!(!e.to_string().contains('\n'), "multi-line error: {e}"),
+    }
+    for kind in [0u16, 1, 2, 5, 6, 0x8001, 0x8002, 0x8003, 3, 0xffff] {
+        for flags in [0u16, reply::FLAG_DONE] {
+            if let Err(e) = reply::parse_chunk(kind, flags, data) {
+                assert!(!e.0.contains('\n'));
+            }
+        }
+    }
+}

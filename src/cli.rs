@@ -18,6 +18,7 @@ use blockmover::snapshot::{Hooks, Method, SnapshotConfig};
 use blockmover::source::{Compression, SourceConfig};
 use blockmover::status::Role;
 use blockmover::tls::Psk;
+use blockmover::volume::Source;
 
 /// Replicate block volumes over TLS, sending only the 4 KiB blocks that changed.
 #[derive(Debug, Parser)]
@@ -197,7 +198,8 @@ pub struct SourceArgs {
     /// Destination address, host:port.
     #[arg(long)]
     pub connect: String,
-    /// The snapshot to send: block device or file.
+    /// The snapshot to send: block device, file, or NBD export (nbd+unix:///EXPORT?socket=PATH,
+    /// nbd://HOST[:PORT]/EXPORT; see the README's "Source kinds").
     #[arg(long)]
     pub volume: PathBuf,
     /// First-level chunk size in bytes (power of two, 4096..=262144).
@@ -214,6 +216,10 @@ pub struct SourceArgs {
     /// reads and hashes only those (a delta by change list; trusted: see the README's "Delta syncs").
     #[arg(long, value_name = "FILE")]
     pub changed_extents: Option<PathBuf>,
+    /// With an NBD volume: take the change list since the last synced image from the export's dirty bitmap NAME
+    /// (`qemu:dirty-bitmap:NAME`; trusted: see the README's "Source kinds").
+    #[arg(long, value_name = "NAME", conflicts_with = "changed_extents")]
+    pub dirty_bitmap: Option<String>,
     /// One sync for this manual trigger token, skipped when the status file's lastManualSync already equals it.
     #[arg(long, value_name = "TOKEN", conflicts_with = "schedule")]
     pub manual: Option<String>,
@@ -409,13 +415,26 @@ impl SourceArgs {
     /// The validated configuration.
     pub fn config(&self) -> blockmover::Result<SourceConfig> {
         blockmover::chunk::Geometry::new(0, self.chunk_size).map_err(blockmover::Error::Config)?;
-        if let Some(status) = &self.common.status {
-            refuse_same(status, "status file", &self.volume, "volume")?;
+        let volume = match (self.source()?, &self.dirty_bitmap) {
+            (Source::Nbd { address, .. }, Some(b)) if !b.is_empty() => Source::Nbd {
+                address,
+                dirty_bitmap: Some(b.clone()),
+            },
+            (_, Some(_)) => {
+                return Err(blockmover::Error::Config(
+                    "--dirty-bitmap needs an NBD volume (--volume nbd+unix:///EXPORT?socket=PATH) and a name".into(),
+                ))
+            }
+            (v, None) => v,
+        };
+        if let (Some(status), Some(path)) = (&self.common.status, volume.file()) {
+            refuse_same(status, "status file", path, "volume")?;
         }
         let snapshot = self.snapshot()?;
         Ok(SourceConfig {
             connect: self.connect.clone(),
-            volume: self.volume.clone(),
+            identity: self.identity(&volume),
+            volume,
             psk: Psk::load(&self.common.psk)?,
             chunk_size: self.chunk_size,
             zstd_level: self.zstd_level,
@@ -425,7 +444,6 @@ impl SourceArgs {
                 CompressArg::Never => Compression::Never,
             },
             timeouts: self.common.timeouts(),
-            identity: self.common.identity(&self.volume),
             state: self.common.state(self.common.schedule.is_some())?,
             tracker: self
                 .changed_extents
@@ -452,6 +470,11 @@ impl SourceArgs {
                     .into(),
             ));
         }
+        if method == Method::Reflink && Source::parse(self.volume.as_os_str())?.file().is_none() {
+            return Err(blockmover::Error::Config(
+                "--snapshot reflink clones a file volume; an NBD export is a point-in-time copy already".into(),
+            ));
+        }
         if method == Method::Reflink && self.changed_extents.is_some() {
             return Err(blockmover::Error::Config(
                 "--changed-extents and --snapshot reflink both give the change list; choose one"
@@ -473,6 +496,31 @@ impl SourceArgs {
             },
             keep_base: self.common.state_dir.is_some() || self.common.schedule.is_some(),
         })
+    }
+}
+
+impl SourceArgs {
+    /// What `--volume` names: a file or device, or an NBD export.
+    fn source(&self) -> blockmover::Result<Source> {
+        Source::parse(self.volume.as_os_str())
+    }
+
+    /// What names the source's metrics by default (`--name` unset): the volume's path, or an NBD export's name.
+    pub fn label_device(&self) -> blockmover::Result<PathBuf> {
+        Ok(match self.source()? {
+            Source::File(p) => p,
+            Source::Nbd { address, .. } if address.export.is_empty() => PathBuf::from("nbd"),
+            Source::Nbd { address, .. } => PathBuf::from(address.export),
+        })
+    }
+
+    /// `namespace/name` (HELLO, the manifest's identity); without `--name`, an NBD source is named by its URI.
+    fn identity(&self, volume: &Source) -> String {
+        match (volume, &self.common.name) {
+            (Source::Nbd { address, .. }, None) => format!("{}/{address}", self.common.namespace),
+            (Source::File(p), _) => self.common.identity(p),
+            (Source::Nbd { .. }, Some(_)) => self.common.identity(Path::new("")),
+        }
     }
 }
 

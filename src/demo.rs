@@ -143,7 +143,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
     let dest = tokio::spawn(async move { destination::serve(&dconfig, bound).await });
     let sconfig = SourceConfig {
         connect: addr.to_string(),
-        volume: volume.to_owned(),
+        volume: volume.to_owned().into(),
         psk: psk.clone(),
         chunk_size: blockmover::chunk::DEFAULT_CHUNK_SIZE,
         zstd_level: 1,

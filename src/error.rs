@@ -93,6 +93,17 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// An NBD export (`source --volume nbd://...`) could not be opened or read. `retryable` when the server went
+    /// away, froze or is shutting down; not for a missing export, a protocol violation or a read error it reports.
+    #[error("nbd export {export}: {reason}")]
+    Nbd {
+        /// The export's URI.
+        export: String,
+        /// What went wrong (one line).
+        reason: String,
+        /// Whether a retry may help.
+        retryable: bool,
+    },
     /// A quiesce hook (`--pre-snapshot`, `--post-snapshot`) failed or ran over its timeout.
     #[error("{which} hook failed: {reason}")]
     Hook {
@@ -237,6 +248,7 @@ impl Error {
             | Error::Superseded
             | Error::TargetInUse { .. } => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
+            Error::Nbd { retryable, .. } => *retryable,
             Error::Hook { retryable, .. } => *retryable,
             // A full disk, a read-only or failing device stay that way until someone acts.
             Error::Io { source, .. } => matches!(
@@ -262,6 +274,11 @@ impl Error {
             | Error::ReadBackMismatch { .. }
             | Error::TargetResized { .. } => AbortCode::Cancelled,
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
+            // The source's export went away (a retry may find it again), or it failed a read.
+            Error::Nbd {
+                retryable: true, ..
+            } => AbortCode::Cancelled,
+            Error::Nbd { .. } => AbortCode::Io,
             Error::Cancelled(_) | Error::Superseded => AbortCode::Cancelled,
             Error::Config(_)
             | Error::ChangeList { .. }

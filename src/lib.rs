@@ -18,6 +18,7 @@ pub mod error;
 pub mod listing;
 pub mod manifest;
 pub mod metrics;
+pub mod nbd;
 pub mod net;
 pub mod progress;
 pub mod ratelimit;

@@ -124,7 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let status_path = args.common.status.clone();
             let status = StatusFile::load(status_path.clone(), Role::Source)?;
             status.check_writable()?;
-            let labels = args.common.labels(Role::Source, &config.volume);
+            let labels = args.common.labels(Role::Source, &args.label_device()?);
             let (metrics, _task) = match &args.common.metrics_listen {
                 Some(addr) => {
                     let (m, task) = serve_metrics(addr, labels, schedule.clone(), &status).await?;

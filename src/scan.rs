@@ -93,8 +93,9 @@ fn summarize(
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
     let (offset, len) = geometry.chunk_range(i);
-    // Outside a tracker's allocation map: zeros, and not read (so not in `bytesRead`).
-    if volume.outside_allocation_map(offset, len as u64) {
+    // Outside the allocation map a tracker gave (NBD base:allocation): zeros by the storage's word, not read, and
+    // so not counted in `bytes_read` either.
+    if volume.outside_allocation(offset, len as u64) {
         return Ok(zeros.zero_summary(i));
     }
     let in_map = map.and_then(|(start, m)| {

@@ -551,5 +551,90 @@ fn fuzz_target_entry_points_accept_any_bytes() {
         checks::stream(&input);
         checks::handshake(&rt, &input);
         checks::data_payload(&input);
+        checks::nbd_reply(&input);
+    });
+}
+
+/// A valid NBD reply of any kind (simple or structured, every chunk type), for mutation.
+fn nbd_reply(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    use blockmover::nbd::reply;
+    if rng.random_ratio(1, 6) {
+        let mut v = reply::SIMPLE_MAGIC.to_be_bytes().to_vec();
+        v.extend(rng.random::<u32>().to_be_bytes());
+        v.extend(rng.random::<u64>().to_be_bytes());
+        return v;
+    }
+    let (kind, payload): (u16, Vec<u8>) = match rng.random_range(0..6) {
+        0 => (reply::TYPE_NONE, vec![]),
+        1 => {
+            let mut p = rng.random::<u64>().to_be_bytes().to_vec();
+            p.extend(random_bytes(rng, 1..200));
+            (reply::TYPE_OFFSET_DATA, p)
+        }
+        2 => {
+            let mut p = rng.random::<u64>().to_be_bytes().to_vec();
+            p.extend(rng.random_range(1..u32::MAX).to_be_bytes());
+            (reply::TYPE_OFFSET_HOLE, p)
+        }
+        3 => {
+            let mut p = rng.random::<u32>().to_be_bytes().to_vec();
+            for _ in 0..count(rng, 8, 100) {
+                p.extend(rng.random_range(1..u32::MAX).to_be_bytes());
+                p.extend(rng.random::<u32>().to_be_bytes());
+            }
+            (reply::TYPE_BLOCK_STATUS, p)
+        }
+        k => {
+            let message = random_bytes(rng, 0..100);
+            let mut p = rng.random_range(1..200u32).to_be_bytes().to_vec();
+            p.extend((message.len() as u16).to_be_bytes());
+            p.extend(message);
+            if k == 5 {
+                p.extend(rng.random::<u64>().to_be_bytes());
+                (reply::TYPE_ERROR_OFFSET, p)
+            } else {
+                (reply::TYPE_ERROR, p)
+            }
+        }
+    };
+    let mut v = reply::STRUCTURED_MAGIC.to_be_bytes().to_vec();
+    v.extend(reply::FLAG_DONE.to_be_bytes());
+    v.extend(kind.to_be_bytes());
+    v.extend(rng.random::<u64>().to_be_bytes());
+    v.extend((payload.len() as u32).to_be_bytes());
+    v.extend(payload);
+    v
+}
+
+#[test]
+fn nbd_replies_parse_or_fail_in_one_line_and_allocate_only_for_bytes_they_hold() {
+    run_cases("nbd replies", 20_000, |rng| {
+        let valid = nbd_reply(rng);
+        let input = match rng.random_range(0..4) {
+            0 => random_bytes(rng, 0..300),
+            1 => valid.clone(),
+            2 => mutate(rng, valid.clone()),
+            _ => {
+                // A header that claims any length, with whatever follows.
+                let mut v = valid.clone();
+                if v.len() >= 20 && v[..4] == blockmover::nbd::reply::STRUCTURED_MAGIC.to_be_bytes()
+                {
+                    v[16..20].copy_from_slice(&rng.random::<u32>().to_be_bytes());
+                }
+                v
+            }
+        };
+        if input == valid {
+            assert!(
+                matches!(blockmover::nbd::reply::decode(&input), Ok(Some(_))),
+                "a valid reply did not parse: {input:?}"
+            );
+        }
+        let largest = largest_allocation(|| checks::nbd_reply(&input));
+        assert!(
+            largest <= checks::nbd_reply_bound(&input),
+            "parsing {} bytes allocated {largest} bytes at once",
+            input.len()
+        );
     });
 }

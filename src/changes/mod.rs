@@ -1,16 +1,18 @@
 //! Change lists: which chunks changed since the image of the source's manifest, and where they come from.
 //!
-//! A [`Tracker`] is the seam: today a JSON file of byte extents ([`ExtentsFile`], `source --changed-extents`);
-//! the trackers of the snapshot systems (NBD dirty bitmaps, reflink extents, CSI changed block tracking) implement
-//! the same trait. Whatever the tracker, what the session gets is [`ChangedChunks`]: sorted, disjoint chunk
+//! A [`Tracker`] is the seam: a JSON file of byte extents ([`ExtentsFile`], `source --changed-extents`), an NBD
+//! export's dirty bitmap ([`NbdTracker`], `source --dirty-bitmap`); the trackers of the other snapshot systems
+//! (reflink extents, CSI changed block tracking) implement the same trait. Whatever the tracker, what the session gets is [`ChangedChunks`]: sorted, disjoint chunk
 //! ranges. A change list is only as good as its tracker: a range it misses is not read, not compared and not sent
 //! (see "Why a delta sync is safe" in `proto/PROTOCOL.md`, and `--verify-every`, which bounds that).
 
 pub mod cbt;
 mod file;
+mod nbd;
 
 pub use cbt::{CbtConfig, CsiSnapshotMetadata};
 pub use file::ExtentsFile;
+pub use nbd::NbdTracker;
 
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::error::Result;

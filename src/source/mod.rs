@@ -56,8 +56,8 @@ const ABORT_LOOKOUT: Duration = Duration::from_secs(1);
 pub struct SourceConfig {
     /// Destination address (`host:port`).
     pub connect: String,
-    /// The snapshot: block device or file.
-    pub volume: PathBuf,
+    /// The snapshot: block device, file, or NBD export (with its dirty bitmap, if any).
+    pub volume: crate::volume::Source,
     /// The pre-shared key.
     pub psk: Psk,
     /// First-level chunk size.
@@ -73,7 +73,8 @@ pub struct SourceConfig {
     pub identity: String,
     /// Where manifests are kept between syncs (a state directory, memory, or nowhere).
     pub state: Arc<Store>,
-    /// Where the change list since the last sync comes from, if anywhere.
+    /// Where the change list since the last sync comes from, if anywhere (an NBD volume with a dirty bitmap
+    /// brings its own: [`crate::volume::Volume::nbd_tracker`]).
     pub tracker: Option<Arc<dyn Tracker>>,
     /// When to compare in full although a delta is possible (shared by the syncs of a schedule).
     pub verify: Arc<Policy>,
@@ -161,12 +162,20 @@ pub async fn sync_recorded(
 /// (`config.snapshot`) is taken first and ended after: kept as the next sync's base after a success when the
 /// configuration keeps one, removed otherwise.
 pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncReport> {
-    let (snap, volume) = (config.snapshot.clone(), config.volume.clone());
-    let snapshot = tokio::task::spawn_blocking(move || Snapshot::take(&snap, &volume))
+    let path = match &config.volume {
+        crate::volume::Source::File(path) => path.clone(),
+        // An NBD export is a point-in-time copy already (a backup job's export): no copy is taken of it.
+        nbd @ crate::volume::Source::Nbd { .. } => {
+            return run_on(config, nbd, config.tracker.clone(), figures).await
+        }
+    };
+    let snap = config.snapshot.clone();
+    let snapshot = tokio::task::spawn_blocking(move || Snapshot::take(&snap, &path))
         .await
         .map_err(|e| Error::Snapshot(format!("the copy was not taken: {e}")))??;
     let tracker = snapshot.tracker().or_else(|| config.tracker.clone());
-    let result = run_on(config, snapshot.path(), tracker, figures).await;
+    let copy = crate::volume::Source::File(snapshot.path().to_owned());
+    let result = run_on(config, &copy, tracker, figures).await;
     let synced = result.as_ref().ok().map(|r| r.volume_digest);
     tokio::task::spawn_blocking(move || snapshot.finish(synced.as_ref()))
         .await
@@ -174,16 +183,30 @@ pub async fn run(config: &SourceConfig, figures: Arc<Figures>) -> Result<SyncRep
     result
 }
 
-/// One sync of the copy at `path`, with the change list from `tracker`.
+/// One sync of `source` (the copy, or an NBD export), with the change list from `tracker`.
 async fn run_on(
     config: &SourceConfig,
-    path: &std::path::Path,
+    source: &crate::volume::Source,
     tracker: Option<Arc<dyn Tracker>>,
     figures: Arc<Figures>,
 ) -> Result<SyncReport> {
-    let volume = Arc::new(Volume::open_source(path)?);
+    let t = config.timeouts;
+    // An NBD reply is waited for half the idle timeout: a frozen export is reported as such, before the
+    // destination's silence (it waits for the digests the frozen export holds up) is.
+    let nbd_wait = (t.idle / 2).max(Duration::from_secs(1));
+    let volume = Arc::new(Volume::open(source, t.connect, nbd_wait)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
+    // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from
+    // base:allocation (always, for full comparisons that do not verify).
+    let nbd = volume.nbd_tracker();
+    let tracker: Option<Arc<dyn Tracker>> = tracker.or_else(|| {
+        let t = nbd.clone().filter(|t| t.bitmap().is_some())?;
+        Some(t as Arc<dyn Tracker>)
+    });
+    let allocation: Option<Arc<dyn Tracker>> = tracker
+        .clone()
+        .or_else(|| nbd.map(|t| t as Arc<dyn Tracker>));
     let plan = plan::Plan::prepare(
         config.state.clone(),
         tracker.as_deref(),
@@ -195,7 +218,6 @@ async fn run_on(
         let failure = plan.tracker_failure().map(str::to_owned);
         figures.set_tracker(tracker.describe(), failure);
     }
-    let t = config.timeouts;
 
     let tcp = within("connect", t.connect, async {
         TcpStream::connect(&config.connect)
@@ -208,7 +230,7 @@ async fn run_on(
     .await?;
     let _ = tcp.set_nodelay(true);
     let peer: Option<SocketAddr> = tcp.peer_addr().ok();
-    tracing::info!(?peer, volume = %config.volume.display(), size = geometry.volume_size(), "connected");
+    tracing::info!(?peer, volume = %config.volume, size = geometry.volume_size(), "connected");
     let stream = crate::net::socket_limited(tcp, figures.wire.clone(), config.bwlimit);
     figures
         .rate_limit
@@ -259,7 +281,7 @@ async fn run_on(
         since: connected,
     };
     figures.set_kind(kind, reason);
-    if let (SyncKind::Full, Some(tracker)) = (kind, &tracker) {
+    if let (SyncKind::Full, Some(tracker)) = (kind, &allocation) {
         use_allocation_map(&volume, tracker.as_ref(), geometry, reason);
     }
     match kind {

@@ -12,6 +12,7 @@ mod hardening;
 mod hostile;
 mod local;
 mod loopdev;
+mod nbd;
 mod pressure;
 mod regional;
 mod resume;
