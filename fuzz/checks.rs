@@ -198,7 +198,11 @@ fn key_text(text: &str) {
     match Psk::parse(text) {
         Ok(_) => {
             let s = secret.expect("an accepted key has ':'");
-            assert!(s.len() >= 32 && s.len() % 2 == 0 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert!(
+                s.len() >= 32
+                    && s.len().is_multiple_of(2)
+                    && s.bytes().all(|b| b.is_ascii_hexdigit())
+            );
         }
         Err(reason) => {
             // A secret-like value (8+ hex digits), not text that happens to be in the reason's own wording.

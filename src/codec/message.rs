@@ -199,7 +199,7 @@ impl Message {
                 let chunk = p.get_u64();
                 let blocks = match p.get_u8() {
                     0 if p.is_empty() => None,
-                    1 if !p.is_empty() && p.len() % 32 == 0 && p.len() / 32 <= 64 => Some(
+                    1 if !p.is_empty() && p.len().is_multiple_of(32) && p.len() / 32 <= 64 => Some(
                         (0..p.len() / 32)
                             .filter_map(|_| take_digest(&mut p))
                             .collect(),

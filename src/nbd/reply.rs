@@ -205,7 +205,7 @@ pub fn parse_chunk(kind: u16, flags: u16, payload: &[u8]) -> Result<Chunk<'_>, R
             }),
         },
         TYPE_OFFSET_HOLE => bad(format!("OFFSET_HOLE of {n} bytes, expected 12")),
-        TYPE_BLOCK_STATUS if n >= 12 && (n - 4) % 8 == 0 => {
+        TYPE_BLOCK_STATUS if n >= 12 && (n - 4).is_multiple_of(8) => {
             let mut extents = Vec::with_capacity((n - 4) / 8);
             for d in payload[4..].chunks_exact(8) {
                 let length = be32(d);

@@ -9,6 +9,11 @@
 //!   leaves a changed range out is believed, and `--verify full` repairs it and counts what it missed.
 //! - [`trust`]: the service's certificate (CA, name, an IP endpoint), a silent service (timeouts), usage errors.
 
+mod generated;
+/// The generated SnapshotMetadata server (`proto/snapshot_metadata.proto`; committed, checked by [`generated`]).
+#[allow(clippy::all, clippy::pedantic)]
+#[rustfmt::skip]
+mod pb;
 mod server;
 mod syncs;
 mod trust;

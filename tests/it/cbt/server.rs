@@ -21,11 +21,7 @@ use tokio_stream::Stream;
 use tonic::transport::{Identity, Server as TonicServer, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
-#[allow(clippy::all, clippy::pedantic)]
-mod pb {
-    include!(concat!(env!("OUT_DIR"), "/cbt-server/snapshotmetadata.rs"));
-}
-
+use super::pb;
 use pb::snapshot_metadata_server::{SnapshotMetadata, SnapshotMetadataServer};
 use pb::{
     BlockMetadata, BlockMetadataType, GetMetadataAllocatedRequest, GetMetadataAllocatedResponse,
