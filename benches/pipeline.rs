@@ -52,6 +52,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         verify: Default::default(),
         snapshot: Default::default(),
         bwlimit: None,
+        read_depth: None,
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

@@ -238,6 +238,10 @@ pub struct SourceArgs {
     /// 1024 and KB, MB, GB powers of 1000; a bare number is bytes. At least 64K.
     #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
     pub bwlimit: Option<u64>,
+    /// Reads kept in flight on the volume, 1..=256 (network disks give their throughput only with many).
+    /// Default: the number of cores for a regular file, 16 for a block device or an NBD export.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub read_depth: Option<u16>,
     /// Seconds each snapshot hook may run before it is killed (the sync then fails, retryable).
     #[arg(long, default_value_t = 60, value_parser = timeout_secs)]
     pub hook_timeout: u64,
@@ -453,6 +457,7 @@ impl SourceArgs {
             verify: Arc::new(Policy::new(self.common.verify())),
             snapshot,
             bwlimit: self.bwlimit,
+            read_depth: self.read_depth.map(usize::from),
         })
     }
 

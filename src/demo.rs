@@ -155,6 +155,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         verify: Default::default(),
         snapshot: Default::default(),
         bwlimit: None,
+        read_depth: None,
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

@@ -1,4 +1,8 @@
-//! Scanning a volume in chunk order: every core reads and hashes chunks of a segment, one thread delivers them.
+//! Scanning a volume in chunk order: every worker reads and hashes chunks of a segment, one thread delivers them.
+//!
+//! The workers are rayon's global pool (one per core), or the pool a caller gives ([`scan_in`]): the source's
+//! `--read-depth` pool, whose N threads each keep one read in flight (network disks give their throughput only
+//! with many). A pool of more than [`SEGMENT_CHUNKS`] threads scans several segments at once.
 //!
 //! Each worker reads a chunk into its own buffer and hashes it while the bytes are still in its cache: reading
 //! whole segments on one thread and hashing them on others moved every byte through memory twice, and the copy out
@@ -12,6 +16,7 @@ use std::sync::Arc;
 use std::thread;
 
 use rayon::prelude::*;
+use rayon::ThreadPool;
 
 use crate::changes::ChangedChunks;
 use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
@@ -30,8 +35,20 @@ pub fn scan(
     volume: Arc<Volume>,
     geometry: Geometry,
     bytes_read: Arc<AtomicU64>,
+    sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
+) -> Result<()> {
+    scan_in(None, volume, geometry, bytes_read, sink)
+}
+
+/// [`scan`] with the reads and hashes on `pool` (rayon's global pool without one).
+pub fn scan_in(
+    pool: Option<Arc<ThreadPool>>,
+    volume: Arc<Volume>,
+    geometry: Geometry,
+    bytes_read: Arc<AtomicU64>,
     mut sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
 ) -> Result<()> {
+    let round = SEGMENT_CHUNKS * segments_per_round(pool.as_deref());
     let (tx, rx) = sync_channel::<Result<(u64, Vec<ChunkSummary>)>>(READ_AHEAD);
     let scanner = thread::Builder::new()
         .name("scan".into())
@@ -40,12 +57,26 @@ pub fn scan(
             let count = geometry.chunk_count();
             let mut first = 0;
             while first < count {
-                let n = SEGMENT_CHUNKS.min(count - first);
-                let item = summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n)
-                    .map(|s| (first, s));
-                let failed = item.is_err();
-                if tx.send(item).is_err() || failed {
-                    return;
+                let n = round.min(count - first);
+                let item = on(pool.as_deref(), || {
+                    summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n)
+                });
+                let mut summaries = match item {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let mut at = first;
+                while !summaries.is_empty() {
+                    let rest = summaries.split_off(summaries.len().min(SEGMENT_CHUNKS as usize));
+                    let len = summaries.len() as u64;
+                    if tx.send(Ok((at, summaries))).is_err() {
+                        return;
+                    }
+                    at += len;
+                    summaries = rest;
                 }
                 first += n;
             }
@@ -60,7 +91,23 @@ pub fn scan(
     result
 }
 
-/// Summarizes chunks `first..first + n` on all cores, hashing them in place in one mapping of the segment.
+/// Segments scanned together on `pool`: enough chunks for every thread to have a read in flight.
+fn segments_per_round(pool: Option<&ThreadPool>) -> u64 {
+    pool.map_or(1, |p| {
+        (p.current_num_threads() as u64).div_ceil(SEGMENT_CHUNKS)
+    })
+}
+
+/// Runs `work` (which uses rayon's parallel iterators) on `pool`, or on the global pool without one. Only the
+/// parallel part runs inside the pool: a pool thread never waits there for a sink or a channel.
+pub fn on<T: Send>(pool: Option<&ThreadPool>, work: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(p) => p.install(work),
+        None => work(),
+    }
+}
+
+/// Summarizes chunks `first..first + n` on the current pool, hashing them in place in one mapping of the segment.
 fn summarize_segment(
     volume: &Volume,
     geometry: Geometry,
@@ -125,8 +172,10 @@ fn summarize(
 }
 
 /// Scans only the chunks in `chunks` (a change list), calling `sink` with up to [`SEGMENT_CHUNKS`] of them at a
-/// time, in order, each with its index. The same budget as [`scan`]: one buffer per worker, a few segments ahead.
+/// time, in order, each with its index, the reads and hashes on `pool` (rayon's global pool without one). The same
+/// budget as [`scan`]: one buffer per worker, a few segments ahead.
 pub fn scan_selected(
+    pool: Option<Arc<ThreadPool>>,
     volume: Arc<Volume>,
     geometry: Geometry,
     chunks: ChangedChunks,
@@ -138,20 +187,33 @@ pub fn scan_selected(
         .name("scan".into())
         .spawn(move || {
             let zeros = ZeroDigests::new(geometry);
+            let round = (SEGMENT_CHUNKS * segments_per_round(pool.as_deref())) as usize;
             let mut indices = chunks.iter().peekable();
             while indices.peek().is_some() {
-                let segment: Vec<u64> = indices.by_ref().take(SEGMENT_CHUNKS as usize).collect();
-                let item: Result<Vec<(u64, ChunkSummary)>> = segment
-                    .par_iter()
-                    .map(|&i| {
-                        // A change list's chunks are scattered: read, not mapped one by one.
-                        let s = summarize(&volume, None, geometry, &zeros, &bytes_read, i)?;
-                        Ok((i, s))
-                    })
-                    .collect();
-                let failed = item.is_err();
-                if tx.send(item).is_err() || failed {
-                    return;
+                let chunks: Vec<u64> = indices.by_ref().take(round).collect();
+                let item: Result<Vec<(u64, ChunkSummary)>> = on(pool.as_deref(), || {
+                    chunks
+                        .par_iter()
+                        .map(|&i| {
+                            // A change list's chunks are scattered: read, not mapped one by one.
+                            let s = summarize(&volume, None, geometry, &zeros, &bytes_read, i)?;
+                            Ok((i, s))
+                        })
+                        .collect()
+                });
+                let mut summaries = match item {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !summaries.is_empty() {
+                    let rest = summaries.split_off(summaries.len().min(SEGMENT_CHUNKS as usize));
+                    if tx.send(Ok(summaries)).is_err() {
+                        return;
+                    }
+                    summaries = rest;
                 }
             }
         })
@@ -199,6 +261,67 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_deeper_than_a_segment_scans_several_at_once_and_delivers_them_in_order(
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("v.img");
+        let size = 300 * 65536 + 5;
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i % 241) as u8 ^ (i >> 16) as u8)
+            .collect();
+        std::fs::write(&p, &data)?;
+        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
+        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(130).build()?);
+        assert_eq!(segments_per_round(Some(&pool)), 3);
+        let read = Arc::new(AtomicU64::new(0));
+        let mut all = Vec::new();
+        scan_in(
+            Some(pool.clone()),
+            Arc::new(Volume::open_source(&p)?),
+            g,
+            read.clone(),
+            |first, s| {
+                assert_eq!(first, all.len() as u64);
+                assert!(s.len() <= SEGMENT_CHUNKS as usize);
+                all.extend(s);
+                Ok(())
+            },
+        )?;
+        assert_eq!(all.len() as u64, g.chunk_count());
+        assert_eq!(read.load(Ordering::Relaxed), size as u64);
+        for (i, s) in all.iter().enumerate() {
+            let (off, len) = g.chunk_range(i as u64);
+            assert_eq!(
+                s.digest,
+                Digest::of(&data[off as usize..][..len]),
+                "chunk {i}"
+            );
+        }
+        let list = ChangedChunks::from_extents(&[(0, size as u64)], g)
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        let mut seen = Vec::new();
+        scan_selected(
+            Some(pool),
+            Arc::new(Volume::open_source(&p)?),
+            g,
+            list,
+            Arc::new(AtomicU64::new(0)),
+            |s| {
+                assert!(s.len() <= SEGMENT_CHUNKS as usize);
+                seen.extend(s.into_iter().map(|(i, s)| (i, s.digest)));
+                Ok(())
+            },
+        )?;
+        let expected: Vec<(u64, Digest)> = all
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as u64, s.digest))
+            .collect();
+        assert_eq!(seen, expected);
+        Ok(())
+    }
+
+    #[test]
     fn a_selected_scan_reads_only_the_listed_chunks() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let p = dir.path().join("v.img");
@@ -211,6 +334,7 @@ mod tests {
         let read = Arc::new(AtomicU64::new(0));
         let mut seen = Vec::new();
         scan_selected(
+            None,
             Arc::new(Volume::open_source(&p)?),
             g,
             list,

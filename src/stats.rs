@@ -52,6 +52,8 @@ pub struct Figures {
     pub rate_limit: AtomicU64,
     /// Bytes per second sent on the wire from connect to the end of the session (set when it ends).
     pub wire_send_rate: AtomicU64,
+    /// Source: `--read-depth`, the reads kept in flight on the volume (0: not yet known).
+    pub read_depth: AtomicU64,
     /// Source: what gave the change list (`Tracker::describe`), and why it gave none if it failed.
     pub tracker: Mutex<Option<(String, Option<String>)>>,
 }
@@ -127,6 +129,7 @@ impl Figures {
         }
         put_some(&mut m, "bwlimit", get(&self.rate_limit));
         put_some(&mut m, "wireSendRate", get(&self.wire_send_rate));
+        put_some(&mut m, "readDepth", get(&self.read_depth));
         if let Some((tracker, failure)) = self.tracker.lock().ok().and_then(|t| t.clone()) {
             m.insert("changeTracker".to_owned(), tracker);
             if let Some(why) = failure {

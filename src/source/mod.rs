@@ -1,14 +1,15 @@
 //! The source agent: reads the snapshot, announces chunk digests, answers NEEDs with the changed blocks.
 //!
 //! Pipeline (see `proto/PROTOCOL.md`, "Session"):
-//! scan (read thread + all cores hashing) -> DIGESTS within the window -> writer task -> TLS;
-//! TLS -> reader (this task) -> NEED queue -> block diff + zstd on all cores -> DATA -> writer task.
+//! scan (read thread + `--read-depth` threads reading and hashing) -> DIGESTS within the window -> writer task -> TLS;
+//! TLS -> reader (this task) -> NEED queue -> block diff + zstd on the same threads -> DATA -> writer task.
 //! The reader only enqueues; at most `window` NEEDs can be open, and the NEED queue holds that many, so the
 //! reader never blocks on the writer and the session cannot deadlock.
 //! Success means a COMMIT from the destination equal to our END: the target is durable and verified.
 
 mod credit;
 mod data;
+mod depth;
 mod plan;
 mod session;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 pub use data::{build_data, changed_chunk};
+pub use depth::{default_read_depth, MAX_READ_DEPTH, QUEUE_DEPTH};
 
 use crate::changes::Tracker;
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
@@ -45,7 +47,7 @@ use session::Session;
 const MAX_WINDOW: u32 = 1 << 16;
 /// The smallest window a destination may ask for: one scan segment.
 const MIN_WINDOW: u32 = crate::scan::SEGMENT_CHUNKS as u32;
-/// NEEDs answered together on all cores.
+/// NEEDs answered together on the read-depth pool (at least; a deeper pool takes one per thread).
 const NEED_BATCH: usize = 32;
 /// How long the reader still looks for the peer's ABORT after our writer failed (not `net::LINGER`, which is how
 /// long a side that gave up drains its peer before closing).
@@ -82,6 +84,8 @@ pub struct SourceConfig {
     pub snapshot: SnapshotConfig,
     /// `--bwlimit`: at most this many bytes per second on the wire.
     pub bwlimit: Option<u64>,
+    /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`default_read_depth`] of the volume.
+    pub read_depth: Option<usize>,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -197,6 +201,12 @@ async fn run_on(
     let volume = Arc::new(Volume::open(source, t.connect, nbd_wait)?);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
+    let depth = config
+        .read_depth
+        .unwrap_or_else(|| default_read_depth(volume.kind()));
+    let pool = depth::read_pool(depth)?;
+    figures.read_depth.store(depth as u64, Ordering::Relaxed);
+    tracing::info!("read depth {depth}: reads in flight on the volume");
     // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from
     // base:allocation (always, for full comparisons that do not verify).
     let nbd = volume.nbd_tracker();
@@ -294,6 +304,7 @@ async fn run_on(
         volume,
         geometry,
         figures,
+        pool,
         credit: Arc::new(Credit::new(u64::from(window))),
         announced: Arc::new(AtomicU64::new(0)),
         window: u64::from(window),

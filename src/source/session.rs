@@ -24,6 +24,8 @@ pub(super) struct Session {
     pub volume: Arc<Volume>,
     pub geometry: Geometry,
     pub figures: Arc<Figures>,
+    /// The `--read-depth` pool: the scan's and the servicer's reads run on it.
+    pub pool: Arc<rayon::ThreadPool>,
     pub credit: Arc<Credit>,
     pub announced: Arc<AtomicU64>,
     pub window: u64,
@@ -164,10 +166,11 @@ impl Session {
     /// chunks we answered that are still unsettled (one of them is the refused one) and hash them again.
     async fn digest_refused(&self, message: String, answered: &[u64]) -> Error {
         let candidates = self.credit.unsettled(answered);
-        let (volume, geometry) = (self.volume.clone(), self.geometry);
-        let changed =
-            tokio::task::spawn_blocking(move || changed_chunk(&volume, geometry, &candidates))
-                .await;
+        let (volume, geometry, pool) = (self.volume.clone(), self.geometry, self.pool.clone());
+        let changed = tokio::task::spawn_blocking(move || {
+            pool.install(|| changed_chunk(&volume, geometry, &candidates))
+        })
+        .await;
         match changed {
             Ok(Ok(Some(chunk))) => Error::VolumeChanged { chunk },
             Ok(Err(e)) => e,
@@ -219,6 +222,7 @@ impl Session {
             self.announced.clone(),
         );
         let (window, figures) = (self.window, self.figures.clone());
+        let pool = Some(self.pool.clone());
         let announcer = self.announcer.lock().ok().and_then(|mut a| a.take());
         tokio::task::spawn_blocking(move || {
             let Some(mut announcer) = announcer else {
@@ -245,16 +249,23 @@ impl Session {
             };
             let bytes_read = figures.bytes_read.clone();
             let scanned = match announcer.take_selection() {
-                Some(list) => {
-                    crate::scan::scan_selected(volume, geometry, list, bytes_read, |segment| {
+                Some(list) => crate::scan::scan_selected(
+                    pool,
+                    volume,
+                    geometry,
+                    list,
+                    bytes_read,
+                    |segment| {
                         let digests = segment.into_iter().map(|(c, s)| (c, s.digest)).collect();
+                        announce(&mut announcer, digests)
+                    },
+                ),
+                None => {
+                    crate::scan::scan_in(pool, volume, geometry, bytes_read, |first, summaries| {
+                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
                         announce(&mut announcer, digests)
                     })
                 }
-                None => crate::scan::scan(volume, geometry, bytes_read, |first, summaries| {
-                    let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                    announce(&mut announcer, digests)
-                }),
             };
             let r = scanned.and_then(|()| {
                 let digest = announcer.finish()?;
@@ -280,7 +291,7 @@ impl Session {
         })
     }
 
-    /// Answers NEEDs in batches, building DATA frames on all cores.
+    /// Answers NEEDs in batches, building DATA frames on the read-depth pool.
     fn spawn_servicer(
         &self,
         mut needs: mpsc::Receiver<(u64, Option<Vec<Digest>>)>,
@@ -294,12 +305,15 @@ impl Session {
             self.zstd_level,
             self.compression,
         );
+        let pool = self.pool.clone();
+        // A batch keeps every reader thread busy (and at most one chunk per thread waits to be sent).
+        let batch_size = NEED_BATCH.max(pool.current_num_threads());
         tokio::task::spawn_blocking(move || {
             let mut chooser = Chooser::new();
             let mut last = std::time::Instant::now();
             while let Some(first) = needs.blocking_recv() {
                 let mut batch = vec![first];
-                while batch.len() < NEED_BATCH {
+                while batch.len() < batch_size {
                     match needs.try_recv() {
                         Ok(n) => batch.push(n),
                         Err(_) => break,
@@ -307,15 +321,17 @@ impl Session {
                 }
                 let measured = chooser.compress();
                 let count = batch.len() as u64;
-                let frames: Vec<Result<DataFrame>> = batch
-                    .into_par_iter()
-                    .map(|(chunk, blocks)| {
-                        let level = compression
-                            .wanted(blocks.is_some(), measured)
-                            .then_some(level);
-                        build_data(&volume, geometry, chunk, blocks.as_deref(), level)
-                    })
-                    .collect();
+                let frames: Vec<Result<DataFrame>> = pool.install(|| {
+                    batch
+                        .into_par_iter()
+                        .map(|(chunk, blocks)| {
+                            let level = compression
+                                .wanted(blocks.is_some(), measured)
+                                .then_some(level);
+                            build_data(&volume, geometry, chunk, blocks.as_deref(), level)
+                        })
+                        .collect()
+                });
                 let mut raw = 0;
                 for frame in frames {
                     match frame {

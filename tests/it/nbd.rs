@@ -8,8 +8,11 @@
 //!   reads only the dirty chunks; an absent bitmap falls back to a full comparison.
 //! - [`failures`]: the export killed (`kill -9`) or frozen (`SIGSTOP`) during a sync: exit 75, status Failed.
 //! - [`bitmaps`]: what a disabled bitmap looks like over NBD (the finding in the README's "Source kinds").
+//! - [`depth`]: `--read-depth` keeps that many reads in flight, against nbdkit's delay filter (skips without
+//!   `nbdkit`).
 
 mod bitmaps;
+mod depth;
 mod failures;
 mod sync;
 
