@@ -34,7 +34,13 @@ pub const CHUNK: u64 = 65536;
 
 /// Whether the qemu tools are here; prints why not (the caller then returns: a skip).
 pub fn qemu_tools() -> bool {
-    for tool in ["qemu-nbd", "qemu-img", "qemu-io"] {
+    tools_present(&["qemu-nbd", "qemu-img", "qemu-io"], "qemu-utils")
+}
+
+/// Whether every one of `tools` answers `--version`; prints which is missing and the Debian `package` to install
+/// (the caller then returns: a skip).
+pub fn tools_present(tools: &[&str], package: &str) -> bool {
+    for tool in tools {
         let ok = Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())
@@ -42,7 +48,7 @@ pub fn qemu_tools() -> bool {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            println!("skipped: {tool} is not installed (apt-get install qemu-utils)");
+            println!("skipped: {tool} is not installed (apt-get install {package})");
             return false;
         }
     }

@@ -21,16 +21,7 @@ const RDELAY: Duration = Duration::from_millis(20);
 
 /// Whether nbdkit is here; prints why not (the caller then returns: a skip).
 fn nbdkit_present() -> bool {
-    let ok = Command::new("nbdkit")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("skipped: nbdkit is not installed (apt-get install nbdkit)");
-    }
-    ok
+    super::tools_present(&["nbdkit"], "nbdkit")
 }
 
 /// `nbdkit -f -r -U SOCKET --threads 64 --filter=delay file FILE rdelay=...`, killed on drop.
