@@ -4,7 +4,8 @@
 //! every machine (ChaCha8 from `rand_chacha`, whose output is frozen across versions).
 //! A volume is laid out in 1 MiB regions (the last one may be shorter); each region is zero,
 //! English-like text (compressible) or random bytes (incompressible). Changes overwrite 4 KiB
-//! blocks in place with fresh random bytes, so a changed block differs from its old content.
+//! blocks in place with fresh random bytes or fresh text ([`Content`]), so a changed block differs from its old
+//! content.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -146,11 +147,36 @@ pub struct Change {
     pub blocks: Vec<u64>,
 }
 
+/// What the writes of a change put in the blocks they overwrite: each write (a 4 KiB block, or a run) is
+/// English-like text with probability `text_share`, else random bytes (incompressible, as encrypted or already
+/// compressed guest data is).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Content {
+    /// Share (0..=1) of the writes whose bytes are text.
+    pub text_share: f64,
+}
+
+impl Content {
+    /// Every write random (the content of [`scattered_change`] and [`clustered_change`]).
+    pub const RANDOM: Content = Content { text_share: 0.0 };
+}
+
 /// Overwrite `round(rate * blocks)` distinct, scattered 4 KiB blocks of the first `size` bytes of
 /// `path` with seeded random bytes, in place. Works on files and block devices.
 ///
 /// `blocks` counts a trailing partial block; only its bytes below `size` are written.
 pub fn scattered_change(path: &Path, size: u64, rate: f64, seed: u64) -> io::Result<Change> {
+    scattered_change_of(path, size, rate, seed, Content::RANDOM)
+}
+
+/// [`scattered_change`] with the content of each write chosen by `content`.
+pub fn scattered_change_of(
+    path: &Path,
+    size: u64,
+    rate: f64,
+    seed: u64,
+    content: Content,
+) -> io::Result<Change> {
     let total = block_count(size)?;
     let count = changed_count(total, rate)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -162,7 +188,7 @@ pub fn scattered_change(path: &Path, size: u64, rate: f64, seed: u64) -> io::Res
     let file = OpenOptions::new().write(true).open(path)?;
     let mut buf = vec![0u8; BLOCK as usize];
     for &block in &blocks {
-        write_random_blocks(&file, &mut rng, &mut buf, block, 1, size)?;
+        write_blocks(&file, &mut rng, content, &mut buf, block, 1, size)?;
     }
     file.sync_data()?;
     Ok(Change { blocks })
@@ -179,38 +205,76 @@ pub fn clustered_change(
     run_blocks: u64,
     seed: u64,
 ) -> io::Result<Change> {
-    if run_blocks == 0 {
-        return Err(invalid("run_blocks must be at least 1"));
+    clustered_change_of(
+        path,
+        size,
+        rate,
+        (run_blocks, run_blocks),
+        seed,
+        Content::RANDOM,
+    )
+}
+
+/// [`clustered_change`] with runs of `min..=max` blocks (uniformly drawn; runs are placed in slots of `max`
+/// blocks) and the content of each run chosen by `content`.
+pub fn clustered_change_of(
+    path: &Path,
+    size: u64,
+    rate: f64,
+    (min, max): (u64, u64),
+    seed: u64,
+    content: Content,
+) -> io::Result<Change> {
+    if min == 0 || max < min {
+        return Err(invalid(format!(
+            "runs must be at least 1 block and min <= max, got {min}..={max}"
+        )));
     }
     let total = block_count(size)? as u64;
     let count = changed_count(total as usize, rate)? as u64;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let runs = count.div_ceil(run_blocks);
-    // Slots of run_blocks blocks starting at a random phase; phase 0 when the phase leaves too
-    // few slots; adjacent runs from block 0 when even that is not enough (count close to total).
-    let mut phase = rng.random_range(0..run_blocks);
-    if total.saturating_sub(phase) / run_blocks < runs {
+    let mut lengths = Vec::new();
+    let mut left = count;
+    while left > 0 {
+        let len = if min == max {
+            max
+        } else {
+            rng.random_range(min..=max)
+        };
+        lengths.push(len.min(left));
+        left -= len.min(left);
+    }
+    let runs = lengths.len() as u64;
+    // Slots of `max` blocks starting at a random phase; phase 0 when the phase leaves too few
+    // slots; adjacent runs from block 0 when even that is not enough (count close to total).
+    let mut phase = rng.random_range(0..max);
+    if total.saturating_sub(phase) / max < runs {
         phase = 0;
     }
-    let slots = total.saturating_sub(phase) / run_blocks;
+    let slots = total.saturating_sub(phase) / max;
     let mut starts: Vec<u64> = if slots < runs {
-        (0..runs).map(|run| run * run_blocks).collect()
+        // Packed: each run right after the previous one.
+        lengths
+            .iter()
+            .scan(0, |at, len| {
+                let start = *at;
+                *at += len;
+                Some(start)
+            })
+            .collect()
     } else {
         rand::seq::index::sample(&mut rng, slots as usize, runs as usize)
             .into_iter()
-            .map(|slot| phase + slot as u64 * run_blocks)
+            .map(|slot| phase + slot as u64 * max)
             .collect()
     };
     starts.sort_unstable();
     let file = OpenOptions::new().write(true).open(path)?;
-    let mut buf = vec![0u8; (run_blocks * BLOCK) as usize];
+    let mut buf = vec![0u8; (max * BLOCK) as usize];
     let mut blocks = Vec::with_capacity(count as usize);
-    let mut left = count;
-    for start in starts {
-        let len = left.min(run_blocks);
-        write_random_blocks(&file, &mut rng, &mut buf, start, len, size)?;
+    for (start, len) in starts.into_iter().zip(lengths) {
+        write_blocks(&file, &mut rng, content, &mut buf, start, len, size)?;
         blocks.extend(start..start + len);
-        left -= len;
     }
     file.sync_data()?;
     Ok(Change { blocks })
@@ -300,10 +364,11 @@ fn fill_text(rng: &mut impl Rng, buf: &mut [u8]) {
     }
 }
 
-/// Overwrite `count` blocks from `first` with random bytes, clipped at `size`.
-fn write_random_blocks(
+/// Overwrite `count` blocks from `first` with random bytes or, as `content` draws, text; clipped at `size`.
+fn write_blocks(
     file: &File,
     rng: &mut ChaCha8Rng,
+    content: Content,
     buf: &mut [u8],
     first: u64,
     count: u64,
@@ -312,7 +377,12 @@ fn write_random_blocks(
     let offset = first * BLOCK;
     let len = (count * BLOCK).min(size.saturating_sub(offset)) as usize;
     let bytes = &mut buf[..len];
-    rng.fill_bytes(bytes);
+    // No draw for all-random content: the same seed writes the same bytes as before text existed.
+    if content.text_share > 0.0 && rng.random_bool(content.text_share.min(1.0)) {
+        fill_text(rng, bytes);
+    } else {
+        rng.fill_bytes(bytes);
+    }
     file.write_all_at(bytes, offset)
 }
 
@@ -496,6 +566,50 @@ mod tests {
             clustered_change(path, 10 * BLOCK, 0.9, 8, 4)
         })?;
         assert_eq!((odd.blocks.len(), differing), (9, (0..9).collect()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_change_of_text_and_random_writes_in_runs_of_varying_length() -> io::Result<()> {
+        let size = 64 * REGION; // 16384 blocks
+        let content = Content { text_share: 0.5 };
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("v");
+        write_sample_volume(&path, &SampleSpec::mixed(size, 1))?;
+        let change = clustered_change_of(&path, size, 0.05, (4, 64), 3, content)?;
+        assert_eq!(change.blocks.len(), 819); // round(0.05 * 16384)
+        let after = std::fs::read(&path)?;
+        let is_text = |b: &u64| {
+            let block = &after[(*b * BLOCK) as usize..][..BLOCK as usize];
+            block
+                .iter()
+                .all(|c| c.is_ascii_alphabetic() || b" .\n".contains(c))
+        };
+        let text = change.blocks.iter().filter(|b| is_text(b)).count();
+        assert!(
+            (150..670).contains(&text),
+            "{text} of 819 changed blocks hold text"
+        );
+        let mut runs = vec![1u64];
+        for w in change.blocks.windows(2) {
+            match runs.last_mut() {
+                Some(r) if w[1] == w[0] + 1 => *r += 1,
+                _ => runs.push(1),
+            }
+        }
+        assert!(runs.len() >= 819 / 64, "{} runs", runs.len());
+        assert!(
+            runs.iter().any(|r| *r < 64) && runs.iter().any(|r| *r > 4),
+            "{runs:?}"
+        );
+        let (scattered, differing) =
+            observe(size, |p| scattered_change_of(p, size, 0.01, 5, content))?;
+        assert_eq!(differing, scattered.blocks);
+        let (random, _) = observe(size, |p| scattered_change(p, size, 0.01, 5))?;
+        let (same, _) = observe(size, |p| {
+            scattered_change_of(p, size, 0.01, 5, Content::RANDOM)
+        })?;
+        assert_eq!(random, same, "all-random content draws as before");
         Ok(())
     }
 

@@ -31,14 +31,18 @@ pub fn apply(
     let clustered = rate * args.clustered_share;
     let scattered = rate - clustered;
     let mut blocks = Vec::new();
+    let content = sample::Content {
+        text_share: args.change_text_share,
+    };
     if scattered > 0.0 {
         let seed = args.seed.wrapping_add(1 + index);
-        blocks.extend(sample::scattered_change(volume, size, scattered, seed)?.blocks);
+        blocks.extend(sample::scattered_change_of(volume, size, scattered, seed, content)?.blocks);
     }
     if clustered > 0.0 {
         let seed = args.seed.wrapping_add(1001 + index);
         blocks.extend(
-            sample::clustered_change(volume, size, clustered, args.run_blocks, seed)?.blocks,
+            sample::clustered_change_of(volume, size, clustered, args.run_blocks, seed, content)?
+                .blocks,
         );
     }
     blocks.sort_unstable();
@@ -54,17 +58,24 @@ pub fn describe(args: &BenchArgs, rates: &[f64]) -> String {
         .map(|r| format!("{}%", trim_float(*r)))
         .collect::<Vec<_>>()
         .join(", ");
+    let runs = match args.run_blocks {
+        (min, max) if min == max => format!("{min}"),
+        (min, max) => format!("{min}-{max}"),
+    };
     let how = if args.clustered_share <= 0.0 {
         "scattered 4 KiB writes".to_owned()
     } else {
         format!(
-            "{:.0}% scattered 4 KiB writes, {:.0}% in runs of {} blocks",
+            "{:.0}% scattered 4 KiB writes, {:.0}% in runs of {runs} blocks",
             (1.0 - args.clustered_share) * 100.0,
             args.clustered_share * 100.0,
-            args.run_blocks
         )
     };
-    format!("{rates} of 4 KiB blocks, {how}")
+    let content = match args.change_text_share {
+        t if t <= 0.0 => "random bytes".to_owned(),
+        t => format!("{:.0}% of the writes text, the rest random", t * 100.0),
+    };
+    format!("{rates} of 4 KiB blocks, {how}; {content}")
 }
 
 /// The byte ranges `(offset, length)` of sorted, distinct `blocks`, adjacent blocks merged, the last clipped to

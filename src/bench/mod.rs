@@ -55,9 +55,19 @@ pub struct BenchArgs {
     /// writes.
     #[arg(long, default_value_t = 0.0)]
     pub clustered_share: f64,
-    /// Length of a clustered run, in 4 KiB blocks.
-    #[arg(long, default_value_t = 16)]
-    pub run_blocks: u64,
+    /// Length of a clustered run, in 4 KiB blocks: `N`, or `MIN-MAX` for lengths drawn uniformly between.
+    #[arg(long, default_value = "16", value_parser = parse_runs)]
+    pub run_blocks: (u64, u64),
+    /// Fraction (0..=1) of the change's writes (4 KiB blocks or runs) that write English-like text instead of
+    /// random bytes.
+    #[arg(long, default_value_t = 0.0)]
+    pub change_text_share: f64,
+    /// A preset workload, which replaces the region shares, --clustered-share, --run-blocks and
+    /// --change-text-share: `vm` (zeros, text, random 1:1:1; half the change in scattered 4 KiB writes, half in
+    /// runs of 16-256 KiB; half the writes text), `text` (text-heavy: 1:4:1, 90% of the writes text), `random`
+    /// (random-heavy: 1:1:4, every write random).
+    #[arg(long, value_enum)]
+    pub workload: Option<Workload>,
     /// Use this existing volume (file or block device) instead of a generated one; needs --target.
     #[arg(long, requires = "target")]
     pub volume: Option<PathBuf>,
@@ -115,12 +125,61 @@ pub struct BenchArgs {
     /// would give it. The volume's directory (--dir) must be on XFS or btrfs.
     #[arg(long, requires = "delta")]
     pub reflink: bool,
+    /// A flag for every blockmover source, e.g. `--source-arg=--zstd-level=3` or `--source-arg=--compress=always`;
+    /// repeat for more.
+    #[arg(long, allow_hyphen_values = true)]
+    pub source_arg: Vec<String>,
     /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,
 }
 
+/// The preset workloads of `--workload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// A VM disk: zeros, text and random regions alike; half the writes text.
+    Vm,
+    /// Text-heavy: mostly text regions, 90% of the writes text.
+    Text,
+    /// Random-heavy: mostly random regions, every write random.
+    Random,
+}
+
+/// `N` or `MIN-MAX` blocks.
+fn parse_runs(text: &str) -> Result<(u64, u64), String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{t:?} is not a number of blocks: {e}"))
+    };
+    let (min, max) = match text.split_once('-') {
+        Some((a, b)) => (number(a)?, number(b)?),
+        None => (number(text)?, number(text)?),
+    };
+    if min == 0 || max < min {
+        return Err(format!("runs need 1 <= MIN <= MAX blocks, not {text}"));
+    }
+    Ok((min, max))
+}
+
 impl BenchArgs {
+    /// These arguments with `--workload`'s preset applied.
+    fn resolved(mut self) -> Self {
+        let Some(w) = self.workload else {
+            return self;
+        };
+        let (shares, text) = match w {
+            Workload::Vm => ([1.0, 1.0, 1.0], 0.5),
+            Workload::Text => ([1.0, 4.0, 1.0], 0.9),
+            Workload::Random => ([1.0, 1.0, 4.0], 0.0),
+        };
+        [self.zero_share, self.text_share, self.random_share] = shares;
+        self.change_text_share = text;
+        self.clustered_share = 0.5;
+        self.run_blocks = (4, 64);
+        self
+    }
+
     /// The volume sizes to run, MiB: --sizes with --sweep, else --size-mib.
     fn size_list(&self) -> &[u64] {
         if self.sweep {
@@ -163,7 +222,10 @@ impl BenchArgs {
             (0.0..=1.0).contains(&self.clustered_share),
             "--clustered-share must be between 0 and 1"
         );
-        ensure!(self.run_blocks > 0, "--run-blocks must be at least 1");
+        ensure!(
+            (0.0..=1.0).contains(&self.change_text_share),
+            "--change-text-share must be between 0 and 1"
+        );
         ensure!(
             self.interval.is_finite() && self.interval >= 0.0,
             "--interval must be a number of seconds"
@@ -196,6 +258,7 @@ impl BenchArgs {
 
 /// Runs the benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let args = args.resolved();
     args.validate()?;
     tokio::task::spawn_blocking(move || run_blocking(&args))
         .await
