@@ -43,7 +43,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         volume: volume.to_owned().into(),
         psk: psk.clone(),
         chunk_size: DEFAULT_CHUNK_SIZE,
-        zstd_level: 1,
+        zstd_level: Some(1),
         compression: Default::default(),
         timeouts: Timeouts::default(),
         identity: "default/demo".into(),

@@ -248,6 +248,37 @@ pub fn data_payload(data: &[u8]) {
     data_frame(&d, chunk_len);
 }
 
+/// A lane's parts (`u16` LE raw_len, `u16` LE part length, the part; repeated) decoded in order by one lane
+/// decoder: each part decodes to exactly its raw_len or is refused with a one-line error, and after a refusal
+/// nothing more is decoded (a session ends at its first bad DATA).
+pub fn lane_parts(data: &[u8]) {
+    let Ok(mut decoder) = blockmover::zstream::Decoder::new() else {
+        return;
+    };
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let raw_len = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
+        let n = usize::from(u16::from_le_bytes([rest[2], rest[3]])).min(rest.len() - 4);
+        let part = &rest[4..4 + n];
+        rest = &rest[4 + n..];
+        lane_part(&mut decoder, part, raw_len);
+    }
+}
+
+/// [`lane_parts`]'s property for one part; false once the lane refused it.
+pub fn lane_part(decoder: &mut blockmover::zstream::Decoder, part: &[u8], raw_len: usize) -> bool {
+    match decoder.decompress(part, raw_len) {
+        Ok(raw) => {
+            assert_eq!(raw.len(), raw_len);
+            true
+        }
+        Err(e) => {
+            assert!(!e.contains('\n'), "multi-line error: {e}");
+            false
+        }
+    }
+}
+
 /// [`data_payload`]'s property for one frame.
 pub fn data_frame(d: &DataFrame, chunk_len: usize) {
     match decode_payload(d, chunk_len) {

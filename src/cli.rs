@@ -205,9 +205,10 @@ pub struct SourceArgs {
     /// First-level chunk size in bytes (power of two, 4096..=262144).
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u32,
-    /// zstd compression level for changed blocks (1..=22).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=22))]
-    pub zstd_level: i32,
+    /// zstd compression level (1..=22). Without it, `--compress auto` chooses it during the sync (from 1, up to 9
+    /// while the link is what the sync waits for), and the other modes use 1.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_level: Option<i32>,
     /// When to compress: auto (changed blocks always; whole chunks of a first sync when that measures faster
     /// than sending them raw), always (fewest bytes), never (links faster than zstd).
     #[arg(long, value_enum, default_value_t = CompressArg::Auto)]

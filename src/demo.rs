@@ -146,7 +146,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         volume: volume.to_owned().into(),
         psk: psk.clone(),
         chunk_size: blockmover::chunk::DEFAULT_CHUNK_SIZE,
-        zstd_level: 1,
+        zstd_level: None,
         compression: Default::default(),
         timeouts: Timeouts::default(),
         identity: "default/demo".into(),

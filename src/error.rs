@@ -117,6 +117,9 @@ pub enum Error {
     /// The point-in-time copy (`--snapshot`) could not be taken.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// zstd could not set up or run a compression lane (out of memory, in practice).
+    #[error("compression: {0}")]
+    Compression(String),
     /// The state directory (`--state-dir`) cannot be used.
     #[error("state: {0}")]
     State(String),
@@ -264,9 +267,11 @@ impl Error {
         match self {
             Error::VersionMismatch { .. } => AbortCode::Version,
             Error::TargetTooSmall { .. } => AbortCode::TargetTooSmall,
-            Error::Io { .. } | Error::Open { .. } | Error::Status(_) | Error::State(_) => {
-                AbortCode::Io
-            }
+            Error::Io { .. }
+            | Error::Open { .. }
+            | Error::Status(_)
+            | Error::State(_)
+            | Error::Compression(_) => AbortCode::Io,
             Error::TargetInUse { .. } => AbortCode::Busy,
             Error::DigestMismatch { .. } | Error::VolumeDigestMismatch { .. } => AbortCode::Digest,
             // Both are cured by a later sync (from a snapshot; once the other writer is gone): the peer may retry.
@@ -289,6 +294,11 @@ impl Error {
             | Error::TargetMounted { .. } => AbortCode::Config,
             _ => AbortCode::Protocol,
         }
+    }
+
+    /// A compression lane's zstd error.
+    pub fn compression(source: io::Error) -> Self {
+        Error::Compression(source.to_string())
     }
 
     /// Wraps a socket error with the phase it happened in, turning a bare EOF into [`Error::PeerClosed`].

@@ -31,5 +31,6 @@ pub mod stats;
 pub mod status;
 pub mod tls;
 pub mod volume;
+pub mod zstream;
 
 pub use error::{Error, Result};

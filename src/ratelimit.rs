@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 /// The smallest limit accepted: below it, one DATA frame would take longer than a phase timeout to leave.
 pub const MIN_RATE: u64 = 64 * 1024;
 
+/// The least a write waits for (a full TLS record), unless it asks for less.
+const USEFUL: f64 = 16.0 * 1024.0;
+
 /// A token bucket of bytes.
 #[derive(Debug)]
 pub struct Bucket {
@@ -41,17 +44,20 @@ impl Bucket {
         (self.rate as f64 / 50.0).max(16.0 * 1024.0)
     }
 
-    /// How many of `want` bytes may be written now (at least 1 when any is), or how long to wait before any may.
+    /// How many of `want` bytes may be written now, or how long to wait before a useful amount may: a write waits
+    /// until the bucket holds `want` or [`USEFUL`] bytes (whichever is less), so that a writer woken by a trickle
+    /// of tokens does not send a few hundred bytes per system call (measured: 152k `sendto` calls and 9.8 s of
+    /// system time for a 122 MiB sync at 12 MiB/s before this).
     pub fn take(&mut self, want: usize, now: Instant) -> Result<usize, Duration> {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.burst());
-        if self.tokens >= 1.0 {
+        let useful = (want.max(1) as f64).min(USEFUL).min(self.burst());
+        if self.tokens >= useful {
             Ok(want.min(self.tokens as usize))
         } else {
-            // Wait for a useful amount (a TLS record), not for one byte at a time.
-            let need = (16.0 * 1024.0f64).min(self.burst()) - self.tokens;
-            Err(Duration::from_secs_f64(need / self.rate as f64))
+            let wait = Duration::from_secs_f64((useful - self.tokens) / self.rate as f64);
+            Err(wait.max(Duration::from_micros(1)))
         }
     }
 
@@ -112,6 +118,39 @@ mod tests {
             .contains("at least 64K"));
         assert!(parse_rate("5X").expect_err("unit").contains("unknown unit"));
         assert!(parse_rate("fast").is_err());
+    }
+
+    #[test]
+    fn a_writer_polled_often_gets_whole_records_not_a_trickle() {
+        let rate = 12 << 20;
+        let mut b = Bucket::new(rate);
+        let start = Instant::now();
+        let (mut now, mut writes, mut sent) = (start, 0u64, 0u64);
+        // A writer that asks again 50 us after every write or wait, for one simulated second.
+        while now < start + Duration::from_secs(1) {
+            match b.take(64 << 10, now) {
+                Ok(n) => {
+                    assert!(n >= 16 << 10, "a write of {n} bytes");
+                    b.spend(n);
+                    (writes, sent) = (writes + 1, sent + n as u64);
+                }
+                Err(wait) => now += wait,
+            }
+            now += Duration::from_micros(50);
+        }
+        assert!(
+            writes <= sent / (16 << 10),
+            "{writes} writes for {sent} bytes"
+        );
+        assert!(
+            sent >= rate - (64 << 10),
+            "sent {sent} in a second at {rate}/s"
+        );
+        assert_eq!(
+            b.take(100, now + Duration::from_secs(1)),
+            Ok(100),
+            "a small write waits only for itself"
+        );
     }
 
     #[test]

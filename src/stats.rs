@@ -54,6 +54,10 @@ pub struct Figures {
     pub wire_send_rate: AtomicU64,
     /// Source: `--read-depth`, the reads kept in flight on the volume (0: not yet known).
     pub read_depth: AtomicU64,
+    /// Source: the zstd level of the compression lanes now, and the highest used in the sync (0: none yet).
+    pub zstd_level: AtomicU64,
+    /// See `zstd_level`.
+    pub zstd_level_max: AtomicU64,
     /// Source: what gave the change list (`Tracker::describe`), and why it gave none if it failed.
     pub tracker: Mutex<Option<(String, Option<String>)>>,
 }
@@ -84,6 +88,14 @@ impl Figures {
             .store(u64::from(geometry.chunk_size()), Ordering::Relaxed);
         self.chunks_total
             .store(geometry.chunk_count(), Ordering::Relaxed);
+    }
+
+    /// Records the level the lanes compress at next, and the highest so far.
+    pub fn set_zstd_level(&self, level: i32, highest: i32) {
+        self.zstd_level
+            .store(level.max(0) as u64, Ordering::Relaxed);
+        self.zstd_level_max
+            .fetch_max(highest.max(0) as u64, Ordering::Relaxed);
     }
 
     /// Records the agreed volume digest.
@@ -130,6 +142,8 @@ impl Figures {
         put_some(&mut m, "bwlimit", get(&self.rate_limit));
         put_some(&mut m, "wireSendRate", get(&self.wire_send_rate));
         put_some(&mut m, "readDepth", get(&self.read_depth));
+        put_some(&mut m, "zstdLevel", get(&self.zstd_level));
+        put_some(&mut m, "zstdLevelMax", get(&self.zstd_level_max));
         if let Some((tracker, failure)) = self.tracker.lock().ok().and_then(|t| t.clone()) {
             m.insert("changeTracker".to_owned(), tracker);
             if let Some(why) = failure {

@@ -552,6 +552,50 @@ fn fuzz_target_entry_points_accept_any_bytes() {
         checks::handshake(&rt, &input);
         checks::data_payload(&input);
         checks::nbd_reply(&input);
+        checks::lane_parts(&input);
+    });
+}
+
+#[test]
+fn lane_parts_decode_in_order_to_raw_len_and_a_mutated_part_is_refused_or_exact() {
+    run_cases("lane parts", 300, |rng| {
+        let mut encoder = blockmover::zstream::Encoder::new(rng.random_range(1..=6)).expect("lane");
+        let mut decoder = blockmover::zstream::Decoder::new().expect("lane");
+        let parts = rng.random_range(1..8);
+        for i in 0..parts {
+            let len = rng.random_range(1..=65536);
+            let raw: Vec<u8> = if rng.random() {
+                bytes(rng, len)
+            } else {
+                (0..len)
+                    .map(|k| b"the volume of blocks "[(k * 3 + i) % 21])
+                    .collect()
+            };
+            let mut part = encoder.compress(&raw).expect("compress");
+            let mutate = rng.random_ratio(1, 3);
+            if mutate && !part.is_empty() {
+                let at = rng.random_range(0..part.len());
+                part[at] ^= 1 << rng.random_range(0..8);
+            }
+            match decoder.decompress(&part, raw.len()) {
+                // A flipped bit may still decode (zstd has no checksum here; BLAKE3 of the rebuilt chunk is the
+                // check): to exactly raw_len bytes, never more.
+                Ok(out) => {
+                    assert_eq!(out.len(), raw.len());
+                    if !mutate {
+                        assert_eq!(out, raw, "an intact part decodes to its data");
+                    }
+                }
+                Err(e) => {
+                    assert!(mutate, "an intact part of lane was refused: {e}");
+                    assert!(!e.contains('\n'), "{e}");
+                }
+            }
+            if mutate {
+                // The session ends at the chunk that does not verify: no later part is decoded.
+                break;
+            }
+        }
     });
 }
 

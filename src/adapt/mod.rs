@@ -12,6 +12,10 @@
 //! 16, 32, … epochs: the interval doubles while the choice holds and starts again at 8 when it flips, since what
 //! the link and the data allow changes during a sync.
 
+mod level;
+
+pub use level::{Levels, MAX_LEVEL, MIN_LEVEL};
+
 use std::time::Duration;
 
 /// Frames at the start of an epoch that are not measured (what the pipeline holds of the previous mode: the
@@ -24,6 +28,8 @@ const FIRST_PROBE: u32 = 8;
 /// Compression is chosen only when it measured this much faster than raw: epochs are short (tens of
 /// milliseconds on a fast link) and a shared machine is noisy, and when it is a close call raw costs less CPU.
 const MARGIN: f64 = 1.2;
+/// Share of an epoch spent waiting on the writer above which the link is what the sync waits for.
+const LINK_BOUND: f64 = 0.5;
 /// Probes never come further apart than this many epochs.
 const LAST_PROBE: u32 = 64;
 
@@ -43,6 +49,11 @@ pub struct Chooser {
     /// The mode chosen before a probe started (a probe returns to it unless the probe wins).
     chosen: bool,
     probing: bool,
+    /// This epoch's time waiting on the writer, and its wall time.
+    waited: Duration,
+    wall: Duration,
+    /// The lanes' level is above the lowest (see [`Chooser::record`]).
+    raised: bool,
 }
 
 impl Default for Chooser {
@@ -52,18 +63,23 @@ impl Default for Chooser {
 }
 
 impl Chooser {
-    /// Starts with raw chunks (they cost no CPU), and measures compressed ones in the second epoch.
+    /// Starts with compressed chunks and measures raw ones in the second epoch: on a slow link (what regional
+    /// replication runs over) a first epoch of raw chunks sends up to 56 MiB uncompressed; on a fast one, a first
+    /// epoch compressed costs only some CPU.
     pub fn new() -> Self {
         Chooser {
-            compress: false,
+            compress: true,
             rate: [None, None],
             frames: 0,
             bytes: 0,
             elapsed: Duration::ZERO,
             until_probe: 0,
             interval: FIRST_PROBE,
-            chosen: false,
+            chosen: true,
             probing: false,
+            waited: Duration::ZERO,
+            wall: Duration::ZERO,
+            raised: false,
         }
     }
 
@@ -77,8 +93,20 @@ impl Chooser {
         (self.rate[0], self.rate[1])
     }
 
-    /// Records `frames` frames holding `raw_bytes` of data, answered in `elapsed` in the current mode.
-    pub fn record(&mut self, frames: u64, raw_bytes: u64, elapsed: Duration) {
+    /// Records `frames` frames holding `raw_bytes` of data, answered in `elapsed` in the current mode, of which
+    /// `waited` handing them to the writer. `raised`: the compression level is above the lowest, which it only
+    /// reached waiting on the link: raw chunks cannot be faster while it has room to come down.
+    pub fn record(
+        &mut self,
+        frames: u64,
+        raw_bytes: u64,
+        elapsed: Duration,
+        waited: Duration,
+        raised: bool,
+    ) {
+        self.raised = raised;
+        self.waited += waited;
+        self.wall += elapsed;
         let before = self.frames;
         self.frames += frames;
         if self.frames > WARM_FRAMES {
@@ -94,6 +122,16 @@ impl Chooser {
     }
 
     fn end_epoch(&mut self) {
+        let link_bound =
+            self.raised || self.waited.as_secs_f64() > LINK_BOUND * self.wall.as_secs_f64();
+        (self.waited, self.wall) = (Duration::ZERO, Duration::ZERO);
+        if self.compress && link_bound {
+            // Compressed chunks already wait for the link: raw ones, more bytes over the same link, cannot be
+            // faster, and probing them would send a whole epoch (56 MiB) uncompressed. Stay, and probe later.
+            (self.frames, self.bytes, self.elapsed) = (0, 0, Duration::ZERO);
+            self.choose(true);
+            return;
+        }
         let secs = self.elapsed.as_secs_f64().max(1e-6);
         self.rate[usize::from(self.compress)] = Some(self.bytes as f64 / secs);
         (self.frames, self.bytes, self.elapsed) = (0, 0, Duration::ZERO);
@@ -152,7 +190,7 @@ mod tests {
                 let rate = if mode { zstd } else { raw } * 1048576.0;
                 for _ in 0..(WARM_FRAMES + MEASURED_FRAMES) / 32 {
                     let elapsed = Duration::from_secs_f64(32.0 * frame as f64 / rate);
-                    chooser.record(32, 32 * frame, elapsed);
+                    chooser.record(32, 32 * frame, elapsed, Duration::ZERO, false);
                 }
                 mode
             })
@@ -166,8 +204,8 @@ mod tests {
         let modes = run(&mut c, 40, 900.0, 500.0);
         assert_eq!(
             &modes[..2],
-            &[false, true],
-            "raw first, then a probe of zstd"
+            &[true, false],
+            "zstd first, then a probe of raw"
         );
         let compressed = modes.iter().filter(|m| **m).count();
         assert!(
@@ -207,6 +245,22 @@ mod tests {
     }
 
     #[test]
+    fn compressed_chunks_waiting_on_the_link_are_never_probed_raw() {
+        let mut c = Chooser::new();
+        for _ in 0..20 * (WARM_FRAMES + MEASURED_FRAMES) / 32 {
+            assert!(c.compress(), "a raw probe on a link-bound sync");
+            c.record(
+                32,
+                32 * 65536,
+                Duration::from_millis(100),
+                Duration::from_millis(70),
+                false,
+            );
+        }
+        assert_eq!(c.rates(), (None, None), "nothing to measure against");
+    }
+
+    #[test]
     fn a_close_call_stays_raw() {
         let mut c = Chooser::new();
         let modes = run(&mut c, 30, 500.0, 550.0);
@@ -222,25 +276,47 @@ mod tests {
     fn the_warm_up_of_an_epoch_is_not_measured() {
         let mut c = Chooser::new();
         // Warm-up frames are slow (the queue still holds another mode's frames), measured ones are fast.
-        c.record(WARM_FRAMES, WARM_FRAMES * 65536, Duration::from_secs(100));
+        c.record(
+            WARM_FRAMES,
+            WARM_FRAMES * 65536,
+            Duration::from_secs(100),
+            Duration::ZERO,
+            false,
+        );
         c.record(
             MEASURED_FRAMES,
             MEASURED_FRAMES * 65536,
             Duration::from_secs(1),
+            Duration::ZERO,
+            false,
         );
-        let (raw, _) = c.rates();
-        assert_eq!(raw, Some((MEASURED_FRAMES * 65536) as f64));
+        let (_, zstd) = c.rates();
+        assert_eq!(zstd, Some((MEASURED_FRAMES * 65536) as f64));
         // A batch that straddles the warm-up boundary counts only its measured share.
         let mut c = Chooser::new();
-        c.record(WARM_FRAMES - 16, 0, Duration::from_secs(100));
-        c.record(32, 32 * 65536, Duration::from_secs(2));
+        c.record(
+            WARM_FRAMES - 16,
+            0,
+            Duration::from_secs(100),
+            Duration::ZERO,
+            false,
+        );
+        c.record(
+            32,
+            32 * 65536,
+            Duration::from_secs(2),
+            Duration::ZERO,
+            false,
+        );
         c.record(
             MEASURED_FRAMES - 16,
             (MEASURED_FRAMES - 16) * 65536,
             Duration::from_secs(1),
+            Duration::ZERO,
+            false,
         );
-        let (raw, _) = c.rates();
+        let (_, zstd) = c.rates();
         let expected = (MEASURED_FRAMES * 65536) as f64 / 2.0;
-        assert!((raw.unwrap_or(0.0) - expected).abs() < 2.0, "{raw:?}");
+        assert!((zstd.unwrap_or(0.0) - expected).abs() < 2.0, "{zstd:?}");
     }
 }

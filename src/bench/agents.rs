@@ -68,6 +68,8 @@ pub struct Agents {
     runs: u32,
     /// `source --bwlimit` for every sync.
     bwlimit: Option<u64>,
+    /// More `source` flags for every sync (`bench --source-arg`).
+    source_args: Vec<String>,
 }
 
 impl Agents {
@@ -100,7 +102,14 @@ impl Agents {
             psk,
             runs: 0,
             bwlimit: None,
+            source_args: Vec::new(),
         })
+    }
+
+    /// Every source runs with these flags too.
+    pub fn with_source_args(mut self, args: &[String]) -> Self {
+        self.source_args = args.to_vec();
+        self
     }
 
     /// Every source runs with `--bwlimit rate`.
@@ -187,6 +196,7 @@ impl Agents {
         if let Some(rate) = self.bwlimit {
             scmd.arg("--bwlimit").arg(rate.to_string());
         }
+        scmd.args(&self.source_args);
         let start = Instant::now();
         let mut source = ChildGuard::spawn(
             "blockmover source",

@@ -100,6 +100,9 @@ pub struct SyncRow {
     pub verified: bool,
     /// blockmover's source: wire bytes sent per second from connect to the end of the session (`wireSendRate`).
     pub wire_send_rate: Option<u64>,
+    /// blockmover's source: the zstd level of its compression lanes at the end and the highest it used
+    /// (`zstdLevel`, `zstdLevelMax`); none when nothing was compressed.
+    pub zstd_levels: Option<(u64, u64)>,
 }
 
 /// Everything one bench run measured.
@@ -319,6 +322,31 @@ pub fn table(report: &Report) -> String {
                 bytes(rate),
                 rate as f64 * 100.0 / limit as f64
             );
+        }
+    }
+    let levels: Vec<String> = report
+        .syncs
+        .iter()
+        .filter_map(|r| {
+            let (last, highest) = r.zstd_levels?;
+            Some(format!(
+                "  {:>9} {:<11} {:<21} level {last} at the end, {highest} at most; sent {} in {}",
+                bytes(r.volume_bytes),
+                r.kind.name(),
+                r.tool,
+                bytes(r.wire_sent),
+                secs(r.duration_secs)
+            ))
+        })
+        .collect();
+    if !levels.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "zstd level of the compression lanes (chosen during the sync unless --zstd-level is given):"
+        );
+        for line in levels {
+            let _ = writeln!(out, "{line}");
         }
     }
     let latency = latency_lines(&report.syncs, report.rtt_ms);

@@ -37,7 +37,9 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     let raw = hashrate::measure();
     let mut bench = Bench {
         args,
-        agents: Agents::new(dir)?.with_bwlimit(args.bwlimit),
+        agents: Agents::new(dir)?
+            .with_bwlimit(args.bwlimit)
+            .with_source_args(&args.source_arg),
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
@@ -460,6 +462,7 @@ impl Bench<'_> {
                 .then(|| 2.0 * size as f64 / secs / self.raw.bytes_per_sec),
             verified: true,
             wire_send_rate: s.src("wireSendRate"),
+            zstd_levels: s.src("zstdLevel").zip(s.src("zstdLevelMax")),
         });
         Ok(())
     }
@@ -506,6 +509,7 @@ impl Bench<'_> {
             hashed_share_of_raw: None,
             verified: true,
             wire_send_rate: None,
+            zstd_levels: None,
         });
         Ok(())
     }

@@ -103,6 +103,7 @@ impl Message {
                 dst.put_u8(match d.encoding {
                     Encoding::Raw => 0,
                     Encoding::Zstd => 1,
+                    Encoding::Lane(n) => 2 + n,
                 });
                 dst.put_u32(d.raw_len);
                 tail = Some(&d.payload);
@@ -224,6 +225,7 @@ impl Message {
                 let encoding = match p.get_u8() {
                     0 => Encoding::Raw,
                     1 => Encoding::Zstd,
+                    e if usize::from(e) < 2 + crate::zstream::MAX_LANES => Encoding::Lane(e - 2),
                     e => return Err(Error::Protocol(format!("DATA has unknown encoding {e}"))),
                 };
                 let raw_len = p.get_u32();

@@ -20,8 +20,9 @@ pub use frame::{check_header, decode_frame, parse_frame, FrameReader, FrameWrite
 /// First two bytes of every frame ("BM"). Frozen.
 pub const MAGIC: [u8; 2] = *b"BM";
 /// The protocol version this build speaks (the version log is in `proto/PROTOCOL.md`). Version 2 added the source's
-/// identity to HELLO and the ABORT code `Busy`; version 3 the delta offer in HELLO and the session's kind in READY.
-pub const VERSION: u8 = 3;
+/// identity to HELLO and the ABORT code `Busy`; version 3 the delta offer in HELLO and the session's kind in READY;
+/// version 4 the compression lanes (DATA encodings `2 + lane`).
+pub const VERSION: u8 = 4;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.
@@ -107,6 +108,8 @@ pub enum Encoding {
     Raw,
     /// One zstd frame of the concatenated blocks.
     Zstd,
+    /// The next part of compression lane `n`'s zstd stream (`n < zstream::MAX_LANES`; wire encoding `2 + n`).
+    Lane(u8),
 }
 
 /// The changed blocks of one chunk.

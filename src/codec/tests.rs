@@ -116,6 +116,29 @@ fn every_message_roundtrips() {
         raw_len: 8192,
         payload: Bytes::from_static(b"abc"),
     }));
+    for lane in 0..crate::zstream::MAX_LANES as u8 {
+        roundtrip(Message::Data(DataFrame {
+            chunk: 9,
+            send_mask: 1,
+            zero_mask: 0,
+            encoding: Encoding::Lane(lane),
+            raw_len: 4096,
+            payload: Bytes::from_static(b"lane part"),
+        }));
+    }
+    let mut past = BytesMut::new();
+    Message::Data(DataFrame {
+        chunk: 9,
+        send_mask: 1,
+        zero_mask: 0,
+        encoding: Encoding::Lane(crate::zstream::MAX_LANES as u8 - 1),
+        raw_len: 4096,
+        payload: Bytes::from_static(b"x"),
+    })
+    .encode(&mut past);
+    past[super::HEADER_LEN + 24] += 1; // the encoding byte: lane MAX_LANES
+    let err = parse_frame(&mut past).expect_err("no such lane");
+    assert!(err.to_string().contains("unknown encoding 6"), "{err}");
     roundtrip(Message::End {
         chunk_count: 2,
         volume_size: 3,
@@ -147,12 +170,12 @@ fn absurd_length_is_rejected_before_the_payload_arrives() {
 fn other_version_is_a_version_mismatch() {
     let mut buf = BytesMut::new();
     Message::Ack { through: 1 }.encode(&mut buf);
-    buf[2] = 2;
+    buf[2] = 3;
     let err = parse_frame(&mut buf).expect_err("must reject");
-    assert!(matches!(err, Error::VersionMismatch { peer: 2, ours: 3 }));
+    assert!(matches!(err, Error::VersionMismatch { peer: 3, ours: 4 }));
     assert!(
         err.to_string()
-            .contains("peer speaks version 2, this build speaks version 3"),
+            .contains("peer speaks version 3, this build speaks version 4"),
         "{err}"
     );
 }

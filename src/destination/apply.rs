@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::basis::Basis;
 use super::finals::FinalDigests;
 use super::flush::Flusher;
-use super::verify::{runs, verify_and_write};
+use super::verify::{decode_lanes, runs, verify_and_write};
 use crate::chunk::{
     block_digests, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
 };
@@ -81,6 +81,8 @@ pub struct Apply {
     read_back: bool,
     /// The target's size when the session opened it: another writer that truncates or extends it shows here.
     target_size: u64,
+    /// The decoders of the source's compression lanes, created when a lane is first used.
+    lanes: Vec<Option<crate::zstream::Decoder>>,
 }
 
 impl Apply {
@@ -137,6 +139,7 @@ impl Apply {
             end: None,
             zero_run: None,
             flusher: None,
+            lanes: (0..crate::zstream::MAX_LANES).map(|_| None).collect(),
         }
     }
 
@@ -449,7 +452,8 @@ impl Apply {
 
     /// Verifies a batch of DATA frames on all cores; each worker writes the data blocks of the chunks it verified,
     /// and zero blocks are then issued in order (merged into runs).
-    fn on_data(&mut self, batch: Vec<DataFrame>) -> Result<()> {
+    fn on_data(&mut self, mut batch: Vec<DataFrame>) -> Result<()> {
+        let wire = decode_lanes(&mut batch, &mut self.lanes)?;
         let mut claimed = Vec::with_capacity(batch.len());
         for d in batch {
             let Some((expected, target_zero)) = self.open.remove(&d.chunk) else {
@@ -473,7 +477,7 @@ impl Apply {
         if self.flusher.is_none() {
             self.flusher = Some(Flusher::new(self.target.clone())?);
         }
-        for ((d, expected, _), result) in claimed.into_iter().zip(written) {
+        for (((d, expected, _), result), wire) in claimed.into_iter().zip(written).zip(wire) {
             result?;
             if let Some(f) = &mut self.flusher {
                 f.wrote(u64::from(d.raw_len));
@@ -489,7 +493,7 @@ impl Apply {
             add(&f.blocks_sent, u64::from(d.send_mask.count_ones()));
             add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
             add(&f.data_bytes, u64::from(d.raw_len));
-            add(&f.compressed_bytes, d.payload.len() as u64);
+            add(&f.compressed_bytes, wire as u64);
             self.finals.push(d.chunk, expected)?;
         }
         Ok(())

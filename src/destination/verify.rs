@@ -8,6 +8,7 @@ use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
+use crate::zstream::Decoder;
 
 /// Rebuilds a chunk (the target's bytes with the DATA's blocks replaced or zeroed), checks it against the source's
 /// digest, and only then writes its data blocks. Zero blocks are left to the caller. Buffers are per worker thread:
@@ -63,6 +64,45 @@ pub fn verify_and_write(
     })
 }
 
+/// Decodes the lane payloads of `frames` (the order they arrived in) with the session's lane decoders, lanes in
+/// parallel, each lane's parts in order; each becomes a raw payload. Returns the payload sizes as they arrived.
+pub fn decode_lanes(frames: &mut [DataFrame], lanes: &mut [Option<Decoder>]) -> Result<Vec<usize>> {
+    use rayon::prelude::*;
+    let wire = frames.iter().map(|d| d.payload.len()).collect();
+    let mut work: Vec<(&mut Option<Decoder>, Vec<&mut DataFrame>)> =
+        lanes.iter_mut().map(|l| (l, Vec::new())).collect();
+    for d in frames.iter_mut() {
+        if let Encoding::Lane(n) = d.encoding {
+            match work.get_mut(usize::from(n)) {
+                Some((_, list)) => list.push(d),
+                None => {
+                    return Err(Error::Protocol(format!(
+                        "DATA for chunk {}: lane {n} does not exist",
+                        d.chunk
+                    )))
+                }
+            }
+        }
+    }
+    work.into_par_iter()
+        .filter(|(_, list)| !list.is_empty())
+        .try_for_each(|(decoder, list)| {
+            let decoder = match decoder {
+                Some(d) => d,
+                None => decoder.insert(Decoder::new().map_err(Error::compression)?),
+            };
+            for d in list {
+                let raw = decoder
+                    .decompress(&d.payload, d.raw_len as usize)
+                    .map_err(|why| Error::Protocol(format!("DATA for chunk {}: {why}", d.chunk)))?;
+                d.payload = bytes::Bytes::from(raw);
+                d.encoding = Encoding::Raw;
+            }
+            Ok::<(), Error>(())
+        })?;
+    Ok(wire)
+}
+
 /// Checks a DATA frame's masks and lengths against its chunk and decodes its payload (zstd capped at `raw_len`).
 pub fn decode_payload(d: &DataFrame, chunk_len: usize) -> Result<Vec<u8>> {
     let mut scratch = Vec::new();
@@ -102,6 +142,9 @@ fn decoded<'a>(d: &'a DataFrame, chunk_len: usize, scratch: &'a mut Vec<u8>) -> 
         Encoding::Zstd if d.payload.len() >= expected => {
             Err(bad("a zstd payload no smaller than its raw data".into()))
         }
+        Encoding::Lane(n) => Err(bad(format!(
+            "a part of lane {n} that was not decoded in the lane's order"
+        ))),
         Encoding::Zstd => match decompress(&d.payload, expected, scratch) {
             Ok(n) if n == expected => Ok(&scratch[..n]),
             Ok(n) => Err(bad(format!(

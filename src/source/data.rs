@@ -5,9 +5,10 @@ use rayon::prelude::*;
 
 use crate::chunk::{block_range, is_zero, Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{DataFrame, Encoding};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
+use crate::zstream::Encoder;
 
 pub(super) fn count_data(figures: &Figures, d: &DataFrame) {
     add(&figures.chunks_changed, 1);
@@ -37,8 +38,9 @@ pub fn changed_chunk(
 }
 
 /// Builds the DATA answer to a NEED: the blocks whose digests differ from the target's (or, for a target chunk of
-/// zeros, the non-zero blocks); zero blocks become marks; with a `zstd_level`, the payload is zstd when that is
-/// smaller, else raw.
+/// zeros, the non-zero blocks); zero blocks become marks. The payload is raw; with `compress`, the second value says
+/// whether it is worth compressing (a probe of it compresses, see [`compressible`]), and the caller compresses it
+/// in a lane (`crate::zstream`).
 ///
 /// The chunk is read again, not taken from the scan: on a snapshot it holds the bytes the scan hashed. On a live
 /// volume it may not, and the destination then refuses the rebuilt chunk (its digest is checked before anything is
@@ -48,8 +50,8 @@ pub fn build_data(
     geometry: Geometry,
     chunk: u64,
     target_blocks: Option<&[Digest]>,
-    zstd_level: Option<i32>,
-) -> Result<DataFrame> {
+    compress: Option<i32>,
+) -> Result<(DataFrame, bool)> {
     let (offset, len) = geometry.chunk_range(chunk);
     // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
     // where it was read; otherwise the blocks that travel are moved to the front.
@@ -84,22 +86,52 @@ pub fn build_data(
         // frame waits to be sent (and have every NEED take fresh, kernel-zeroed pages).
         raw.shrink_to_fit();
     }
-    let raw_len = raw.len() as u32;
-    let (encoding, payload) = match zstd_level
-        .filter(|l| compressible(&raw, *l))
-        .map(|l| compress(&raw, l))
-    {
-        Some(Ok(z)) if z.len() < raw.len() => (Encoding::Zstd, Bytes::from(z)),
-        _ => (Encoding::Raw, Bytes::from(raw)),
-    };
-    Ok(DataFrame {
+    let worth = kept > 0 && compress.is_some_and(|level| compressible(&raw, level));
+    let frame = DataFrame {
         chunk,
         send_mask,
         zero_mask,
-        encoding,
-        raw_len,
-        payload,
-    })
+        encoding: Encoding::Raw,
+        raw_len: raw.len() as u32,
+        payload: Bytes::from(raw),
+    };
+    Ok((frame, worth))
+}
+
+/// Compresses the payloads of `frames` marked worth it into lanes: the marked frames are dealt round-robin to
+/// `encoders` (one lane each, created at `level` on first use) and each lane compresses its frames in order, the
+/// lanes in parallel. Frames keep their order; each lane's parts are in the order the destination must decode them.
+pub fn compress_in_lanes(
+    frames: &mut [(DataFrame, bool)],
+    encoders: &mut [Option<Encoder>],
+    level: i32,
+) -> Result<()> {
+    let lanes = encoders.len().max(1);
+    let mut work: Vec<(usize, &mut Option<Encoder>, Vec<&mut DataFrame>)> = encoders
+        .iter_mut()
+        .enumerate()
+        .map(|(l, e)| (l, e, Vec::new()))
+        .collect();
+    for (i, (frame, _)) in frames.iter_mut().filter(|(_, worth)| *worth).enumerate() {
+        work[i % lanes].2.push(frame);
+    }
+    work.into_par_iter()
+        .filter(|(_, _, f)| !f.is_empty())
+        .try_for_each(|(lane, encoder, frames)| {
+            let encoder = match encoder {
+                Some(e) => e,
+                None => encoder.insert(Encoder::new(level).map_err(Error::compression)?),
+            };
+            encoder.set_level(level).map_err(Error::compression)?;
+            for frame in frames {
+                let part = encoder
+                    .compress(&frame.payload)
+                    .map_err(Error::compression)?;
+                frame.payload = Bytes::from(part);
+                frame.encoding = Encoding::Lane(lane as u8);
+            }
+            Ok(())
+        })
 }
 
 /// Bytes compressed as a probe before compressing a whole payload.
@@ -159,21 +191,74 @@ mod tests {
         }
         let (volume, g) = volume_of(&dir, &data)?;
 
-        let random = build_data(&volume, g, 0, None, Some(1))?;
+        let mut frames = vec![
+            build_data(&volume, g, 0, None, Some(1))?,
+            build_data(&volume, g, 1, None, Some(1))?,
+            build_data(&volume, g, 1, None, None)?,
+        ];
+        assert_eq!(
+            frames.iter().map(|(_, worth)| *worth).collect::<Vec<_>>(),
+            [false, true, false],
+            "the probe finds random data not worth compressing; without a level nothing is"
+        );
+        let mut lanes = vec![None, None];
+        compress_in_lanes(&mut frames, &mut lanes, 1)?;
+        let (random, text) = (&frames[0].0, &frames[1].0);
         assert_eq!(random.encoding, Encoding::Raw);
         assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
         assert_eq!(&random.payload[..], &data[..65536]);
-
-        let text = build_data(&volume, g, 1, None, Some(1))?;
-        assert_eq!(text.encoding, Encoding::Zstd);
+        assert_eq!(text.encoding, Encoding::Lane(0));
         assert_eq!(text.raw_len, 65536);
         assert!(
             text.payload.len() < 65536 / 8,
             "{} bytes",
             text.payload.len()
         );
-        let back = zstd::bulk::decompress(&text.payload, 65536)?;
+        let back = crate::zstream::Decoder::new()?
+            .decompress(&text.payload, 65536)
+            .map_err(anyhow::Error::msg)?;
         assert_eq!(&back[..], &data[65536..]);
+        assert_eq!(frames[2].0.encoding, Encoding::Raw);
+        assert!(
+            lanes[0].is_some() && lanes[1].is_none(),
+            "a lane starts when first used"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn lanes_take_the_frames_worth_compressing_in_turn_and_each_decodes_in_order(
+    ) -> anyhow::Result<()> {
+        let words =
+            b"every block of the snapshot travels once, compressed against the ones before it ";
+        let chunks = 6;
+        let data: Vec<u8> = (0..chunks * 65536)
+            .map(|i| words[(i * 7 / 5) % words.len()])
+            .collect();
+        let dir = tempfile::tempdir()?;
+        let (volume, g) = volume_of(&dir, &data)?;
+        let mut frames = (0..chunks as u64)
+            .map(|c| build_data(&volume, g, c, None, Some(3)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut lanes: Vec<Option<Encoder>> = vec![None, None];
+        compress_in_lanes(&mut frames, &mut lanes, 3)?;
+        let encodings: Vec<Encoding> = frames.iter().map(|(d, _)| d.encoding).collect();
+        use Encoding::Lane;
+        assert_eq!(
+            encodings,
+            [Lane(0), Lane(1), Lane(0), Lane(1), Lane(0), Lane(1)]
+        );
+        let mut decoders = [
+            crate::zstream::Decoder::new()?,
+            crate::zstream::Decoder::new()?,
+        ];
+        for (c, (d, _)) in frames.iter().enumerate() {
+            let Lane(n) = d.encoding else { unreachable!() };
+            let raw = decoders[n as usize]
+                .decompress(&d.payload, 65536)
+                .map_err(anyhow::Error::msg)?;
+            assert_eq!(raw, &data[c * 65536..][..65536]);
+        }
         Ok(())
     }
 
@@ -188,7 +273,7 @@ mod tests {
         let mut theirs = block_digests(&data);
         theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
         theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
-        let d = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
+        let (d, _) = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
         assert_eq!(d.send_mask, 1 << 10);
         assert_eq!(d.zero_mask, 1 << 1);
         assert_eq!(d.raw_len, 4096);

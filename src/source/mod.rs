@@ -64,8 +64,9 @@ pub struct SourceConfig {
     pub psk: Psk,
     /// First-level chunk size.
     pub chunk_size: u32,
-    /// zstd level for DATA payloads.
-    pub zstd_level: i32,
+    /// zstd level for DATA payloads; `None`: chosen during the sync under [`Compression::Auto`] (from 1, see
+    /// `adapt::Levels`), level 1 otherwise.
+    pub zstd_level: Option<i32>,
     /// When DATA payloads are compressed.
     pub compression: Compression,
     /// Network phase limits.

@@ -3,22 +3,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::credit::Credit;
-use super::data::{build_data, changed_chunk, count_data};
+use super::data::{build_data, changed_chunk, compress_in_lanes, count_data};
 use super::plan::Announcer;
 use super::{Compression, SyncReport, ABORT_LOOKOUT, NEED_BATCH};
-use crate::adapt::Chooser;
+use crate::adapt::{Chooser, Levels, MIN_LEVEL};
 use crate::chunk::{Digest, Geometry};
-use crate::codec::{AbortCode, DataFrame, FrameReader, Message, MAX_DIGESTS_PER_FRAME};
+use crate::codec::{AbortCode, DataFrame, Encoding, FrameReader, Message, MAX_DIGESTS_PER_FRAME};
 use crate::error::{Error, Result};
 use crate::net::{tell_peer, within, Outbox, ABORT_GRACE};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
+use crate::zstream::{Encoder, MAX_LANES};
 
 pub(super) struct Session {
     pub volume: Arc<Volume>,
@@ -29,7 +30,7 @@ pub(super) struct Session {
     pub credit: Arc<Credit>,
     pub announced: Arc<AtomicU64>,
     pub window: u64,
-    pub zstd_level: i32,
+    pub zstd_level: Option<i32>,
     pub compression: Compression,
     /// What the scanner announces; taken by it when the session starts.
     pub announcer: Mutex<Option<Announcer>>,
@@ -310,7 +311,12 @@ impl Session {
         let batch_size = NEED_BATCH.max(pool.current_num_threads());
         tokio::task::spawn_blocking(move || {
             let mut chooser = Chooser::new();
-            let mut last = std::time::Instant::now();
+            let mut levels = Levels::new(
+                level.unwrap_or(MIN_LEVEL),
+                level.is_none() && compression == Compression::Auto,
+            );
+            let mut encoders: Vec<Option<Encoder>> = (0..lane_count()).map(|_| None).collect();
+            let mut last = Instant::now();
             while let Some(first) = needs.blocking_recv() {
                 let mut batch = vec![first];
                 while batch.len() < batch_size {
@@ -321,8 +327,10 @@ impl Session {
                 }
                 let measured = chooser.compress();
                 let count = batch.len() as u64;
-                let frames: Vec<Result<DataFrame>> = pool.install(|| {
-                    batch
+                let level = levels.level();
+                let (mut compressing, mut sample) = (Duration::ZERO, None);
+                let built: Result<Vec<(DataFrame, bool)>> = pool.install(|| {
+                    let mut frames = batch
                         .into_par_iter()
                         .map(|(chunk, blocks)| {
                             let level = compression
@@ -330,30 +338,52 @@ impl Session {
                                 .then_some(level);
                             build_data(&volume, geometry, chunk, blocks.as_deref(), level)
                         })
-                        .collect()
+                        .collect::<Result<Vec<_>>>()?;
+                    sample = frames
+                        .iter()
+                        .find(|(_, w)| *w)
+                        .map(|(d, _)| d.payload.clone());
+                    let start = Instant::now();
+                    compress_in_lanes(&mut frames, &mut encoders, level)?;
+                    compressing = start.elapsed();
+                    Ok(frames)
                 });
-                let mut raw = 0;
-                for frame in frames {
-                    match frame {
-                        Ok(d) => {
-                            count_data(&figures, &d);
-                            raw += u64::from(d.raw_len);
-                            if outbox.blocking_send(Message::Data(d)).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = fail.send(e);
-                            return;
-                        }
+                let frames = match built {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let _ = fail.send(e);
+                        return;
                     }
+                };
+                let (mut raw, mut waiting, mut lanes) = (0, Duration::ZERO, 0);
+                for (d, _) in frames {
+                    count_data(&figures, &d);
+                    raw += u64::from(d.raw_len);
+                    if matches!(d.encoding, Encoding::Lane(_)) {
+                        lanes += u64::from(d.raw_len);
+                    }
+                    let start = Instant::now();
+                    if outbox.blocking_send(Message::Data(d)).is_err() {
+                        return;
+                    }
+                    waiting += start.elapsed();
                 }
-                let now = std::time::Instant::now();
-                chooser.record(count, raw, now - last);
+                let now = Instant::now();
+                chooser.record(count, raw, now - last, waiting, levels.level() > MIN_LEVEL);
+                let next = levels.record(compressing, waiting, now - last, lanes, sample);
+                figures.set_zstd_level(next, levels.highest());
                 last = now;
             }
         })
     }
+}
+
+/// Compression lanes: one per core, at most [`MAX_LANES`]. Fewer lanes would give each more context (smaller
+/// payloads) but compress a full sync's chunks on fewer cores.
+fn lane_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_LANES)
 }
 
 /// Consecutive chunks as DIGESTS frames: `(first, digests)` per run.

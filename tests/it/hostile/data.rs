@@ -62,6 +62,32 @@ async fn zstd_bomb_answering_a_need_is_refused_at_the_block_size_and_not_written
 }
 
 #[tokio::test]
+async fn a_lane_part_sent_without_the_parts_before_it_is_refused_and_not_written() -> Result<()> {
+    let site = site(21)?;
+    let rebuilt = chunk_0_rebuilt(&site)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    need_chunk_0(&mut peer, &site, Digest::of(&rebuilt)).await?;
+    // The right block, as the second part of lane 1: its first part (the frame header, the window the second
+    // part refers to) never came.
+    let mut lane = blockmover::zstream::Encoder::new(1)?;
+    lane.compress(&[0x5Au8; 4096])?;
+    let second = lane.compress(&rebuilt[..4096])?;
+    peer.send(&Message::Data(DataFrame {
+        chunk: 0,
+        send_mask: 1,
+        zero_mask: 0,
+        encoding: Encoding::Lane(1),
+        raw_len: 4096,
+        payload: Bytes::from(second),
+    }))
+    .await?;
+    let needle = "DATA for chunk 0: the lane does not decode";
+    let got = refused(&site, dest, peer, 1, needle).await?;
+    aborted(&got, AbortCode::Protocol, needle)
+}
+
+#[tokio::test]
 async fn data_not_hashing_to_the_announced_digest_is_a_digest_mismatch_and_not_written(
 ) -> Result<()> {
     let site = site(11)?;
