@@ -78,6 +78,11 @@ impl Levels {
         self.level
     }
 
+    /// Whether the level adapts and stands above the lowest (which it only leaves while the link is the wait).
+    pub fn raised(&self) -> bool {
+        self.adapt && self.level > MIN_LEVEL
+    }
+
     /// The highest level used so far.
     pub fn highest(&self) -> i32 {
         self.highest
@@ -257,6 +262,8 @@ mod tests {
             fixed.record(Duration::ZERO, 90 * MS, 100 * MS, 1000, Some(r.clone()));
         }
         assert_eq!((fixed.level(), fixed.highest()), (3, 3));
+        assert!(!fixed.raised(), "a fixed level says nothing about the link");
+        assert!(l.raised());
         assert_eq!(
             Levels::new(15, true).level(),
             MAX_LEVEL,

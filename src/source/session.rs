@@ -369,7 +369,7 @@ impl Session {
                     waiting += start.elapsed();
                 }
                 let now = Instant::now();
-                chooser.record(count, raw, now - last, waiting, levels.level() > MIN_LEVEL);
+                chooser.record(count, raw, now - last, waiting, levels.raised());
                 let next = levels.record(compressing, waiting, now - last, lanes, sample);
                 figures.set_zstd_level(next, levels.highest());
                 last = now;
