@@ -11,6 +11,7 @@ mod agents;
 mod cache;
 mod change;
 mod chart;
+mod coldscan;
 mod compare;
 mod delay;
 mod files;

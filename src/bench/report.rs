@@ -127,6 +127,8 @@ pub struct Report {
     pub bwlimit: Option<u64>,
     /// Every sync, in the order run.
     pub syncs: Vec<SyncRow>,
+    /// With `--cold`: each side's cold scan rate next to dd's direct read rate of the same file.
+    pub cold_scans: Vec<super::coldscan::ColdScan>,
     /// Comparisons that were asked for but could not run, with the reason.
     pub skipped: Vec<String>,
     /// How to read the figures.
@@ -358,6 +360,29 @@ pub fn table(report: &Report) -> String {
         );
         for line in latency {
             let _ = writeln!(out, "  {line}");
+        }
+    }
+    if !report.cold_scans.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "cold stateless scan vs dd if=FILE iflag=direct bs=1M (same file, this run):"
+        );
+        for c in &report.cold_scans {
+            let dd = c
+                .dd_direct_bytes_per_sec
+                .map_or("O_DIRECT refused".to_owned(), |d| {
+                    format!("{}/s", bytes(d as u64))
+                });
+            let ratio = c
+                .ratio()
+                .map_or(String::new(), |r| format!(", {:.0}% of dd", r * 100.0));
+            let _ = writeln!(
+                out,
+                "  {}: scan {}/s, dd {dd}{ratio}",
+                c.side,
+                bytes(c.scan_bytes_per_sec as u64)
+            );
         }
     }
     if !report.skipped.is_empty() {

@@ -47,6 +47,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         cached: Vec::new(),
     };
     let mut skipped = Vec::new();
+    let mut cold_scans = Vec::new();
     let device_volume = match &args.volume {
         Some(v) => is_block_device(v)?,
         None => false,
@@ -123,6 +124,14 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                 prepare_target(&target, spec.size)?;
                 bench.size_run(&volume, &target, spec.size, SyncKind::Full, &rates, true)?;
             }
+            if args.cold {
+                for (side, file) in [("source volume", &volume), ("destination target", &target)] {
+                    eprintln!(
+                        "bench: measuring the cold scan of the {side} against dd iflag=direct"
+                    );
+                    cold_scans.push(super::coldscan::measure(side, file)?);
+                }
+            }
             let sum = args.zero_share + args.text_share + args.random_share;
             let share = |s: f64| format!("{:.0}%", s / sum * 100.0);
             (
@@ -187,6 +196,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         rtt_ms: args.rtt_ms,
         bwlimit: args.bwlimit,
         syncs: bench.rows,
+        cold_scans,
         skipped,
         notes,
     })

@@ -16,6 +16,7 @@
 //! point-in-time image the server says it is (a backup job's export of a running VM).
 
 mod claim;
+mod direct;
 mod target;
 
 use std::fmt;
@@ -25,6 +26,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use direct::{resident, DIRECT_ALIGN};
 use target::device_is_read_only;
 pub use target::same_file;
 
@@ -121,6 +123,9 @@ pub struct Volume {
     allocated: std::sync::OnceLock<Vec<(u64, u64)>>,
     /// For an NBD export: the dirty bitmap asked for.
     dirty_bitmap: Option<String>,
+    /// The same file opened with `O_DIRECT`, for cold scans ([`Volume::read_direct`]); `None` inside when the
+    /// file system refuses it (tmpfs) or for an NBD export.
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 impl Volume {
@@ -169,6 +174,7 @@ impl Volume {
             file_writes: std::sync::Mutex::new(()),
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: dirty_bitmap.clone(),
+            direct: std::sync::OnceLock::new(),
         })
     }
 
@@ -221,6 +227,7 @@ impl Volume {
             file_writes: std::sync::Mutex::new(()),
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: None,
+            direct: std::sync::OnceLock::new(),
         })
     }
 

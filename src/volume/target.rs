@@ -67,6 +67,7 @@ impl Volume {
             file_writes: std::sync::Mutex::new(()),
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: None,
+            direct: std::sync::OnceLock::new(),
         })
     }
 

@@ -1,0 +1,92 @@
+//! Cold reads: `O_DIRECT` reads of what is not in the page cache, so a cold scan neither fills nor thrashes it.
+//!
+//! A scan maps each segment; [`resident`] (`mincore`) tells whether the map's pages are all cached. The ones
+//! that are hash in place from the map; the others are read with [`Volume::read_direct`] into aligned, reused
+//! buffers, large reads on every worker of the scan's pool. Where `O_DIRECT` is refused (tmpfs: `EINVAL` at open
+//! or at the first read), `read_direct` answers `None` and the scan reads through the map as before.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use super::{Backend, Volume};
+use crate::error::Result;
+
+/// `O_DIRECT` alignment asked of offsets, lengths and buffers (the largest logical block size in use).
+pub const DIRECT_ALIGN: u64 = 4096;
+
+impl Volume {
+    /// The `O_DIRECT` handle, opened on first use; `None` when refused or for an NBD export.
+    fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                let Backend::File(_) = &self.backend else {
+                    return None;
+                };
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&self.path)
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    /// Reads `len` bytes at `offset` into `buf[..len]`, bypassing the page cache. `buf` must be page-aligned
+    /// with room for `len` rounded up to [`DIRECT_ALIGN`] (the volume may end unaligned) and `offset` a multiple of
+    /// [`DIRECT_ALIGN`]. `None`: `O_DIRECT` is not available here (or the request is not aligned): read another way.
+    pub fn read_direct(&self, buf: &mut [u8], len: usize, offset: u64) -> Option<Result<()>> {
+        let aligned = (len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        if !offset.is_multiple_of(DIRECT_ALIGN)
+            || !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN as usize)
+            || aligned > buf.len() as u64
+        {
+            return None;
+        }
+        let file = self.direct_file()?;
+        let mut done = 0usize;
+        while done < len {
+            let at = offset + done as u64;
+            if !(done as u64).is_multiple_of(DIRECT_ALIGN) {
+                // A short unaligned read before the end: finish through the page cache.
+                return Some(
+                    file.read_exact_at(&mut buf[done..len], at)
+                        .map_err(|e| self.io_err("read", at, e)),
+                );
+            }
+            match file.read_at(&mut buf[done..aligned as usize], at) {
+                Ok(0) => {
+                    let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Some(Err(self.io_err("read", at, eof)));
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Opened, but the file system refuses direct reads.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done == 0 => return None,
+                Err(e) => return Some(Err(self.io_err("read", at, e))),
+            }
+        }
+        Some(Ok(()))
+    }
+}
+
+/// Whether every page of `map` is in the page cache (`mincore`); false if the kernel cannot tell.
+pub fn resident(map: &[u8]) -> bool {
+    // x86-64 and most arm64 kernels: 4 KiB pages (a larger page only makes this answer false: read direct).
+    let page = DIRECT_ALIGN as usize;
+    if map.is_empty() || !(map.as_ptr() as usize).is_multiple_of(page) {
+        return false;
+    }
+    let mut pages = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: `map` is a live mapping of `map.len()` bytes at a page-aligned address, and `pages` has one byte
+    // per page of it, which is what mincore writes.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            pages.as_mut_ptr(),
+        )
+    };
+    rc == 0 && pages.iter().all(|p| p & 1 == 1)
+}
