@@ -32,6 +32,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         schedule: None,
         metrics: None,
         read_back: false,
+        direct_reads: false,
         state: Arc::new(Store::none()),
         verify: Default::default(),
     };
@@ -53,6 +54,7 @@ async fn sync(volume: &Path, target: &Path, psk: &Psk) -> u64 {
         snapshot: Default::default(),
         bwlimit: None,
         read_depth: None,
+        direct_reads: false,
     };
     let figures = Arc::new(Figures::default());
     source::run(&sconfig, figures.clone())

@@ -94,6 +94,11 @@ pub struct Common {
     /// duration (90s, 30m, 12h, 7d), or never.
     #[arg(long, value_name = "N|DURATION", default_value = "24h", value_parser = blockmover::delta::Every::parse)]
     pub verify_every: blockmover::delta::Every,
+    /// Scans read the parts of the volume (source) or target (destination) that are not in the page cache with
+    /// O_DIRECT, in 1 MiB reads, instead of through the cache (a cold scan then reads at the storage's rate and
+    /// does not fill the cache; the chunks a sync sends are read again from storage).
+    #[arg(long)]
+    pub direct_reads: bool,
 }
 
 /// `--verify` values.
@@ -410,6 +415,7 @@ impl DestinationArgs {
             serve: self.serve,
             timeouts: self.common.timeouts(),
             read_back: self.read_back,
+            direct_reads: self.common.direct_reads,
             state: self.common.state(self.serve)?,
             verify: self.common.verify(),
         })
@@ -459,6 +465,7 @@ impl SourceArgs {
             snapshot,
             bwlimit: self.bwlimit,
             read_depth: self.read_depth.map(usize::from),
+            direct_reads: self.common.direct_reads,
         })
     }
 

@@ -135,6 +135,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         schedule: None,
         metrics: None,
         read_back: false,
+        direct_reads: false,
         state: Arc::new(Store::none()),
         verify: Default::default(),
     };
@@ -156,6 +157,7 @@ async fn sync_once(dir: &Path, volume: &Path, target: &Path, psk: &Psk) -> anyho
         snapshot: Default::default(),
         bwlimit: None,
         read_depth: None,
+        direct_reads: false,
     };
     let figures = Arc::new(Figures::default());
     let start = Instant::now();

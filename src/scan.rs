@@ -126,7 +126,7 @@ fn summarize_segment(
     let (last, last_len) = geometry.chunk_range(first + n - 1);
     let map = volume.map(start, last + last_len as u64 - start);
     let mapped = map.as_deref().map(|m| (start, m));
-    let cold = map.as_deref().is_some_and(|m| !resident(m));
+    let cold = volume.direct_reads() && map.as_deref().is_some_and(|m| !resident(m));
     let groups: Vec<Vec<ChunkSummary>> = (0..n.div_ceil(DIRECT_CHUNKS))
         .into_par_iter()
         .map(|g| {
@@ -428,6 +428,11 @@ mod tests {
         Ok(())
     }
 
+    fn direct(mut v: Volume) -> Volume {
+        v.set_direct_reads(true);
+        v
+    }
+
     /// Writes `size` bytes of varied data (zero chunks too) at `p`, written back and dropped from the cache.
     fn cold_file(p: &std::path::Path, size: usize) -> anyhow::Result<Vec<u8>> {
         let mut data: Vec<u8> = (0..size)
@@ -476,7 +481,7 @@ mod tests {
         let size = 150 * 65536 + 777;
         let data = cold_file(&p, size)?;
         let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let (cold, read) = scan_all(Volume::open_source(&p)?, g)?;
+        let (cold, read) = scan_all(direct(Volume::open_source(&p)?), g)?;
         assert_eq!(read, size as u64);
         assert_digests(&cold, &data, g);
         let vol = Volume::open_source(&p)?;
@@ -520,7 +525,7 @@ mod tests {
         let dev_path = std::path::Path::new(&dev.0);
         evict(dev_path)?;
         let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let (cold, read) = scan_all(Volume::open_source(dev_path)?, g)?;
+        let (cold, read) = scan_all(direct(Volume::open_source(dev_path)?), g)?;
         assert_eq!(read, size as u64);
         assert_digests(&cold, &data, g);
         assert!(!resident(

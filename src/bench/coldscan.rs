@@ -40,7 +40,8 @@ impl ColdScan {
 
 /// Measures `path` cold: dd's direct rate first, then the scan's, each after an eviction.
 pub fn measure(side: &str, path: &Path) -> anyhow::Result<ColdScan> {
-    let volume = Volume::open_source(path)?;
+    let mut volume = Volume::open_source(path)?;
+    volume.set_direct_reads(true);
     let size = volume.size();
     cache::evict(path)?;
     let dd = dd_direct(&volume)?;

@@ -68,6 +68,8 @@ pub struct DestinationConfig {
     /// After the final fsync, read the whole target back and check its volume digest against the source's (one
     /// more read of the volume's size; catches another writer of the target during the sync).
     pub read_back: bool,
+    /// Scans read the parts of the target not in the page cache with `O_DIRECT` (`--direct-reads`).
+    pub direct_reads: bool,
     /// Where the manifest of the target is kept between syncs (a state directory, memory, or nowhere).
     pub state: Arc<Store>,
     /// When to compare in full although a delta is possible.
@@ -90,7 +92,8 @@ impl Bound {
 /// Opens the target (exclusively: see [`Volume::open_target`]) and binds the listener, so that an unusable target
 /// or a second destination on it is reported at start-up, and the caller learns the address before any sync.
 pub async fn bind(config: &DestinationConfig) -> Result<Bound> {
-    let target = Volume::open_target(&config.target)?;
+    let mut target = Volume::open_target(&config.target)?;
+    target.set_direct_reads(config.direct_reads);
     // This volume is a destination now: a manifest this state directory kept while it was a source describes an
     // image it sent, not what a later failback writes here.
     config

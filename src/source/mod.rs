@@ -87,6 +87,8 @@ pub struct SourceConfig {
     pub bwlimit: Option<u64>,
     /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`default_read_depth`] of the volume.
     pub read_depth: Option<usize>,
+    /// Scans read the parts of the volume not in the page cache with `O_DIRECT` (`--direct-reads`).
+    pub direct_reads: bool,
 }
 
 /// When the source compresses DATA payloads (a payload whose probe does not compress always travels raw).
@@ -199,7 +201,9 @@ async fn run_on(
     // An NBD reply is waited for half the idle timeout: a frozen export is reported as such, before the
     // destination's silence (it waits for the digests the frozen export holds up) is.
     let nbd_wait = (t.idle / 2).max(Duration::from_secs(1));
-    let volume = Arc::new(Volume::open(source, t.connect, nbd_wait)?);
+    let mut volume = Volume::open(source, t.connect, nbd_wait)?;
+    volume.set_direct_reads(config.direct_reads);
+    let volume = Arc::new(volume);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
     let depth = config

@@ -16,6 +16,16 @@ use crate::error::Result;
 pub const DIRECT_ALIGN: u64 = 4096;
 
 impl Volume {
+    /// Lets scans read the segments that are not in the page cache with `O_DIRECT` (see `scan`).
+    pub fn set_direct_reads(&mut self, on: bool) {
+        self.direct_reads = on;
+    }
+
+    /// Whether scans may read cold segments with `O_DIRECT`.
+    pub fn direct_reads(&self) -> bool {
+        self.direct_reads
+    }
+
     /// The `O_DIRECT` handle, opened on first use; `None` when refused or for an NBD export.
     fn direct_file(&self) -> Option<&File> {
         self.direct

@@ -126,6 +126,8 @@ pub struct Volume {
     /// The same file opened with `O_DIRECT`, for cold scans ([`Volume::read_direct`]); `None` inside when the
     /// file system refuses it (tmpfs) or for an NBD export.
     direct: std::sync::OnceLock<Option<File>>,
+    /// Scans read segments that are not in the page cache with `O_DIRECT` (`--direct-reads`; off by default).
+    direct_reads: bool,
 }
 
 impl Volume {
@@ -175,6 +177,7 @@ impl Volume {
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: dirty_bitmap.clone(),
             direct: std::sync::OnceLock::new(),
+            direct_reads: false,
         })
     }
 
@@ -228,6 +231,7 @@ impl Volume {
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: None,
             direct: std::sync::OnceLock::new(),
+            direct_reads: false,
         })
     }
 

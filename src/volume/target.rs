@@ -68,6 +68,7 @@ impl Volume {
             allocated: std::sync::OnceLock::new(),
             dirty_bitmap: None,
             direct: std::sync::OnceLock::new(),
+            direct_reads: self.direct_reads,
         })
     }
 
