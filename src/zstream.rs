@@ -55,11 +55,6 @@ impl Encoder {
         })
     }
 
-    /// The level the lane compresses at.
-    pub fn level(&self) -> i32 {
-        self.level
-    }
-
     /// Changes the level for the payloads that follow. zstd takes a new level only at the start of a frame (a change
     /// within one is ignored in single-threaded mode, measured: 1 -> 6 mid-frame packed exactly as 1), so the next
     /// part ends the lane's frame and starts a new one at the new level; that part's window starts empty.

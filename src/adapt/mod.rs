@@ -14,7 +14,7 @@
 
 mod level;
 
-pub use level::{Levels, MAX_LEVEL, MIN_LEVEL};
+pub use level::{Levels, MIN_LEVEL};
 
 use std::time::Duration;
 
