@@ -30,6 +30,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const EXIT_RETRYABLE: u8 = 75;
 
 fn main() -> ExitCode {
+    // mimalloc asks for transparent huge pages on its arenas (`madvise(MADV_HUGEPAGE)`), and it purges freed pages
+    // back to the kernel: every purged range touched again was a fresh 2 MiB page zeroed whole. That zeroing was
+    // 17% of a destination's CPU in a change-list delta sync (2753 changed chunks, `perf`), and turning it off
+    // here took that sync from 0.48 s to 0.39 s (medians of six alternated runs). The agents' buffers are small and
+    // short-lived: 4 KiB pages cost them nothing. Best effort: a kernel without the prctl keeps the default.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     let filter =
         EnvFilter::try_from_env("BLOCKMOVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
