@@ -70,6 +70,8 @@ pub struct Agents {
     bwlimit: Option<u64>,
     /// More `source` flags for every sync (`bench --source-arg`).
     source_args: Vec<String>,
+    /// More `destination` flags for every sync (`bench --destination-arg`).
+    destination_args: Vec<String>,
 }
 
 impl Agents {
@@ -103,12 +105,19 @@ impl Agents {
             runs: 0,
             bwlimit: None,
             source_args: Vec::new(),
+            destination_args: Vec::new(),
         })
     }
 
     /// Every source runs with these flags too.
     pub fn with_source_args(mut self, args: &[String]) -> Self {
         self.source_args = args.to_vec();
+        self
+    }
+
+    /// Every destination runs with these flags too.
+    pub fn with_destination_args(mut self, args: &[String]) -> Self {
+        self.destination_args = args.to_vec();
         self
     }
 
@@ -146,6 +155,7 @@ impl Agents {
         if let Some((_, dst_state)) = &how.state {
             dcmd.arg("--state-dir").arg(dst_state);
         }
+        dcmd.args(&self.destination_args);
         let mut dest = ChildGuard::spawn(
             "blockmover destination",
             dcmd,

@@ -64,6 +64,22 @@ pub fn evict(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads a file (or device) whole through the page cache, so that the timed sync after it finds it cached. A
+/// file written a while ago need not be: the kernel may have reclaimed it (this machine runs DAMON's `pageout`
+/// scheme, which writes back and drops pages left unread for a few seconds), and a "warm" sync would then read
+/// part of it from the disk.
+pub fn warm(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    while file
+        .read(&mut buf)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        > 0
+    {}
+    Ok(())
+}
+
 /// The share of a regular file's pages in the page cache, as util-linux's `fincore` reports it (`None` when
 /// `fincore` is missing or says nothing usable).
 pub fn resident_share(path: &Path) -> Option<f64> {

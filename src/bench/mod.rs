@@ -130,6 +130,9 @@ pub struct BenchArgs {
     /// repeat for more.
     #[arg(long, allow_hyphen_values = true)]
     pub source_arg: Vec<String>,
+    /// A flag for every blockmover destination, e.g. `--destination-arg=--direct-reads`; repeat for more.
+    #[arg(long, allow_hyphen_values = true)]
+    pub destination_arg: Vec<String>,
     /// Keep volumes, targets, logs and status files in this directory instead of a temporary one.
     #[arg(long)]
     pub dir: Option<PathBuf>,

@@ -4,8 +4,8 @@ use super::report::{CHANGELIST, DELAYED, MANIFEST, REFLINK};
 use super::rsync::RsyncSetup;
 use super::BenchArgs;
 
-/// The notes of a run with `args`; `cached` is the share of each evicted file still cached (`--cold`), `load`
-/// the load average when it started.
+/// The notes of a run with `args`; `cached` is the share of each prepared file in the page cache when its timed sync
+/// started (evicted with `--cold`, read whole otherwise), `load` the load average when it started.
 pub fn notes(
     args: &BenchArgs,
     cached: &[f64],
@@ -31,8 +31,8 @@ pub fn notes(
              DONTNEED) before each timed sync; every target is compared with the volume (BLAKE3) after every sync."
                 .to_owned()
         } else {
-            "volumes and targets are in the page cache (written just before); every target is compared with the \
-             volume (BLAKE3) after every sync."
+            "volumes and targets were read whole through the page cache just before each timed sync; every target \
+             is compared with the volume (BLAKE3) after every sync."
                 .to_owned()
         },
     ];
@@ -64,6 +64,21 @@ pub fn notes(
              as a block device has none for a manifest to go stale on)."
                 .to_owned(),
         );
+    }
+    if !args.cold {
+        let least = cached
+            .iter()
+            .copied()
+            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.min(s))));
+        notes.push(match least {
+            Some(share) => format!(
+                "warm: at least {:.1}% of a volume's or target's pages were cached when the clock started ({} files \
+                 measured with fincore)",
+                share * 100.0,
+                cached.len()
+            ),
+            None => "warm: how much was cached could not be measured (fincore missing)".to_owned(),
+        });
     }
     if args.cold {
         let most = cached

@@ -366,7 +366,7 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "cold stateless scan vs dd if=FILE iflag=direct bs=1M (same file, this run):"
+            "cold stateless scan (as the agents scan by default, through the page cache) vs dd if=FILE iflag=direct bs=1M (same file, this run):"
         );
         for c in &report.cold_scans {
             let dd = c
@@ -376,10 +376,20 @@ pub fn table(report: &Report) -> String {
                 });
             let ratio = c
                 .ratio()
-                .map_or(String::new(), |r| format!(", {:.0}% of dd", r * 100.0));
+                .map_or(String::new(), |r| format!(" ({:.0}% of dd)", r * 100.0));
+            let direct = match (c.direct_scan_bytes_per_sec, c.direct_ratio()) {
+                (Some(d), Some(r)) => {
+                    format!(
+                        ", with --direct-reads {}/s ({:.0}%)",
+                        bytes(d as u64),
+                        r * 100.0
+                    )
+                }
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "  {}: scan {}/s, dd {dd}{ratio}",
+                "  {}: dd {dd}; scan {}/s{ratio}{direct}",
                 c.side,
                 bytes(c.scan_bytes_per_sec as u64)
             );

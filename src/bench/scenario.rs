@@ -39,7 +39,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         args,
         agents: Agents::new(dir)?
             .with_bwlimit(args.bwlimit)
-            .with_source_args(&args.source_arg),
+            .with_source_args(&args.source_arg)
+            .with_destination_args(&args.destination_arg),
         setups: Vec::new(),
         rows: Vec::new(),
         raw: raw.clone(),
@@ -224,7 +225,8 @@ struct Run {
 }
 
 impl Bench<'_> {
-    /// Sets the files of the next timed sync as `--allocated` and `--cold` ask (outside the clock). A target that
+    /// Sets the files of the next timed sync as `--allocated` and `--cold` ask (outside the clock): filled, then
+    /// evicted (`--cold`) or read whole into the page cache (otherwise), and how much of each is cached recorded. A target that
     /// does not exist yet (rsync's, before its first sync) is skipped. `keep_mtime`: files whose mtime is put
     /// back after their holes were filled (blockmover's target with a manifest: filling holes writes no data, and
     /// a block device has no mtime to go stale on).
@@ -242,9 +244,11 @@ impl Bench<'_> {
             }
             if self.args.cold {
                 cache::evict(file)?;
-                if let Some(share) = cache::resident_share(file) {
-                    self.cached.push(share);
-                }
+            } else {
+                cache::warm(file)?;
+            }
+            if let Some(share) = cache::resident_share(file) {
+                self.cached.push(share);
             }
         }
         Ok(())
