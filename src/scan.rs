@@ -344,7 +344,10 @@ mod tests {
         std::fs::write(&p, &data)?;
         let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
         let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(130).build()?);
-        assert_eq!(segments_per_round(Some(&pool)), 3.max(MIN_SEGMENTS_PER_ROUND));
+        assert_eq!(
+            segments_per_round(Some(&pool)),
+            3.max(MIN_SEGMENTS_PER_ROUND)
+        );
         let two = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
         assert_eq!(segments_per_round(Some(&two)), MIN_SEGMENTS_PER_ROUND);
         let read = Arc::new(AtomicU64::new(0));
