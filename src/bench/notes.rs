@@ -65,36 +65,25 @@ pub fn notes(
                 .to_owned(),
         );
     }
-    if !args.cold {
-        let least = cached
-            .iter()
-            .copied()
-            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.min(s))));
-        notes.push(match least {
-            Some(share) => format!(
-                "warm: at least {:.1}% of a volume's or target's pages were cached when the clock started ({} files \
-                 measured with fincore)",
-                share * 100.0,
-                cached.len()
-            ),
-            None => "warm: how much was cached could not be measured (fincore missing)".to_owned(),
-        });
-    }
-    if args.cold {
-        let most = cached
-            .iter()
-            .copied()
-            .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))));
-        notes.push(match most {
-            Some(share) => format!(
-                "cold: after eviction, at most {:.1}% of a volume's or target's pages were still cached when the \
-                 clock started ({} files measured with fincore)",
-                share * 100.0,
-                cached.len()
-            ),
-            None => "cold: how much stayed cached could not be measured (fincore missing)".to_owned(),
-        });
-    }
+    // Warm: the least cached file is what matters; cold: the most cached one.
+    let extreme = if args.cold { f64::max } else { f64::min };
+    let share = cached.iter().copied().reduce(extreme);
+    notes.push(match (args.cold, share) {
+        (false, Some(share)) => format!(
+            "warm: at least {:.1}% of a volume's or target's pages were cached when the clock started ({} files \
+             measured with fincore)",
+            share * 100.0,
+            cached.len()
+        ),
+        (true, Some(share)) => format!(
+            "cold: after eviction, at most {:.1}% of a volume's or target's pages were still cached when the \
+             clock started ({} files measured with fincore)",
+            share * 100.0,
+            cached.len()
+        ),
+        (false, None) => "warm: how much was cached could not be measured (fincore missing)".to_owned(),
+        (true, None) => "cold: how much stayed cached could not be measured (fincore missing)".to_owned(),
+    });
     if let Some(ms) = args.rtt_ms {
         notes.push(format!(
             "{DELAYED}: the same incremental sync as the blockmover row above it, from the same target state, \
