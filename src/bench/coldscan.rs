@@ -4,7 +4,8 @@
 //! The scan is the agents' own (`scan::scan`, shared by the source's volume scan and the destination's target
 //! scan), run here in-process over the whole file after evicting it, twice: as the agents scan by default (the
 //! page cache, mapped, with the kernel's readahead) and as with `--direct-reads` (1 MiB `O_DIRECT` reads of cold
-//! segments); dd's rate is its equivalent, sequential 1 MiB `O_DIRECT` reads on one thread, after evicting it again.
+//! segments); dd's rate is its equivalent, sequential 1 MiB `O_DIRECT` reads on one thread, after evicting it
+//! again.
 
 use std::path::Path;
 use std::sync::atomic::AtomicU64;

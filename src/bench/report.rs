@@ -366,7 +366,8 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "cold stateless scan (as the agents scan by default, through the page cache) vs dd if=FILE iflag=direct bs=1M (same file, this run):"
+            "cold stateless scan (as the agents scan by default, through the page cache) vs dd if=FILE \
+             iflag=direct bs=1M (same file, this run):"
         );
         for c in &report.cold_scans {
             let dd = c

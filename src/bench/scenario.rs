@@ -226,10 +226,10 @@ struct Run {
 
 impl Bench<'_> {
     /// Sets the files of the next timed sync as `--allocated` and `--cold` ask (outside the clock): filled, then
-    /// evicted (`--cold`) or read whole into the page cache (otherwise), and how much of each is cached recorded. A target that
-    /// does not exist yet (rsync's, before its first sync) is skipped. `keep_mtime`: files whose mtime is put
-    /// back after their holes were filled (blockmover's target with a manifest: filling holes writes no data, and
-    /// a block device has no mtime to go stale on).
+    /// evicted (`--cold`) or read whole into the page cache (otherwise), recording how much of each is cached. A
+    /// target that does not exist yet (rsync's, before its first sync) is skipped. `keep_mtime`: files whose mtime
+    /// is put back after their holes were filled (blockmover's target with a manifest: filling holes writes no
+    /// data, and a block device has no mtime to go stale on).
     fn prepare(&mut self, files: &[&Path], keep_mtime: bool) -> anyhow::Result<()> {
         for file in files.iter().filter(|f| f.exists()) {
             if self.args.allocated {
