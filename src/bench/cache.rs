@@ -127,4 +127,27 @@ mod tests {
         evict(&p)?;
         Ok(())
     }
+
+    #[test]
+    fn warming_an_evicted_file_brings_it_back_into_the_page_cache() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("warm.img");
+        std::fs::write(&p, vec![9u8; 8 << 20])?;
+        evict(&p)?;
+        let Some(cold) = resident_share(&p) else {
+            println!("skipped: fincore is missing, the page cache cannot be measured");
+            return Ok(());
+        };
+        if cold > 0.5 {
+            println!(
+                "skipped: this file system keeps evicted pages ({:.0}% stayed cached)",
+                cold * 100.0
+            );
+            return Ok(());
+        }
+        warm(&p)?;
+        let warm = resident_share(&p).expect("fincore answered before");
+        assert!(warm > 0.99, "{:.1}% cached after warming", warm * 100.0);
+        Ok(())
+    }
 }
