@@ -32,6 +32,9 @@ pub const ACK_EVERY: u64 = 1024;
 /// DATA frames verified together on all cores.
 const DATA_BATCH: usize = 32;
 
+/// A delta session's announced chunks compared together.
+const DIGESTS_BATCH: usize = 256;
+
 /// Segments of local digests from the target's scan.
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
 
@@ -155,7 +158,24 @@ impl Apply {
             };
             match msg {
                 Message::Digests { first, digests } => {
-                    self.on_digests(first, &digests)?;
+                    // A delta's announcements are scattered, often one chunk per frame: frames already waiting
+                    // are compared together, on all cores.
+                    let mut frames = vec![(first, digests)];
+                    let mut chunks = frames[0].1.len();
+                    while self.delta && chunks < DIGESTS_BATCH {
+                        match inbox.try_recv() {
+                            Ok(Message::Digests { first, digests }) => {
+                                chunks += digests.len();
+                                frames.push((first, digests));
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_digests(&frames)?;
                     self.acknowledge()?;
                 }
                 Message::Data(d) => {
@@ -294,38 +314,49 @@ impl Apply {
         }
     }
 
-    fn on_digests(&mut self, first: u64, digests: &[Digest]) -> Result<()> {
+    fn on_digests(&mut self, frames: &[(u64, Vec<Digest>)]) -> Result<()> {
         let count = self.geometry.chunk_count();
-        let through = first + digests.len() as u64;
-        // A delta session announces only the chunks that differ from the base: it may skip ahead, never back.
-        let in_order = first == self.next || (self.delta && first > self.next);
-        if !in_order || through > count {
-            return Err(Error::Protocol(format!(
-                "DIGESTS for chunks {first}..{through}, expected from {} (volume has {count})",
-                self.next
-            )));
+        let mut next = self.next;
+        for (first, digests) in frames {
+            let (first, through) = (*first, first + digests.len() as u64);
+            // A delta session announces only the chunks that differ from the base: it may skip ahead, never back.
+            let in_order = first == next || (self.delta && first > next);
+            if !in_order || through > count {
+                return Err(Error::Protocol(format!(
+                    "DIGESTS for chunks {first}..{through}, expected from {next} (volume has {count})"
+                )));
+            }
+            if self.pending.len() as u64 + digests.len() as u64 > self.window {
+                return Err(Error::Protocol(format!(
+                    "the source announced {} chunks past the last ACK, beyond the window of {}",
+                    self.pending.len() + digests.len(),
+                    self.window
+                )));
+            }
+            self.pending.extend(first..through);
+            next = through;
         }
-        if self.pending.len() as u64 + digests.len() as u64 > self.window {
-            return Err(Error::Protocol(format!(
-                "the source announced {} chunks past the last ACK, beyond the window of {}",
-                self.pending.len() + digests.len(),
-                self.window
-            )));
-        }
-        self.pending.extend(first..through);
+        let announced = || {
+            frames
+                .iter()
+                .flat_map(|(first, digests)| (*first..).zip(digests))
+        };
         let local: Vec<(ChunkSummary, Option<Vec<Digest>>)> = if self.delta {
-            self.finals.base_through(first)?;
-            self.read_announced(first, digests)?
+            self.read_announced(announced().collect())?
         } else {
-            let mut local = Vec::with_capacity(digests.len());
-            for i in first..through {
+            let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
+            for (i, _) in announced() {
                 let ours = self.next_local()?;
                 self.check_drift(i, &ours)?;
                 local.push((ours, None));
             }
             local
         };
-        for ((i, theirs), (ours, blocks)) in (first..).zip(digests).zip(local) {
+        for ((i, theirs), (ours, blocks)) in announced().zip(local) {
+            if self.delta && i >= self.next {
+                // Every chunk skipped before this one is equal to the base.
+                self.finals.base_through(i)?;
+            }
             if ours.digest == *theirs {
                 self.finals.push(i, ours.digest)?;
             } else if *theirs == self.zeros.for_chunk(i) {
@@ -354,14 +385,11 @@ impl Apply {
     /// block digests of those that will need data.
     fn read_announced(
         &self,
-        first: u64,
-        digests: &[Digest],
+        announced: Vec<(u64, &Digest)>,
     ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
         let (target, geometry, zeros, figures) =
             (&*self.target, self.geometry, &self.zeros, &*self.figures);
-        (first..)
-            .zip(digests)
-            .collect::<Vec<_>>()
+        announced
             .into_par_iter()
             .map(|(i, theirs)| {
                 thread_local! {
