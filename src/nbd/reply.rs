@@ -228,6 +228,9 @@ pub fn parse_chunk(kind: u16, flags: u16, payload: &[u8]) -> Result<Chunk<'_>, R
     }
 }
 
+/// The longest part of a server's error message that is kept.
+const MAX_ERROR_MESSAGE: usize = 512;
+
 /// An error chunk: `u32 error, u16 message length, message` (+ `u64 offset` for ERROR_OFFSET). Other error types
 /// (bit 15 set) carry at least the first two fields; their rest is not looked at.
 fn parse_error(kind: u16, payload: &[u8]) -> Result<Chunk<'_>, ReplyError> {
@@ -251,7 +254,15 @@ fn parse_error(kind: u16, payload: &[u8]) -> Result<Chunk<'_>, ReplyError> {
             payload.len()
         ));
     }
-    let message = String::from_utf8_lossy(&rest[..len]).replace(['\n', '\r'], " ");
+    // A server's message may be 4 KiB of anything: the first 512 bytes are kept, on one line.
+    let shown = &rest[..len.min(MAX_ERROR_MESSAGE)];
+    let mut message: String = String::from_utf8_lossy(shown)
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    if shown.len() < len {
+        message.push_str(" (cut)");
+    }
     let offset = (kind == TYPE_ERROR_OFFSET).then(|| be64(&rest[len..]));
     Ok(Chunk::Error {
         code,
