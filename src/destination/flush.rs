@@ -19,7 +19,7 @@ pub const FLUSH_EVERY: u64 = 64 << 20;
 /// of scattered blocks across the whole scan, and their writeback should overlap the scan too.
 pub const FLUSH_SOME: u64 = 1 << 20;
 /// See [`FLUSH_SOME`].
-pub const FLUSH_AFTER: Duration = Duration::from_millis(250);
+pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
 /// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written, or
 /// [`FLUSH_SOME`] within [`FLUSH_AFTER`] (skipped while one is still running: the next one covers both). Dropped
