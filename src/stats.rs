@@ -45,6 +45,11 @@ pub struct Figures {
     pub kind: Mutex<Option<(SyncKind, Fallback)>>,
     /// Source, full comparison with a change list: chunks that changed but were not in the list.
     pub change_list_missed: AtomicU64,
+    /// A delta by change list: chunks pushed with their listed blocks (BLOCKS frames).
+    pub pushed_chunks: AtomicU64,
+    /// Destination: pushed chunks whose listed blocks did not rebuild the source's chunk (the list missed a changed
+    /// block of it, or the target drifted); asked for with NEED and repaired in the same sync.
+    pub push_missed: AtomicU64,
     /// Destination: target chunks that did not hold what the destination's manifest said (written by something
     /// else, or a stale manifest); a full comparison repairs them.
     pub target_drift: AtomicU64,
@@ -138,6 +143,8 @@ impl Figures {
                 get(&self.change_list_missed),
             );
             put_some(&mut m, "targetDriftChunks", get(&self.target_drift));
+            put_some(&mut m, "pushedChunks", get(&self.pushed_chunks));
+            put_some(&mut m, "pushMissedChunks", get(&self.push_missed));
         }
         put_some(&mut m, "bwlimit", get(&self.rate_limit));
         put_some(&mut m, "wireSendRate", get(&self.wire_send_rate));

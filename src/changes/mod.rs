@@ -39,10 +39,18 @@ pub trait Tracker: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Chunks that changed, as sorted, disjoint, non-empty half-open ranges of chunk indices.
+/// Chunks that changed, as sorted, disjoint, non-empty half-open ranges of chunk indices, and the 4 KiB blocks of
+/// them the list named.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChangedChunks {
     ranges: Vec<(u64, u64)>,
+    /// The blocks named, as sorted, disjoint half-open ranges of block indices.
+    blocks: Vec<(u64, u64)>,
+    /// Some range starts or ends inside a chunk: the list says which blocks of a chunk changed. A list whose every
+    /// range is whole chunks (a tracker of 64 KiB granularity or coarser) says nothing finer than the chunk.
+    block_precise: bool,
+    /// Blocks per chunk.
+    per_chunk: u64,
 }
 
 /// Why a list of extents cannot be used.
@@ -53,8 +61,16 @@ impl ChangedChunks {
     /// Every chunk of `geometry`.
     pub fn all(geometry: Geometry) -> Self {
         let n = geometry.chunk_count();
+        let blocks = geometry.volume_size().div_ceil(u64::from(BLOCK_SIZE));
         ChangedChunks {
             ranges: if n == 0 { Vec::new() } else { vec![(0, n)] },
+            blocks: if n == 0 {
+                Vec::new()
+            } else {
+                vec![(0, blocks)]
+            },
+            block_precise: false,
+            per_chunk: u64::from(geometry.chunk_size() / BLOCK_SIZE),
         }
     }
 
@@ -66,7 +82,8 @@ impl ChangedChunks {
     ) -> std::result::Result<Self, BadExtent> {
         let size = geometry.volume_size();
         let (block, chunk) = (u64::from(BLOCK_SIZE), u64::from(geometry.chunk_size()));
-        let mut ranges = Vec::with_capacity(extents.len());
+        let mut blocks = Vec::with_capacity(extents.len());
+        let mut block_precise = false;
         for &(offset, length) in extents {
             let end = offset.checked_add(length).filter(|e| *e <= size);
             let Some(end) = end else {
@@ -79,20 +96,41 @@ impl ChangedChunks {
             }
             // Blocks first (the unit that travels), then the chunks that hold them.
             let (first_block, end_block) = (offset / block, end.div_ceil(block));
-            ranges.push((
-                first_block * block / chunk,
-                (end_block * block).min(size).div_ceil(chunk),
-            ));
+            let inside = |b: u64| !(b * block).is_multiple_of(chunk) && b * block < size;
+            block_precise |= inside(first_block) || inside(end_block);
+            blocks.push((first_block, end_block));
         }
-        ranges.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-        for (s, e) in ranges {
-            match merged.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => merged.push((s, e)),
-            }
+        let blocks = merged(blocks);
+        let per_chunk = chunk / block;
+        let ranges = merged(
+            blocks
+                .iter()
+                .map(|&(s, e)| (s / per_chunk, e.div_ceil(per_chunk)))
+                .collect(),
+        );
+        Ok(ChangedChunks {
+            ranges,
+            blocks,
+            block_precise,
+            per_chunk,
+        })
+    }
+
+    /// Whether the list names blocks inside chunks (see [`ChangedChunks::listed_blocks`]), not only whole chunks.
+    pub fn block_precise(&self) -> bool {
+        self.block_precise
+    }
+
+    /// The blocks of `chunk` the list named, a bit per block (bit `b` = block `b` of the chunk).
+    pub fn listed_blocks(&self, chunk: u64) -> u64 {
+        let (start, end) = (chunk * self.per_chunk, (chunk + 1) * self.per_chunk);
+        let mut mask = 0u64;
+        let first = self.blocks.partition_point(|(_, e)| *e <= start);
+        for &(s, e) in self.blocks[first..].iter().take_while(|(s, _)| *s < end) {
+            let (s, e) = (s.max(start) - start, e.min(end) - start);
+            mask |= (u64::MAX >> (64 - (e - s))) << s;
         }
-        Ok(ChangedChunks { ranges: merged })
+        mask
     }
 
     /// The ranges, sorted and disjoint.
@@ -115,6 +153,19 @@ impl ChangedChunks {
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.ranges.iter().flat_map(|&(s, e)| s..e)
     }
+}
+
+/// Sorts half-open ranges and merges those that overlap or touch.
+fn merged(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -157,10 +208,44 @@ mod tests {
             "{past:?}"
         );
         assert!(ChangedChunks::from_extents(&[(u64::MAX, 2)], geo).is_err());
-        assert_eq!(
-            ChangedChunks::from_extents(&[(4 * 65536, 0)], geo).expect("empty at the end"),
-            ChangedChunks::default()
+        let empty = ChangedChunks::from_extents(&[(4 * 65536, 0)], geo).expect("empty at the end");
+        assert_eq!((empty.chunk_count(), empty.ranges()), (0, &[][..]));
+    }
+
+    #[test]
+    fn listed_blocks_are_kept_per_chunk_and_whole_chunk_lists_are_not_block_precise() {
+        let geo = g(4 * 65536 + 5000);
+        let c = ChangedChunks::from_extents(
+            &[
+                (4096 + 10, 1),          // block 1 of chunk 0
+                (15 * 4096, 2 * 4096),   // block 15 of chunk 0 and block 0 of chunk 1
+                (3 * 65536, 65536),      // all of chunk 3
+                (4 * 65536 + 4999, 1),   // block 1 of the short last chunk 4
+                (2 * 65536 + 8191, 1),   // block 1 of chunk 2
+                (2 * 65536 + 4096, 100), // the same block again
+            ],
+            geo,
+        )
+        .expect("valid");
+        assert!(c.block_precise());
+        assert_eq!(c.listed_blocks(0), (1 << 1) | (1 << 15));
+        assert_eq!(c.listed_blocks(1), 1);
+        assert_eq!(c.listed_blocks(2), 1 << 1);
+        assert_eq!(c.listed_blocks(3), 0xffff);
+        assert_eq!(c.listed_blocks(4), 1 << 1);
+        assert_eq!(c.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+
+        let whole = ChangedChunks::from_extents(&[(65536, 2 * 65536), (4 * 65536, 5000)], geo)
+            .expect("valid");
+        assert!(
+            !whole.block_precise(),
+            "whole chunks, and a range to the volume's end, say nothing finer than the chunk"
         );
+        assert_eq!(whole.listed_blocks(2), 0xffff);
+        assert_eq!(whole.listed_blocks(4), 0b11, "the short chunk's two blocks");
+        assert_eq!(whole.listed_blocks(0), 0);
+        assert!(!ChangedChunks::all(geo).block_precise());
+        assert_eq!(ChangedChunks::all(geo).listed_blocks(4), 0b11);
     }
 
     #[test]

@@ -17,6 +17,7 @@ impl Message {
             Message::Need { .. } => "NEED",
             Message::Ack { .. } => "ACK",
             Message::Data(_) => "DATA",
+            Message::Blocks { .. } => "BLOCKS",
             Message::End { .. } => "END",
             Message::Commit { .. } => "COMMIT",
             Message::Abort { .. } => "ABORT",
@@ -98,16 +99,16 @@ impl Message {
             }
             Message::Data(d) => {
                 dst.put_u64(d.chunk);
-                dst.put_u64(d.send_mask);
-                dst.put_u64(d.zero_mask);
-                dst.put_u8(match d.encoding {
-                    Encoding::Raw => 0,
-                    Encoding::Zstd => 1,
-                    Encoding::Lane(n) => 2 + n,
-                });
-                dst.put_u32(d.raw_len);
+                put_blocks(dst, d);
                 tail = Some(&d.payload);
                 kind::DATA
+            }
+            Message::Blocks { digest, data } => {
+                dst.put_u64(data.chunk);
+                dst.put_slice(&digest.0);
+                put_blocks(dst, data);
+                tail = Some(&data.payload);
+                kind::BLOCKS
             }
             Message::End {
                 chunk_count,
@@ -220,23 +221,16 @@ impl Message {
                     return Err(short("DATA"));
                 }
                 let chunk = p.get_u64();
-                let send_mask = p.get_u64();
-                let zero_mask = p.get_u64();
-                let encoding = match p.get_u8() {
-                    0 => Encoding::Raw,
-                    1 => Encoding::Zstd,
-                    e if usize::from(e) < 2 + crate::zstream::MAX_LANES => Encoding::Lane(e - 2),
-                    e => return Err(Error::Protocol(format!("DATA has unknown encoding {e}"))),
-                };
-                let raw_len = p.get_u32();
-                Message::Data(DataFrame {
-                    chunk,
-                    send_mask,
-                    zero_mask,
-                    encoding,
-                    raw_len,
-                    payload: p,
-                })
+                Message::Data(take_blocks(chunk, p, "DATA")?)
+            }
+            kind::BLOCKS => {
+                if p.len() < 61 {
+                    return Err(short("BLOCKS"));
+                }
+                let chunk = p.get_u64();
+                let digest = take_digest(&mut p).ok_or_else(|| short("BLOCKS"))?;
+                let data = take_blocks(chunk, p, "BLOCKS")?;
+                Message::Blocks { digest, data }
             }
             kind::END | kind::COMMIT => {
                 need(&p, 48, if ty == kind::END { "END" } else { "COMMIT" })?;
@@ -299,6 +293,39 @@ fn need(p: &Bytes, len: usize, what: &str) -> Result<()> {
             p.len()
         )))
     }
+}
+
+/// DATA's and BLOCKS' fields after the chunk (and digest): masks, encoding, raw_len; the payload follows.
+fn put_blocks(dst: &mut BytesMut, d: &DataFrame) {
+    dst.put_u64(d.send_mask);
+    dst.put_u64(d.zero_mask);
+    dst.put_u8(match d.encoding {
+        Encoding::Raw => 0,
+        Encoding::Zstd => 1,
+        Encoding::Lane(n) => 2 + n,
+    });
+    dst.put_u32(d.raw_len);
+}
+
+/// The rest of a DATA or BLOCKS payload (at least 21 bytes: masks, encoding, raw_len) as the blocks of `chunk`.
+fn take_blocks(chunk: u64, mut p: Bytes, frame: &str) -> Result<DataFrame> {
+    let send_mask = p.get_u64();
+    let zero_mask = p.get_u64();
+    let encoding = match p.get_u8() {
+        0 => Encoding::Raw,
+        1 => Encoding::Zstd,
+        e if usize::from(e) < 2 + crate::zstream::MAX_LANES => Encoding::Lane(e - 2),
+        e => return Err(Error::Protocol(format!("{frame} has unknown encoding {e}"))),
+    };
+    let raw_len = p.get_u32();
+    Ok(DataFrame {
+        chunk,
+        send_mask,
+        zero_mask,
+        encoding,
+        raw_len,
+        payload: p,
+    })
 }
 
 fn take_digest(p: &mut Bytes) -> Option<Digest> {

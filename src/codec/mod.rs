@@ -21,8 +21,9 @@ pub use frame::{check_header, decode_frame, parse_frame, FrameReader, FrameWrite
 pub const MAGIC: [u8; 2] = *b"BM";
 /// The protocol version this build speaks (the version log is in `proto/PROTOCOL.md`). Version 2 added the source's
 /// identity to HELLO and the ABORT code `Busy`; version 3 the delta offer in HELLO and the session's kind in READY;
-/// version 4 the compression lanes (DATA encodings `2 + lane`).
-pub const VERSION: u8 = 4;
+/// version 4 the compression lanes (DATA encodings `2 + lane`); version 5 the BLOCKS frame (a delta by change list
+/// pushes the listed blocks of a chunk with its digest).
+pub const VERSION: u8 = 5;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.
@@ -184,6 +185,15 @@ pub enum Message {
     },
     /// Changed blocks of a chunk.
     Data(DataFrame),
+    /// A delta by change list: announces chunk `data.chunk` (like a DIGESTS entry, in the same order and under the
+    /// same window) with its digest, and carries the blocks of it the change list names. The destination writes
+    /// them if the target chunk with them hashes to `digest`, and otherwise asks with NEED.
+    Blocks {
+        /// The source's digest of the whole chunk.
+        digest: Digest,
+        /// The listed blocks, as in DATA.
+        data: DataFrame,
+    },
     /// The source has announced everything.
     End {
         /// Chunk count.
@@ -219,6 +229,7 @@ mod kind {
     pub const NEED: u8 = 0x11;
     pub const ACK: u8 = 0x12;
     pub const DATA: u8 = 0x13;
+    pub const BLOCKS: u8 = 0x14;
     pub const END: u8 = 0x20;
     pub const COMMIT: u8 = 0x21;
     pub const ABORT: u8 = 0x7F;

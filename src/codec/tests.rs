@@ -139,6 +139,17 @@ fn every_message_roundtrips() {
     past[super::HEADER_LEN + 24] += 1; // the encoding byte: lane MAX_LANES
     let err = parse_frame(&mut past).expect_err("no such lane");
     assert!(err.to_string().contains("unknown encoding 6"), "{err}");
+    roundtrip(Message::Blocks {
+        digest: d,
+        data: DataFrame {
+            chunk: 1 << 40,
+            send_mask: 0b1001,
+            zero_mask: 0b10,
+            encoding: Encoding::Lane(3),
+            raw_len: 8192,
+            payload: Bytes::from_static(b"pushed blocks"),
+        },
+    });
     roundtrip(Message::End {
         chunk_count: 2,
         volume_size: 3,
@@ -170,12 +181,12 @@ fn absurd_length_is_rejected_before_the_payload_arrives() {
 fn other_version_is_a_version_mismatch() {
     let mut buf = BytesMut::new();
     Message::Ack { through: 1 }.encode(&mut buf);
-    buf[2] = 3;
+    buf[2] = 4;
     let err = parse_frame(&mut buf).expect_err("must reject");
-    assert!(matches!(err, Error::VersionMismatch { peer: 3, ours: 4 }));
+    assert!(matches!(err, Error::VersionMismatch { peer: 4, ours: 5 }));
     assert!(
         err.to_string()
-            .contains("peer speaks version 3, this build speaks version 4"),
+            .contains("peer speaks version 4, this build speaks version 5"),
         "{err}"
     );
 }
@@ -194,6 +205,27 @@ fn bad_magic_and_wrong_payload_lengths_are_rejected() {
     assert!(
         parse_frame(&mut buf).is_err(),
         "DIGESTS count without digests"
+    );
+    let mut blocks = BytesMut::new();
+    Message::Blocks {
+        digest: Digest::of(b"chunk"),
+        data: DataFrame {
+            chunk: 2,
+            send_mask: 1,
+            zero_mask: 0,
+            encoding: Encoding::Raw,
+            raw_len: 0,
+            payload: Bytes::new(),
+        },
+    }
+    .encode(&mut blocks);
+    assert_eq!(blocks.len(), super::HEADER_LEN + 61, "BLOCKS' fixed fields");
+    blocks.truncate(blocks.len() - 1);
+    blocks[super::HEADER_LEN - 1] -= 1;
+    let err = parse_frame(&mut blocks).expect_err("BLOCKS without its raw_len's last byte");
+    assert!(
+        err.to_string().contains("BLOCKS frame has a wrong length"),
+        "{err}"
     );
     let mut buf = BytesMut::from(&[b'B', b'M', VERSION, 0x55, 0, 0, 0, 0][..]);
     assert!(parse_frame(&mut buf).is_err(), "unknown type");

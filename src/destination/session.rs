@@ -314,7 +314,7 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
             m = within("idle read", idle, reader.expect("sync")) => {
                 let msg = match m {
                     Ok(Message::Abort { code, message }) => Err(Error::PeerAbort { code, message }),
-                    Ok(msg @ (Message::Digests { .. } | Message::Data(_) | Message::End { .. })) => Ok(msg),
+                    Ok(msg @ (Message::Digests { .. } | Message::Data(_) | Message::Blocks { .. } | Message::End { .. })) => Ok(msg),
                     Ok(other) => Err(Error::Protocol(format!("unexpected {} from the source", other.name()))),
                     Err(e) => Err(e),
                 };

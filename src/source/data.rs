@@ -10,8 +10,10 @@ use crate::stats::{add, Figures};
 use crate::volume::Volume;
 use crate::zstream::Encoder;
 
-pub(super) fn count_data(figures: &Figures, d: &DataFrame) {
-    add(&figures.chunks_changed, 1);
+/// Counts a DATA or BLOCKS frame sent; `changed` counts its chunk as changed too (not for the NEED answer to a chunk
+/// whose pushed blocks were counted).
+pub(super) fn count_data(figures: &Figures, d: &DataFrame, changed: bool) {
+    add(&figures.chunks_changed, u64::from(changed));
     add(&figures.chunks_sent, 1);
     add(&figures.blocks_sent, u64::from(d.send_mask.count_ones()));
     add(&figures.zero_blocks, u64::from(d.zero_mask.count_ones()));
@@ -99,11 +101,12 @@ pub fn build_data(
 }
 
 /// Compresses the payloads of `frames` marked worth it into lanes: the marked frames are dealt round-robin to
-/// `encoders` (one lane each, created at `level` on first use) and each lane compresses its frames in order, the
+/// `encoders` (one lane each, numbered from `first_lane`, created at `level` on first use) and each lane compresses its frames in order, the
 /// lanes in parallel. Frames keep their order; each lane's parts are in the order the destination must decode them.
 pub fn compress_in_lanes(
     frames: &mut [(DataFrame, bool)],
     encoders: &mut [Option<Encoder>],
+    first_lane: usize,
     level: i32,
 ) -> Result<()> {
     let lanes = encoders.len().max(1);
@@ -128,7 +131,7 @@ pub fn compress_in_lanes(
                     .compress(&frame.payload)
                     .map_err(Error::compression)?;
                 frame.payload = Bytes::from(part);
-                frame.encoding = Encoding::Lane(lane as u8);
+                frame.encoding = Encoding::Lane((first_lane + lane) as u8);
             }
             Ok(())
         })
@@ -140,7 +143,7 @@ const PROBE: usize = 2 * BLOCK_SIZE as usize;
 /// Whether compressing `raw` looks worthwhile, judged by compressing its first [`PROBE`] bytes: zstd spends as long
 /// on random data (encrypted or already compressed guest files) as on text, only to have the result discarded. A
 /// probe that saves less than 1/32 sends the payload raw; a payload that small is compressed without probing.
-fn compressible(raw: &[u8], level: i32) -> bool {
+pub(super) fn compressible(raw: &[u8], level: i32) -> bool {
     if raw.len() <= 2 * PROBE {
         return true;
     }
@@ -202,7 +205,7 @@ mod tests {
             "the probe finds random data not worth compressing; without a level nothing is"
         );
         let mut lanes = vec![None, None];
-        compress_in_lanes(&mut frames, &mut lanes, 1)?;
+        compress_in_lanes(&mut frames, &mut lanes, 0, 1)?;
         let (random, text) = (&frames[0].0, &frames[1].0);
         assert_eq!(random.encoding, Encoding::Raw);
         assert_eq!((random.send_mask, random.zero_mask), (0xffff, 0));
@@ -241,7 +244,7 @@ mod tests {
             .map(|c| build_data(&volume, g, c, None, Some(3)))
             .collect::<Result<Vec<_>>>()?;
         let mut lanes: Vec<Option<Encoder>> = vec![None, None];
-        compress_in_lanes(&mut frames, &mut lanes, 3)?;
+        compress_in_lanes(&mut frames, &mut lanes, 0, 3)?;
         let encodings: Vec<Encoding> = frames.iter().map(|(d, _)| d.encoding).collect();
         use Encoding::Lane;
         assert_eq!(

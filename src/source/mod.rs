@@ -11,6 +11,7 @@ mod credit;
 mod data;
 mod depth;
 mod plan;
+mod push;
 mod session;
 
 use std::net::SocketAddr;

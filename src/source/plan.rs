@@ -174,6 +174,11 @@ pub struct Announcer {
 }
 
 impl Announcer {
+    /// Whether this session pushes the blocks its change list names (see `source::push`).
+    pub fn pushes(&self) -> bool {
+        super::push::pushes(self.selection.as_ref())
+    }
+
     /// The chunks to read: a change list, or `None` for all.
     pub fn take_selection(&mut self) -> Option<ChangedChunks> {
         self.selection.take()

@@ -11,10 +11,11 @@ use tokio::sync::mpsc;
 use super::credit::Credit;
 use super::data::{build_data, changed_chunk, compress_in_lanes, count_data};
 use super::plan::Announcer;
+use super::push::{self, Pusher};
 use super::{Compression, SyncReport, ABORT_LOOKOUT, NEED_BATCH};
 use crate::adapt::{Chooser, Levels, MIN_LEVEL};
 use crate::chunk::{Digest, Geometry};
-use crate::codec::{AbortCode, DataFrame, Encoding, FrameReader, Message, MAX_DIGESTS_PER_FRAME};
+use crate::codec::{AbortCode, DataFrame, Encoding, FrameReader, Message};
 use crate::error::{Error, Result};
 use crate::net::{tell_peer, within, Outbox, ABORT_GRACE};
 use crate::stats::{add, Figures};
@@ -47,8 +48,13 @@ impl Session {
     ) -> Result<SyncReport> {
         let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<Error>();
         let (need_tx, need_rx) = mpsc::channel::<(u64, Option<Vec<Digest>>)>(self.window as usize);
-        let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone());
-        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx);
+        let pushing = self
+            .announcer
+            .lock()
+            .is_ok_and(|a| a.as_ref().is_some_and(Announcer::pushes));
+        let (push_lanes, need_lanes) = push::lanes(pushing, lane_count());
+        let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone(), push_lanes);
+        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx, need_lanes, pushing);
         let mut answered = vec![0u64; self.geometry.chunk_count().div_ceil(64) as usize];
         // The writer only ends early on an error: a peer that stopped reading (send timeout) or a broken socket.
         // A peer that gives up sends ABORT and closes, and our next write then fails: its reason may be waiting
@@ -215,6 +221,7 @@ impl Session {
         &self,
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
+        push_lanes: std::ops::Range<usize>,
     ) -> tokio::task::JoinHandle<Option<(Digest, Announcer)>> {
         let (volume, geometry, credit, announced) = (
             self.volume.clone(),
@@ -223,7 +230,9 @@ impl Session {
             self.announced.clone(),
         );
         let (window, figures) = (self.window, self.figures.clone());
-        let pool = Some(self.pool.clone());
+        let pool = self.pool.clone();
+        let level = self.zstd_level.unwrap_or(MIN_LEVEL);
+        let compress = self.compression.wanted(true, false).then_some(level);
         let announcer = self.announcer.lock().ok().and_then(|mut a| a.take());
         tokio::task::spawn_blocking(move || {
             let Some(mut announcer) = announcer else {
@@ -231,42 +240,75 @@ impl Session {
                 return None;
             };
             let stopped = || Error::Cancelled("session end");
-            let announce = |announcer: &mut Announcer, scanned: Vec<(u64, Digest)>| {
+            let mut pusher = Pusher::new(push_lanes, level);
+            // Chunks that differ from the base (or all, in a full comparison) are announced in chunk order: pushed
+            // with their listed blocks, or in DIGESTS runs.
+            let mut announce = |announcer: &mut Announcer,
+                                scanned: Vec<(u64, Digest)>,
+                                mut pushed: Vec<(DataFrame, bool)>| {
                 let chunks = announcer.feed(scanned)?;
                 let Some(last) = chunks.last().map(|(c, _)| *c) else {
                     return Ok(());
                 };
+                pushed.retain(|(d, _)| chunks.binary_search_by_key(&d.chunk, |(c, _)| *c).is_ok());
+                if pushed.iter().any(|(_, worth)| *worth) {
+                    pool.install(|| pusher.compress(&mut pushed))?;
+                }
                 if !credit.wait(chunks.len() as u64, window) {
                     return Err(stopped());
                 }
                 credit.announce(&chunks);
                 announced.store(last + 1, Ordering::Release);
-                for (first, digests) in runs(&chunks) {
-                    outbox
-                        .blocking_send(Message::Digests { first, digests })
-                        .map_err(|_| stopped())?;
+                let pushed = pushed.into_iter().map(|(d, _)| d).collect();
+                for msg in push::announcements(&chunks, pushed) {
+                    if let Message::Blocks { data, .. } = &msg {
+                        count_data(&figures, data, true);
+                        add(&figures.pushed_chunks, 1);
+                    }
+                    outbox.blocking_send(msg).map_err(|_| stopped())?;
                 }
                 Ok(())
             };
             let bytes_read = figures.bytes_read.clone();
+            let pushing = announcer.pushes();
             let scanned = match announcer.take_selection() {
-                Some(list) => crate::scan::scan_selected(
-                    pool,
+                Some(list) => {
+                    let list = Arc::new(list);
+                    let listed = list.clone();
+                    crate::scan::scan_selected(
+                        Some(pool.clone()),
+                        volume,
+                        geometry,
+                        list,
+                        bytes_read,
+                        move |chunk, bytes, summary| {
+                            let push = pushing && !summary.zero;
+                            push.then(|| {
+                                let mask = listed.listed_blocks(chunk);
+                                push::listed_blocks(geometry, chunk, bytes, mask, compress)
+                            })
+                        },
+                        |segment| {
+                            let mut digests = Vec::with_capacity(segment.len());
+                            let mut pushed = Vec::new();
+                            for (c, s, frame) in segment {
+                                digests.push((c, s.digest));
+                                pushed.extend(frame);
+                            }
+                            announce(&mut announcer, digests, pushed)
+                        },
+                    )
+                }
+                None => crate::scan::scan_in(
+                    Some(pool.clone()),
                     volume,
                     geometry,
-                    list,
                     bytes_read,
-                    |segment| {
-                        let digests = segment.into_iter().map(|(c, s)| (c, s.digest)).collect();
-                        announce(&mut announcer, digests)
+                    |first, summaries| {
+                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
+                        announce(&mut announcer, digests, Vec::new())
                     },
                 ),
-                None => {
-                    crate::scan::scan_in(pool, volume, geometry, bytes_read, |first, summaries| {
-                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                        announce(&mut announcer, digests)
-                    })
-                }
             };
             let r = scanned.and_then(|()| {
                 let digest = announcer.finish()?;
@@ -298,6 +340,8 @@ impl Session {
         mut needs: mpsc::Receiver<(u64, Option<Vec<Digest>>)>,
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
+        lanes: std::ops::Range<usize>,
+        pushing: bool,
     ) -> tokio::task::JoinHandle<()> {
         let (volume, geometry, figures, level, compression) = (
             self.volume.clone(),
@@ -315,7 +359,8 @@ impl Session {
                 level.unwrap_or(MIN_LEVEL),
                 level.is_none() && compression == Compression::Auto,
             );
-            let mut encoders: Vec<Option<Encoder>> = (0..lane_count()).map(|_| None).collect();
+            let first_lane = lanes.start;
+            let mut encoders: Vec<Option<Encoder>> = lanes.map(|_| None).collect();
             let mut last = Instant::now();
             while let Some(first) = needs.blocking_recv() {
                 let mut batch = vec![first];
@@ -344,7 +389,7 @@ impl Session {
                         .find(|(_, w)| *w)
                         .map(|(d, _)| d.payload.clone());
                     let start = Instant::now();
-                    compress_in_lanes(&mut frames, &mut encoders, level)?;
+                    compress_in_lanes(&mut frames, &mut encoders, first_lane, level)?;
                     compressing = start.elapsed();
                     Ok(frames)
                 });
@@ -357,7 +402,8 @@ impl Session {
                 };
                 let (mut raw, mut waiting, mut lanes) = (0, Duration::ZERO, 0);
                 for (d, _) in frames {
-                    count_data(&figures, &d);
+                    // In a session that pushes, a NEED answers a chunk whose pushed blocks were counted.
+                    count_data(&figures, &d, !pushing);
                     raw += u64::from(d.raw_len);
                     if matches!(d.encoding, Encoding::Lane(_)) {
                         lanes += u64::from(d.raw_len);
@@ -384,20 +430,4 @@ fn lane_count() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, MAX_LANES)
-}
-
-/// Consecutive chunks as DIGESTS frames: `(first, digests)` per run.
-fn runs(chunks: &[(u64, Digest)]) -> Vec<(u64, Vec<Digest>)> {
-    let mut out: Vec<(u64, Vec<Digest>)> = Vec::new();
-    for &(chunk, digest) in chunks {
-        match out.last_mut() {
-            Some((first, ds))
-                if *first + ds.len() as u64 == chunk && ds.len() < MAX_DIGESTS_PER_FRAME =>
-            {
-                ds.push(digest)
-            }
-            _ => out.push((chunk, vec![digest])),
-        }
-    }
-    out
 }

@@ -12,6 +12,8 @@
 //!   the destination's back.
 //! - [`policy`]: one side without state, `destination --serve` without `--state-dir`, `--verify-every N`.
 //! - [`killed`]: `kill -9` of either agent during a delta, then the retry.
+//! - [`pushed`]: a change list of blocks pushes them (BLOCKS); a list that misses a block of a listed chunk; a list
+//!   of whole chunks.
 //! - [`failback`]: A -> B, then B -> A, then A -> B again, with the same state directories.
 //! - [`scheduled`]: a scheduled source and a serving destination keeping manifests in memory; `--verify full` on a
 //!   long-running source.
@@ -23,6 +25,7 @@ mod failback;
 mod killed;
 mod manifests;
 mod policy;
+mod pushed;
 mod scheduled;
 
 use std::os::unix::fs::FileExt;

@@ -1,4 +1,5 @@
-//! DATA that must not be written (a zstd bomb, bytes that do not hash to the announced digest, duplicates);
+//! DATA that must not be written (a zstd bomb, bytes that do not hash to the announced digest, duplicates, BLOCKS
+//! outside a delta by change list);
 //! DIGESTS past the end or before HELLO, a second HELLO.
 
 use super::*;
@@ -127,6 +128,27 @@ async fn duplicated_data_is_rejected_and_the_chunk_is_old_or_verified() -> Resul
         "a chunk beyond chunk 0 changed"
     );
     Ok(())
+}
+
+/// BLOCKS (pushed blocks with their chunk's digest) belong to a delta by change list only: in a full session they
+/// are refused, even when they would verify, and nothing is written.
+#[tokio::test]
+async fn blocks_pushed_in_a_full_session_are_refused_and_not_written() -> Result<()> {
+    let site = site(22)?;
+    let rebuilt = chunk_0_rebuilt(&site)?;
+    let (dest, mut peer) = hostile_source(&site).await?;
+    peer.hello_ready().await?;
+    let Message::Data(data) = unsolicited_data() else {
+        bail!("unsolicited_data is DATA");
+    };
+    peer.send(&Message::Blocks {
+        digest: Digest::of(&rebuilt),
+        data,
+    })
+    .await?;
+    let needle = "BLOCKS outside a delta by change list";
+    let got = refused(&site, dest, peer, 1, needle).await?;
+    aborted(&got, AbortCode::Protocol, needle)
 }
 
 #[tokio::test]

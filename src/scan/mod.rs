@@ -12,13 +12,15 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
+
+mod selected;
+pub use selected::scan_selected;
 use std::sync::Arc;
 use std::thread;
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use crate::changes::ChangedChunks;
 use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
 use crate::error::{Error, Result};
 use crate::volume::{resident, Volume, DIRECT_ALIGN};
@@ -243,59 +245,6 @@ fn summarize(
     })
 }
 
-/// Scans only the chunks in `chunks` (a change list), calling `sink` with up to [`SEGMENT_CHUNKS`] of them at a
-/// time, in order, each with its index, the reads and hashes on `pool` (rayon's global pool without one). The same
-/// budget as [`scan`]: one buffer per worker, a few segments ahead.
-pub fn scan_selected(
-    pool: Option<Arc<ThreadPool>>,
-    volume: Arc<Volume>,
-    geometry: Geometry,
-    chunks: ChangedChunks,
-    bytes_read: Arc<AtomicU64>,
-    mut sink: impl FnMut(Vec<(u64, ChunkSummary)>) -> Result<()>,
-) -> Result<()> {
-    let (tx, rx) = sync_channel::<Result<Vec<(u64, ChunkSummary)>>>(READ_AHEAD);
-    let scanner = thread::Builder::new()
-        .name("scan".into())
-        .spawn(move || {
-            let zeros = ZeroDigests::new(geometry);
-            let round = (SEGMENT_CHUNKS * segments_per_round(pool.as_deref())) as usize;
-            let mut indices = chunks.iter().peekable();
-            while indices.peek().is_some() {
-                let chunks: Vec<u64> = indices.by_ref().take(round).collect();
-                let item: Result<Vec<(u64, ChunkSummary)>> = on(pool.as_deref(), || {
-                    chunks
-                        .par_iter()
-                        .map(|&i| {
-                            // A change list's chunks are scattered: read, not mapped one by one.
-                            let s = summarize(&volume, None, geometry, &zeros, &bytes_read, i)?;
-                            Ok((i, s))
-                        })
-                        .collect()
-                });
-                let mut summaries = match item {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                while !summaries.is_empty() {
-                    let rest = summaries.split_off(summaries.len().min(SEGMENT_CHUNKS as usize));
-                    if tx.send(Ok(summaries)).is_err() {
-                        return;
-                    }
-                    summaries = rest;
-                }
-            }
-        })
-        .map_err(|e| Error::Config(format!("cannot start the scan thread: {e}")))?;
-    let result = rx.iter().try_for_each(|segment| sink(segment?));
-    drop(rx);
-    let _ = scanner.join();
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,18 +323,19 @@ mod tests {
                 "chunk {i}"
             );
         }
-        let list = ChangedChunks::from_extents(&[(0, size as u64)], g)
+        let list = crate::changes::ChangedChunks::from_extents(&[(0, size as u64)], g)
             .map_err(|e| anyhow::anyhow!(e.0))?;
         let mut seen = Vec::new();
         scan_selected(
             Some(pool),
             Arc::new(Volume::open_source(&p)?),
             g,
-            list,
+            Arc::new(list),
             Arc::new(AtomicU64::new(0)),
+            |_, _, _| None::<()>,
             |s| {
                 assert!(s.len() <= SEGMENT_CHUNKS as usize);
-                seen.extend(s.into_iter().map(|(i, s)| (i, s.digest)));
+                seen.extend(s.into_iter().map(|(i, s, _)| (i, s.digest)));
                 Ok(())
             },
         )?;
@@ -395,47 +345,6 @@ mod tests {
             .map(|(i, s)| (i as u64, s.digest))
             .collect();
         assert_eq!(seen, expected);
-        Ok(())
-    }
-
-    #[test]
-    fn a_selected_scan_reads_only_the_listed_chunks() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("v.img");
-        let size = 200 * 65536;
-        let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
-        std::fs::write(&p, &data)?;
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let list = ChangedChunks::from_extents(&[(65536 * 3, 1), (65536 * 70, 65536 * 65)], g)
-            .map_err(|e| anyhow::anyhow!(e.0))?;
-        let read = Arc::new(AtomicU64::new(0));
-        let mut seen = Vec::new();
-        scan_selected(
-            None,
-            Arc::new(Volume::open_source(&p)?),
-            g,
-            list,
-            read.clone(),
-            |s| {
-                assert!(s.len() <= SEGMENT_CHUNKS as usize);
-                seen.extend(s);
-                Ok(())
-            },
-        )?;
-        let indices: Vec<u64> = seen.iter().map(|(i, _)| *i).collect();
-        assert_eq!(
-            indices,
-            std::iter::once(3).chain(70..135).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            read.load(Ordering::Relaxed),
-            66 * 65536,
-            "only the listed chunks are read"
-        );
-        for (i, s) in &seen {
-            let bytes = &data[*i as usize * 65536..][..65536];
-            assert_eq!(s.digest, Digest::of(bytes), "chunk {i}");
-        }
         Ok(())
     }
 

@@ -12,6 +12,11 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+mod compare;
+mod push;
+
+use compare::DIGESTS_BATCH;
+
 use super::basis::Basis;
 use super::finals::FinalDigests;
 use super::flush::Flusher;
@@ -19,21 +24,19 @@ use super::verify::{decode_lanes, runs, verify_and_write};
 use crate::chunk::{
     block_digests, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
 };
-use crate::codec::{DataFrame, Message};
+use crate::codec::{DataFrame, Message, SyncKind};
 use crate::error::{Error, Result};
 use crate::manifest::{Reader, Role, Store};
 use crate::net::Outbox;
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
+use push::report_misses;
 
 /// The destination acknowledges compared chunks this often.
 pub const ACK_EVERY: u64 = 1024;
 
 /// DATA frames verified together on all cores.
 const DATA_BATCH: usize = 32;
-
-/// A delta session's announced chunks compared together.
-const DIGESTS_BATCH: usize = 256;
 
 /// Segments of local digests from the target's scan.
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
@@ -61,6 +64,8 @@ pub struct Apply {
     /// Announced chunks not yet covered by an ACK we sent (the window counts these).
     pending: VecDeque<u64>,
     delta: bool,
+    /// A delta by change list, where the source may push blocks (BLOCKS).
+    pushes: bool,
     /// Where the manifest lives; it is invalidated before the first write of the session.
     store: Arc<Store>,
     wrote: bool,
@@ -115,12 +120,14 @@ impl Apply {
             }
         };
         let delta = basis.kind.is_delta();
+        let pushes = basis.kind == SyncKind::ChangeList;
         let base = basis.base.take();
         let (base, drift) = if delta { (base, None) } else { (None, base) };
         Apply {
             drift,
             pending: VecDeque::new(),
             delta,
+            pushes,
             store,
             wrote: false,
             basis,
@@ -176,6 +183,21 @@ impl Apply {
                         }
                     }
                     self.on_digests(&frames)?;
+                    self.acknowledge()?;
+                }
+                Message::Blocks { digest, data } => {
+                    let mut batch = vec![(digest, data)];
+                    while batch.len() < DATA_BATCH {
+                        match inbox.try_recv() {
+                            Ok(Message::Blocks { digest, data }) => batch.push((digest, data)),
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_blocks(batch)?;
                     self.acknowledge()?;
                 }
                 Message::Data(d) => {
@@ -235,6 +257,7 @@ impl Apply {
     /// fails (the digests differ, the target was resized, its bytes read back differ) also drops the manifest it
     /// started from: whatever the cause, it no longer describes the target, and the retry compares in full.
     fn finish(mut self) -> Result<Digest> {
+        report_misses(&self.figures);
         let store = self.store.clone();
         let result = self.durable_and_checked();
         if result.is_err() {
@@ -292,148 +315,10 @@ impl Apply {
         Ok(ours)
     }
 
-    fn send(&self, msg: Message) -> Result<()> {
+    pub(super) fn send(&self, msg: Message) -> Result<()> {
         self.out
             .blocking_send(msg)
             .map_err(|_| Error::PeerClosed("sync"))
-    }
-
-    fn next_local(&mut self) -> Result<ChunkSummary> {
-        loop {
-            if let Some(s) = self.local_ready.pop_front() {
-                return Ok(s);
-            }
-            let Some(local) = &self.local else {
-                return Err(Error::Protocol("a delta session has no target scan".into()));
-            };
-            match local.recv() {
-                Ok(Ok((_, summaries))) => self.local_ready.extend(summaries),
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Error::Cancelled("target scan ended early")),
-            }
-        }
-    }
-
-    fn on_digests(&mut self, frames: &[(u64, Vec<Digest>)]) -> Result<()> {
-        let count = self.geometry.chunk_count();
-        let mut next = self.next;
-        for (first, digests) in frames {
-            let (first, through) = (*first, first + digests.len() as u64);
-            // A delta session announces only the chunks that differ from the base: it may skip ahead, never back.
-            let in_order = first == next || (self.delta && first > next);
-            if !in_order || through > count {
-                return Err(Error::Protocol(format!(
-                    "DIGESTS for chunks {first}..{through}, expected from {next} (volume has {count})"
-                )));
-            }
-            if self.pending.len() as u64 + digests.len() as u64 > self.window {
-                return Err(Error::Protocol(format!(
-                    "the source announced {} chunks past the last ACK, beyond the window of {}",
-                    self.pending.len() + digests.len(),
-                    self.window
-                )));
-            }
-            self.pending.extend(first..through);
-            next = through;
-        }
-        let announced = || {
-            frames
-                .iter()
-                .flat_map(|(first, digests)| (*first..).zip(digests))
-        };
-        let local: Vec<(ChunkSummary, Option<Vec<Digest>>)> = if self.delta {
-            self.read_announced(announced().collect())?
-        } else {
-            let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
-            for (i, _) in announced() {
-                let ours = self.next_local()?;
-                self.check_drift(i, &ours)?;
-                local.push((ours, None));
-            }
-            local
-        };
-        for ((i, theirs), (ours, blocks)) in announced().zip(local) {
-            if self.delta && i >= self.next {
-                // Every chunk skipped before this one is equal to the base.
-                self.finals.base_through(i)?;
-            }
-            if ours.digest == *theirs {
-                self.finals.push(i, ours.digest)?;
-            } else if *theirs == self.zeros.for_chunk(i) {
-                add(&self.figures.chunks_changed, 1);
-                add(&self.figures.zero_chunks, 1);
-                let (offset, len) = self.geometry.chunk_range(i);
-                self.zero(offset, len as u64)?;
-                self.finals.push(i, *theirs)?;
-            } else {
-                add(&self.figures.chunks_changed, 1);
-                let blocks = match (ours.zero, blocks) {
-                    (true, _) => None,
-                    (false, Some(b)) => Some(b),
-                    (false, None) => Some(self.target_block_digests(i)?),
-                };
-                self.open.insert(i, (*theirs, ours.zero));
-                self.finals.hold(i);
-                self.send(Message::Need { chunk: i, blocks })?;
-            }
-            self.next = i + 1;
-        }
-        Ok(())
-    }
-
-    /// A delta session reads only the target chunks the source announced, on all cores: their digests, and the
-    /// block digests of those that will need data.
-    fn read_announced(
-        &self,
-        announced: Vec<(u64, &Digest)>,
-    ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
-        let (target, geometry, zeros, figures) =
-            (&*self.target, self.geometry, &self.zeros, &*self.figures);
-        announced
-            .into_par_iter()
-            .map(|(i, theirs)| {
-                thread_local! {
-                    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                let (offset, len) = geometry.chunk_range(i);
-                BUFFER.with(|cell| {
-                    let mut buf = cell.borrow_mut();
-                    buf.resize(len, 0);
-                    target.read_exact_at(&mut buf, offset)?;
-                    add(&figures.bytes_read, len as u64);
-                    let ours = zeros.summarize(i, &buf);
-                    let needs_blocks =
-                        ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
-                    Ok((ours, needs_blocks.then(|| block_digests(&buf))))
-                })
-            })
-            .collect()
-    }
-
-    /// A full comparison with a manifest: a target chunk that does not hold what the manifest says was written by
-    /// something else (or the manifest is stale); this comparison repairs it, and says so.
-    fn check_drift(&mut self, chunk: u64, ours: &ChunkSummary) -> Result<()> {
-        let Some(base) = &mut self.drift else {
-            return Ok(());
-        };
-        let expected = base.next_digest().map_err(|e| {
-            Error::State(format!(
-                "reading the destination's manifest at chunk {chunk}: {e}"
-            ))
-        })?;
-        if expected != ours.digest {
-            let n = self
-                .figures
-                .target_drift
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
-            if n <= 8 {
-                tracing::warn!(
-                    "target chunk {chunk} does not hold what the destination's manifest says: something else wrote the target; this full comparison repairs it"
-                );
-            }
-        }
-        Ok(())
     }
 
     /// Sends ACK for the chunks *settled* in order: compared, and written when they needed data. Acknowledging
@@ -456,7 +341,7 @@ impl Apply {
 
     /// Before the session's first write to the target: its manifest no longer describes it. The removal is durable
     /// before the write, so no crash can leave a manifest that claims what the target no longer holds.
-    fn before_write(&mut self) -> Result<()> {
+    pub(super) fn before_write(&mut self) -> Result<()> {
         if !self.wrote {
             self.store
                 .invalidate(Role::Destination)
@@ -467,7 +352,7 @@ impl Apply {
     }
 
     /// The block digests of target chunk `chunk`, read into a buffer kept across chunks.
-    fn target_block_digests(&mut self, chunk: u64) -> Result<Vec<Digest>> {
+    pub(super) fn target_block_digests(&mut self, chunk: u64) -> Result<Vec<Digest>> {
         let (offset, len) = self.geometry.chunk_range(chunk);
         let mut buf = std::mem::take(&mut self.scratch);
         buf.resize(len, 0);
@@ -510,25 +395,36 @@ impl Apply {
             if let Some(f) = &mut self.flusher {
                 f.wrote(u64::from(d.raw_len));
             }
-            let (offset, len) = self.geometry.chunk_range(d.chunk);
-            for (b0, b1) in runs(d.zero_mask) {
-                let start = block_range(len, b0).start as u64;
-                let end = block_range(len, b1 - 1).end as u64;
-                self.zero(offset + start, end - start)?;
-            }
-            let f = &self.figures;
-            add(&f.chunks_sent, 1);
-            add(&f.blocks_sent, u64::from(d.send_mask.count_ones()));
-            add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
-            add(&f.data_bytes, u64::from(d.raw_len));
-            add(&f.compressed_bytes, wire as u64);
+            self.zero_blocks_of(&d)?;
+            self.count_sent(&d);
+            add(&self.figures.compressed_bytes, wire as u64);
             self.finals.push(d.chunk, expected)?;
         }
         Ok(())
     }
 
+    /// Zeroes the blocks a verified DATA or BLOCKS frame marks as zeros.
+    pub(super) fn zero_blocks_of(&mut self, d: &DataFrame) -> Result<()> {
+        let (offset, len) = self.geometry.chunk_range(d.chunk);
+        for (b0, b1) in runs(d.zero_mask) {
+            let start = block_range(len, b0).start as u64;
+            let end = block_range(len, b1 - 1).end as u64;
+            self.zero(offset + start, end - start)?;
+        }
+        Ok(())
+    }
+
+    /// Counts the blocks of a verified DATA or BLOCKS frame.
+    pub(super) fn count_sent(&self, d: &DataFrame) {
+        let f = &self.figures;
+        add(&f.chunks_sent, 1);
+        add(&f.blocks_sent, u64::from(d.send_mask.count_ones()));
+        add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
+        add(&f.data_bytes, u64::from(d.raw_len));
+    }
+
     /// Zeroes a range, merging adjacent ranges into one call.
-    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(super) fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
         self.before_write()?;
         match &mut self.zero_run {
             Some((o, l)) if *o + *l == offset => *l += len,

@@ -1,0 +1,153 @@
+//! DIGESTS: the source's announced chunks compared with the target's scan (a full comparison) or with the target
+//! chunks read now (a delta), and a NEED for each that differs.
+
+use rayon::prelude::*;
+
+use super::Apply;
+use crate::chunk::{block_digests, ChunkSummary, Digest};
+use crate::codec::Message;
+use crate::error::{Error, Result};
+use crate::stats::add;
+
+/// A delta session's announced chunks compared together.
+pub(super) const DIGESTS_BATCH: usize = 256;
+
+impl Apply {
+    fn next_local(&mut self) -> Result<ChunkSummary> {
+        loop {
+            if let Some(s) = self.local_ready.pop_front() {
+                return Ok(s);
+            }
+            let Some(local) = &self.local else {
+                return Err(Error::Protocol("a delta session has no target scan".into()));
+            };
+            match local.recv() {
+                Ok(Ok((_, summaries))) => self.local_ready.extend(summaries),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Error::Cancelled("target scan ended early")),
+            }
+        }
+    }
+
+    pub(super) fn on_digests(&mut self, frames: &[(u64, Vec<Digest>)]) -> Result<()> {
+        let count = self.geometry.chunk_count();
+        let mut next = self.next;
+        for (first, digests) in frames {
+            let (first, through) = (*first, first + digests.len() as u64);
+            // A delta session announces only the chunks that differ from the base: it may skip ahead, never back.
+            let in_order = first == next || (self.delta && first > next);
+            if !in_order || through > count {
+                return Err(Error::Protocol(format!(
+                    "DIGESTS for chunks {first}..{through}, expected from {next} (volume has {count})"
+                )));
+            }
+            if self.pending.len() as u64 + digests.len() as u64 > self.window {
+                return Err(Error::Protocol(format!(
+                    "the source announced {} chunks past the last ACK, beyond the window of {}",
+                    self.pending.len() + digests.len(),
+                    self.window
+                )));
+            }
+            self.pending.extend(first..through);
+            next = through;
+        }
+        let announced = || {
+            frames
+                .iter()
+                .flat_map(|(first, digests)| (*first..).zip(digests))
+        };
+        let local: Vec<(ChunkSummary, Option<Vec<Digest>>)> = if self.delta {
+            self.read_announced(announced().collect())?
+        } else {
+            let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
+            for (i, _) in announced() {
+                let ours = self.next_local()?;
+                self.check_drift(i, &ours)?;
+                local.push((ours, None));
+            }
+            local
+        };
+        for ((i, theirs), (ours, blocks)) in announced().zip(local) {
+            if self.delta && i >= self.next {
+                // Every chunk skipped before this one is equal to the base.
+                self.finals.base_through(i)?;
+            }
+            if ours.digest == *theirs {
+                self.finals.push(i, ours.digest)?;
+            } else if *theirs == self.zeros.for_chunk(i) {
+                add(&self.figures.chunks_changed, 1);
+                add(&self.figures.zero_chunks, 1);
+                let (offset, len) = self.geometry.chunk_range(i);
+                self.zero(offset, len as u64)?;
+                self.finals.push(i, *theirs)?;
+            } else {
+                add(&self.figures.chunks_changed, 1);
+                let blocks = match (ours.zero, blocks) {
+                    (true, _) => None,
+                    (false, Some(b)) => Some(b),
+                    (false, None) => Some(self.target_block_digests(i)?),
+                };
+                self.open.insert(i, (*theirs, ours.zero));
+                self.finals.hold(i);
+                self.send(Message::Need { chunk: i, blocks })?;
+            }
+            self.next = i + 1;
+        }
+        Ok(())
+    }
+
+    /// A delta session reads only the target chunks the source announced, on all cores: their digests, and the
+    /// block digests of those that will need data.
+    fn read_announced(
+        &self,
+        announced: Vec<(u64, &Digest)>,
+    ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
+        let (target, geometry, zeros, figures) =
+            (&*self.target, self.geometry, &self.zeros, &*self.figures);
+        announced
+            .into_par_iter()
+            .map(|(i, theirs)| {
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                let (offset, len) = geometry.chunk_range(i);
+                BUFFER.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    buf.resize(len, 0);
+                    target.read_exact_at(&mut buf, offset)?;
+                    add(&figures.bytes_read, len as u64);
+                    let ours = zeros.summarize(i, &buf);
+                    let needs_blocks =
+                        ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
+                    Ok((ours, needs_blocks.then(|| block_digests(&buf))))
+                })
+            })
+            .collect()
+    }
+
+    /// A full comparison with a manifest: a target chunk that does not hold what the manifest says was written by
+    /// something else (or the manifest is stale); this comparison repairs it, and says so.
+    fn check_drift(&mut self, chunk: u64, ours: &ChunkSummary) -> Result<()> {
+        let Some(base) = &mut self.drift else {
+            return Ok(());
+        };
+        let expected = base.next_digest().map_err(|e| {
+            Error::State(format!(
+                "reading the destination's manifest at chunk {chunk}: {e}"
+            ))
+        })?;
+        if expected != ours.digest {
+            let n = self
+                .figures
+                .target_drift
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n <= 8 {
+                tracing::warn!(
+                    "target chunk {chunk} does not hold what the destination's manifest says: something else wrote the target; this full comparison repairs it"
+                );
+            }
+        }
+        Ok(())
+    }
+}

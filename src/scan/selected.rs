@@ -1,0 +1,154 @@
+//! Scanning only the chunks a change list names, in chunk order, with a look at each chunk's bytes while they are
+//! in the worker's buffer (a delta by change list takes the listed blocks from there, see `source::push`).
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::thread;
+
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use super::{on, segments_per_round, READ_AHEAD, SEGMENT_CHUNKS};
+use crate::changes::ChangedChunks;
+use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
+use crate::error::{Error, Result};
+use crate::volume::Volume;
+
+/// A scanned chunk: its index, its summary, and what `keep` took from its bytes.
+pub type Selected<T> = (u64, ChunkSummary, Option<T>);
+
+/// Scans only the chunks in `chunks` (a change list), calling `sink` with up to [`SEGMENT_CHUNKS`] of them at a
+/// time, in order, the reads and hashes on `pool` (rayon's global pool without one). `keep` sees each chunk's
+/// bytes right after they were hashed (not a chunk known to be zeros without reading: a hole, or outside the
+/// allocation map), on the worker that read them. The same budget as [`super::scan`]: one buffer per worker, a few
+/// segments ahead, plus what `keep` returns for them.
+pub fn scan_selected<T: Send + 'static>(
+    pool: Option<Arc<ThreadPool>>,
+    volume: Arc<Volume>,
+    geometry: Geometry,
+    chunks: Arc<ChangedChunks>,
+    bytes_read: Arc<AtomicU64>,
+    keep: impl Fn(u64, &[u8], &ChunkSummary) -> Option<T> + Send + Sync + 'static,
+    mut sink: impl FnMut(Vec<Selected<T>>) -> Result<()>,
+) -> Result<()> {
+    let (tx, rx) = sync_channel::<Result<Vec<Selected<T>>>>(READ_AHEAD);
+    let scanner = thread::Builder::new()
+        .name("scan".into())
+        .spawn(move || {
+            let zeros = ZeroDigests::new(geometry);
+            let round = (SEGMENT_CHUNKS * segments_per_round(pool.as_deref())) as usize;
+            let mut indices = chunks.iter().peekable();
+            while indices.peek().is_some() {
+                let chunks: Vec<u64> = indices.by_ref().take(round).collect();
+                let item: Result<Vec<Selected<T>>> = on(pool.as_deref(), || {
+                    chunks
+                        .par_iter()
+                        .map(|&i| read_one(&volume, geometry, &zeros, &bytes_read, i, &keep))
+                        .collect()
+                });
+                let mut summaries = match item {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                while !summaries.is_empty() {
+                    let rest = summaries.split_off(summaries.len().min(SEGMENT_CHUNKS as usize));
+                    if tx.send(Ok(summaries)).is_err() {
+                        return;
+                    }
+                    summaries = rest;
+                }
+            }
+        })
+        .map_err(|e| Error::Config(format!("cannot start the scan thread: {e}")))?;
+    let result = rx.iter().try_for_each(|segment| sink(segment?));
+    drop(rx);
+    let _ = scanner.join();
+    result
+}
+
+/// Reads and summarizes one listed chunk into this worker's buffer (a change list's chunks are scattered: read,
+/// not mapped one by one), then lets `keep` look at it.
+fn read_one<T>(
+    volume: &Volume,
+    geometry: Geometry,
+    zeros: &ZeroDigests,
+    bytes_read: &AtomicU64,
+    i: u64,
+    keep: &impl Fn(u64, &[u8], &ChunkSummary) -> Option<T>,
+) -> Result<Selected<T>> {
+    thread_local! {
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    let (offset, len) = geometry.chunk_range(i);
+    // Outside the allocation map a tracker gave: zeros by the storage's word, not read and not counted.
+    if volume.outside_allocation(offset, len as u64) {
+        return Ok((i, zeros.zero_summary(i), None));
+    }
+    BUFFER.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        buf.resize(len, 0);
+        let hole = volume.read_unless_hole(&mut buf, offset)?;
+        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+        if hole {
+            return Ok((i, zeros.zero_summary(i), None));
+        }
+        let summary = zeros.summarize(i, &buf);
+        let kept = keep(i, &buf, &summary);
+        Ok((i, summary, kept))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::Digest;
+
+    #[test]
+    fn a_selected_scan_reads_only_the_listed_chunks() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("v.img");
+        let size = 200 * 65536;
+        let data: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&p, &data)?;
+        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
+        let list = ChangedChunks::from_extents(&[(65536 * 3, 1), (65536 * 70, 65536 * 65)], g)
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        let read = Arc::new(AtomicU64::new(0));
+        let mut seen = Vec::new();
+        scan_selected(
+            None,
+            Arc::new(Volume::open_source(&p)?),
+            g,
+            Arc::new(list),
+            read.clone(),
+            |i, bytes, s| (i % 2 == 1).then_some((bytes.len(), s.zero)),
+            |s| {
+                assert!(s.len() <= SEGMENT_CHUNKS as usize);
+                seen.extend(s);
+                Ok(())
+            },
+        )?;
+        let indices: Vec<u64> = seen.iter().map(|(i, _, _)| *i).collect();
+        assert_eq!(
+            indices,
+            std::iter::once(3).chain(70..135).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            read.load(Ordering::Relaxed),
+            66 * 65536,
+            "only the listed chunks are read"
+        );
+        for (i, s, kept) in &seen {
+            let bytes = &data[*i as usize * 65536..][..65536];
+            assert_eq!(s.digest, Digest::of(bytes), "chunk {i}");
+            let expected = (i % 2 == 1).then_some((65536, false));
+            assert_eq!(*kept, expected, "keep saw chunk {i}'s bytes");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! A delta by change list pushes the blocks the list names (protocol 5, BLOCKS): they are taken from the buffer the
+//! scan hashed, compressed in lanes of their own, and sent with the chunk's digest, in chunk order among the
+//! DIGESTS runs. The destination writes them if its chunk with them hashes to the digest and asks with NEED
+//! otherwise, so a list that names a chunk but misses some of its changed blocks costs a round trip, not the sync.
+
+use bytes::Bytes;
+
+use super::data::{compress_in_lanes, compressible};
+use crate::changes::ChangedChunks;
+use crate::chunk::{block_range, is_zero, Digest, Geometry};
+use crate::codec::{DataFrame, Encoding, Message, MAX_DIGESTS_PER_FRAME};
+use crate::error::Result;
+use crate::zstream::{Encoder, MAX_LANES};
+
+/// Whether a session with this selection pushes: only a change list that names blocks inside chunks says which
+/// blocks changed. A list of whole chunks (a 64 KiB or coarser tracker) would have every block of a chunk pushed
+/// for one written block; its chunks are compared with NEED and block digests instead.
+pub fn pushes(selection: Option<&ChangedChunks>) -> bool {
+    selection.is_some_and(ChangedChunks::block_precise)
+}
+
+/// The lanes of a session: `(pushed blocks, NEED answers)`, as ranges of lane numbers. Each lane belongs to one
+/// thread, which keeps its parts in order on the wire. A session that pushes sends few NEED answers (a change
+/// list's misses): one lane for them.
+pub fn lanes(pushing: bool, per_core: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    if pushing {
+        let push = per_core.clamp(1, MAX_LANES - 1);
+        (0..push, push..push + 1)
+    } else {
+        (0..0, 0..per_core.clamp(1, MAX_LANES))
+    }
+}
+
+/// The listed blocks of a scanned chunk as a raw BLOCKS payload (zero blocks as marks), and whether it is worth
+/// compressing at `level`.
+pub fn listed_blocks(
+    geometry: Geometry,
+    chunk: u64,
+    bytes: &[u8],
+    listed: u64,
+    level: Option<i32>,
+) -> (DataFrame, bool) {
+    let len = bytes.len();
+    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    let mut raw =
+        Vec::with_capacity(listed.count_ones() as usize * crate::chunk::BLOCK_SIZE as usize);
+    for b in 0..geometry.blocks_in_chunk(chunk) {
+        if listed & (1 << b) == 0 {
+            continue;
+        }
+        let block = &bytes[block_range(len, b)];
+        if is_zero(block) {
+            zero_mask |= 1 << b;
+        } else {
+            send_mask |= 1 << b;
+            raw.extend_from_slice(block);
+        }
+    }
+    let worth = !raw.is_empty() && level.is_some_and(|l| compressible(&raw, l));
+    let frame = DataFrame {
+        chunk,
+        send_mask,
+        zero_mask,
+        encoding: Encoding::Raw,
+        raw_len: raw.len() as u32,
+        payload: Bytes::from(raw),
+    };
+    (frame, worth)
+}
+
+/// Compresses pushed payloads in the push lanes.
+pub struct Pusher {
+    encoders: Vec<Option<Encoder>>,
+    first_lane: usize,
+    level: i32,
+}
+
+impl Pusher {
+    /// Lanes `lanes` at zstd `level`.
+    pub fn new(lanes: std::ops::Range<usize>, level: i32) -> Self {
+        Pusher {
+            encoders: lanes.clone().map(|_| None).collect(),
+            first_lane: lanes.start,
+            level,
+        }
+    }
+
+    /// Compresses the frames marked worth it, lanes in parallel (on the caller's pool).
+    pub fn compress(&mut self, frames: &mut [(DataFrame, bool)]) -> Result<()> {
+        compress_in_lanes(frames, &mut self.encoders, self.first_lane, self.level)
+    }
+}
+
+/// The announcements of `chunks` (in increasing order): a BLOCKS frame for each chunk with a frame in `pushed`
+/// (also in increasing order), DIGESTS frames for runs of consecutive others.
+pub fn announcements(chunks: &[(u64, Digest)], pushed: Vec<DataFrame>) -> Vec<Message> {
+    let mut out: Vec<Message> = Vec::new();
+    let mut pushed = pushed.into_iter().peekable();
+    for &(chunk, digest) in chunks {
+        if pushed.peek().is_some_and(|d| d.chunk == chunk) {
+            if let Some(data) = pushed.next() {
+                out.push(Message::Blocks { digest, data });
+            }
+            continue;
+        }
+        match out.last_mut() {
+            Some(Message::Digests { first, digests })
+                if *first + digests.len() as u64 == chunk
+                    && digests.len() < MAX_DIGESTS_PER_FRAME =>
+            {
+                digests.push(digest)
+            }
+            _ => out.push(Message::Digests {
+                first: chunk,
+                digests: vec![digest],
+            }),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_interleave_blocks_and_digest_runs_in_chunk_order() {
+        let d = |c: u64| Digest::of(&c.to_be_bytes());
+        let chunks: Vec<(u64, Digest)> = [1, 2, 3, 5, 6, 9].iter().map(|&c| (c, d(c))).collect();
+        let frame = |chunk| DataFrame {
+            chunk,
+            send_mask: 1,
+            zero_mask: 0,
+            encoding: Encoding::Raw,
+            raw_len: 4096,
+            payload: Bytes::from(vec![chunk as u8; 4096]),
+        };
+        let out = announcements(&chunks, vec![frame(2), frame(9)]);
+        let shape: Vec<String> = out
+            .iter()
+            .map(|m| match m {
+                Message::Digests { first, digests } => format!("D{first}+{}", digests.len()),
+                Message::Blocks { digest, data } => {
+                    assert_eq!(*digest, d(data.chunk));
+                    format!("B{}", data.chunk)
+                }
+                other => other.name().into(),
+            })
+            .collect();
+        assert_eq!(shape, ["D1+1", "B2", "D3+1", "D5+2", "B9"]);
+    }
+
+    #[test]
+    fn listed_blocks_carry_data_and_zero_marks_and_only_what_is_listed() {
+        let g = Geometry::new(65536 + 8192, 65536).expect("geometry");
+        let mut chunk = vec![3u8; 65536];
+        chunk[2 * 4096..3 * 4096].fill(0);
+        let (d, _) = listed_blocks(g, 0, &chunk, 0b1110, Some(1));
+        assert_eq!(
+            (d.send_mask, d.zero_mask, d.raw_len),
+            (0b1010, 0b0100, 8192)
+        );
+        assert_eq!(&d.payload[..4096], &chunk[4096..8192]);
+        assert_eq!(&d.payload[4096..], &chunk[3 * 4096..4 * 4096]);
+        let (short, worth) = listed_blocks(g, 1, &[0u8; 8192], 0b11, Some(1));
+        assert_eq!(
+            (short.send_mask, short.zero_mask, short.raw_len),
+            (0, 0b11, 0)
+        );
+        assert!(!worth, "nothing to compress");
+    }
+
+    #[test]
+    fn a_pushing_session_keeps_a_lane_for_need_answers() {
+        assert_eq!(lanes(true, 2), (0..2, 2..3));
+        assert_eq!(lanes(true, 8), (0..3, 3..4));
+        assert_eq!(lanes(false, 2), (0..0, 0..2));
+        assert_eq!(lanes(false, 8), (0..0, 0..4));
+    }
+}

@@ -1,0 +1,117 @@
+//! Protocol 5's BLOCKS: a delta by change list that names blocks pushes them with each chunk's digest, and the
+//! destination writes them without a NEED; a list that names a chunk but misses one of its changed blocks is
+//! caught by the chunk's digest and repaired in the same sync; a list of whole chunks says nothing finer and is
+//! compared with NEED and block digests as before.
+
+use anyhow::Result;
+
+use super::{
+    change_list, scattered, scribble, scribble_chunks, warnings, Outcome, Pair, BLOCK, CHUNK, MIB,
+};
+use crate::common::external_u64;
+
+/// A NEED with block digests carries 16 of them (512 bytes) for a 64 KiB chunk.
+const NEED_BYTES: u64 = 8 + 1 + 16 * 32;
+
+fn pushed(o: &Outcome) -> (Option<u64>, Option<u64>, Option<u64>) {
+    (
+        external_u64(&o.source, "pushedChunks").ok(),
+        external_u64(&o.destination, "pushedChunks").ok(),
+        external_u64(&o.destination, "pushMissedChunks").ok(),
+    )
+}
+
+#[test]
+fn a_change_list_of_blocks_is_pushed_and_written_without_a_need() -> Result<()> {
+    let p = Pair::new(32 * MIB, 0x9_5001)?;
+    p.sync(&[], &[])?;
+    let n = 64;
+    let changed = scattered(p.size(), n, 5);
+    let extents = scribble(&p.fx.volume, &changed, 1)?;
+    let list = change_list(p.fx.dir.path(), "blocks.json", &extents)?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    o.expect_delta("delta-changelist");
+    assert_eq!(pushed(&o), (Some(n), Some(n), None), "{}", o.describe());
+    assert_eq!(o.src("blocksSent"), n, "{}", o.describe());
+    assert_eq!(o.dst("blocksSent"), n, "{}", o.describe());
+    assert_eq!(
+        o.src("bytesRead"),
+        n * CHUNK,
+        "the source reads each listed chunk once: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.dst("bytesRead"),
+        n * CHUNK,
+        "the destination reads each pushed chunk once, to rebuild it: {}",
+        o.describe()
+    );
+    let asked = o.dst("wireBytesSent");
+    assert!(
+        asked < n * NEED_BYTES / 2,
+        "the destination sent {asked} bytes: no NEED for {n} pushed chunks ({} bytes of NEED): {}",
+        n * NEED_BYTES,
+        o.describe()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_list_that_misses_a_block_of_a_listed_chunk_is_repaired_in_the_same_sync() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0x9_5002)?;
+    p.sync(&[], &[])?;
+    let per = CHUNK / BLOCK;
+    // Chunk 10: blocks 3 and 4 written, only block 3 listed. Chunk 40: block 7 written and listed.
+    let written = scribble(&p.fx.volume, &[10 * per + 3, 10 * per + 4, 40 * per + 7], 2)?;
+    let list = change_list(p.fx.dir.path(), "short.json", &[written[0], written[2]])?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    o.expect_delta("delta-changelist");
+    assert_eq!(pushed(&o), (Some(2), Some(2), Some(1)), "{}", o.describe());
+    assert_eq!(
+        o.dst("blocksSent"),
+        1 + 2,
+        "chunk 40's pushed block, then the two differing blocks of chunk 10: {}",
+        o.describe()
+    );
+    let log = o.destination_log.as_deref().unwrap_or("");
+    assert!(
+        warnings(log)
+            .iter()
+            .any(|l| l
+                .contains("1 chunks of the change list changed in blocks the list did not name")),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_list_of_whole_chunks_is_compared_block_by_block_not_pushed() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0x9_5003)?;
+    p.sync(&[], &[])?;
+    // Whole chunks listed, one block of each written: a 64 KiB tracker's view of scattered writes.
+    let per = CHUNK / BLOCK;
+    let chunks = [3u64, 50, 200];
+    scribble(
+        &p.fx.volume,
+        &chunks.iter().map(|c| c * per + 9).collect::<Vec<_>>(),
+        3,
+    )?;
+    let listed: Vec<(u64, u64)> = chunks.iter().map(|c| (c * CHUNK, CHUNK)).collect();
+    let list = change_list(p.fx.dir.path(), "chunks.json", &listed)?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    o.expect_delta("delta-changelist");
+    assert_eq!(pushed(&o), (None, None, None), "{}", o.describe());
+    assert_eq!(
+        o.src("blocksSent"),
+        chunks.len() as u64,
+        "only the written block of each chunk travels: {}",
+        o.describe()
+    );
+    // And whole chunks rewritten, listed as whole chunks: the same path, every block sent.
+    let listed = scribble_chunks(&p.fx.volume, &[7, 8], 4)?;
+    let list = change_list(p.fx.dir.path(), "rewritten.json", &listed)?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    assert_eq!(pushed(&o), (None, None, None), "{}", o.describe());
+    assert_eq!(o.src("blocksSent"), 2 * per, "{}", o.describe());
+    Ok(())
+}
