@@ -140,15 +140,41 @@ pub fn compress_in_lanes(
 /// Bytes compressed as a probe before compressing a whole payload.
 const PROBE: usize = 2 * BLOCK_SIZE as usize;
 
-/// Whether compressing `raw` looks worthwhile, judged by compressing its first [`PROBE`] bytes: zstd spends as long
-/// on random data (encrypted or already compressed guest files) as on text, only to have the result discarded. A
-/// probe that saves less than 1/32 sends the payload raw; a payload that small is compressed without probing.
+/// Whether compressing `raw` looks worthwhile: zstd spends as long on random data (encrypted or already compressed
+/// guest files) as on text, only to have the result discarded, and a lane that takes it also fills its window with
+/// it on both sides. First the order-0 entropy of its first block: above [`RANDOM_BITS`] per byte nothing but long
+/// repeats could compress it, and random data has none. Then, for a payload of more than two probes, its first
+/// [`PROBE`] bytes are compressed: a probe that saves less than 1/32 sends the payload raw.
 pub(super) fn compressible(raw: &[u8], level: i32) -> bool {
+    if entropy_bits(&raw[..raw.len().min(BLOCK_SIZE as usize)]) > RANDOM_BITS {
+        return false;
+    }
     if raw.len() <= 2 * PROBE {
         return true;
     }
     let probe = &raw[..PROBE];
     compress(probe, level).is_ok_and(|z| z.len() < probe.len() - probe.len() / 32)
+}
+
+/// Bits per byte above which a block is taken for random (4096 random bytes measure about 7.95).
+const RANDOM_BITS: f64 = 7.5;
+
+/// The order-0 entropy of `bytes` in bits per byte (0 for an empty slice).
+fn entropy_bits(bytes: &[u8]) -> f64 {
+    if bytes.is_empty() {
+        return 0.0;
+    }
+    let mut counts = [0u32; 256];
+    for &b in bytes {
+        counts[usize::from(b)] += 1;
+    }
+    let n = bytes.len() as f64;
+    let sum: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| f64::from(c) * f64::from(c).log2())
+        .sum();
+    n.log2() - sum / n
 }
 
 /// zstd with one reusable context per thread: a fresh context per 64 KiB chunk costs as much as compressing it.
@@ -227,6 +253,23 @@ mod tests {
             "a lane starts when first used"
         );
         Ok(())
+    }
+
+    #[test]
+    fn a_random_block_is_not_worth_compressing_and_text_or_a_repeated_pattern_is() {
+        let mut random = vec![0u8; 4096];
+        rand_chacha::ChaCha8Rng::seed_from_u64(9).fill_bytes(&mut random);
+        let bits = entropy_bits(&random);
+        assert!((7.9..8.0).contains(&bits), "{bits}");
+        assert!(!compressible(&random, 1), "one random block");
+        let words = b"a block of a guest's text file, written again ";
+        let text: Vec<u8> = (0..4096).map(|i| words[i % words.len()]).collect();
+        assert!(compressible(&text, 1));
+        let pattern: Vec<u8> = (0..4096).map(|i| random[i % 64]).collect();
+        assert!(entropy_bits(&pattern) <= 6.0);
+        assert!(compressible(&pattern, 1), "64 random bytes repeated");
+        assert_eq!(entropy_bits(&[]), 0.0);
+        assert_eq!(entropy_bits(&[7; 100]), 0.0);
     }
 
     #[test]
