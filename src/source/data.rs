@@ -88,7 +88,19 @@ pub fn build_data(
         // frame waits to be sent (and have every NEED take fresh, kernel-zeroed pages).
         raw.shrink_to_fit();
     }
-    let worth = kept > 0 && compress.is_some_and(|level| compressible(&raw, level));
+    Ok(raw_frame(chunk, send_mask, zero_mask, raw, compress))
+}
+
+/// A raw DATA (or BLOCKS) frame of `raw`, the blocks of `send_mask` in order, and whether it is worth compressing
+/// at `level` (see [`compressible`]).
+pub(super) fn raw_frame(
+    chunk: u64,
+    send_mask: u64,
+    zero_mask: u64,
+    raw: Vec<u8>,
+    level: Option<i32>,
+) -> (DataFrame, bool) {
+    let worth = !raw.is_empty() && level.is_some_and(|l| compressible(&raw, l));
     let frame = DataFrame {
         chunk,
         send_mask,
@@ -97,7 +109,7 @@ pub fn build_data(
         raw_len: raw.len() as u32,
         payload: Bytes::from(raw),
     };
-    Ok((frame, worth))
+    (frame, worth)
 }
 
 /// Compresses the payloads of `frames` marked worth it into lanes: the marked frames are dealt round-robin to

@@ -3,12 +3,10 @@
 //! DIGESTS runs. The destination writes them if its chunk with them hashes to the digest and asks with NEED
 //! otherwise, so a list that names a chunk but misses some of its changed blocks costs a round trip, not the sync.
 
-use bytes::Bytes;
-
-use super::data::{compress_in_lanes, compressible};
+use super::data::{compress_in_lanes, raw_frame};
 use crate::changes::ChangedChunks;
 use crate::chunk::{block_range, is_zero, Digest, Geometry};
-use crate::codec::{DataFrame, Encoding, Message, MAX_DIGESTS_PER_FRAME};
+use crate::codec::{DataFrame, Message, MAX_DIGESTS_PER_FRAME};
 use crate::error::Result;
 use crate::zstream::{Encoder, MAX_LANES};
 
@@ -56,16 +54,7 @@ pub fn listed_blocks(
             raw.extend_from_slice(block);
         }
     }
-    let worth = !raw.is_empty() && level.is_some_and(|l| compressible(&raw, l));
-    let frame = DataFrame {
-        chunk,
-        send_mask,
-        zero_mask,
-        encoding: Encoding::Raw,
-        raw_len: raw.len() as u32,
-        payload: Bytes::from(raw),
-    };
-    (frame, worth)
+    raw_frame(chunk, send_mask, zero_mask, raw, level)
 }
 
 /// Compresses pushed payloads in the push lanes.
@@ -122,6 +111,8 @@ pub fn announcements(chunks: &[(u64, Digest)], pushed: Vec<DataFrame>) -> Vec<Me
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::Encoding;
+    use bytes::Bytes;
 
     #[test]
     fn announcements_interleave_blocks_and_digest_runs_in_chunk_order() {

@@ -186,32 +186,18 @@ impl Apply {
                     self.acknowledge()?;
                 }
                 Message::Blocks { digest, data } => {
-                    let mut batch = vec![(digest, data)];
-                    while batch.len() < DATA_BATCH {
-                        match inbox.try_recv() {
-                            Ok(Message::Blocks { digest, data }) => batch.push((digest, data)),
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let batch = gather(inbox, &mut held, (digest, data), |m| match m {
+                        Message::Blocks { digest, data } => Ok((digest, data)),
+                        other => Err(other),
+                    });
                     self.on_blocks(batch)?;
                     self.acknowledge()?;
                 }
                 Message::Data(d) => {
-                    let mut batch = vec![d];
-                    while batch.len() < DATA_BATCH {
-                        match inbox.try_recv() {
-                            Ok(Message::Data(d)) => batch.push(d),
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    let batch = gather(inbox, &mut held, d, |m| match m {
+                        Message::Data(d) => Ok(d),
+                        other => Err(other),
+                    });
                     self.on_data(batch)?;
                     self.acknowledge()?;
                 }
@@ -442,6 +428,28 @@ impl Apply {
         }
         Ok(())
     }
+}
+
+/// `first` and the messages of its kind already waiting in `inbox` (`take` says which), up to [`DATA_BATCH`]; the
+/// first message of another kind is kept in `held`.
+fn gather<T>(
+    inbox: &mut tokio::sync::mpsc::Receiver<Message>,
+    held: &mut Option<Message>,
+    first: T,
+    take: impl Fn(Message) -> std::result::Result<T, Message>,
+) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < DATA_BATCH {
+        match inbox.try_recv().map(&take) {
+            Ok(Ok(item)) => batch.push(item),
+            Ok(Err(other)) => {
+                *held = Some(other);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    batch
 }
 
 /// The volume digest of the target's bytes as they read now (after the final fsync): one more full read and hash
