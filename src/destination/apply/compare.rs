@@ -68,7 +68,7 @@ impl Apply {
             local
         };
         for ((i, theirs), (ours, blocks)) in announced().zip(local) {
-            if self.delta && i >= self.next {
+            if self.delta {
                 // Every chunk skipped before this one is equal to the base.
                 self.finals.base_through(i)?;
             }

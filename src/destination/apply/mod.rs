@@ -373,24 +373,33 @@ impl Apply {
                 })
                 .collect()
         };
-        if self.flusher.is_none() {
-            self.flusher = Some(Flusher::new(self.target.clone())?);
-        }
         for (((d, expected, _), result), wire) in claimed.into_iter().zip(written).zip(wire) {
             result?;
-            if let Some(f) = &mut self.flusher {
-                f.wrote(u64::from(d.raw_len));
-            }
-            self.zero_blocks_of(&d)?;
-            self.count_sent(&d);
             add(&self.figures.compressed_bytes, wire as u64);
-            self.finals.push(d.chunk, expected)?;
+            self.settle_written(&d, expected)?;
         }
         Ok(())
     }
 
+    /// A DATA or BLOCKS frame verified and its data blocks written: its writes go to the write-behind, its zero
+    /// blocks are zeroed, it is counted, and its chunk is settled with `expected`.
+    pub(super) fn settle_written(&mut self, d: &DataFrame, expected: Digest) -> Result<()> {
+        let flusher = match &mut self.flusher {
+            Some(f) => f,
+            None => self.flusher.insert(Flusher::new(self.target.clone())?),
+        };
+        flusher.wrote(u64::from(d.raw_len));
+        self.zero_blocks_of(d)?;
+        let f = &self.figures;
+        add(&f.chunks_sent, 1);
+        add(&f.blocks_sent, u64::from(d.send_mask.count_ones()));
+        add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
+        add(&f.data_bytes, u64::from(d.raw_len));
+        self.finals.push(d.chunk, expected)
+    }
+
     /// Zeroes the blocks a verified DATA or BLOCKS frame marks as zeros.
-    pub(super) fn zero_blocks_of(&mut self, d: &DataFrame) -> Result<()> {
+    fn zero_blocks_of(&mut self, d: &DataFrame) -> Result<()> {
         let (offset, len) = self.geometry.chunk_range(d.chunk);
         for (b0, b1) in runs(d.zero_mask) {
             let start = block_range(len, b0).start as u64;
@@ -398,15 +407,6 @@ impl Apply {
             self.zero(offset + start, end - start)?;
         }
         Ok(())
-    }
-
-    /// Counts the blocks of a verified DATA or BLOCKS frame.
-    pub(super) fn count_sent(&self, d: &DataFrame) {
-        let f = &self.figures;
-        add(&f.chunks_sent, 1);
-        add(&f.blocks_sent, u64::from(d.send_mask.count_ones()));
-        add(&f.zero_blocks, u64::from(d.zero_mask.count_ones()));
-        add(&f.data_bytes, u64::from(d.raw_len));
     }
 
     /// Zeroes a range, merging adjacent ranges into one call.

@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::{Apply, Flusher};
+use super::Apply;
 use crate::chunk::{block_digests, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message};
 use crate::destination::verify::{decode_lanes, verify_and_write};
@@ -52,9 +52,6 @@ impl Apply {
                 .map(|(d, e)| apply_pushed(target, geometry, figures, d, *e))
                 .collect()
         };
-        if self.flusher.is_none() {
-            self.flusher = Some(Flusher::new(self.target.clone())?);
-        }
         for (((d, expected), outcome), wire) in frames.iter().zip(expected).zip(outcomes).zip(wire)
         {
             // Every chunk skipped before this one is equal to the base.
@@ -64,14 +61,7 @@ impl Apply {
             add(&f.pushed_chunks, 1);
             add(&f.compressed_bytes, wire as u64);
             match outcome? {
-                Pushed::Written => {
-                    if let Some(fl) = &mut self.flusher {
-                        fl.wrote(u64::from(d.raw_len));
-                    }
-                    self.zero_blocks_of(d)?;
-                    self.count_sent(d);
-                    self.finals.push(d.chunk, expected)?;
-                }
+                Pushed::Written => self.settle_written(d, expected)?,
                 Pushed::Differs(blocks) => {
                     add(&self.figures.push_missed, 1);
                     self.open.insert(d.chunk, (expected, blocks.is_none()));
