@@ -86,6 +86,21 @@ fn stalled_sync(seed: u64, at: impl Fn(u64) -> u64, destination_flags: &[&str]) 
     })
 }
 
+/// Waits until the target stops changing (the same non-zero chunks 300 ms apart): a destination whose input stalled
+/// has then written everything it received. Bounded by [`AGENT_TIMEOUT`].
+fn wait_applied(target: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + AGENT_TIMEOUT;
+    let mut last = nonzero_chunks(target, VOLUME)?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let now = nonzero_chunks(target, VOLUME)?;
+        if now == last || std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        last = now;
+    }
+}
+
 /// Chunks of `CHUNK` bytes among the first `len` bytes of `path` that hold a non-zero byte.
 fn nonzero_chunks(path: &Path, len: u64) -> Result<u64> {
     let bytes = std::fs::read(path)?;
@@ -203,6 +218,8 @@ fn destination_killed_mid_sync_resumes_after_restart() -> Result<()> {
         mut source,
     } = stalled_sync(0x5e5_0002, |chunks| chunks * CHUNK / 2, &[])?;
     let half = chunks * CHUNK / 2;
+    // "At half" means after it applied what got through: the kill must not race the frames still in its socket.
+    wait_applied(&fx.target)?;
     destination.child.kill()?; // SIGKILL: no status update, no fsync, no goodbye
     let killed = destination.wait(AGENT_TIMEOUT)?;
     assert_eq!(killed.status.signal(), Some(9), "{}", killed.stderr);
