@@ -8,38 +8,46 @@
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 
 /// Bytes written that start a background fsync at once.
 pub const FLUSH_EVERY: u64 = 64 << 20;
-/// Fewer bytes (at least [`FLUSH_SOME`]) start one after [`FLUSH_AFTER`]: an incremental sync writes a few MiB
-/// of scattered blocks across the whole scan, and their writeback should overlap the scan too.
-pub const FLUSH_SOME: u64 = 1 << 20;
-/// See [`FLUSH_SOME`].
-pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// Bytes written that start their writeback at once, without waiting for it (see [`Volume::start_writeback`]):
+/// an incremental sync writes a few MiB of scattered blocks across the whole scan, and the storage should work on
+/// them while the scan goes on, so that the final fsync has only the last of them left.
+pub const WRITEBACK_EVERY: u64 = 1 << 20;
 
-/// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written, or
-/// [`FLUSH_SOME`] within [`FLUSH_AFTER`] (skipped while one is still running: the next one covers both). Dropped
-/// without [`Flusher::finish`] (a failed session), it does not wait: the thread ends after its current fsync.
+/// What the flush thread is asked to do.
+enum Request {
+    Writeback,
+    Fsync,
+}
+
+/// Starts an fsync of the target on its own thread each time [`FLUSH_EVERY`] more bytes were written, and the
+/// writeback of what was written each [`WRITEBACK_EVERY`] (a request is skipped while the thread is still busy
+/// with one: the next one covers both). Dropped without [`Flusher::finish`] (a failed session), it does not wait:
+/// the thread ends after its current request.
 pub struct Flusher {
-    request: Option<SyncSender<()>>,
+    request: Option<SyncSender<Request>>,
     thread: Option<JoinHandle<Result<()>>>,
     pending: u64,
-    since: Instant,
+    unstarted: u64,
 }
 
 impl Flusher {
     /// A flusher for `target`.
     pub fn new(target: Arc<Volume>) -> Result<Self> {
-        let (tx, rx) = sync_channel::<()>(1);
+        let (tx, rx) = sync_channel::<Request>(1);
         let thread = std::thread::Builder::new()
             .name("flush".into())
             .spawn(move || {
-                for () in rx {
-                    target.sync()?;
+                for request in rx {
+                    match request {
+                        Request::Writeback => target.start_writeback()?,
+                        Request::Fsync => target.sync()?,
+                    }
                 }
                 Ok(())
             })
@@ -48,27 +56,33 @@ impl Flusher {
             request: Some(tx),
             thread: Some(thread),
             pending: 0,
-            since: Instant::now(),
+            unstarted: 0,
         })
     }
 
-    /// Notes `bytes` written, and asks for a background fsync when enough are pending.
+    /// Notes `bytes` written, and asks for a background fsync or writeback when enough are pending.
     pub fn wrote(&mut self, bytes: u64) {
         self.pending += bytes;
-        let due = self.pending >= FLUSH_EVERY
-            || (self.pending >= FLUSH_SOME && self.since.elapsed() >= FLUSH_AFTER);
-        if !due {
+        self.unstarted += bytes;
+        let request = if self.pending >= FLUSH_EVERY {
+            Request::Fsync
+        } else if self.unstarted >= WRITEBACK_EVERY {
+            Request::Writeback
+        } else {
             return;
-        }
+        };
+        let fsync = matches!(request, Request::Fsync);
         if let Some(tx) = &self.request {
-            match tx.try_send(()) {
+            match tx.try_send(request) {
                 Ok(()) => {
-                    self.pending = 0;
-                    self.since = Instant::now();
+                    self.unstarted = 0;
+                    if fsync {
+                        self.pending = 0;
+                    }
                 }
-                Err(TrySendError::Full(())) => {}
+                Err(TrySendError::Full(_)) => {}
                 // The thread ended on an error; finish() reports it.
-                Err(TrySendError::Disconnected(())) => self.request = None,
+                Err(TrySendError::Disconnected(_)) => self.request = None,
             }
         }
     }
@@ -99,7 +113,12 @@ mod tests {
         let mut f = Flusher::new(target.clone())?;
         for i in 0..4u64 {
             target.write_all_at(&[1u8; 1 << 20], i << 20)?;
-            f.wrote(FLUSH_EVERY / 2);
+            // Writebacks (1 MiB) and fsyncs (half of FLUSH_EVERY, twice) alike.
+            f.wrote(if i % 2 == 0 {
+                WRITEBACK_EVERY
+            } else {
+                FLUSH_EVERY / 2
+            });
         }
         f.finish()?;
         assert_eq!(std::fs::read(&p)?, vec![1u8; 4 << 20]);
