@@ -70,6 +70,9 @@ struct Totals {
     /// manifest said (destination).
     missed_by_change_list: u64,
     target_drift: u64,
+    /// Destination: pushed chunks whose listed blocks did not rebuild the source's chunk, repaired in the same
+    /// delta through NEED.
+    push_missed: u64,
 }
 
 /// Why a destination turned a connection away without starting a sync (the `reason` label of
@@ -238,6 +241,7 @@ impl Metrics {
             t.bytes_read += get(&f.bytes_read);
             t.missed_by_change_list += get(&f.change_list_missed);
             t.target_drift += get(&f.target_drift);
+            t.push_missed += get(&f.push_missed);
             if let (true, Some((kind, reason))) = (ok, f.kind()) {
                 t.by_kind[usize::from(kind.code()).min(2)] += 1;
                 if let Some(n) = t.full_reasons.get_mut(usize::from(reason.code())) {
@@ -468,6 +472,30 @@ mod tests {
         assert_eq!(value(&r, "blockmover_wire_sent_bytes_total{"), Some(100.0));
         assert_eq!(value(&r, "blockmover_progress_scanned_bytes{"), Some(0.0));
         assert_eq!(value(&r, "blockmover_sync_in_progress{"), Some(0.0));
+    }
+
+    #[test]
+    fn repaired_chunks_are_counted_by_finding_across_syncs() {
+        let m = Metrics::new(labels(), None, Arc::new(FakeClock::at(t(18, 0, 0))), None);
+        for (missed, drift, pushed) in [(1, 0, 2), (0, 3, 5)] {
+            let f = Arc::new(Figures::default());
+            m.started(f.clone());
+            add(&f.change_list_missed, missed);
+            add(&f.target_drift, drift);
+            add(&f.push_missed, pushed);
+            m.finished(true, Duration::from_secs(1));
+        }
+        let r = m.render();
+        let repaired = |finding: &str| {
+            let tail = format!("finding=\"{finding}\"}}");
+            r.lines()
+                .find(|l| l.starts_with("blockmover_repaired_chunks_total{") && l.contains(&tail))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        assert_eq!(repaired("change-list-missed"), Some(1.0), "{r}");
+        assert_eq!(repaired("target-drift"), Some(3.0), "{r}");
+        assert_eq!(repaired("pushed-blocks-missed"), Some(7.0), "{r}");
     }
 
     #[test]

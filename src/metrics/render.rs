@@ -168,11 +168,12 @@ impl Metrics {
             &mut out,
             "blockmover_repaired_chunks_total",
             "counter",
-            "Chunks a full comparison found and repaired that a delta had missed, by finding",
+            "Chunks that did not hold what a delta assumed, repaired, by finding: change-list-missed and target-drift found by a full comparison, pushed-blocks-missed by a delta whose pushed blocks did not rebuild the chunk",
         );
         for (finding, n) in [
             ("change-list-missed", t.missed_by_change_list),
             ("target-drift", t.target_drift),
+            ("pushed-blocks-missed", t.push_missed),
         ] {
             sample(
                 &mut out,
