@@ -180,10 +180,59 @@ pub fn block_digests(chunk: &[u8]) -> Vec<Digest> {
     chunk.chunks(BLOCK_SIZE as usize).map(Digest::of).collect()
 }
 
+/// A BLAKE3 hasher fed many small pieces (chunk digests, 32 bytes each) through a staging buffer. BLAKE3 hashes
+/// input of 2 KiB or more on all SIMD lanes at once, but pieces of 32 bytes one 64-byte block at a time: fed digest
+/// by digest, the manifest and volume digests of a 16 GiB volume (8 MiB of digests, three hashers per agent) took
+/// more CPU than the rest of a small delta. The result is the same as feeding the pieces one by one.
+#[derive(Clone, Debug)]
+pub struct StagedHasher {
+    hasher: blake3::Hasher,
+    staged: Vec<u8>,
+}
+
+/// Bytes a [`StagedHasher`] gathers before hashing them.
+const STAGED_LEN: usize = 64 << 10;
+
+impl StagedHasher {
+    /// Stages in front of `hasher`.
+    pub fn new(hasher: blake3::Hasher) -> Self {
+        StagedHasher {
+            hasher,
+            staged: Vec::new(),
+        }
+    }
+
+    /// Adds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        if self.staged.len() + bytes.len() > STAGED_LEN {
+            self.hasher.update(&self.staged);
+            self.staged.clear();
+        }
+        if bytes.len() >= STAGED_LEN {
+            self.hasher.update(bytes);
+        } else {
+            if self.staged.capacity() == 0 {
+                self.staged.reserve_exact(STAGED_LEN);
+            }
+            self.staged.extend_from_slice(bytes);
+        }
+    }
+
+    /// The hash of everything added.
+    pub fn finalize(&self) -> blake3::Hash {
+        if self.staged.is_empty() {
+            return self.hasher.finalize();
+        }
+        let mut rest = self.hasher.clone();
+        rest.update(&self.staged);
+        rest.finalize()
+    }
+}
+
 /// The whole-volume digest, fed chunk digests in chunk order.
 #[derive(Clone, Debug)]
 pub struct VolumeDigest {
-    hasher: blake3::Hasher,
+    hasher: StagedHasher,
     next: u64,
 }
 
@@ -193,7 +242,10 @@ impl VolumeDigest {
         let mut hasher = blake3::Hasher::new_derive_key(VOLUME_DIGEST_CONTEXT);
         hasher.update(&geometry.volume_size().to_le_bytes());
         hasher.update(&geometry.chunk_size().to_le_bytes());
-        VolumeDigest { hasher, next: 0 }
+        VolumeDigest {
+            hasher: StagedHasher::new(hasher),
+            next: 0,
+        }
     }
 
     /// Adds the digest of the next chunk.
@@ -216,6 +268,36 @@ impl VolumeDigest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staged_hasher_hashes_what_a_plain_one_fed_piece_by_piece_does() {
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        // Digest-sized pieces across the staging boundary, odd sizes, a piece larger than the stage, and nothing.
+        for sizes in [
+            &[32usize][..],
+            &[1, 31, 4096, 65535, 70_000, 7],
+            &[0, 65536, 1],
+        ] {
+            let mut plain = blake3::Hasher::new_derive_key("blockmover staged test");
+            let mut staged = StagedHasher::new(plain.clone());
+            let mut at = 0;
+            for size in sizes.iter().cycle().take(3000) {
+                let end = (at + size).min(bytes.len());
+                plain.update(&bytes[at..end]);
+                staged.update(&bytes[at..end]);
+                at = end;
+                if at % 3 == 0 {
+                    assert_eq!(staged.finalize(), plain.finalize(), "after {at} bytes");
+                }
+            }
+            assert!(at > STAGED_LEN, "the pieces cross the stage ({at} bytes)");
+            assert_eq!(staged.finalize(), plain.finalize());
+        }
+        assert_eq!(
+            StagedHasher::new(blake3::Hasher::new()).finalize(),
+            blake3::hash(b"")
+        );
+    }
 
     #[test]
     fn geometry_rejects_chunk_sizes_that_do_not_fit_a_block_mask() {

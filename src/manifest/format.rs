@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::store::Sink;
 use super::{Expect, Header, ManifestError, Meta, Role, Unusable};
-use crate::chunk::{Digest, Geometry, VolumeDigest};
+use crate::chunk::{Digest, Geometry, StagedHasher, VolumeDigest};
 use crate::codec::SyncKind;
 
 /// First bytes of a manifest file. Frozen in manifest format 1.
@@ -317,7 +317,7 @@ pub struct Writer {
     geometry: Geometry,
     identity: String,
     pushed: u64,
-    digests: blake3::Hasher,
+    digests: StagedHasher,
     volume: VolumeDigest,
 }
 
@@ -343,7 +343,7 @@ impl Writer {
             geometry,
             identity: identity.to_owned(),
             pushed: 0,
-            digests: blake3::Hasher::new(),
+            digests: StagedHasher::new(blake3::Hasher::new()),
             volume: VolumeDigest::new(geometry),
         })
     }
