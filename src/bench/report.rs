@@ -129,6 +129,9 @@ pub struct Report {
     pub syncs: Vec<SyncRow>,
     /// With `--cold`: each side's cold scan rate next to dd's direct read rate of the same file.
     pub cold_scans: Vec<super::coldscan::ColdScan>,
+    /// With `--cold`: per volume size, the volume and the target read at once with `O_DIRECT` (a cold sync's floor
+    /// here, where both are on one disk).
+    pub cold_floors: Vec<super::coldscan::ColdFloor>,
     /// Comparisons that were asked for but could not run, with the reason.
     pub skipped: Vec<String>,
     /// How to read the figures.
@@ -393,6 +396,31 @@ pub fn table(report: &Report) -> String {
                 "  {}: dd {dd}; scan {}/s{ratio}{direct}",
                 c.side,
                 bytes(c.scan_bytes_per_sec as u64)
+            );
+        }
+    }
+    for floor in &report.cold_floors {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "cold sync floor: the volume and the target ({} together, one disk here) read at once by two dd-like \
+             O_DIRECT 1 MiB readers: {:.2} s ({}/s)",
+            bytes(floor.bytes),
+            floor.secs,
+            bytes((floor.bytes as f64 / floor.secs) as u64)
+        );
+        for row in report.syncs.iter().filter(|r| {
+            r.tool == BLOCKMOVER
+                && r.volume_bytes * 2 == floor.bytes
+                && r.sync_kind.as_deref() == Some("full")
+        }) {
+            let _ = writeln!(
+                out,
+                "  {} {} sync: {:.2} s, {:.1}x the floor",
+                row.tool,
+                row.kind.name(),
+                row.duration_secs,
+                row.duration_secs / floor.secs
             );
         }
     }

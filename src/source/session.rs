@@ -370,6 +370,10 @@ impl Session {
                         Err(_) => break,
                     }
                 }
+                volume.will_need(batch.iter().map(|(chunk, _)| {
+                    let (offset, len) = geometry.chunk_range(*chunk);
+                    (offset, len as u64)
+                }));
                 let measured = chooser.compress();
                 let count = batch.len() as u64;
                 let level = levels.level();

@@ -42,6 +42,26 @@ impl Volume {
             .as_ref()
     }
 
+    /// With direct reads on: asks the kernel to start reading `ranges` (byte `(offset, length)`) into the page
+    /// cache now (`posix_fadvise(WILLNEED)`), so that the positional reads that follow find them there. A direct
+    /// scan leaves the cache cold, and the chunks a sync reads again (a NEED's chunk on the source, a changed
+    /// chunk's blocks on the destination) would otherwise be read one by one, each a round trip to the storage.
+    /// Does nothing without direct reads (a buffered scan left them cached), for an NBD export, or where the
+    /// kernel refuses.
+    pub fn will_need(&self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        let Backend::File(file) = &self.backend else {
+            return;
+        };
+        if !self.direct_reads {
+            return;
+        }
+        for (offset, len) in ranges {
+            if let Some(len) = std::num::NonZeroU64::new(len) {
+                let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            }
+        }
+    }
+
     /// Reads `len` bytes at `offset` into `buf[..len]`, bypassing the page cache. `buf` must be page-aligned
     /// with room for `len` rounded up to [`DIRECT_ALIGN`] (the volume may end unaligned) and `offset` a multiple of
     /// [`DIRECT_ALIGN`]. `None`: `O_DIRECT` is not available here (or the request is not aligned): read another way.

@@ -198,3 +198,56 @@ fn a_missing_volume_names_its_path() {
     let err = Volume::open_source(Path::new("/nonexistent/vol")).expect_err("missing");
     assert!(err.to_string().contains("/nonexistent/vol"), "{err}");
 }
+
+/// Whether the first `len` bytes of `p` are all in the page cache, polled for up to two seconds (a WILLNEED read
+/// is started, not waited for).
+fn becomes_resident(p: &Path, len: u64) -> anyhow::Result<bool> {
+    let vol = Volume::open_source(p)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        if resident(&vol.map(0, len).expect("map")) {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn will_need_starts_reading_cold_ranges_into_the_cache_only_with_direct_reads() -> anyhow::Result<()>
+{
+    // On the disk (not tmpfs), so that the cache can be dropped.
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
+    let p = dir.path().join("cold.img");
+    let len = 64 * 65536u64;
+    std::fs::write(&p, vec![0x5Au8; len as usize])?;
+    let evict = || -> anyhow::Result<()> {
+        let f = File::open(&p)?;
+        f.sync_all()?;
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
+        Ok(())
+    };
+    evict()?;
+    let vol = Volume::open_source(&p)?;
+    if resident(&vol.map(0, len).expect("map")) {
+        eprintln!("skipped: this file system keeps the file cached after DONTNEED");
+        return Ok(());
+    }
+    // Buffered scans leave what they read cached: no hint, nothing read.
+    vol.will_need([(0, len)]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(
+        !resident(&vol.map(0, len).expect("map")),
+        "a hint without direct reads read the file"
+    );
+    let mut direct = Volume::open_source(&p)?;
+    direct.set_direct_reads(true);
+    direct.will_need([(0, len / 2), (len / 2, len / 2), (len, 0)]);
+    assert!(
+        becomes_resident(&p, len)?,
+        "the hinted ranges were not read into the cache"
+    );
+    Ok(())
+}

@@ -60,10 +60,17 @@ impl Apply {
             self.read_announced(announced().collect())?
         } else {
             let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
-            for (i, _) in announced() {
+            let mut changed = Vec::new();
+            for (i, theirs) in announced() {
                 let ours = self.next_local()?;
                 self.check_drift(i, &ours)?;
+                if ours.digest != *theirs && *theirs != self.zeros.for_chunk(i) && !ours.zero {
+                    changed.push((local.len(), i));
+                }
                 local.push((ours, None));
+            }
+            for ((at, _), blocks) in changed.iter().zip(self.read_block_digests(&changed)?) {
+                local[*at].1 = Some(blocks);
             }
             local
         };
@@ -120,6 +127,32 @@ impl Apply {
                     let needs_blocks =
                         ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
                     Ok((ours, needs_blocks.then(|| block_digests(&buf))))
+                })
+            })
+            .collect()
+    }
+
+    /// The block digests of the target chunks of a full comparison that will need data (`(_, chunk)` pairs), read
+    /// on all cores. After a direct scan they are not in the page cache, so all their reads are started first.
+    fn read_block_digests(&self, chunks: &[(usize, u64)]) -> Result<Vec<Vec<Digest>>> {
+        let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
+        target.will_need(chunks.iter().map(|(_, i)| {
+            let (offset, len) = geometry.chunk_range(*i);
+            (offset, len as u64)
+        }));
+        chunks
+            .par_iter()
+            .map(|(_, i)| {
+                thread_local! {
+                    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                let (offset, len) = geometry.chunk_range(*i);
+                BUFFER.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    buf.resize(len, 0);
+                    target.read_exact_at(&mut buf, offset)?;
+                    add(&figures.bytes_read, len as u64);
+                    Ok(block_digests(&buf))
                 })
             })
             .collect()
