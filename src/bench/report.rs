@@ -129,9 +129,9 @@ pub struct Report {
     pub syncs: Vec<SyncRow>,
     /// With `--cold`: each side's cold scan rate next to dd's direct read rate of the same file.
     pub cold_scans: Vec<super::coldscan::ColdScan>,
-    /// With `--cold`: per volume size, the volume and the target read at once with `O_DIRECT` (a cold sync's floor
-    /// here, where both are on one disk).
-    pub cold_floors: Vec<super::coldscan::ColdFloor>,
+    /// With `--cold`: per volume size, the volume and the target read at once with `O_DIRECT` (a reference for a
+    /// cold sync here, where both are on one disk).
+    pub cold_references: Vec<super::coldscan::ColdReference>,
     /// Comparisons that were asked for but could not run, with the reason.
     pub skipped: Vec<String>,
     /// How to read the figures.
@@ -399,28 +399,28 @@ pub fn table(report: &Report) -> String {
             );
         }
     }
-    for floor in &report.cold_floors {
+    for reference in &report.cold_references {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "cold sync floor: the volume and the target ({} together, one disk here) read at once by two dd-like \
+            "cold sync reference: the volume and the target ({} together, one disk here) read at once by two dd-like \
              O_DIRECT 1 MiB readers: {:.2} s ({}/s)",
-            bytes(floor.bytes),
-            floor.secs,
-            bytes((floor.bytes as f64 / floor.secs) as u64)
+            bytes(reference.bytes),
+            reference.secs,
+            bytes((reference.bytes as f64 / reference.secs) as u64)
         );
         for row in report.syncs.iter().filter(|r| {
             r.tool == BLOCKMOVER
-                && r.volume_bytes * 2 == floor.bytes
+                && r.volume_bytes * 2 == reference.bytes
                 && r.sync_kind.as_deref() == Some("full")
         }) {
             let _ = writeln!(
                 out,
-                "  {} {} sync: {:.2} s, {:.1}x the floor",
+                "  {} {} sync: {:.2} s, {:.1}x the reference",
                 row.tool,
                 row.kind.name(),
                 row.duration_secs,
-                row.duration_secs / floor.secs
+                row.duration_secs / reference.secs
             );
         }
     }

@@ -49,7 +49,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
     };
     let mut skipped = Vec::new();
     let mut cold_scans = Vec::new();
-    let mut cold_floors = Vec::new();
+    let mut cold_references = Vec::new();
     let device_volume = match &args.volume {
         Some(v) => is_block_device(v)?,
         None => false,
@@ -134,8 +134,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
                     cold_scans.push(super::coldscan::measure(side, file)?);
                 }
                 eprintln!("bench: reading the volume and the target at once with O_DIRECT");
-                if let Some(floor) = super::coldscan::both_at_once(&volume, &target)? {
-                    cold_floors.push(floor);
+                if let Some(reference) = super::coldscan::both_at_once(&volume, &target)? {
+                    cold_references.push(reference);
                 }
             }
             let sum = args.zero_share + args.text_share + args.random_share;
@@ -203,7 +203,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         bwlimit: args.bwlimit,
         syncs: bench.rows,
         cold_scans,
-        cold_floors,
+        cold_references,
         skipped,
         notes,
     })
