@@ -250,8 +250,14 @@ impl VolumeDigest {
 
     /// Adds the digest of the next chunk.
     pub fn push(&mut self, digest: &Digest) {
-        self.hasher.update(&digest.0);
-        self.next += 1;
+        self.push_many(&digest.0);
+    }
+
+    /// Adds the digests of the next `digests.len() / 32` chunks, concatenated.
+    pub fn push_many(&mut self, digests: &[u8]) {
+        debug_assert_eq!(digests.len() % 32, 0);
+        self.hasher.update(digests);
+        self.next += (digests.len() / 32) as u64;
     }
 
     /// How many chunk digests were pushed.

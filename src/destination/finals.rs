@@ -10,6 +10,9 @@ use crate::chunk::{Digest, Geometry, VolumeDigest};
 use crate::error::{Error, Result};
 use crate::manifest::{Reader, Writer};
 
+/// Base digests copied at a time for a run of chunks a delta did not announce (64 KiB of digests).
+const BULK_DIGESTS: u64 = 2048;
+
 /// The final digest of every chunk, in chunk order.
 pub struct FinalDigests {
     digest: VolumeDigest,
@@ -67,6 +70,10 @@ impl FinalDigests {
             if own.is_none() && (self.base.is_none() || c >= self.base_through) {
                 return Ok(());
             }
+            if own.is_none() {
+                self.take_base_run(c)?;
+                continue;
+            }
             // The base moves in step with the chunk order, used or not.
             let base = match &mut self.base {
                 Some(r) => Some(r.next_digest().map_err(|e| {
@@ -87,6 +94,41 @@ impl FinalDigests {
                 }
             }
         }
+    }
+
+    /// Delta: chunk `from` and those after it up to the next held or settled one (or the end of what the base
+    /// covers) hold what the base says: its digests copied in bulk.
+    fn take_base_run(&mut self, from: u64) -> Result<()> {
+        let mut end = self.base_through.min(self.count);
+        if let Some(&h) = self.held.range(from..).next() {
+            end = end.min(h);
+        }
+        if let Some((&w, _)) = self.waiting.range(from..).next() {
+            end = end.min(w);
+        }
+        let Some(base) = &mut self.base else {
+            return Ok(());
+        };
+        let mut buf = vec![0u8; (end - from).min(BULK_DIGESTS) as usize * 32];
+        let mut at = from;
+        while at < end {
+            let n = (end - at).min(BULK_DIGESTS) as usize;
+            let run = &mut buf[..n * 32];
+            base.next_digests(run).map_err(|e| {
+                Error::State(format!(
+                    "reading the destination's manifest at chunk {at}: {e}"
+                ))
+            })?;
+            self.digest.push_many(run);
+            if let Some(w) = &mut self.sink {
+                if let Err(e) = w.push_many(run) {
+                    tracing::warn!("the destination's manifest will not be kept: {e}");
+                    self.sink = None;
+                }
+            }
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Chunks settled in order: every chunk below this index has its final digest.
@@ -165,6 +207,91 @@ mod tests {
             want.push(if i == 2 { &new2 } else { d });
         }
         assert_eq!(f.finish()?.0, want.finish());
+        Ok(())
+    }
+
+    #[test]
+    fn long_runs_of_base_digests_are_taken_in_bulk_around_held_and_settled_chunks(
+    ) -> anyhow::Result<()> {
+        // More chunks than one bulk copy, with held and settled chunks inside and at the edges of the runs.
+        let n = 2 * BULK_DIGESTS + 777;
+        let g = Geometry::new(n * 65536, 65536).map_err(anyhow::Error::msg)?;
+        let old: Vec<Digest> = (0..n).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        let store = Store::memory(1 << 24);
+        let mut w = store.writer(Role::Destination, g, "t")?;
+        let mut v = VolumeDigest::new(g);
+        for d in &old {
+            w.push(d)?;
+            v.push(d);
+        }
+        w.commit(Meta {
+            volume_digest: v.finish(),
+            kind: SyncKind::Full,
+            last_full_unix_ms: 0,
+            deltas_since_full: 0,
+            stamp: 0,
+        })?;
+        let expect = Expect {
+            identity: "t".into(),
+            geometry: g,
+            stamp: 0,
+        };
+        let changed = [
+            0,
+            1,
+            BULK_DIGESTS - 1,
+            BULK_DIGESTS,
+            BULK_DIGESTS + 5,
+            n - 1,
+        ];
+        let new = |i: u64| Digest::of(format!("new {i}").as_bytes());
+        let next = store.writer(Role::Destination, g, "t")?;
+        let mut f = FinalDigests::new(g, Some(store.load(Role::Destination, &expect)?), Some(next));
+        for &c in &changed {
+            f.hold(c);
+        }
+        f.base_through(BULK_DIGESTS + 100)?;
+        assert_eq!(f.settled(), 0, "chunk 0 is held");
+        f.push(0, new(0))?;
+        assert_eq!(f.settled(), 1, "chunk 1 is held");
+        f.push(BULK_DIGESTS, new(BULK_DIGESTS))?;
+        f.push(1, new(1))?;
+        assert_eq!(f.settled(), BULK_DIGESTS - 1);
+        f.push(BULK_DIGESTS - 1, new(BULK_DIGESTS - 1))?;
+        assert_eq!(f.settled(), BULK_DIGESTS + 5);
+        f.push(BULK_DIGESTS + 5, new(BULK_DIGESTS + 5))?;
+        assert_eq!(
+            f.settled(),
+            BULK_DIGESTS + 100,
+            "the base covers no further yet"
+        );
+        f.base_through(n)?;
+        assert_eq!(f.settled(), n - 1);
+        f.push(n - 1, new(n - 1))?;
+        let mut want = VolumeDigest::new(g);
+        for (i, d) in old.iter().enumerate() {
+            let i = i as u64;
+            want.push(&if changed.contains(&i) { new(i) } else { *d });
+        }
+        let (digest, writer) = f.finish()?;
+        assert_eq!(digest, want.finish());
+        // The next manifest holds the same digests, in order.
+        writer.expect("a writer").commit(Meta {
+            volume_digest: digest,
+            kind: SyncKind::ChangeList,
+            last_full_unix_ms: 0,
+            deltas_since_full: 1,
+            stamp: 0,
+        })?;
+        let mut r = store.load(Role::Destination, &expect)?;
+        for (i, d) in old.iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(
+                r.next_digest()?,
+                if changed.contains(&i) { new(i) } else { *d },
+                "chunk {i}"
+            );
+        }
         Ok(())
     }
 }

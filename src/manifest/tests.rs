@@ -523,3 +523,40 @@ fn readers_writers_and_stores_can_move_to_blocking_threads() {
     send::<Writer>();
     shared::<Store>();
 }
+
+#[test]
+fn digests_written_and_read_in_bulk_are_the_ones_written_and_read_one_by_one() -> anyhow::Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let store = Store::dir(dir.path())?;
+    let g = geometry(5000);
+    let all: Vec<u8> = (0..g.chunk_count()).flat_map(|i| digest(3, i).0).collect();
+    // Written in uneven runs, one digest among them, and more than the volume has (counted, then refused).
+    let mut w = store.writer(Role::Source, g, IDENTITY)?;
+    w.push_many(&all[..32 * 1000])?;
+    w.push(&digest(3, 1000))?;
+    w.push_many(&all[32 * 1001..])?;
+    w.commit(meta(g, 3))?;
+    let mut r = store.load(Role::Source, &expect(g))?;
+    let mut back = vec![0u8; all.len()];
+    let (head, rest) = back.split_at_mut(32 * 2048);
+    r.next_digests(head)?;
+    let (one, tail) = rest.split_at_mut(32);
+    one.copy_from_slice(&r.next_digest()?.0);
+    r.next_digests(tail)?;
+    assert!(back == all, "the digests read in bulk differ");
+    let past = r.next_digests(&mut [0u8; 32]).expect_err("past the end");
+    assert_eq!(past.kind(), io::ErrorKind::InvalidInput);
+
+    let mut r = store.load(Role::Source, &expect(g))?;
+    let past = r
+        .next_digests(&mut vec![0u8; all.len() + 32])
+        .expect_err("a run past the end");
+    assert_eq!(past.kind(), io::ErrorKind::InvalidInput);
+
+    let mut w = store.writer(Role::Source, g, IDENTITY)?;
+    w.push_many(&all)?;
+    w.push(&digest(3, 0))?;
+    assert!(w.commit(meta(g, 3)).is_err(), "one digest too many");
+    Ok(())
+}

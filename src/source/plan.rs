@@ -153,6 +153,9 @@ impl Plan {
     }
 }
 
+/// Base digests copied at a time for the chunks a delta skips (64 KiB of digests).
+const BULK_DIGESTS: u64 = 2048;
+
 /// Turns what the scan found into what is announced, and keeps the next manifest.
 pub struct Announcer {
     kind: SyncKind,
@@ -245,17 +248,35 @@ impl Announcer {
         }
     }
 
+    /// Chunks from the cursor up to `chunk` were not scanned: they take the base's digests, copied in bulk.
     fn skip_to(&mut self, chunk: u64) -> Result<()> {
+        if self.cursor >= chunk {
+            return Ok(());
+        }
+        let Some(base) = &mut self.base else {
+            return Err(Error::Protocol(format!(
+                "chunk {} was not scanned and there is no base",
+                self.cursor
+            )));
+        };
+        let mut buf = vec![0u8; (chunk - self.cursor).min(BULK_DIGESTS) as usize * 32];
         while self.cursor < chunk {
-            match self.next_base()? {
-                Some(d) => self.settle(d),
-                None => {
-                    return Err(Error::Protocol(format!(
-                        "chunk {} was not scanned and there is no base",
-                        self.cursor
-                    )))
+            let n = (chunk - self.cursor).min(BULK_DIGESTS) as usize;
+            let run = &mut buf[..n * 32];
+            base.next_digests(run).map_err(|e| {
+                Error::State(format!(
+                    "reading the source's manifest at chunk {}: {e}",
+                    self.cursor
+                ))
+            })?;
+            self.digest.push_many(run);
+            if let Some(w) = &mut self.writer {
+                if let Err(e) = w.push_many(run) {
+                    tracing::warn!("the source's manifest will not be kept: {e}");
+                    self.writer = None;
                 }
             }
+            self.cursor += n as u64;
         }
         Ok(())
     }

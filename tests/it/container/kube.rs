@@ -400,7 +400,12 @@ fn container_examples_played_by_podman_kube_play_sync_a_loop_device() -> Result<
     let (dst, src) = (engine.unique_name("dst"), engine.unique_name("src"));
     let (server, client) = sync(&s, &dst, &src)?;
     s.expect_success(&server, &client)?;
-    client.expect_line(&format!("source, to {dst}:8000, try 1/5"));
+    // Through the pod's name; podman's DNS may learn the destination's name a moment after it listens, and a
+    // failed lookup is retryable: the entrypoint's next try then connects (the sync is still one session).
+    let done = client.expect_line(&format!("source, to {dst}:8000, try "));
+    if !done.contains("try 1/5") {
+        println!("the source connected after a retry: {done}");
+    }
     server.expect_line(", session 1)");
 
     // "Delete and re-apply it for the next": the same pods again send only what changed.
