@@ -128,6 +128,10 @@ pub struct Volume {
     direct: std::sync::OnceLock<Option<File>>,
     /// Scans read segments that are not in the page cache with `O_DIRECT` (`--direct-reads`; off by default).
     direct_reads: bool,
+    /// A regular file that had fewer blocks allocated than its size when opened: only then is asking it for holes
+    /// (`SEEK_DATA`, a system call and an extent lookup per chunk) worth it. A fully allocated file can gain holes
+    /// later (the destination punches them to zero a range); those then read as zeros, which is slower, not wrong.
+    sparse: bool,
 }
 
 impl Volume {
@@ -178,6 +182,7 @@ impl Volume {
             dirty_bitmap: dirty_bitmap.clone(),
             direct: std::sync::OnceLock::new(),
             direct_reads: false,
+            sparse: false,
         })
     }
 
@@ -220,11 +225,13 @@ impl Volume {
             return Err(open_err(io::Error::from(io::ErrorKind::ReadOnlyFilesystem)));
         }
         let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        let sparse = may_have_holes(&file, kind, size);
         Ok(Volume {
             path: path.to_owned(),
             what,
             backend: Backend::File(file),
             size,
+            sparse,
             kind,
             limit: 0,
             file_writes: std::sync::Mutex::new(()),
@@ -280,7 +287,7 @@ impl Volume {
             Backend::Nbd(client) => return client.read_at(buf, offset),
             Backend::File(file) => file,
         };
-        if self.kind == Kind::File {
+        if self.kind == Kind::File && self.sparse {
             return self.read_sparse_at(file, buf, offset);
         }
         file.read_exact_at(buf, offset)
@@ -362,7 +369,7 @@ impl Volume {
         let Backend::File(file) = &self.backend else {
             return false;
         };
-        if self.kind != Kind::File {
+        if self.kind != Kind::File || !self.sparse {
             return false;
         }
         match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
@@ -408,6 +415,16 @@ impl Volume {
             source,
         }
     }
+}
+
+/// Whether a regular file may have holes: fewer 512-byte blocks allocated than its size needs (a file system that
+/// cannot tell is taken to have them).
+fn may_have_holes(file: &File, kind: Kind, size: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    kind == Kind::File
+        && file
+            .metadata()
+            .map_or(true, |m| m.blocks().saturating_mul(512) < size)
 }
 
 fn open_error(what: &'static str, path: &Path, source: io::Error) -> Error {

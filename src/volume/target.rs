@@ -57,6 +57,7 @@ impl Volume {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|source| open_error(self.what, &self.path, source))?;
+        let sparse = super::may_have_holes(&file, self.kind, size);
         Ok(Volume {
             path: self.path.clone(),
             what: self.what,
@@ -69,6 +70,7 @@ impl Volume {
             dirty_bitmap: None,
             direct: std::sync::OnceLock::new(),
             direct_reads: self.direct_reads,
+            sparse,
         })
     }
 

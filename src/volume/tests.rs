@@ -251,3 +251,45 @@ fn will_need_starts_reading_cold_ranges_into_the_cache_only_with_direct_reads() 
     );
     Ok(())
 }
+
+#[test]
+fn only_a_file_with_holes_when_opened_is_asked_for_them_and_holes_punched_later_still_read_as_zeros(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
+    let (full, sparse) = (dir.path().join("full.img"), dir.path().join("sparse.img"));
+    std::fs::write(&full, vec![0xA5u8; 1 << 20])?;
+    let f = File::create(&sparse)?;
+    f.set_len(1 << 20)?;
+    f.write_all_at(&[1u8; 4096], 65536)?;
+    drop(f);
+    let s = Volume::open_source(&sparse)?;
+    if !s.sparse {
+        eprintln!("skipped: this file system allocates the holes of a sparse file");
+        return Ok(());
+    }
+    assert!(
+        s.is_hole(0, 65536),
+        "the sparse file's first chunk is a hole"
+    );
+    assert!(!s.is_hole(65536, 65536));
+
+    let mut t = Volume::open_target(&full)?;
+    assert!(!t.sparse, "a fully written file has no holes to ask for");
+    t.allow_writes_below(1 << 20)?;
+    t.zero_range(0, 65536)?;
+    let mut buf = vec![0xFFu8; 65536 + 4096];
+    t.read_exact_at(&mut buf, 0)?;
+    assert!(
+        buf[..65536].iter().all(|b| *b == 0),
+        "the zeroed range reads as zeros"
+    );
+    assert!(buf[65536..].iter().all(|b| *b == 0xA5));
+    assert!(
+        !t.is_hole(0, 65536),
+        "this handle does not ask: the range is read (zeros) instead"
+    );
+    // A new handle on the target (the next session's) sees the hole the last one punched.
+    let again = t.try_clone()?;
+    assert!(again.sparse && again.is_hole(0, 65536));
+    Ok(())
+}
