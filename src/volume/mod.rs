@@ -280,8 +280,9 @@ impl Volume {
 
     /// Fills `buf` from `offset` (the caller keeps the range inside the volume).
     ///
-    /// On a regular file, holes are found with `SEEK_DATA`/`SEEK_HOLE` and filled with zeros here instead of being
-    /// read: the kernel would zero a page and copy it for every hole, which costs more than hashing the data.
+    /// On a regular file that had holes when opened, a hole at the start of the range is found with `SEEK_DATA` and
+    /// filled with zeros here instead of being read: the kernel would zero a page and copy it for every hole, which
+    /// costs more than hashing the data. A fully allocated file is read as is (see `sparse`).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let file = match &self.backend {
             Backend::Nbd(client) => return client.read_at(buf, offset),
