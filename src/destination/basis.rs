@@ -119,10 +119,10 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
     let mut data = Reservoir::new(delta::SPOT_CHECKS);
     let mut zero = Reservoir::new(delta::SPOT_CHECKS);
     let count = geometry.chunk_count();
-    let mut buf = vec![0u8; count.min(BULK_DIGESTS) as usize * 32];
+    let mut buf = vec![0u8; count.min(manifest::BULK_DIGESTS) as usize * 32];
     let mut first = 0;
     while first < count {
-        let n = (count - first).min(BULK_DIGESTS) as usize;
+        let n = (count - first).min(manifest::BULK_DIGESTS) as usize;
         base.next_digests(&mut buf[..n * 32])
             .map_err(|e| format!("reading it at chunk {first}: {e}"))?;
         for (chunk, bytes) in (first..).zip(buf[..n * 32].chunks_exact(32)) {
@@ -158,9 +158,6 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
         )),
     }
 }
-
-/// Manifest digests read at a time by the spot check (64 KiB).
-const BULK_DIGESTS: u64 = 2048;
 
 /// A uniform random sample of at most `k` of the items offered, in one pass over a stream of unknown length,
 /// drawing random numbers only when an item is taken (Li's "Algorithm L"): the spot check passes over every chunk

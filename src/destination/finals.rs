@@ -8,10 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::chunk::{Digest, Geometry, VolumeDigest};
 use crate::error::{Error, Result};
-use crate::manifest::{Reader, Writer};
-
-/// Base digests copied at a time for a run of chunks a delta did not announce (64 KiB of digests).
-const BULK_DIGESTS: u64 = 2048;
+#[cfg(test)]
+use crate::manifest::BULK_DIGESTS;
+use crate::manifest::{copy_base, Reader, Writer};
 
 /// The final digest of every chunk, in chunk order.
 pub struct FinalDigests {
@@ -109,26 +108,11 @@ impl FinalDigests {
         let Some(base) = &mut self.base else {
             return Ok(());
         };
-        let mut buf = vec![0u8; (end - from).min(BULK_DIGESTS) as usize * 32];
-        let mut at = from;
-        while at < end {
-            let n = (end - at).min(BULK_DIGESTS) as usize;
-            let run = &mut buf[..n * 32];
-            base.next_digests(run).map_err(|e| {
-                Error::State(format!(
-                    "reading the destination's manifest at chunk {at}: {e}"
-                ))
-            })?;
-            self.digest.push_many(run);
-            if let Some(w) = &mut self.sink {
-                if let Err(e) = w.push_many(run) {
-                    tracing::warn!("the destination's manifest will not be kept: {e}");
-                    self.sink = None;
-                }
-            }
-            at += n as u64;
-        }
-        Ok(())
+        copy_base(base, end - from, &mut self.digest, &mut self.sink).map_err(|e| {
+            Error::State(format!(
+                "reading the destination's manifest at chunks {from}..{end}: {e}"
+            ))
+        })
     }
 
     /// Chunks settled in order: every chunk below this index has its final digest.
@@ -169,15 +153,11 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn a_delta_takes_the_base_for_the_chunks_not_announced_and_waits_for_held_ones(
-    ) -> anyhow::Result<()> {
-        let g = Geometry::new(6 * 65536, 65536).map_err(anyhow::Error::msg)?;
-        let old: Vec<Digest> = (0..6u8).map(|i| Digest::of(&[i])).collect();
-        let store = Store::memory(1 << 20);
+    /// Commits `old` as the destination's manifest (identity "t") in `store`: the base a delta reads.
+    fn base_of(store: &Store, g: Geometry, old: &[Digest]) -> anyhow::Result<Expect> {
         let mut w = store.writer(Role::Destination, g, "t")?;
         let mut v = VolumeDigest::new(g);
-        for d in &old {
+        for d in old {
             w.push(d)?;
             v.push(d);
         }
@@ -188,11 +168,20 @@ mod tests {
             deltas_since_full: 0,
             stamp: 0,
         })?;
-        let expect = Expect {
+        Ok(Expect {
             identity: "t".into(),
             geometry: g,
             stamp: 0,
-        };
+        })
+    }
+
+    #[test]
+    fn a_delta_takes_the_base_for_the_chunks_not_announced_and_waits_for_held_ones(
+    ) -> anyhow::Result<()> {
+        let g = Geometry::new(6 * 65536, 65536).map_err(anyhow::Error::msg)?;
+        let old: Vec<Digest> = (0..6u8).map(|i| Digest::of(&[i])).collect();
+        let store = Store::memory(1 << 20);
+        let expect = base_of(&store, g, &old)?;
         let base = store.load(Role::Destination, &expect)?;
         let new2 = Digest::of(b"new 2");
         let mut f = FinalDigests::new(g, Some(base), None);
@@ -218,24 +207,7 @@ mod tests {
         let g = Geometry::new(n * 65536, 65536).map_err(anyhow::Error::msg)?;
         let old: Vec<Digest> = (0..n).map(|i| Digest::of(&i.to_le_bytes())).collect();
         let store = Store::memory(1 << 24);
-        let mut w = store.writer(Role::Destination, g, "t")?;
-        let mut v = VolumeDigest::new(g);
-        for d in &old {
-            w.push(d)?;
-            v.push(d);
-        }
-        w.commit(Meta {
-            volume_digest: v.finish(),
-            kind: SyncKind::Full,
-            last_full_unix_ms: 0,
-            deltas_since_full: 0,
-            stamp: 0,
-        })?;
-        let expect = Expect {
-            identity: "t".into(),
-            geometry: g,
-            stamp: 0,
-        };
+        let expect = base_of(&store, g, &old)?;
         let changed = [
             0,
             1,

@@ -318,6 +318,36 @@ impl Reader {
     }
 }
 
+/// Digests a bulk copy or pass moves at a time (64 KiB of them).
+pub const BULK_DIGESTS: u64 = 2048;
+
+/// The chunks a delta did not touch hold what the base says: copies the next `n` digests of `base` into `digest`
+/// and into `next` (the manifest being written) in bulk. A digest that cannot be read is an error (the base is
+/// damaged: the caller fails the session); one that cannot be written drops `next` with a log line, as the next
+/// sync then only compares in full.
+pub fn copy_base(
+    base: &mut Reader,
+    n: u64,
+    digest: &mut VolumeDigest,
+    next: &mut Option<Writer>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; (n.min(BULK_DIGESTS) * DIGEST_LEN) as usize];
+    let mut left = n;
+    while left > 0 {
+        let run = &mut buf[..(left.min(BULK_DIGESTS) * DIGEST_LEN) as usize];
+        base.next_digests(run)?;
+        digest.push_many(run);
+        if let Some(w) = next {
+            if let Err(e) = w.push_many(run) {
+                tracing::warn!("the {} manifest will not be kept: {e}", w.role.as_str());
+                *next = None;
+            }
+        }
+        left -= (run.len() as u64) / DIGEST_LEN;
+    }
+    Ok(())
+}
+
 /// Streams a new manifest for a role and a geometry; [`Writer::commit`] makes it the role's manifest. Dropped
 /// uncommitted, it leaves the previous manifest and nothing else.
 pub struct Writer {

@@ -153,9 +153,6 @@ impl Plan {
     }
 }
 
-/// Base digests copied at a time for the chunks a delta skips (64 KiB of digests).
-const BULK_DIGESTS: u64 = 2048;
-
 /// Turns what the scan found into what is announced, and keeps the next manifest.
 pub struct Announcer {
     kind: SyncKind,
@@ -259,25 +256,15 @@ impl Announcer {
                 self.cursor
             )));
         };
-        let mut buf = vec![0u8; (chunk - self.cursor).min(BULK_DIGESTS) as usize * 32];
-        while self.cursor < chunk {
-            let n = (chunk - self.cursor).min(BULK_DIGESTS) as usize;
-            let run = &mut buf[..n * 32];
-            base.next_digests(run).map_err(|e| {
+        let from = self.cursor;
+        manifest::copy_base(base, chunk - from, &mut self.digest, &mut self.writer).map_err(
+            |e| {
                 Error::State(format!(
-                    "reading the source's manifest at chunk {}: {e}",
-                    self.cursor
+                    "reading the source's manifest at chunks {from}..{chunk}: {e}"
                 ))
-            })?;
-            self.digest.push_many(run);
-            if let Some(w) = &mut self.writer {
-                if let Err(e) = w.push_many(run) {
-                    tracing::warn!("the source's manifest will not be kept: {e}");
-                    self.writer = None;
-                }
-            }
-            self.cursor += n as u64;
-        }
+            },
+        )?;
+        self.cursor = chunk;
         Ok(())
     }
 
