@@ -45,6 +45,12 @@ pub fn create_temp(path: &Path) -> io::Result<tempfile::NamedTempFile> {
 /// Fsyncs `tmp` (from [`create_temp`] on the same `path`), renames it to `path` and fsyncs the directory.
 pub fn persist(tmp: tempfile::NamedTempFile, path: &Path, existing: Existing) -> io::Result<()> {
     tmp.as_file().sync_all()?;
+    publish(tmp, path, existing)
+}
+
+/// The second half of [`persist`], for a caller that fsynced `tmp` earlier (while it waited for something else):
+/// renames it to `path` and fsyncs the directory.
+pub fn publish(tmp: tempfile::NamedTempFile, path: &Path, existing: Existing) -> io::Result<()> {
     // On failure the temporary is removed when the returned handle drops.
     match existing {
         Existing::Replace => tmp.persist(path).map_err(|e| e.error)?,

@@ -419,8 +419,15 @@ impl Writer {
     /// and the trailer and makes this the role's manifest, durably (fsync, rename, fsync of the directory). Refused,
     /// it leaves the previous manifest. A no-op for [`super::Store::none`].
     pub fn commit(self, meta: Meta) -> Result<(), ManifestError> {
+        self.seal(meta)?.publish()
+    }
+
+    /// [`Writer::commit`] but the last step: the manifest is complete and durable in its temporary file, and only
+    /// [`Sealed::publish`] makes it the role's manifest. The source seals its manifest while the destination makes
+    /// the target durable, so that their two fsyncs overlap; dropped unpublished, it leaves the previous manifest.
+    pub fn seal(self, meta: Meta) -> Result<Sealed, ManifestError> {
         if self.sink.is_nothing() {
-            return Ok(());
+            return Ok(Sealed(super::store::Sealed::Nothing));
         }
         let expected = self.geometry.chunk_count();
         if self.pushed != expected {
@@ -448,7 +455,17 @@ impl Writer {
             identity: self.identity,
         });
         let trailer = checksum(&header, &self.digests.finalize());
-        self.sink.finish(self.role, &header, &trailer)
+        self.sink.seal(self.role, &header, &trailer).map(Sealed)
+    }
+}
+
+/// A manifest written and made durable under a temporary name ([`Writer::seal`]).
+pub struct Sealed(super::store::Sealed);
+
+impl Sealed {
+    /// Makes it the role's manifest (rename, fsync of the directory).
+    pub fn publish(self) -> Result<(), ManifestError> {
+        self.0.publish()
     }
 }
 

@@ -57,7 +57,7 @@ use crate::chunk::{Digest, Geometry};
 pub use crate::codec::SyncKind;
 pub use crate::status::Role;
 
-pub use format::{copy_base, Reader, Writer, BULK_DIGESTS, MAX_IDENTITY_LEN};
+pub use format::{copy_base, Reader, Sealed, Writer, BULK_DIGESTS, MAX_IDENTITY_LEN};
 pub use store::Store;
 
 /// Everything a manifest says besides its digests: its header.

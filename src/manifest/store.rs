@@ -248,18 +248,80 @@ impl Sink {
         }
     }
 
-    /// Appends the trailer, writes the header over its placeholder and makes the bytes `role`'s manifest.
-    pub(super) fn finish(
+    /// Appends the trailer, writes the header over its placeholder and makes the bytes durable (for a file), ready
+    /// for [`Sealed::publish`] to make them `role`'s manifest.
+    pub(super) fn seal(
         self,
         role: Role,
         header: &[u8],
         trailer: &[u8],
-    ) -> Result<(), ManifestError> {
+    ) -> Result<Sealed, ManifestError> {
         match self {
-            Sink::Nothing => Ok(()),
+            Sink::Nothing => Ok(Sealed::Nothing),
             Sink::Memory {
                 memory,
                 buf: None,
+                file_len,
+            } => Ok(Sealed::TooLarge {
+                memory,
+                role,
+                file_len,
+            }),
+            Sink::Memory {
+                memory,
+                buf: Some(mut buf),
+                ..
+            } => {
+                buf[..header.len()].copy_from_slice(header);
+                buf.extend_from_slice(trailer);
+                Ok(Sealed::Memory { memory, role, buf })
+            }
+            Sink::File { mut out, path } => {
+                let sealed = out
+                    .write_all(trailer)
+                    .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
+                    .and_then(|mut tmp| {
+                        let file: &mut File = tmp.as_file_mut();
+                        file.seek(SeekFrom::Start(0))?;
+                        file.write_all(header)?;
+                        file.sync_all()?;
+                        Ok(tmp)
+                    });
+                match sealed {
+                    Ok(tmp) => Ok(Sealed::File { tmp, path }),
+                    Err(source) => Err(ManifestError::Write { path, source }),
+                }
+            }
+        }
+    }
+}
+
+/// A manifest complete and durable (for a file) under a temporary name; [`Sealed::publish`] makes it the role's.
+pub(super) enum Sealed {
+    Nothing,
+    TooLarge {
+        memory: Arc<Memory>,
+        role: Role,
+        file_len: u64,
+    },
+    Memory {
+        memory: Arc<Memory>,
+        role: Role,
+        buf: Vec<u8>,
+    },
+    File {
+        tmp: tempfile::NamedTempFile,
+        path: PathBuf,
+    },
+}
+
+impl Sealed {
+    pub(super) fn publish(self) -> Result<(), ManifestError> {
+        match self {
+            Sealed::Nothing => Ok(()),
+            Sealed::TooLarge {
+                memory,
+                role,
                 file_len,
             } => {
                 memory.set(role, None);
@@ -272,28 +334,12 @@ impl Sink {
                 );
                 Ok(())
             }
-            Sink::Memory {
-                memory,
-                buf: Some(mut buf),
-                ..
-            } => {
-                buf[..header.len()].copy_from_slice(header);
-                buf.extend_from_slice(trailer);
+            Sealed::Memory { memory, role, buf } => {
                 memory.set(role, Some(Arc::from(buf)));
                 Ok(())
             }
-            Sink::File { mut out, path } => {
-                let finished = out
-                    .write_all(trailer)
-                    .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
-                    .and_then(|mut tmp| {
-                        let file: &mut File = tmp.as_file_mut();
-                        file.seek(SeekFrom::Start(0))?;
-                        file.write_all(header)?;
-                        durable::persist(tmp, &path, durable::Existing::Replace)
-                    });
-                finished.map_err(|source| ManifestError::Write { path, source })
-            }
+            Sealed::File { tmp, path } => durable::publish(tmp, &path, durable::Existing::Replace)
+                .map_err(|source| ManifestError::Write { path, source }),
         }
     }
 }

@@ -560,3 +560,35 @@ fn digests_written_and_read_in_bulk_are_the_ones_written_and_read_one_by_one() -
     assert!(w.commit(meta(g, 3)).is_err(), "one digest too many");
     Ok(())
 }
+
+#[test]
+fn a_sealed_manifest_is_durable_under_a_temporary_name_and_replaces_the_old_one_only_when_published(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::dir(dir.path())?;
+    let g = geometry(300);
+    write(&store, Role::Source, g, IDENTITY, 1)?;
+    let next = |seed: u64| -> anyhow::Result<Sealed> {
+        let mut w = store.writer(Role::Source, g, IDENTITY)?;
+        for i in 0..g.chunk_count() {
+            w.push(&digest(seed, i))?;
+        }
+        Ok(w.seal(meta(g, seed))?)
+    };
+    // Dropped unpublished (the destination refused the sync): the old manifest stays, and no temporary is left.
+    drop(next(2)?);
+    assert_streams(&mut store.load(Role::Source, &expect(g))?, 1)?;
+    assert_eq!(names(dir.path())?, vec!["source.manifest".to_owned()]);
+    // Sealed: still the old one until published, then the new one.
+    let sealed = next(3)?;
+    assert_eq!(
+        names(dir.path())?.len(),
+        2,
+        "the sealed temporary sits beside it"
+    );
+    assert_streams(&mut store.load(Role::Source, &expect(g))?, 1)?;
+    sealed.publish()?;
+    assert_streams(&mut store.load(Role::Source, &expect(g))?, 3)?;
+    assert_eq!(names(dir.path())?, vec!["source.manifest".to_owned()]);
+    Ok(())
+}

@@ -146,6 +146,7 @@ impl Plan {
             cursor: 0,
             digest: VolumeDigest::new(self.geometry),
             writer,
+            sealed: None,
             missed: 0,
             started_ms: delta::now_ms(),
             previous,
@@ -167,6 +168,8 @@ pub struct Announcer {
     cursor: u64,
     digest: VolumeDigest,
     writer: Option<Writer>,
+    /// The manifest written and fsynced under a temporary name, for the volume digest of our END.
+    sealed: Option<(Digest, manifest::Sealed)>,
     missed: u64,
     started_ms: u64,
     /// The base's last full comparison and deltas since.
@@ -225,9 +228,11 @@ impl Announcer {
         self.missed
     }
 
-    /// Keeps the manifest of the image both sides now hold (after a COMMIT equal to our END). A manifest that
-    /// cannot be written is logged: the next sync is then a full comparison, which is slower, not wrong.
-    pub fn commit(&mut self, volume_digest: Digest) {
+    /// Writes the manifest of the image the source announced (`volume_digest`, its END) and makes it durable under
+    /// a temporary name, while the destination makes the target durable: only [`Announcer::commit`] makes it the
+    /// source's manifest. A manifest that cannot be written is logged: the next sync is then a full comparison,
+    /// which is slower, not wrong.
+    pub fn seal(&mut self, volume_digest: Digest) {
         let Some(writer) = self.writer.take() else {
             return;
         };
@@ -240,8 +245,29 @@ impl Announcer {
             last_full_unix_ms: last_full,
             deltas_since_full: deltas,
         };
-        if let Err(e) = writer.commit(meta) {
-            tracing::warn!("the source's manifest was not kept: {e}");
+        match writer.seal(meta) {
+            Ok(sealed) => self.sealed = Some((volume_digest, sealed)),
+            Err(e) => tracing::warn!("the source's manifest was not kept: {e}"),
+        }
+    }
+
+    /// Keeps the manifest of the image both sides now hold (after a COMMIT equal to our END): the one sealed for
+    /// `volume_digest`, published now.
+    pub fn commit(&mut self, volume_digest: Digest) {
+        if self.writer.is_some() {
+            self.seal(volume_digest);
+        }
+        match self.sealed.take() {
+            Some((sealed_for, sealed)) if sealed_for == volume_digest => {
+                if let Err(e) = sealed.publish() {
+                    tracing::warn!("the source's manifest was not kept: {e}");
+                }
+            }
+            // Sealed for another image: dropped, so the previous manifest stays.
+            Some(_) => {
+                tracing::warn!("the source's manifest was not kept: it describes another image")
+            }
+            None => {}
         }
     }
 

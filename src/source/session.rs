@@ -322,6 +322,8 @@ impl Session {
                         digest,
                     })
                     .map_err(|_| stopped())?;
+                // While the destination makes the target durable: the manifest's fsync overlaps its own.
+                announcer.seal(digest);
                 Ok(digest)
             });
             match r {
