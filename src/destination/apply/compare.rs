@@ -9,6 +9,13 @@ use crate::codec::Message;
 use crate::error::{Error, Result};
 use crate::stats::add;
 
+/// Whether a target chunk (`ours`) must answer the source's `theirs` with a NEED carrying its block digests: it
+/// differs, the source's chunk is not zeros (those are zeroed without data) and the target's is not (its blocks
+/// are all zeros: a NEED without digests says so).
+fn needs_blocks(ours: &ChunkSummary, theirs: &Digest, zero_digest: &Digest) -> bool {
+    ours.digest != *theirs && theirs != zero_digest && !ours.zero
+}
+
 /// A delta session's announced chunks compared together.
 pub(super) const DIGESTS_BATCH: usize = 256;
 
@@ -64,7 +71,7 @@ impl Apply {
             for (i, theirs) in announced() {
                 let ours = self.next_local()?;
                 self.check_drift(i, &ours)?;
-                if ours.digest != *theirs && *theirs != self.zeros.for_chunk(i) && !ours.zero {
+                if needs_blocks(&ours, theirs, &self.zeros.for_chunk(i)) {
                     changed.push((local.len(), i));
                 }
                 local.push((ours, None));
@@ -109,50 +116,52 @@ impl Apply {
         &self,
         announced: Vec<(u64, &Digest)>,
     ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
-        let (target, geometry, zeros, figures) =
-            (&*self.target, self.geometry, &self.zeros, &*self.figures);
-        announced
-            .into_par_iter()
-            .map(|(i, theirs)| {
-                thread_local! {
-                    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                }
-                let (offset, len) = geometry.chunk_range(i);
-                BUFFER.with(|cell| {
-                    let mut buf = cell.borrow_mut();
-                    buf.resize(len, 0);
-                    target.read_exact_at(&mut buf, offset)?;
-                    add(&figures.bytes_read, len as u64);
-                    let ours = zeros.summarize(i, &buf);
-                    let needs_blocks =
-                        ours.digest != *theirs && *theirs != zeros.for_chunk(i) && !ours.zero;
-                    Ok((ours, needs_blocks.then(|| block_digests(&buf))))
-                })
-            })
-            .collect()
+        let zeros = &self.zeros;
+        self.read_target_chunks(
+            announced,
+            |(i, _)| *i,
+            |(i, theirs), buf| {
+                let ours = zeros.summarize(i, buf);
+                let needs_blocks = needs_blocks(&ours, theirs, &zeros.for_chunk(i));
+                (ours, needs_blocks.then(|| block_digests(buf)))
+            },
+        )
     }
 
     /// The block digests of the target chunks of a full comparison that will need data (`(_, chunk)` pairs), read
     /// on all cores. After a direct scan they are not in the page cache, so all their reads are started first.
     fn read_block_digests(&self, chunks: &[(usize, u64)]) -> Result<Vec<Vec<Digest>>> {
-        let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
-        target.will_need(chunks.iter().map(|(_, i)| {
+        let geometry = self.geometry;
+        self.target.will_need(chunks.iter().map(|(_, i)| {
             let (offset, len) = geometry.chunk_range(*i);
             (offset, len as u64)
         }));
-        chunks
-            .par_iter()
-            .map(|(_, i)| {
+        let chunks = chunks.iter().map(|(_, i)| *i).collect();
+        self.read_target_chunks(chunks, |i| *i, |_, buf| block_digests(buf))
+    }
+
+    /// Reads the target chunk of each item (`chunk_of` says which) on all cores, into a buffer each worker keeps,
+    /// and maps the item and the chunk's bytes with `f`; counts what was read.
+    fn read_target_chunks<I: Send, T: Send>(
+        &self,
+        items: Vec<I>,
+        chunk_of: impl Fn(&I) -> u64 + Sync,
+        f: impl Fn(I, &[u8]) -> T + Sync,
+    ) -> Result<Vec<T>> {
+        let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
+        items
+            .into_par_iter()
+            .map(|item| {
                 thread_local! {
                     static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
                 }
-                let (offset, len) = geometry.chunk_range(*i);
+                let (offset, len) = geometry.chunk_range(chunk_of(&item));
                 BUFFER.with(|cell| {
                     let mut buf = cell.borrow_mut();
                     buf.resize(len, 0);
                     target.read_exact_at(&mut buf, offset)?;
                     add(&figures.bytes_read, len as u64);
-                    Ok(block_digests(&buf))
+                    Ok(f(item, &buf))
                 })
             })
             .collect()
