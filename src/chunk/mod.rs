@@ -5,6 +5,10 @@
 
 use std::fmt;
 
+mod lanes;
+
+pub use lanes::block_digests;
+
 /// The finest unit that travels: guests write 4 KiB blocks. Frozen in protocol version 1.
 pub const BLOCK_SIZE: u32 = 4096;
 /// The default chunk size (first level of comparison); see "Choosing the chunk size" in the protocol.
@@ -173,11 +177,6 @@ impl ZeroDigests {
             }
         }
     }
-}
-
-/// Digests of each block of a chunk, in order.
-pub fn block_digests(chunk: &[u8]) -> Vec<Digest> {
-    chunk.chunks(BLOCK_SIZE as usize).map(Digest::of).collect()
 }
 
 /// A BLAKE3 hasher fed many small pieces (chunk digests, 32 bytes each) through a staging buffer. BLAKE3 hashes
