@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::Apply;
-use crate::chunk::{block_digests, ChunkSummary, Digest};
+use crate::chunk::{block_digests, is_zero, ChunkSummary, Digest};
 use crate::codec::Message;
 use crate::error::{Error, Result};
 use crate::stats::add;
@@ -14,6 +14,26 @@ use crate::stats::add;
 /// are all zeros: a NEED without digests says so).
 fn needs_blocks(ours: &ChunkSummary, theirs: &Digest, zero_digest: &Digest) -> bool {
     ours.digest != *theirs && theirs != zero_digest && !ours.zero
+}
+
+/// A target chunk as the comparison knows it.
+struct Local {
+    /// Its digest; `None` when a delta did not hash it.
+    digest: Option<Digest>,
+    /// It is all zeros.
+    zero: bool,
+    /// The digests of its blocks, when it will need data.
+    blocks: Option<Vec<Digest>>,
+}
+
+impl Local {
+    fn hashed(summary: ChunkSummary, blocks: Option<Vec<Digest>>) -> Self {
+        Local {
+            digest: Some(summary.digest),
+            zero: summary.zero,
+            blocks,
+        }
+    }
 }
 
 /// A delta session's announced chunks compared together.
@@ -63,7 +83,7 @@ impl Apply {
                 .iter()
                 .flat_map(|(first, digests)| (*first..).zip(digests))
         };
-        let local: Vec<(ChunkSummary, Option<Vec<Digest>>)> = if self.delta {
+        let local: Vec<Local> = if self.delta {
             self.read_announced(announced().collect())?
         } else {
             let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
@@ -74,20 +94,20 @@ impl Apply {
                 if needs_blocks(&ours, theirs, &self.zeros.for_chunk(i)) {
                     changed.push((local.len(), i));
                 }
-                local.push((ours, None));
+                local.push(Local::hashed(ours, None));
             }
             for ((at, _), blocks) in changed.iter().zip(self.read_block_digests(&changed)?) {
-                local[*at].1 = Some(blocks);
+                local[*at].blocks = Some(blocks);
             }
             local
         };
-        for ((i, theirs), (ours, blocks)) in announced().zip(local) {
+        for ((i, theirs), ours) in announced().zip(local) {
             if self.delta {
                 // Every chunk skipped before this one is equal to the base.
                 self.finals.base_through(i)?;
             }
-            if ours.digest == *theirs {
-                self.finals.push(i, ours.digest)?;
+            if ours.digest == Some(*theirs) {
+                self.finals.push(i, *theirs)?;
             } else if *theirs == self.zeros.for_chunk(i) {
                 add(&self.figures.chunks_changed, 1);
                 add(&self.figures.zero_chunks, 1);
@@ -96,7 +116,7 @@ impl Apply {
                 self.finals.push(i, *theirs)?;
             } else {
                 add(&self.figures.chunks_changed, 1);
-                let blocks = match (ours.zero, blocks) {
+                let blocks = match (ours.zero, ours.blocks) {
                     (true, _) => None,
                     (false, Some(b)) => Some(b),
                     (false, None) => Some(self.target_block_digests(i)?),
@@ -110,20 +130,27 @@ impl Apply {
         Ok(())
     }
 
-    /// A delta session reads only the target chunks the source announced, on all cores: their digests, and the
-    /// block digests of those that will need data.
-    fn read_announced(
-        &self,
-        announced: Vec<(u64, &Digest)>,
-    ) -> Result<Vec<(ChunkSummary, Option<Vec<Digest>>)>> {
+    /// A delta session reads only the target chunks the source announced, on all cores, and hashes the blocks of
+    /// those that will need data, not the chunks: the source announced each because it differs from the base, and
+    /// the destination's manifest says the target holds the base. A target chunk of zeros needs no hashing to be
+    /// known. One that holds the announced bytes after all (written behind the manifest's back) costs a NEED whose
+    /// DATA carries no blocks, and is checked like any other before it is settled.
+    fn read_announced(&self, announced: Vec<(u64, &Digest)>) -> Result<Vec<Local>> {
         let zeros = &self.zeros;
         self.read_target_chunks(
             announced,
             |(i, _)| *i,
             |(i, theirs), buf| {
-                let ours = zeros.summarize(i, buf);
-                let needs_blocks = needs_blocks(&ours, theirs, &zeros.for_chunk(i));
-                (ours, needs_blocks.then(|| block_digests(buf)))
+                if is_zero(buf) {
+                    Local::hashed(zeros.zero_summary(i), None)
+                } else {
+                    let blocks = (*theirs != zeros.for_chunk(i)).then(|| block_digests(buf));
+                    Local {
+                        digest: None,
+                        zero: false,
+                        blocks,
+                    }
+                }
             },
         )
     }

@@ -171,3 +171,33 @@ fn a_small_window_carries_sparse_deltas() -> Result<()> {
     assert_eq!(out.src("bytesRead"), 2048 * 4 * BLOCK, "{}", out.describe());
     Ok(())
 }
+
+/// A delta's destination does not hash the target chunks the source announces (the manifest says they hold the
+/// base, which the source says they differ from), only their blocks. A target chunk that holds the announced bytes
+/// after all (written behind the destination's back, its mtime put back so that the stamp does not see it, in a
+/// chunk the manifest says is zeros so that the spot check, which reads chunks of data, does not either) is
+/// answered with a NEED, gets a DATA with no blocks, is checked and settled: the delta succeeds and sends nothing
+/// for it, and the other changed chunk travels as usual.
+#[test]
+fn a_delta_chunk_the_target_already_holds_is_settled_without_data() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0xed6_0005)?;
+    write_at(&p.fx.volume, 3 * CHUNK, &vec![0u8; CHUNK as usize])?;
+    p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
+
+    let per = CHUNK / BLOCK;
+    let (held, other) = (3 * per + 2, 40 * per + 7);
+    scribble(&p.fx.volume, &[held, other], 11)?;
+    let mtime = std::fs::metadata(&p.fx.target)?.modified()?;
+    scribble(&p.fx.target, &[held], 11)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&p.fx.target)?
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+
+    let out = p.sync(&[], &[])?;
+    out.expect_delta("delta-manifest");
+    assert_eq!(out.src("chunksChanged"), 2, "{}", out.describe());
+    assert_eq!(out.src("blocksSent"), 1, "{}", out.describe());
+    p.sync(&[], &[])?.expect_delta("delta-manifest");
+    Ok(())
+}
