@@ -18,6 +18,7 @@ mod files;
 mod hashrate;
 mod notes;
 mod procs;
+mod repeat;
 mod report;
 mod rsync;
 mod scenario;
@@ -102,6 +103,10 @@ pub struct BenchArgs {
     /// volsync-rsync-tls (-aAhHSxz through stunnel with the PSK). Repeat or separate with commas.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub compare: Vec<Flavour>,
+    /// Run each incremental sync of a change this many times from the same target state, every tool once per
+    /// round, and show the median run of each (all durations listed under the table, and in the JSON).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub repeat: u32,
     /// Print JSON on stdout instead of the table (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,

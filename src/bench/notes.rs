@@ -48,6 +48,15 @@ pub fn notes(
              the state dirs (outside the clock); the bench fails if an agent reports another syncKind."
         ));
     }
+    if args.repeat > 1 {
+        notes.push(format!(
+            "repeat (--repeat {}): each incremental sync of a change ran {} times from the same target state, every \
+             tool once per round (the target, its mtime and the state dirs put back between runs, outside the \
+             clock); each row is its tool's median run, with that run's own CPU, RSS and bytes (for an even count \
+             the lower of the two middle runs); every run's duration is listed under the table.",
+            args.repeat, args.repeat
+        ));
+    }
     if args.reflink {
         notes.push(format!(
             "reflink (--reflink): {REFLINK} is a fourth delta row, last: the source clones the volume with FICLONE \

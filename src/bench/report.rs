@@ -103,6 +103,10 @@ pub struct SyncRow {
     /// blockmover's source: the zstd level of its compression lanes at the end and the highest it used
     /// (`zstdLevel`, `zstdLevelMax`); none when nothing was compressed.
     pub zstd_levels: Option<(u64, u64)>,
+    /// `--repeat`: every run's duration in the order they ran, seconds (this row is the median run); empty for a
+    /// row run once.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repeat_secs: Vec<f64>,
 }
 
 /// Everything one bench run measured.
@@ -284,6 +288,10 @@ pub fn table(report: &Report) -> String {
         (
             "cost by volume size, per kind of sync and change (ratio: this size / the smallest size):",
             super::compare::size_lines(&report.syncs),
+        ),
+        (
+            "repeated runs (--repeat; each row above is its median run):",
+            super::repeat::lines(&report.syncs),
         ),
     ] {
         if !lines.is_empty() {

@@ -20,6 +20,7 @@ use super::files::{
 };
 use super::hashrate::{self, HashRate};
 use super::notes;
+use super::repeat;
 use super::report::{
     bytes, trim_float, Report, SyncKind, SyncRow, BLOCKMOVER, CHANGELIST, DELAYED, MANIFEST,
     REFLINK,
@@ -327,29 +328,45 @@ impl Bench<'_> {
             let change = Some((rate, blocks.len() as u64));
             let extents = change::extents(&blocks, size);
             let runs = self.incrementals(&extents, state.as_ref())?;
-            let rollback = match runs.len() {
-                1 => None,
-                _ => {
-                    let states: Vec<&Path> = state
-                        .iter()
-                        .flat_map(|(s, d)| [s.as_path(), d.as_path()])
-                        .collect();
-                    let aside = self.dir.join("rollback");
-                    Some(Rollback::take(target, extents, &states, &aside)?)
-                }
+            let rounds = self.args.repeat.max(1);
+            let rollback = if runs.len() > 1 || rounds > 1 {
+                let states: Vec<&Path> = state
+                    .iter()
+                    .flat_map(|(s, d)| [s.as_path(), d.as_path()])
+                    .collect();
+                let aside = self.dir.join("rollback");
+                Some(Rollback::take(target, extents.clone(), &states, &aside)?)
+            } else {
+                None
             };
-            for (n, run) in runs.iter().enumerate() {
-                if let (Some(rollback), true) = (&rollback, n > 0) {
-                    rollback.restore()?;
+            // Each rsync target too, when it syncs the change more than once.
+            let rsync_rollbacks = (0..self.setups.len() * usize::from(rounds > 1))
+                .map(|s| {
+                    let aside = self.dir.join(format!("rollback-rsync-{s}"));
+                    Rollback::take(&self.setups[s].target(volume), extents.clone(), &[], &aside)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let first_row = self.rows.len();
+            for round in 0..rounds {
+                // The last run of the last round leaves the target and the state dirs as the next change needs.
+                for (n, run) in runs.iter().enumerate() {
+                    if let (Some(rollback), true) = (&rollback, round > 0 || n > 0) {
+                        rollback.restore()?;
+                    }
+                    let kind = SyncKind::Incremental;
+                    self.blockmover(volume, target, size, kind, change, &digest, run)?;
                 }
-                let kind = SyncKind::Incremental;
-                self.blockmover(volume, target, size, kind, change, &digest, run)?;
+                for s in 0..self.setups.len() {
+                    if let (Some(rollback), true) = (rsync_rollbacks.get(s), round > 0) {
+                        rollback.restore()?;
+                    }
+                    self.rsync(s, volume, size, SyncKind::Incremental, change, &digest)?;
+                }
             }
-            if let Some(rollback) = rollback {
+            let rows = self.rows.split_off(first_row);
+            self.rows.extend(repeat::merge(rows, rounds as usize));
+            for rollback in rollback.into_iter().chain(rsync_rollbacks) {
                 rollback.discard()?;
-            }
-            for s in 0..self.setups.len() {
-                self.rsync(s, volume, size, SyncKind::Incremental, change, &digest)?;
             }
         }
         Ok(())
@@ -483,6 +500,7 @@ impl Bench<'_> {
             verified: true,
             wire_send_rate: s.src("wireSendRate"),
             zstd_levels: s.src("zstdLevel").zip(s.src("zstdLevelMax")),
+            repeat_secs: Vec::new(),
         });
         Ok(())
     }
@@ -530,6 +548,7 @@ impl Bench<'_> {
             verified: true,
             wire_send_rate: None,
             zstd_levels: None,
+            repeat_secs: Vec::new(),
         });
         Ok(())
     }

@@ -150,3 +150,39 @@ fn bench_delta_rows_are_verified_deltas_and_the_change_list_reads_only_the_chang
     );
     Ok(())
 }
+
+/// `--repeat 3`: each incremental row is one of three runs from the same target state (its median), every run is
+/// a verified sync of the same change (the rollback between them put the target and the state back: otherwise the
+/// second and third would send nothing, or not be deltas), and the JSON lists the three durations.
+#[test]
+fn bench_repeat_keeps_the_median_of_runs_of_the_same_change() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = bench_with(
+        dir.path(),
+        16,
+        &["--delta", "--change-percent", "1", "--repeat", "3"],
+    )?;
+    let syncs = report["syncs"].as_array().context("syncs")?;
+    assert_eq!(syncs.len(), 4, "{syncs:?}");
+    assert!(
+        syncs[0].get("repeatSecs").is_none(),
+        "the full sync runs once"
+    );
+    let changed = u(&syncs[1], "changedBlocks");
+    assert!(changed > 0);
+    for s in &syncs[1..] {
+        assert_eq!(s["verified"], true, "{s}");
+        assert_eq!(u(s, "blocksSent"), changed, "{s}");
+        let runs: Vec<f64> = s["repeatSecs"]
+            .as_array()
+            .context("repeatSecs")?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        assert_eq!(runs.len(), 3, "{s}");
+        let mut sorted = runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(s["durationSecs"].as_f64(), Some(sorted[1]), "{s}");
+    }
+    Ok(())
+}
