@@ -76,7 +76,11 @@ pub fn scan_in(
                         (volume.clone(), zeros.clone(), bytes_read.clone());
                     let first = next;
                     let job = move || {
-                        let r = summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n);
+                        // A panic here would abort the process (rayon's spawn): it becomes this round's error.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n)
+                        }))
+                        .unwrap_or(Err(Error::Cancelled("a scan worker panicked")));
                         // Never blocks: the channel has room for its one result.
                         let _ = done.send(r);
                     };
