@@ -117,10 +117,22 @@ pub fn scan_in(
             }
         })
         .map_err(|e| Error::Config(format!("cannot start the scan thread: {e}")))?;
-    let result = rx.iter().try_for_each(|segment| {
-        let (first, summaries) = segment?;
-        sink(first, summaries)
-    });
+    let mut delivered = 0;
+    let result = rx
+        .iter()
+        .try_for_each(|segment| {
+            let (first, summaries) = segment?;
+            delivered = first + summaries.len() as u64;
+            sink(first, summaries)
+        })
+        .and_then(|()| {
+            // The scan thread ends early only by sending an error, unless it died.
+            if delivered == geometry.chunk_count() {
+                Ok(())
+            } else {
+                Err(Error::Cancelled("the scan thread ended early"))
+            }
+        });
     drop(rx);
     let _ = scanner.join();
     result
