@@ -201,19 +201,32 @@ impl StagedHasher {
         }
     }
 
-    /// Adds `bytes`.
-    pub fn update(&mut self, bytes: &[u8]) {
-        if self.staged.len() + bytes.len() > STAGED_LEN {
-            self.hasher.update(&self.staged);
-            self.staged.clear();
-        }
-        if bytes.len() >= STAGED_LEN {
-            self.hasher.update(bytes);
-        } else {
-            if self.staged.capacity() == 0 {
-                self.staged.reserve_exact(STAGED_LEN);
+    /// Adds `bytes`. The hasher is handed input so that what it has hashed always ends at a multiple of
+    /// [`STAGED_LEN`]: BLAKE3 hashes a subtree on all SIMD lanes only when it starts at a multiple of its own size,
+    /// and a volume digest's 12-byte prefix put every 64 KiB handed over at an odd offset, each hashed at 4.2 GB/s
+    /// instead of 7.5 (512 MiB of digests at 1 TiB, several passes per agent).
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        loop {
+            let pending = (self.hasher.count() % STAGED_LEN as u64) as usize + self.staged.len();
+            let room = STAGED_LEN - pending % STAGED_LEN;
+            if bytes.len() < room {
+                if self.staged.capacity() == 0 {
+                    self.staged.reserve_exact(STAGED_LEN);
+                }
+                self.staged.extend_from_slice(bytes);
+                return;
             }
-            self.staged.extend_from_slice(bytes);
+            if self.staged.is_empty() {
+                // Up to the boundary and every whole stage after it, straight from `bytes`.
+                let whole = room + (bytes.len() - room) / STAGED_LEN * STAGED_LEN;
+                self.hasher.update(&bytes[..whole]);
+                bytes = &bytes[whole..];
+            } else {
+                self.staged.extend_from_slice(&bytes[..room]);
+                bytes = &bytes[room..];
+                self.hasher.update(&self.staged);
+                self.staged.clear();
+            }
         }
     }
 
@@ -302,6 +315,34 @@ mod tests {
             StagedHasher::new(blake3::Hasher::new()).finalize(),
             blake3::hash(b"")
         );
+    }
+
+    #[test]
+    fn a_staged_hasher_after_a_prefix_hands_over_input_aligned_to_the_stage() {
+        let bytes: Vec<u8> = (0..400_000u32).map(|i| (i * 17 % 253) as u8).collect();
+        for prefix in [0usize, 12, 65535] {
+            let mut plain = blake3::Hasher::new_derive_key("blockmover staged test");
+            plain.update(&bytes[..prefix]);
+            let mut staged = StagedHasher::new(plain.clone());
+            let mut at = prefix;
+            for size in [32usize, 100_000, 32, 7, 200_000].iter().cycle() {
+                let end = (at + size).min(bytes.len());
+                plain.update(&bytes[at..end]);
+                staged.update(&bytes[at..end]);
+                at = end;
+                // Whatever it handed over ends on a stage boundary; less than a stage waits.
+                let count = staged.hasher.count();
+                assert!(
+                    count == prefix as u64 || count.is_multiple_of(STAGED_LEN as u64),
+                    "{count} hashed after {at} bytes"
+                );
+                assert!(staged.staged.len() < STAGED_LEN);
+                assert_eq!(staged.finalize(), plain.finalize(), "after {at} bytes");
+                if at == bytes.len() {
+                    break;
+                }
+            }
+        }
     }
 
     #[test]

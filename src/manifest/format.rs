@@ -170,11 +170,7 @@ fn validate(src: &mut dyn Backing, role: Role, expect: &Expect) -> Result<(Heade
         let n = left.min(BUFFER_LEN as u64) as usize;
         src.read_exact(&mut buf[..n]).map_err(read_error)?;
         digests.update(&buf[..n]);
-        for d in buf[..n].chunks_exact(DIGEST_LEN as usize) {
-            let mut digest = Digest([0u8; DIGEST_LEN as usize]);
-            digest.0.copy_from_slice(d);
-            volume.push(&digest);
-        }
+        volume.push_many(&buf[..n]);
         left -= n as u64;
     }
     let mut trailer = [0u8; TRAILER_LEN as usize];
