@@ -178,7 +178,11 @@ impl Store {
                             Ok(out)
                         });
                     match opened {
-                        Ok(out) => Ok(Sink::File { out, path }),
+                        Ok(out) => Ok(Sink::File {
+                            out,
+                            path,
+                            writeback: Writeback::default(),
+                        }),
                         Err(source) => Err(ManifestError::Write { path, source }),
                     }
                 }
@@ -216,6 +220,7 @@ pub(super) enum Sink {
     File {
         out: BufWriter<tempfile::NamedTempFile>,
         path: PathBuf,
+        writeback: Writeback,
     },
     /// The memory store's next manifest; `None` once it would exceed the limit.
     Memory {
@@ -239,11 +244,18 @@ impl Sink {
                 buf.extend_from_slice(bytes);
                 Ok(())
             }
-            Sink::File { out, path } => {
-                out.write_all(bytes).map_err(|source| ManifestError::Write {
-                    path: path.clone(),
-                    source,
-                })
+            Sink::File {
+                out,
+                path,
+                writeback,
+            } => {
+                out.write_all(bytes)
+                    .map_err(|source| ManifestError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+                writeback.wrote(out.get_ref().as_file(), bytes.len() as u64);
+                Ok(())
             }
         }
     }
@@ -276,7 +288,7 @@ impl Sink {
                 buf.extend_from_slice(trailer);
                 Ok(Sealed::Memory { memory, role, buf })
             }
-            Sink::File { mut out, path } => {
+            Sink::File { mut out, path, .. } => {
                 let sealed = out
                     .write_all(trailer)
                     .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
@@ -293,6 +305,45 @@ impl Sink {
                 }
             }
         }
+    }
+}
+
+/// Bytes of a manifest being written after which the kernel is asked to start writing them back.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts the writeback of a large manifest while it is still being written, so that the fsync that seals it
+/// waits only for the last [`WRITEBACK_STEP`] or so. A 1 TiB volume's manifest is 512 MiB: sealed at the end of a
+/// delta by change list, its fsync alone took 2.5-3 s of a 4.7 s sync on this machine's disk. Only a hint: the
+/// seal's fsync is what makes the file durable and reports write errors.
+#[derive(Default)]
+pub(super) struct Writeback {
+    /// Bytes handed to the file (past the writer's buffer, roughly) since the last hint.
+    pending: u64,
+    /// Where the last hint's range started.
+    from: u64,
+}
+
+impl Writeback {
+    fn wrote(&mut self, file: &File, n: u64) {
+        self.pending += n;
+        if self.pending < WRITEBACK_STEP {
+            return;
+        }
+        // SYNC_FILE_RANGE_WRITE starts writeback of the dirty pages of the range and returns without waiting;
+        // a length of 0 means to the end of the file. Errors are left to the fsync.
+        // (rustix has no sync_file_range.)
+        // SAFETY: a plain syscall on a descriptor `file` keeps open for the call; it touches no memory of ours.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                self.from as libc::off64_t,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        self.from += self.pending;
+        self.pending = 0;
     }
 }
 
