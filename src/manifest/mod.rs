@@ -13,13 +13,13 @@
 //! so a 1 TiB volume in 64 KiB chunks (16 Mi digests, a 512 MiB manifest) costs a 64 KiB buffer either way. Only the
 //! memory store holds a whole manifest, bounded by its limit.
 //!
-//! # File format (frozen in manifest format 1; a change takes a new magic)
+//! # File format (frozen in manifest format 2; a change takes a new magic)
 //!
 //! Integers are big-endian. `L` is `identity_len`, `N` is `chunk_count`.
 //!
 //! | offset          | size   | field               | meaning                                                           |
 //! |-----------------|--------|---------------------|-------------------------------------------------------------------|
-//! | 0               | 8      | magic               | `BMMANIF1`                                                        |
+//! | 0               | 8      | magic               | `BMMANIF2` (format 1, still read: `BMMANIF1`)                     |
 //! | 8               | 1      | role                | 1 source, 2 destination: the agent that wrote it                  |
 //! | 9               | 8      | volume_size         | bytes                                                             |
 //! | 17              | 4      | chunk_size          | bytes, a power of two from 4096 to 262144                         |
@@ -35,11 +35,17 @@
 //! | 92 + L          | 32 × N | digests             | BLAKE3 of each chunk, in chunk order                              |
 //! | 92 + L + 32 × N | 32     | checksum            | see below; the file ends here                                     |
 //!
-//! `checksum = BLAKE3-derive_key("blockmover v1 2026-11 manifest checksum", header || BLAKE3(digests))`, where
-//! `header` is bytes `0 .. 92 + L` and `BLAKE3(digests)` is the plain 32-byte BLAKE3 hash of bytes
-//! `92 + L .. 92 + L + 32 × N`. Hashing the digest section separately lets the writer stream the digests behind a
-//! placeholder header and write the header last. The checksum detects damage (a torn or flipped file), not
+//! `checksum = BLAKE3-derive_key("blockmover v2 2026-12 manifest checksum", header)`, where `header` is bytes
+//! `0 .. 92 + L`: it covers the volume digest, and a reader checks that the digests give that volume digest, so a
+//! changed digest is refused without a hash of the digest section of its own (one BLAKE3 pass over the digests
+//! per read or write instead of two: 512 MiB of them for a 1 TiB volume). The writer streams the digests behind a
+//! placeholder header and writes the header last. The checksum detects damage (a torn or flipped file), not
 //! tampering: anyone who can write the state directory can also recompute it.
+//!
+//! Format 1 (`BMMANIF1`, written before 2026-12) has the same layout and
+//! `checksum = BLAKE3-derive_key("blockmover v1 2026-11 manifest checksum", header || BLAKE3(digests))`, with
+//! `BLAKE3(digests)` the plain hash of bytes `92 + L .. 92 + L + 32 × N`. It is still read, so an upgrade keeps
+//! the next sync a delta; every manifest written is format 2.
 //!
 //! A reader accepts a file only if it is exactly `92 + L + 32 × N + 32` bytes long, its checksum matches and its
 //! digests give its `volume_digest`.

@@ -1,5 +1,7 @@
 //! Unit tests of the manifest format and stores (state directories in `tempfile` directories).
 
+mod versions;
+
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -134,7 +136,7 @@ fn the_header_fields_sit_at_the_documented_offsets() {
     };
     let b = encode_header(&h);
     assert_eq!(b.len(), FIXED_HEADER_LEN + 2);
-    assert_eq!(&b[0..8], b"BMMANIF1");
+    assert_eq!(&b[0..8], b"BMMANIF2");
     assert_eq!(b[8], 1);
     assert_eq!(&b[9..17], &0x0102_0304_0506u64.to_be_bytes());
     assert_eq!(&b[17..21], &65536u32.to_be_bytes());
@@ -210,7 +212,7 @@ fn any_flipped_bit_in_header_digests_or_trailer_is_damaged() -> anyhow::Result<(
     for (at, why) in [
         (0, "bad magic"),
         (40, "checksum mismatch"),
-        (digests_at + 33, "checksum mismatch"),
+        (digests_at + 33, "its digests do not give its volume digest"),
         (whole.len() - 1, "checksum mismatch"),
     ] {
         let mut bad = whole.clone();
