@@ -317,9 +317,10 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// seal's fsync is what makes the file durable and reports write errors.
 #[derive(Default)]
 pub(super) struct Writeback {
-    /// Bytes handed to the file (past the writer's buffer, roughly) since the last hint.
+    /// Digest bytes handed to the writer since the last hint.
     pending: u64,
-    /// Where the last hint's range started.
+    /// Digest bytes hinted so far: the next hint starts there, at or before the first byte not yet hinted (the
+    /// header is not counted), and runs to the end of the file.
     from: u64,
 }
 
