@@ -123,6 +123,10 @@ pub enum Error {
     /// The state directory (`--state-dir`) cannot be used.
     #[error("state: {0}")]
     State(String),
+    /// A manifest page read during a delta does not hold what its validated page table says (the file changed or
+    /// went bad on disk): the manifest is dropped, and the retry compares in full.
+    #[error("manifest damaged: {0}; it was dropped, and the retry compares in full")]
+    ManifestDamaged(String),
     /// Bad configuration (flags, sizes).
     #[error("configuration: {0}")]
     Config(String),
@@ -249,6 +253,7 @@ impl Error {
             | Error::PeerClosed(_)
             | Error::Cancelled(_)
             | Error::Superseded
+            | Error::ManifestDamaged(_)
             | Error::TargetInUse { .. } => true,
             Error::PeerAbort { code, .. } => code.is_retryable(),
             Error::Nbd { retryable, .. } => *retryable,
@@ -277,6 +282,7 @@ impl Error {
             // Both are cured by a later sync (from a snapshot; once the other writer is gone): the peer may retry.
             Error::VolumeChanged { .. }
             | Error::ReadBackMismatch { .. }
+            | Error::ManifestDamaged(_)
             | Error::TargetResized { .. } => AbortCode::Cancelled,
             Error::KeysDoNotMatch(_) => AbortCode::Auth,
             // The source's export went away (a retry may find it again), or it failed a read.

@@ -3,6 +3,8 @@
 //! Pure computation, no I/O and no tokio. The definitions here are the ones in `proto/PROTOCOL.md`
 //! ("Chunks, blocks and digests"): both agents must compute them identically.
 
+pub mod pages;
+
 use std::fmt;
 
 mod lanes;

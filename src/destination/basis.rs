@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::chunk::{Digest, Geometry, ZeroDigests};
 use crate::codec::{Fallback, Offer, SyncKind};
 use crate::delta::{self, Policy};
-use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
+use crate::manifest::{self, Expect, Meta, NextManifest, Reader, Role, Store};
 use crate::volume::Volume;
 
 /// What a session compares against, and what it needs to keep the next manifest.
@@ -65,7 +65,8 @@ pub fn decide(
             return basis;
         }
     };
-    let h = base.header();
+    let mut base = base;
+    let h = base.header().clone();
     basis.previous = Some((h.last_full_unix_ms, h.deltas_since_full));
     let due = policy.periodic_due(h.deltas_since_full, h.last_full_unix_ms, basis.started_ms);
     if offer.kind.is_delta() {
@@ -75,28 +76,42 @@ pub fn decide(
             basis.reason = Fallback::DestinationPeriodic;
         } else if h.volume_digest != offer.base {
             basis.reason = Fallback::BasesDiffer;
+        } else if let Err(e) = verified(&mut base, offer.kind) {
+            tracing::warn!("ignoring the destination's manifest: damaged manifest: {e}");
+            basis.reason = Fallback::DestinationNoManifest;
+            return basis;
         } else {
             // The manifest is whole and of this target; check that the target still holds it before trusting it.
-            let mut base = base;
-            let checked = spot_check(&mut base, target, geometry)
-                .and_then(|()| base.rewind().map_err(|e| format!("rereading it: {e}")));
-            match checked {
+            match spot_check(&mut base, target, geometry) {
                 Ok(()) => {
                     basis.kind = offer.kind;
                     basis.reason = Fallback::None;
+                    basis.base = Some(base);
+                    return basis;
                 }
                 Err(why) => {
                     tracing::warn!("not trusting the destination's manifest: {why}");
                     basis.reason = Fallback::DestinationTargetChanged;
                 }
             }
-            // A full comparison after a failed spot check counts (and repairs) what differs from the manifest.
-            basis.base = base.rewind().ok().map(|()| base);
-            return basis;
         }
     }
-    basis.base = Some(base);
+    // A full comparison reads every digest of the manifest, to count (and repair) what differs from it.
+    match base.verify_all() {
+        Ok(()) => basis.base = Some(base),
+        Err(e) => tracing::warn!("ignoring the destination's manifest: damaged manifest: {e}"),
+    }
     basis
+}
+
+/// Checks every page of `base` first when a delta of `kind` reads them all anyway (by manifest: the source
+/// announces chunks all over the volume), so that a damaged manifest means a full comparison rather than a failure
+/// halfway through. A delta by change list reads only the pages it touches, and checks those as it reads them.
+fn verified(base: &mut Reader, kind: SyncKind) -> std::io::Result<()> {
+    match kind {
+        SyncKind::ChangeList => Ok(()),
+        _ => base.verify_all(),
+    }
 }
 
 /// What the destination's manifest of `target` must match.
@@ -110,22 +125,37 @@ fn expect_of(target: &Volume, geometry: Geometry) -> Result<Expect, String> {
         .map_err(|e| format!("cannot stat the target: {e}"))
 }
 
+/// Pages of the manifest the spot check draws its chunks from, at most.
+const SPOT_PAGES: usize = 4 * delta::SPOT_CHECKS;
+
 /// Reads [`delta::SPOT_CHECKS`] chunks of the target, chosen at random among those the manifest says are not
-/// zero (topped up with zero chunks when there are too few), and compares them with the manifest. Reads `base` to
-/// its end.
+/// zero (topped up with zero chunks when there are too few), and compares them with the manifest. The chunks are
+/// drawn from at most [`SPOT_PAGES`] pages of the manifest chosen at random (every page of a volume up to 16 GiB in
+/// 64 KiB chunks), so that the check reads a few MiB of a large manifest, not all of it.
 fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<(), String> {
     let zeros = ZeroDigests::new(geometry);
     let mut rng = rand::rng();
     let mut data = Reservoir::new(delta::SPOT_CHECKS);
     let mut zero = Reservoir::new(delta::SPOT_CHECKS);
-    let count = geometry.chunk_count();
-    let mut buf = vec![0u8; count.min(manifest::BULK_DIGESTS) as usize * 32];
-    let mut first = 0;
-    while first < count {
-        let n = (count - first).min(manifest::BULK_DIGESTS) as usize;
-        base.next_digests(&mut buf[..n * 32])
-            .map_err(|e| format!("reading it at chunk {first}: {e}"))?;
-        for (chunk, bytes) in (first..).zip(buf[..n * 32].chunks_exact(32)) {
+    let pages = base.pages();
+    let count = pages.count() as usize;
+    let mut picked: Vec<u64> = match count <= SPOT_PAGES {
+        true => (0..pages.count()).collect(),
+        false => rand::seq::index::sample(&mut rng, count, SPOT_PAGES)
+            .into_iter()
+            .map(|p| p as u64)
+            .collect(),
+    };
+    picked.sort_unstable();
+    let mut buf = Vec::new();
+    for p in picked {
+        // A page's first digest (but page 0's) is also the previous page's last: counted there.
+        let mut chunks = pages.chunks(p);
+        chunks.start += u64::from(p > 0);
+        buf.resize(((chunks.end - chunks.start) * 32) as usize, 0);
+        base.digests(chunks.start, &mut buf)
+            .map_err(|e| format!("reading it at page {p}: {e}"))?;
+        for (chunk, bytes) in chunks.zip(buf.chunks_exact(32)) {
             let d = Digest(bytes.try_into().expect("32 bytes"));
             // Every chunk of its kind has the same chance to be checked.
             match d == zeros.for_chunk(chunk) {
@@ -133,7 +163,6 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
                 true => zero.offer((chunk, d), &mut rng),
             }
         }
-        first += n as u64;
     }
     let (mut data, zero) = (data.items, zero.items);
     let top_up = delta::SPOT_CHECKS.saturating_sub(data.len());
@@ -215,7 +244,7 @@ fn open_unit(rng: &mut impl rand::Rng) -> f64 {
 impl Basis {
     /// Keeps the manifest of what the target now holds (durable, verified): `identity` is taken now, after the
     /// session's writes. A manifest that cannot be kept is logged; the next sync then compares in full.
-    pub fn commit(&self, writer: Writer, volume_digest: Digest, target: &Volume) {
+    pub fn commit(&self, next: NextManifest, volume_digest: Digest, target: &Volume) {
         let (last_full, deltas) =
             delta::verification_after(self.kind, self.previous, self.started_ms);
         let stamp = match delta::target_identity(target) {
@@ -234,7 +263,7 @@ impl Basis {
             last_full_unix_ms: last_full,
             deltas_since_full: deltas,
         };
-        if let Err(e) = writer.commit(meta) {
+        if let Err(e) = next.commit(meta) {
             tracing::warn!("the destination's manifest was not kept: {e}");
         }
     }

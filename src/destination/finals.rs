@@ -8,36 +8,39 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::chunk::{Digest, Geometry, VolumeDigest};
 use crate::error::{Error, Result};
-#[cfg(test)]
-use crate::manifest::BULK_DIGESTS;
-use crate::manifest::{copy_base, Reader, Writer};
+use crate::manifest::{NextManifest, Patch, Writer};
 
 /// The final digest of every chunk, in chunk order.
 pub struct FinalDigests {
+    /// A full comparison: the volume digest of every chunk's digest.
     digest: VolumeDigest,
+    /// Every chunk below this one has its final digest.
+    settled: u64,
     waiting: BTreeMap<u64, Digest>,
     count: u64,
-    /// Delta: the base, positioned at the next chunk in order.
-    base: Option<Reader>,
+    /// Delta: the base, and the next manifest as changes to it.
+    patch: Option<Patch>,
     /// Delta: every chunk below this that was not announced is equal to the base.
     base_through: u64,
     /// Delta: announced chunks not settled yet (a NEED is open).
     held: BTreeSet<u64>,
-    /// The next manifest, fed in chunk order.
+    /// A full comparison: the next manifest, fed in chunk order.
     sink: Option<Writer>,
 }
 
 impl FinalDigests {
-    /// For a session of `geometry`; `base` in a delta session; `sink` keeps the next manifest.
-    pub fn new(geometry: Geometry, base: Option<Reader>, sink: Option<Writer>) -> Self {
+    /// For a session of `geometry`: a delta's `patch` (its base and the next manifest), or a full comparison's
+    /// `sink` for the next manifest.
+    pub fn new(geometry: Geometry, patch: Option<Patch>, sink: Option<Writer>) -> Self {
         FinalDigests {
             digest: VolumeDigest::new(geometry),
+            settled: 0,
             waiting: BTreeMap::new(),
             count: geometry.chunk_count(),
-            base,
+            sink: if patch.is_some() { None } else { sink },
+            patch,
             base_through: 0,
             held: BTreeSet::new(),
-            sink,
         }
     }
 
@@ -61,82 +64,81 @@ impl FinalDigests {
 
     fn advance(&mut self) -> Result<()> {
         loop {
-            let c = self.digest.chunks();
+            let c = self.settled;
             if c >= self.count || self.held.contains(&c) {
                 return Ok(());
             }
-            let own = self.waiting.remove(&c);
-            if own.is_none() && (self.base.is_none() || c >= self.base_through) {
-                return Ok(());
-            }
-            if own.is_none() {
-                self.take_base_run(c)?;
+            let Some(own) = self.waiting.remove(&c) else {
+                if self.patch.is_none() || c >= self.base_through {
+                    return Ok(());
+                }
+                // Chunk `c` and those after it up to the next held or settled one (or the end of what the base
+                // covers) hold what the base says: nothing to read or hash.
+                let mut end = self.base_through.min(self.count);
+                if let Some(&h) = self.held.range(c..).next() {
+                    end = end.min(h);
+                }
+                if let Some((&w, _)) = self.waiting.range(c..).next() {
+                    end = end.min(w);
+                }
+                self.settled = end;
                 continue;
-            }
-            // The base moves in step with the chunk order, used or not.
-            let base = match &mut self.base {
-                Some(r) => Some(r.next_digest().map_err(|e| {
-                    Error::State(format!(
-                        "reading the destination's manifest at chunk {c}: {e}"
-                    ))
-                })?),
-                None => None,
             };
-            let Some(d) = own.or(base) else {
-                return Ok(());
-            };
-            self.digest.push(&d);
-            if let Some(w) = &mut self.sink {
-                if let Err(e) = w.push(&d) {
-                    tracing::warn!("the destination's manifest will not be kept: {e}");
-                    self.sink = None;
+            match &mut self.patch {
+                Some(patch) => {
+                    let damaged = |e: std::io::Error| {
+                        Error::ManifestDamaged(format!("the destination's, at chunk {c}: {e}"))
+                    };
+                    if patch.base().digest(c).map_err(damaged)? != own {
+                        patch.set(c, own).map_err(damaged)?;
+                    }
+                }
+                None => {
+                    self.digest.push(&own);
+                    if let Some(w) = &mut self.sink {
+                        if let Err(e) = w.push(&own) {
+                            tracing::warn!("the destination's manifest will not be kept: {e}");
+                            self.sink = None;
+                        }
+                    }
                 }
             }
+            self.settled += 1;
         }
-    }
-
-    /// Delta: chunk `from` and those after it up to the next held or settled one (or the end of what the base
-    /// covers) hold what the base says: its digests copied in bulk.
-    fn take_base_run(&mut self, from: u64) -> Result<()> {
-        let mut end = self.base_through.min(self.count);
-        if let Some(&h) = self.held.range(from..).next() {
-            end = end.min(h);
-        }
-        if let Some((&w, _)) = self.waiting.range(from..).next() {
-            end = end.min(w);
-        }
-        let Some(base) = &mut self.base else {
-            return Ok(());
-        };
-        copy_base(base, end - from, &mut self.digest, &mut self.sink).map_err(|e| {
-            Error::State(format!(
-                "reading the destination's manifest at chunks {from}..{end}: {e}"
-            ))
-        })
     }
 
     /// Chunks settled in order: every chunk below this index has its final digest.
     pub fn settled(&self) -> u64 {
-        self.digest.chunks()
+        self.settled
     }
 
-    /// The volume digest, once every chunk settled, and the next manifest's writer.
-    pub fn finish(&mut self) -> Result<(Digest, Option<Writer>)> {
-        if self.digest.chunks() != self.count || !self.waiting.is_empty() {
+    /// The volume digest, once every chunk settled, and the next manifest.
+    pub fn finish(&mut self) -> Result<(Digest, Option<NextManifest>)> {
+        if self.settled != self.count || !self.waiting.is_empty() {
             return Err(Error::Protocol(format!(
                 "only {} of {} chunks are settled",
-                self.digest.chunks(),
-                self.count
+                self.settled, self.count
             )));
         }
-        Ok((self.digest.finish(), self.sink.take()))
+        match self.patch.take() {
+            Some(mut patch) => {
+                let digest = patch
+                    .volume_digest()
+                    .map_err(|e| Error::ManifestDamaged(format!("the destination's: {e}")))?;
+                Ok((digest, Some(NextManifest::Patch(Box::new(patch)))))
+            }
+            None => Ok((
+                self.digest.finish(),
+                self.sink.take().map(|w| NextManifest::Whole(Box::new(w))),
+            )),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Expect, Meta, Role, Store, SyncKind};
+    use crate::manifest::{Expect, Meta, Role, Store, SyncKind, BULK_DIGESTS};
 
     #[test]
     fn final_digests_reorder_within_the_window() -> anyhow::Result<()> {
@@ -182,7 +184,7 @@ mod tests {
         let old: Vec<Digest> = (0..6u8).map(|i| Digest::of(&[i])).collect();
         let store = Store::memory(1 << 20);
         let expect = base_of(&store, g, &old)?;
-        let base = store.load(Role::Destination, &expect)?;
+        let base = store.patch(store.load(Role::Destination, &expect)?);
         let new2 = Digest::of(b"new 2");
         let mut f = FinalDigests::new(g, Some(base), None);
         f.hold(2);
@@ -200,8 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn long_runs_of_base_digests_are_taken_in_bulk_around_held_and_settled_chunks(
-    ) -> anyhow::Result<()> {
+    fn long_runs_of_base_digests_settle_around_held_and_settled_chunks() -> anyhow::Result<()> {
         // More chunks than one bulk copy, with held and settled chunks inside and at the edges of the runs.
         let n = 2 * BULK_DIGESTS + 777;
         let g = Geometry::new(n * 65536, 65536).map_err(anyhow::Error::msg)?;
@@ -217,8 +218,8 @@ mod tests {
             n - 1,
         ];
         let new = |i: u64| Digest::of(format!("new {i}").as_bytes());
-        let next = store.writer(Role::Destination, g, "t")?;
-        let mut f = FinalDigests::new(g, Some(store.load(Role::Destination, &expect)?), Some(next));
+        let patch = store.patch(store.load(Role::Destination, &expect)?);
+        let mut f = FinalDigests::new(g, Some(patch), None);
         for &c in &changed {
             f.hold(c);
         }
@@ -245,10 +246,13 @@ mod tests {
             let i = i as u64;
             want.push(&if changed.contains(&i) { new(i) } else { *d });
         }
-        let (digest, writer) = f.finish()?;
+        let (digest, next) = f.finish()?;
         assert_eq!(digest, want.finish());
-        // The next manifest holds the same digests, in order.
-        writer.expect("a writer").commit(Meta {
+        // The next manifest holds the same digests, in order: a changes file of the chunks that changed.
+        let Some(NextManifest::Patch(patch)) = next else {
+            panic!("a delta's next manifest is a patch");
+        };
+        patch.commit(Meta {
             volume_digest: digest,
             kind: SyncKind::ChangeList,
             last_full_unix_ms: 0,
@@ -256,6 +260,7 @@ mod tests {
             stamp: 0,
         })?;
         let mut r = store.load(Role::Destination, &expect)?;
+        assert_eq!(r.changed(), changed.len() as u64);
         for (i, d) in old.iter().enumerate() {
             let i = i as u64;
             assert_eq!(

@@ -51,9 +51,11 @@
 //! digests give its `volume_digest`.
 
 mod format;
+mod reader;
 mod store;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 use std::fmt;
 use std::io;
@@ -63,8 +65,10 @@ use crate::chunk::{Digest, Geometry};
 pub use crate::codec::SyncKind;
 pub use crate::status::Role;
 
-pub use format::{copy_base, Reader, Sealed, Writer, BULK_DIGESTS, MAX_IDENTITY_LEN};
+pub use format::MAX_IDENTITY_LEN;
+pub use reader::Reader;
 pub use store::Store;
+pub use writer::{copy_base, NextManifest, Patch, Sealed, Writer, BULK_DIGESTS};
 
 /// Everything a manifest says besides its digests: its header.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -2,13 +2,13 @@
 
 use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Cursor, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::format::{Backing, BUFFER_LEN};
-use super::{Expect, ManifestError, Reader, Role, Unusable, Writer};
+use super::format::{self, Src, BUFFER_LEN};
+use super::{Expect, ManifestError, Patch, Reader, Role, Unusable, Writer};
 use crate::chunk::Geometry;
 use crate::durable;
 
@@ -34,8 +34,16 @@ pub(super) struct Memory {
 
 #[derive(Default)]
 struct Slots {
-    source: Option<Arc<[u8]>>,
-    destination: Option<Arc<[u8]>>,
+    source: Files,
+    destination: Files,
+}
+
+/// A role's files in memory: the base, its changes, and a base set aside.
+#[derive(Default, Clone)]
+struct Files {
+    base: Option<Arc<[u8]>>,
+    changes: Option<Arc<[u8]>>,
+    aside: Option<Arc<[u8]>>,
 }
 
 impl Memory {
@@ -44,19 +52,12 @@ impl Memory {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set(&self, role: Role, bytes: Option<Arc<[u8]>>) {
+    /// Changes `role`'s files under the lock.
+    fn with<T>(&self, role: Role, f: impl FnOnce(&mut Files) -> T) -> T {
         let mut slots = self.slots();
         match role {
-            Role::Source => slots.source = bytes,
-            Role::Destination => slots.destination = bytes,
-        }
-    }
-
-    fn get(&self, role: Role) -> Option<Arc<[u8]>> {
-        let slots = self.slots();
-        match role {
-            Role::Source => slots.source.clone(),
-            Role::Destination => slots.destination.clone(),
+            Role::Source => f(&mut slots.source),
+            Role::Destination => f(&mut slots.destination),
         }
     }
 }
@@ -110,37 +111,74 @@ impl Store {
         }
     }
 
-    /// The file of `role`'s manifest in a state directory (`source.manifest`, `destination.manifest`).
+    /// The base file of `role`'s manifest in a state directory (`source.manifest`, `destination.manifest`).
     pub fn path(&self, role: Role) -> Option<PathBuf> {
         match &self.inner {
-            Inner::Dir(dir) => Some(file_in(dir, role)),
+            Inner::Dir(dir) => Some(file_in(dir, role, Which::Base)),
             Inner::Nothing | Inner::Memory(_) => None,
         }
     }
 
-    /// `role`'s manifest, if it is whole and describes `expect` (see [`Unusable`] for every other case). Reads the
-    /// whole manifest once with a fixed buffer before returning; the [`Reader`] then streams the digests.
-    pub fn load(&self, role: Role, expect: &Expect) -> Result<Reader, Unusable> {
+    /// The changes file of `role`'s manifest in a state directory (`source.manifest.changes`, ...).
+    pub fn changes_path(&self, role: Role) -> Option<PathBuf> {
         match &self.inner {
-            Inner::Nothing => Err(Unusable::Missing),
+            Inner::Dir(dir) => Some(file_in(dir, role, Which::Changes)),
+            Inner::Nothing | Inner::Memory(_) => None,
+        }
+    }
+
+    /// `role`'s manifest, if it is whole and describes `expect` (see [`Unusable`] for every other case). Checks
+    /// the base file's header, length, checksum and page table, and the changes file whole; the digests are
+    /// checked page by page as they are read (a caller that reads them all can check them first with
+    /// [`Reader::verify_all`]).
+    pub fn load(&self, role: Role, expect: &Expect) -> Result<Reader, Unusable> {
+        let (base, changes) = match &self.inner {
+            Inner::Nothing => return Err(Unusable::Missing),
             Inner::Memory(m) => {
-                let bytes = m.get(role).ok_or(Unusable::Missing)?;
-                Reader::open(Box::new(Cursor::new(bytes)), role, expect)
+                let files = m.with(role, |f| f.clone());
+                let base = files.base.ok_or(Unusable::Missing)?;
+                let base = format::open_base(Src::Memory(base))?;
+                let changes = match files.changes {
+                    Some(c) => format::open_changes(Src::Memory(c), &base)?.ok_or(()),
+                    None => Err(()),
+                };
+                (base, changes.ok())
             }
             Inner::Dir(dir) => {
-                let path = file_in(dir, role);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                    .open(&path)
-                    .map_err(|e| match e.kind() {
-                        io::ErrorKind::NotFound => Unusable::Missing,
-                        _ => Unusable::Unreadable(e.to_string()).at(&path),
-                    })?;
-                let src: Box<dyn Backing> = Box::new(BufReader::with_capacity(BUFFER_LEN, file));
-                Reader::open(src, role, expect).map_err(|u| u.at(&path))
+                let path = file_in(dir, role, Which::Base);
+                let base = open_nofollow(&path)?.ok_or(Unusable::Missing)?;
+                let base = format::open_base(Src::File(base)).map_err(|u| u.at(&path))?;
+                let path = file_in(dir, role, Which::Changes);
+                let changes = match open_nofollow(&path)? {
+                    None => None,
+                    Some(file) => {
+                        let changes = format::open_changes(Src::File(file), &base)
+                            .map_err(|u| u.at(&path))?;
+                        if changes.is_none() {
+                            tracing::info!(
+                                "ignoring {}: it applies to an earlier base, which was since rewritten",
+                                path.display()
+                            );
+                        }
+                        changes
+                    }
+                };
+                (base, changes)
             }
-        }
+        };
+        let reader = Reader::new(base, changes);
+        format::check_expected(reader.header(), role, expect).map_err(|u| {
+            match self.path(role) {
+                Some(path) => u.at(&path),
+                None => u,
+            }
+        })?;
+        Ok(reader)
+    }
+
+    /// The next manifest as changes to `base` (loaded from this store), for a delta.
+    pub fn patch(&self, base: Reader) -> Patch {
+        Patch::new(base, self.clone())
     }
 
     /// A writer of `role`'s next manifest, of a volume of `geometry`; `identity` (at most
@@ -168,7 +206,7 @@ impl Store {
                     })
                 }
                 Inner::Dir(dir) => {
-                    let path = file_in(dir, role);
+                    let path = file_in(dir, role, Which::Base);
                     // A state directory removed while the agent runs is made again: removing it forgets the state.
                     let opened = create_dir(dir)
                         .and_then(|()| durable::create_temp(&path))
@@ -190,26 +228,143 @@ impl Store {
         })
     }
 
-    /// Removes `role`'s manifest durably (unlinked and the directory fsynced), so that it is not trusted after a
-    /// change it does not describe. Nothing to do if there is none.
+    /// Writes a changes file (`body`, complete) and makes it durable under a temporary name; publishing it also
+    /// puts back the base set aside if it is the one whose checksum is `base_checksum`.
+    pub(super) fn seal_changes(
+        &self,
+        role: Role,
+        body: Vec<u8>,
+        base_checksum: [u8; 32],
+    ) -> Result<Sealed, ManifestError> {
+        match &self.inner {
+            Inner::Nothing => Ok(Sealed::Nothing),
+            Inner::Memory(memory) if body.len() as u64 > memory.limit => Ok(Sealed::TooLarge {
+                memory: Arc::clone(memory),
+                role,
+                file_len: body.len() as u64,
+            }),
+            Inner::Memory(memory) => Ok(Sealed::MemoryChanges {
+                memory: Arc::clone(memory),
+                role,
+                buf: body,
+                base_checksum,
+            }),
+            Inner::Dir(dir) => {
+                let path = file_in(dir, role, Which::Changes);
+                let written = create_dir(dir)
+                    .and_then(|()| durable::create_temp(&path))
+                    .and_then(|mut tmp| {
+                        tmp.write_all(&body)?;
+                        tmp.as_file().sync_all()?;
+                        Ok(tmp)
+                    });
+                match written {
+                    Ok(tmp) => Ok(Sealed::Changes {
+                        tmp,
+                        dir: dir.clone(),
+                        role,
+                        base_checksum,
+                    }),
+                    Err(source) => Err(ManifestError::Write { path, source }),
+                }
+            }
+        }
+    }
+
+    /// Forgets `role`'s manifest durably (its base, changes and a base set aside), so that it is not trusted
+    /// after a change it does not describe. The base goes first, on its own: without it nothing is usable.
     pub fn invalidate(&self, role: Role) -> Result<(), ManifestError> {
         match &self.inner {
             Inner::Nothing => Ok(()),
             Inner::Memory(m) => {
-                m.set(role, None);
+                m.with(role, |f| *f = Files::default());
                 Ok(())
             }
             Inner::Dir(dir) => {
-                let path = file_in(dir, role);
-                durable::remove_file(&path).map_err(|source| ManifestError::Remove { path, source })
+                for which in [Which::Base, Which::Changes, Which::Aside] {
+                    let path = file_in(dir, role, which);
+                    durable::remove_file(&path)
+                        .map_err(|source| ManifestError::Remove { path, source })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Before the destination first writes its target in a session: its manifest no longer describes the target,
+    /// so the base is set aside (renamed, durably), which makes the manifest unusable. A delta's [`Patch`] still
+    /// reads it through the descriptor it holds, and publishing the patch's changes file puts it back; a crash
+    /// before that leaves no base, so the next sync compares in full.
+    pub fn set_aside(&self, role: Role) -> Result<(), ManifestError> {
+        match &self.inner {
+            Inner::Nothing => Ok(()),
+            Inner::Memory(m) => {
+                m.with(role, |f| {
+                    if let Some(base) = f.base.take() {
+                        f.aside = Some(base);
+                    }
+                });
+                Ok(())
+            }
+            Inner::Dir(dir) => {
+                let (base, aside) = (
+                    file_in(dir, role, Which::Base),
+                    file_in(dir, role, Which::Aside),
+                );
+                let moved = match std::fs::rename(&base, &aside) {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                };
+                moved
+                    .and_then(|()| File::open(dir)?.sync_all())
+                    .map_err(|source| ManifestError::Remove { path: base, source })
             }
         }
     }
 }
 
-/// `role`'s manifest file in `dir`.
-fn file_in(dir: &Path, role: Role) -> PathBuf {
-    dir.join(format!("{}.manifest", role.as_str()))
+/// The files of a role's manifest.
+#[derive(Clone, Copy)]
+enum Which {
+    /// Every digest and the page table.
+    Base,
+    /// The digests that differ from the base.
+    Changes,
+    /// The base, set aside while the destination writes its target.
+    Aside,
+}
+
+/// `role`'s file `which` in `dir`.
+fn file_in(dir: &Path, role: Role, which: Which) -> PathBuf {
+    let suffix = match which {
+        Which::Base => "",
+        Which::Changes => ".changes",
+        Which::Aside => ".aside",
+    };
+    dir.join(format!("{}.manifest{suffix}", role.as_str()))
+}
+
+/// Opens `path` for reading without following a symbolic link; `None` if there is none.
+fn open_nofollow(path: &Path) -> Result<Option<File>, Unusable> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path);
+    match opened {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Unusable::Unreadable(e.to_string()).at(path)),
+    }
+}
+
+/// The last 32 bytes of the file at `path` (a base's checksum), `None` if it cannot be read.
+fn trailer_of(path: &Path) -> Option<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let file = open_nofollow(path).ok()??;
+    let len = file.metadata().ok()?.len();
+    let mut t = [0u8; 32];
+    file.read_exact_at(&mut t, len.checked_sub(32)?).ok()?;
+    Some(t)
 }
 
 /// Where a [`Writer`] puts its bytes: the header's placeholder is already there, then the digests.
@@ -361,9 +516,21 @@ pub(super) enum Sealed {
         role: Role,
         buf: Vec<u8>,
     },
+    MemoryChanges {
+        memory: Arc<Memory>,
+        role: Role,
+        buf: Vec<u8>,
+        base_checksum: [u8; 32],
+    },
     File {
         tmp: tempfile::NamedTempFile,
         path: PathBuf,
+    },
+    Changes {
+        tmp: tempfile::NamedTempFile,
+        dir: PathBuf,
+        role: Role,
+        base_checksum: [u8; 32],
     },
 }
 
@@ -376,7 +543,7 @@ impl Sealed {
                 role,
                 file_len,
             } => {
-                memory.set(role, None);
+                memory.with(role, |f| *f = Files::default());
                 tracing::info!(
                     role = role.as_str(),
                     "the {} manifest ({file_len} bytes) is too large to keep in memory (limit {} bytes): the next \
@@ -387,11 +554,81 @@ impl Sealed {
                 Ok(())
             }
             Sealed::Memory { memory, role, buf } => {
-                memory.set(role, Some(Arc::from(buf)));
+                memory.with(role, |f| {
+                    *f = Files {
+                        base: Some(Arc::from(buf)),
+                        ..Files::default()
+                    }
+                });
                 Ok(())
             }
-            Sealed::File { tmp, path } => durable::publish(tmp, &path, durable::Existing::Replace)
-                .map_err(|source| ManifestError::Write { path, source }),
+            Sealed::MemoryChanges {
+                memory,
+                role,
+                buf,
+                base_checksum,
+            } => {
+                memory.with(role, |f| {
+                    f.changes = Some(Arc::from(buf));
+                    if let Some(aside) = f.aside.take() {
+                        if aside[aside.len().saturating_sub(32)..] == base_checksum {
+                            f.base = Some(aside);
+                        }
+                    }
+                });
+                Ok(())
+            }
+            Sealed::File { tmp, path } => {
+                durable::publish(tmp, &path, durable::Existing::Replace).map_err(|source| {
+                    ManifestError::Write {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                // What described the previous base would pair with nothing now (a changes file names its base's
+                // checksum); removed so that it does not linger.
+                for stale in [
+                    format!("{}.changes", path.display()),
+                    format!("{}.aside", path.display()),
+                ] {
+                    if let Err(e) = durable::remove_file(Path::new(&stale)) {
+                        tracing::warn!("cannot remove {stale}: {e}");
+                    }
+                }
+                Ok(())
+            }
+            Sealed::Changes {
+                tmp,
+                dir,
+                role,
+                base_checksum,
+            } => {
+                let path = file_in(&dir, role, Which::Changes);
+                durable::publish(tmp, &path, durable::Existing::Replace).map_err(|source| {
+                    ManifestError::Write {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                // The changes are in place; the base they apply to goes back where it is read, if it was set aside.
+                let (base, aside) = (
+                    file_in(&dir, role, Which::Base),
+                    file_in(&dir, role, Which::Aside),
+                );
+                match trailer_of(&aside) {
+                    None => Ok(()),
+                    Some(t) if t != base_checksum => {
+                        tracing::warn!(
+                            "{} is not the base of the new changes: the next sync compares in full",
+                            aside.display()
+                        );
+                        Ok(())
+                    }
+                    Some(_) => std::fs::rename(&aside, &base)
+                        .and_then(|()| File::open(&dir)?.sync_all())
+                        .map_err(|source| ManifestError::Write { path: base, source }),
+                }
+            }
         }
     }
 }

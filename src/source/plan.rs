@@ -8,7 +8,7 @@ use crate::chunk::{Digest, Geometry, VolumeDigest};
 use crate::codec::{Fallback, Offer, SyncKind};
 use crate::delta::{self, Policy};
 use crate::error::{Error, Result};
-use crate::manifest::{self, Expect, Meta, Reader, Role, Store, Writer};
+use crate::manifest::{self, Expect, Meta, Patch, Reader, Role, Store, Writer};
 
 /// What the source knows before it connects.
 pub struct Plan {
@@ -59,6 +59,16 @@ impl Plan {
             stamp: 0,
         };
         let base = match store.load(Role::Source, &expect) {
+            // Without a change list every digest of the base is read: checked first, so that a damaged one means
+            // a full comparison rather than a failure halfway through. With one, pages are checked as they are read.
+            Ok(mut r) if tracker.is_none() => match r.verify_all() {
+                Ok(()) => r,
+                Err(e) => {
+                    tracing::warn!("ignoring the source's manifest: damaged manifest: {e}");
+                    plan.offer = Offer::full(Fallback::SourceNoManifest);
+                    return Ok(plan);
+                }
+            },
             Ok(r) => r,
             Err(why) => {
                 if why != manifest::Unusable::Missing {
@@ -116,7 +126,7 @@ impl Plan {
                 self.offer.kind
             )));
         }
-        let (base, selection, check) = match kind {
+        let (mut base, selection, check) = match kind {
             // A full comparison with a change list also tells which changed chunks the list missed.
             SyncKind::Full if self.changes.is_some() => (self.base, None, self.changes),
             SyncKind::Full => (None, None, None),
@@ -127,15 +137,23 @@ impl Plan {
             let h = b.header();
             (h.last_full_unix_ms, h.deltas_since_full)
         });
-        let writer = match self
-            .store
-            .writer(Role::Source, self.geometry, &self.identity)
-        {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("the source's manifest will not be kept: {e}");
-                None
-            }
+        // A delta keeps its next manifest as changes to the base; a full comparison writes it whole.
+        let patch = match kind.is_delta() {
+            true => base.take().map(|b| self.store.patch(b)),
+            false => None,
+        };
+        let writer = match patch {
+            Some(_) => None,
+            None => match self
+                .store
+                .writer(Role::Source, self.geometry, &self.identity)
+            {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!("the source's manifest will not be kept: {e}");
+                    None
+                }
+            },
         };
         Ok(Announcer {
             kind,
@@ -146,6 +164,8 @@ impl Plan {
             cursor: 0,
             digest: VolumeDigest::new(self.geometry),
             writer,
+            patch,
+            store: self.store.clone(),
             sealed: None,
             missed: 0,
             started_ms: delta::now_ms(),
@@ -158,8 +178,11 @@ impl Plan {
 pub struct Announcer {
     kind: SyncKind,
     geometry: Geometry,
-    /// The image of the last sync, streamed in chunk order alongside the scan.
+    /// A full comparison's base (with a change list to check), read in chunk order alongside the scan.
     base: Option<Reader>,
+    /// A delta's base, and the next manifest as changes to it.
+    patch: Option<Patch>,
+    store: Arc<Store>,
     /// The chunks to read (a change list), or all of them.
     selection: Option<ChangedChunks>,
     /// A change list to check against a full scan: chunks that differ from the base and are not in it.
@@ -196,6 +219,20 @@ impl Announcer {
     ) -> Result<Vec<(u64, Digest)>> {
         let mut out = Vec::new();
         for (chunk, digest) in scanned {
+            if let Some(patch) = &mut self.patch {
+                let store = &self.store;
+                let base = patch
+                    .base()
+                    .digest(chunk)
+                    .map_err(|e| base_error(store, chunk, e))?;
+                if base != digest {
+                    out.push((chunk, digest));
+                    patch
+                        .set(chunk, digest)
+                        .map_err(|e| base_error(store, chunk, e))?;
+                }
+                continue;
+            }
             self.skip_to(chunk)?;
             let base = self.next_base()?;
             let differs = base != Some(digest);
@@ -219,6 +256,12 @@ impl Announcer {
 
     /// All chunks are fed: the rest take the base's digests. Returns the volume digest for END.
     pub fn finish(&mut self) -> Result<Digest> {
+        if let Some(patch) = &mut self.patch {
+            let count = self.geometry.chunk_count();
+            return patch
+                .volume_digest()
+                .map_err(|e| base_error(&self.store, count, e));
+        }
         self.skip_to(self.geometry.chunk_count())?;
         Ok(self.digest.finish())
     }
@@ -233,9 +276,9 @@ impl Announcer {
     /// source's manifest. A manifest that cannot be written is logged: the next sync is then a full comparison,
     /// which is slower, not wrong.
     pub fn seal(&mut self, volume_digest: Digest) {
-        let Some(writer) = self.writer.take() else {
+        if self.writer.is_none() && self.patch.is_none() {
             return;
-        };
+        }
         let (last_full, deltas) =
             delta::verification_after(self.kind, self.previous, self.started_ms);
         let meta = Meta {
@@ -245,7 +288,12 @@ impl Announcer {
             last_full_unix_ms: last_full,
             deltas_since_full: deltas,
         };
-        match writer.seal(meta) {
+        let sealed = match (self.patch.take(), self.writer.take()) {
+            (Some(patch), _) => patch.seal(meta),
+            (None, Some(writer)) => writer.seal(meta),
+            (None, None) => return,
+        };
+        match sealed {
             Ok(sealed) => self.sealed = Some((volume_digest, sealed)),
             Err(e) => tracing::warn!("the source's manifest was not kept: {e}"),
         }
@@ -254,7 +302,7 @@ impl Announcer {
     /// Keeps the manifest of the image both sides now hold (after a COMMIT equal to our END): the one sealed for
     /// `volume_digest`, published now.
     pub fn commit(&mut self, volume_digest: Digest) {
-        if self.writer.is_some() {
+        if self.writer.is_some() || self.patch.is_some() {
             self.seal(volume_digest);
         }
         match self.sealed.take() {
@@ -316,6 +364,15 @@ impl Announcer {
         }
         self.cursor += 1;
     }
+}
+
+/// A delta's base that cannot be read at `chunk` (damaged or changed on disk since it was validated): dropped from
+/// `store`, so that the retry compares in full.
+fn base_error(store: &Store, chunk: u64, e: std::io::Error) -> Error {
+    if let Err(e) = store.invalidate(Role::Source) {
+        tracing::warn!("cannot drop the source's manifest: {e}");
+    }
+    Error::ManifestDamaged(format!("the source's, at chunk {chunk}: {e}"))
 }
 
 /// A state directory that cannot be used is a configuration problem for someone to fix.

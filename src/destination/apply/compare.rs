@@ -200,10 +200,8 @@ impl Apply {
         let Some(base) = &mut self.drift else {
             return Ok(());
         };
-        let expected = base.next_digest().map_err(|e| {
-            Error::State(format!(
-                "reading the destination's manifest at chunk {chunk}: {e}"
-            ))
+        let expected = base.digest(chunk).map_err(|e| {
+            Error::ManifestDamaged(format!("the destination's, at chunk {chunk}: {e}"))
         })?;
         if expected != ours.digest {
             let n = self

@@ -105,24 +105,34 @@ impl Apply {
         mut basis: Basis,
     ) -> Self {
         let store = basis.store.clone();
-        let sink = crate::delta::target_identity(&target)
-            .map_err(|e| e.to_string())
-            .and_then(|(identity, _)| {
-                store
-                    .writer(Role::Destination, geometry, &identity)
-                    .map_err(|e| e.to_string())
-            });
-        let sink = match sink {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!("the destination's manifest will not be kept: {e}");
-                None
-            }
-        };
         let delta = basis.kind.is_delta();
         let pushes = basis.kind == SyncKind::ChangeList;
         let base = basis.base.take();
-        let (base, drift) = if delta { (base, None) } else { (None, base) };
+        // A delta keeps its next manifest as changes to its base; a full comparison writes it whole, and counts
+        // what the target holds against the base (`drift`).
+        let (patch, drift) = match delta {
+            true => (base.map(|b| store.patch(b)), None),
+            false => (None, base),
+        };
+        let sink = match patch {
+            Some(_) => None,
+            None => {
+                let sink = crate::delta::target_identity(&target)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(identity, _)| {
+                        store
+                            .writer(Role::Destination, geometry, &identity)
+                            .map_err(|e| e.to_string())
+                    });
+                match sink {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::warn!("the destination's manifest will not be kept: {e}");
+                        None
+                    }
+                }
+            }
+        };
         Apply {
             drift,
             pending: VecDeque::new(),
@@ -145,7 +155,7 @@ impl Apply {
             next: 0,
             last_ack: 0,
             open: HashMap::new(),
-            finals: FinalDigests::new(geometry, base, sink),
+            finals: FinalDigests::new(geometry, patch, sink),
             end: None,
             zero_run: None,
             flusher: None,
@@ -154,7 +164,19 @@ impl Apply {
     }
 
     /// Applies messages until the sync is durable and verified; returns the volume digest.
-    pub fn run(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+    pub fn run(self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+        let store = self.store.clone();
+        let result = self.serve(inbox);
+        if let Err(Error::ManifestDamaged(_)) = &result {
+            // Dropped whether or not the target was written, so that the retry compares in full.
+            if let Err(e) = store.invalidate(Role::Destination) {
+                tracing::warn!("cannot drop the destination's manifest: {e}");
+            }
+        }
+        result
+    }
+
+    fn serve(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
         let mut held = None;
         loop {
             if self.done() {
@@ -325,12 +347,13 @@ impl Apply {
         Ok(())
     }
 
-    /// Before the session's first write to the target: its manifest no longer describes it. The removal is durable
-    /// before the write, so no crash can leave a manifest that claims what the target no longer holds.
+    /// Before the session's first write to the target: its manifest no longer describes it. Its base is set aside
+    /// durably before the write, so no crash can leave a manifest that claims what the target no longer holds; a
+    /// delta's patch still reads it, and its commit puts it back.
     pub(super) fn before_write(&mut self) -> Result<()> {
         if !self.wrote {
             self.store
-                .invalidate(Role::Destination)
+                .set_aside(Role::Destination)
                 .map_err(|e| Error::State(e.to_string()))?;
             self.wrote = true;
         }

@@ -1,5 +1,6 @@
 //! Unit tests of the manifest format and stores (state directories in `tempfile` directories).
 
+mod changes;
 mod versions;
 
 use std::io::{self, Seek, SeekFrom, Write};
@@ -53,6 +54,12 @@ fn write(store: &Store, role: Role, g: Geometry, identity: &str, seed: u64) -> a
     Ok(())
 }
 
+/// Bytes of a format-3 base file of `chunks` chunks of [`geometry`] with [`IDENTITY`].
+fn base_len(chunks: u64) -> u64 {
+    let pages = crate::chunk::pages::Pages::new(geometry(chunks)).count();
+    92 + IDENTITY.len() as u64 + 32 * chunks + 32 * pages + 32
+}
+
 fn expect(g: Geometry) -> Expect {
     Expect {
         identity: IDENTITY.into(),
@@ -98,7 +105,7 @@ fn round_trip_streams_the_digests_and_the_header_back() -> anyhow::Result<()> {
         .path(Role::Destination)
         .context("a dir store has paths")?;
     let file = std::fs::metadata(&path)?;
-    assert_eq!(file.len(), 92 + IDENTITY.len() as u64 + 32 * 1000 + 32);
+    assert_eq!(file.len(), base_len(1000));
     assert_eq!(file.mode() & 0o777, 0o600);
     assert_eq!(names(dir.path())?, ["destination.manifest"]);
 
@@ -134,9 +141,9 @@ fn the_header_fields_sit_at_the_documented_offsets() {
         stamp: 0x0102_0304_0506_0708,
         identity: "id".into(),
     };
-    let b = encode_header(&h);
+    let b = encode_header(super::format::MAGIC, &h);
     assert_eq!(b.len(), FIXED_HEADER_LEN + 2);
-    assert_eq!(&b[0..8], b"BMMANIF2");
+    assert_eq!(&b[0..8], b"BMMANIF3");
     assert_eq!(b[8], 1);
     assert_eq!(&b[9..17], &0x0102_0304_0506u64.to_be_bytes());
     assert_eq!(&b[17..21], &65536u32.to_be_bytes());
@@ -195,34 +202,58 @@ fn any_flipped_bit_in_header_digests_or_trailer_is_damaged() -> anyhow::Result<(
     write(&store, Role::Destination, g, IDENTITY, 1)?;
     let path = store.path(Role::Destination).context("path")?;
     let whole = std::fs::read(&path)?;
+    let digests_at = FIXED_HEADER_LEN + IDENTITY.len();
+    let digests = digests_at..digests_at + 32 * 5;
     for at in 0..whole.len() {
         for bit in [0x01u8, 0x80] {
             let mut bad = whole.clone();
             bad[at] ^= bit;
             std::fs::write(&path, &bad)?;
-            let u = unusable(&store, g);
-            assert!(
-                matches!(u, Unusable::Damaged(_)),
-                "byte {at} ^ {bit:#x}: {u}"
-            );
+            let why = damage(&store, g);
+            // The header, page table and trailer are checked on loading; a digest when its page is read.
+            let expected = match digests.contains(&at) {
+                true => "its digests do not give its value in the page table",
+                false => "damaged manifest: ",
+            };
+            assert!(why.contains(expected), "byte {at} ^ {bit:#x}: {why}");
         }
     }
-    // The three sections by name, for a reader of the messages.
-    let digests_at = FIXED_HEADER_LEN + IDENTITY.len();
+    // The sections by name, for a reader of the messages.
     for (at, why) in [
         (0, "bad magic"),
         (40, "checksum mismatch"),
-        (digests_at + 33, "its digests do not give its volume digest"),
+        (
+            digests_at + 33,
+            "page 0 of the manifest: its digests do not give its value",
+        ),
+        (whole.len() - 40, "checksum mismatch"),
         (whole.len() - 1, "checksum mismatch"),
     ] {
         let mut bad = whole.clone();
         bad[at] ^= 0x10;
         std::fs::write(&path, &bad)?;
-        let u = unusable(&store, g).to_string();
-        assert!(u.starts_with("damaged manifest: "), "{u}");
-        assert!(u.contains(why) && u.contains("destination.manifest"), "{u}");
+        let u = damage(&store, g);
+        assert!(u.contains(why), "{u}");
+        assert!(
+            at == digests_at + 33 || u.contains("destination.manifest"),
+            "{u}"
+        );
     }
     Ok(())
+}
+
+/// Why the destination manifest in `store` is refused: on loading, or when every page is read.
+fn damage(store: &Store, g: Geometry) -> String {
+    match store.load(Role::Destination, &expect(g)) {
+        Err(u) => u.to_string(),
+        Ok(mut r) => match r.verify_all() {
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                e.to_string()
+            }
+            Ok(()) => panic!("the manifest was accepted"),
+        },
+    }
 }
 
 #[test]
@@ -381,7 +412,7 @@ fn a_reader_keeps_its_manifest_while_a_new_one_is_committed() -> anyhow::Result<
 }
 
 #[test]
-fn a_file_changed_in_place_after_validation_fails_the_last_digest() -> anyhow::Result<()> {
+fn a_file_changed_in_place_after_validation_fails_the_read_of_its_page() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = Store::dir(dir.path())?;
     let g = geometry(6);
@@ -394,9 +425,6 @@ fn a_file_changed_in_place_after_validation_fails_the_last_digest() -> anyhow::R
         (FIXED_HEADER_LEN + IDENTITY.len() + 32) as u64,
     ))?;
     file.write_all(&[0xEE; 32])?;
-    for _ in 0..5 {
-        reader.next_digest()?;
-    }
     let err = reader.next_digest().expect_err("changed");
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     Ok(())
@@ -478,8 +506,7 @@ fn memory_store_round_trip_is_shared_by_its_clones() -> anyhow::Result<()> {
 fn memory_store_drops_a_manifest_over_its_limit() -> anyhow::Result<()> {
     let small = geometry(10);
     let big = geometry(11);
-    let len = |chunks: u64| 92 + IDENTITY.len() as u64 + 32 * chunks + 32;
-    let store = Store::memory(len(10));
+    let store = Store::memory(base_len(10));
     write(&store, Role::Destination, small, IDENTITY, 1)?;
     store.load(Role::Destination, &expect(small))?;
     // Over the limit: commit succeeds, nothing is kept, and the older manifest no longer stands for the image.
@@ -509,10 +536,7 @@ fn a_mebi_digest_manifest_streams_through_a_fixed_buffer() -> anyhow::Result<()>
     let g = geometry(1 << 20);
     write(&store, Role::Source, g, IDENTITY, 5)?;
     let path = store.path(Role::Source).context("path")?;
-    assert_eq!(
-        std::fs::metadata(path)?.len(),
-        92 + IDENTITY.len() as u64 + 32 * (1 << 20) + 32
-    );
+    assert_eq!(std::fs::metadata(path)?.len(), base_len(1 << 20));
     assert_streams(&mut store.load(Role::Source, &expect(g))?, 5)?;
     Ok(())
 }

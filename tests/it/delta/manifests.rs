@@ -260,8 +260,16 @@ fn manifests_of_different_images_make_a_full_comparison() -> Result<()> {
     std::fs::copy(p.source_manifest(), &old)?;
     scribble(&p.fx.volume, &scattered(size, 3, 1), 1)?;
     p.sync(&[], &[])?.expect_delta("delta-manifest");
+    // A delta keeps its manifest as changes beside the base: the state of the older image is the base alone.
+    let changes = p.source_manifest().with_extension("manifest.changes");
+    assert!(
+        changes.exists(),
+        "the delta kept its changes in {}",
+        changes.display()
+    );
 
     std::fs::copy(&old, p.source_manifest())?;
+    std::fs::remove_file(&changes)?;
     scribble(&p.fx.volume, &scattered(size, 3, 2), 2)?;
     let out = p.sync(&[], &[])?;
     out.expect_full("the two manifests describe different images");
