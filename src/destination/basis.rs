@@ -83,13 +83,18 @@ pub fn decide(
         } else {
             // The manifest is whole and of this target; check that the target still holds it before trusting it.
             match spot_check(&mut base, target, geometry) {
+                Err(SpotCheck::Damaged(e)) => {
+                    tracing::warn!("ignoring the destination's manifest: damaged manifest: {e}");
+                    basis.reason = Fallback::DestinationNoManifest;
+                    return basis;
+                }
                 Ok(()) => {
                     basis.kind = offer.kind;
                     basis.reason = Fallback::None;
                     basis.base = Some(base);
                     return basis;
                 }
-                Err(why) => {
+                Err(SpotCheck::Differs(why)) => {
                     tracing::warn!("not trusting the destination's manifest: {why}");
                     basis.reason = Fallback::DestinationTargetChanged;
                 }
@@ -125,6 +130,14 @@ fn expect_of(target: &Volume, geometry: Geometry) -> Result<Expect, String> {
         .map_err(|e| format!("cannot stat the target: {e}"))
 }
 
+/// Why a spot check failed.
+enum SpotCheck {
+    /// A page of the manifest it read does not hold what the page table says.
+    Damaged(std::io::Error),
+    /// The target does not hold what the manifest says.
+    Differs(String),
+}
+
 /// Pages of the manifest the spot check draws its chunks from, at most.
 const SPOT_PAGES: usize = 4 * delta::SPOT_CHECKS;
 
@@ -132,7 +145,7 @@ const SPOT_PAGES: usize = 4 * delta::SPOT_CHECKS;
 /// zero (topped up with zero chunks when there are too few), and compares them with the manifest. The chunks are
 /// drawn from at most [`SPOT_PAGES`] pages of the manifest chosen at random (every page of a volume up to 16 GiB in
 /// 64 KiB chunks), so that the check reads a few MiB of a large manifest, not all of it.
-fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<(), String> {
+fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<(), SpotCheck> {
     let zeros = ZeroDigests::new(geometry);
     let mut rng = rand::rng();
     let mut data = Reservoir::new(delta::SPOT_CHECKS);
@@ -154,7 +167,7 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
         chunks.start += u64::from(p > 0);
         buf.resize(((chunks.end - chunks.start) * 32) as usize, 0);
         base.digests(chunks.start, &mut buf)
-            .map_err(|e| format!("reading it at page {p}: {e}"))?;
+            .map_err(SpotCheck::Damaged)?;
         for (chunk, bytes) in chunks.zip(buf.chunks_exact(32)) {
             let d = Digest(bytes.try_into().expect("32 bytes"));
             // Every chunk of its kind has the same chance to be checked.
@@ -180,11 +193,11 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
         .collect();
     match differs.first() {
         None => Ok(()),
-        Some(chunk) => Err(format!(
+        Some(chunk) => Err(SpotCheck::Differs(format!(
             "{} of {} chunks read back differ from it (chunk {chunk} first): the target changed since the last sync",
             differs.len(),
             data.len()
-        )),
+        ))),
     }
 }
 

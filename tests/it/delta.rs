@@ -10,6 +10,7 @@
 //! - [`edges`]: an odd-sized volume, zeroed chunks, `--read-back` after a delta, an unusable state directory.
 //! - [`manifests`]: damaged, truncated, foreign and other-geometry manifests are ignored; a target written behind
 //!   the destination's back.
+//! - [`pages`]: manifests kept as a base and a changes file; a damaged page read during a delta.
 //! - [`policy`]: one side without state, `destination --serve` without `--state-dir`, `--verify-every N`.
 //! - [`killed`]: `kill -9` of either agent during a delta, then the retry.
 //! - [`pushed`]: a change list of blocks pushes them (BLOCKS); a list that misses a block of a listed chunk; a list
@@ -24,6 +25,7 @@ mod edges;
 mod failback;
 mod killed;
 mod manifests;
+mod pages;
 mod policy;
 mod pushed;
 mod scheduled;
