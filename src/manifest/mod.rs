@@ -1,30 +1,42 @@
 //! Manifests: the image both sides hold after a successful sync, as chunk digests, so that the next sync (a delta)
 //! skips what the manifests prove equal.
 //!
-//! After each successful sync an agent commits a manifest for its [`Role`] to its [`Store`]: a state directory
-//! (`source.manifest`, `destination.manifest`), memory (for a long-running agent without a state directory, up to
-//! a size limit) or nothing. [`Store::load`] hands out a [`Reader`] only for a manifest that is whole (length,
-//! checksum, volume digest) and describes what the caller expects (role, identity, geometry); any other answer is
-//! an [`Unusable`] that says why, and the caller falls back to a full comparison. A manifest never stays trusted
-//! past a change it does not describe: the destination calls [`Store::invalidate`] before its first write to the
-//! target in a session, and each agent invalidates the other role's manifest at start-up.
+//! After each successful sync an agent commits a manifest for its [`Role`] to its [`Store`]: a state directory,
+//! memory (for a long-running agent without a state directory, up to a size limit) or nothing. [`Store::load`]
+//! hands out a [`Reader`] only for a manifest that is whole and describes what the caller expects (role, identity,
+//! geometry); any other answer is an [`Unusable`] that says why, and the caller falls back to a full comparison.
+//! A manifest never stays trusted past a change it does not describe: the destination calls [`Store::set_aside`]
+//! before its first write to the target in a session, and each agent invalidates the other role's manifest at
+//! start-up.
 //!
-//! Memory is flat: a [`Writer`] streams digests to a buffered temporary file and a [`Reader`] streams them back,
-//! so a 1 TiB volume in 64 KiB chunks (16 Mi digests, a 512 MiB manifest) costs a 64 KiB buffer either way. Only the
-//! memory store holds a whole manifest, bounded by its limit.
+//! A manifest is a **base** file (`ROLE.manifest`: every digest and a page table) and, after a delta, a **changes**
+//! file (`ROLE.manifest.changes`: the digests that differ from the base, the new header and the new page table).
+//! A page is 16 KiB of the volume digest's input (512 digests, see [`crate::chunk::pages`]); the table holds each
+//! page's BLAKE3 chaining value, and merging it gives the volume digest. So [`Store::load`] checks a manifest
+//! without reading its digests, a [`Reader`] checks each page against the table when it first reads it, and a
+//! [`Patch`] (a delta's next manifest) rehashes only the pages its changes touch and writes only the changes file.
+//! A [`Writer`] streams a whole new base (a full comparison, or a compaction once the changes pass a sixteenth of
+//! the chunks).
 //!
-//! # File format (frozen in manifest format 2; a change takes a new magic)
+//! Memory is flat: a [`Reader`] keeps two pages and the table (1 MiB for a 1 TiB volume in 64 KiB chunks, whose
+//! base is 512 MiB), a [`Writer`] a 64 KiB buffer and the table, a [`Patch`] 40 bytes per changed chunk (at most
+//! 2^20 of them; past that it streams a new base). Only the memory store holds whole files, bounded by its limit.
 //!
-//! Integers are big-endian. `L` is `identity_len`, `N` is `chunk_count`.
+//! # File formats (frozen in manifest format 3; a change takes a new magic)
+//!
+//! Integers are big-endian. `L` is `identity_len`, `N` is `chunk_count`, `P` the number of pages
+//! (`ceil((12 + 32 × N) / 16384)`), `E` the number of changes.
+//!
+//! The header, the same in both files but for its magic:
 //!
 //! | offset          | size   | field               | meaning                                                           |
 //! |-----------------|--------|---------------------|-------------------------------------------------------------------|
-//! | 0               | 8      | magic               | `BMMANIF2` (format 1, still read: `BMMANIF1`)                     |
+//! | 0               | 8      | magic               | base `BMMANIF3` (still read: `BMMANIF2`, `BMMANIF1`); changes `BMCHANG3` |
 //! | 8               | 1      | role                | 1 source, 2 destination: the agent that wrote it                  |
 //! | 9               | 8      | volume_size         | bytes                                                             |
 //! | 17              | 4      | chunk_size          | bytes, a power of two from 4096 to 262144                         |
 //! | 21              | 8      | chunk_count         | `ceil(volume_size / chunk_size)`                                  |
-//! | 29              | 32     | volume_digest       | the whole-volume digest (`PROTOCOL.md`) of the digests below      |
+//! | 29              | 32     | volume_digest       | the whole-volume digest (`PROTOCOL.md`) of the manifest's digests |
 //! | 61              | 8      | written_unix_ms     | when the manifest was committed (ms since the Unix epoch)         |
 //! | 69              | 8      | last_full_unix_ms   | when the last full comparison of this pair ran                    |
 //! | 77              | 4      | deltas_since_full   | delta syncs since that full comparison                            |
@@ -32,23 +44,23 @@
 //! | 82              | 8      | stamp               | the object's stamp when written (a file's mtime in ns, else 0)    |
 //! | 90              | 2      | identity_len        | `L <= 4096`                                                       |
 //! | 92              | L      | identity            | UTF-8, opaque: what the manifest describes, built by the caller   |
-//! | 92 + L          | 32 × N | digests             | BLAKE3 of each chunk, in chunk order                              |
-//! | 92 + L + 32 × N | 32     | checksum            | see below; the file ends here                                     |
 //!
-//! `checksum = BLAKE3-derive_key("blockmover v2 2026-12 manifest checksum", header)`, where `header` is bytes
-//! `0 .. 92 + L`: it covers the volume digest, and a reader checks that the digests give that volume digest, so a
-//! changed digest is refused without a hash of the digest section of its own (one BLAKE3 pass over the digests
-//! per read or write instead of two: 512 MiB of them for a 1 TiB volume). The writer streams the digests behind a
-//! placeholder header and writes the header last. The checksum detects damage (a torn or flipped file), not
-//! tampering: anyone who can write the state directory can also recompute it.
+//! The base, after its header: the digests (`32 × N`, BLAKE3 of each chunk in chunk order), the page table
+//! (`32 × P`), and `checksum = BLAKE3-derive_key("blockmover v3 2026-12 manifest checksum", header ‖ table)`.
+//! Formats 2 and 1 have no page table; their checksums are `BLAKE3-derive_key("blockmover v2 2026-12 manifest
+//! checksum", header)` and `BLAKE3-derive_key("blockmover v1 2026-11 manifest checksum", header ‖
+//! BLAKE3(digests))`. A reader of either reads every digest once and computes the table.
 //!
-//! Format 1 (`BMMANIF1`, written before 2026-12) has the same layout and
-//! `checksum = BLAKE3-derive_key("blockmover v1 2026-11 manifest checksum", header || BLAKE3(digests))`, with
-//! `BLAKE3(digests)` the plain hash of bytes `92 + L .. 92 + L + 32 × N`. It is still read, so an upgrade keeps
-//! the next sync a delta; every manifest written is format 2.
+//! The changes file, after its header (whose fields are the manifest's now): the checksum of the base it applies to
+//! (32), `E` (8), the page table of the image (`32 × P`), the entries (`40 × E`: chunk as u64 and digest, strictly
+//! increasing), and `checksum = BLAKE3-derive_key("blockmover v3 2026-12 manifest changes checksum", every byte
+//! before it)`.
 //!
-//! A reader accepts a file only if it is exactly `92 + L + 32 × N + 32` bytes long, its checksum matches and its
-//! digests give its `volume_digest`.
+//! A base is accepted if it has exactly its length, its checksum matches and its table gives its volume digest; a
+//! changes file if it names the base, has exactly its length, its checksum matches, its entries are in order and
+//! inside the volume, its table equals the base's in every page no entry touches and gives its volume digest. A
+//! changes file that names another base is left over from before a compaction and ignored. Each checksum detects
+//! damage (a torn or flipped file), not tampering: anyone who can write the state directory can also recompute it.
 
 mod format;
 mod reader;

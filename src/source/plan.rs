@@ -59,16 +59,6 @@ impl Plan {
             stamp: 0,
         };
         let base = match store.load(Role::Source, &expect) {
-            // Without a change list every digest of the base is read: checked first, so that a damaged one means
-            // a full comparison rather than a failure halfway through. With one, pages are checked as they are read.
-            Ok(mut r) if tracker.is_none() => match r.verify_all() {
-                Ok(()) => r,
-                Err(e) => {
-                    tracing::warn!("ignoring the source's manifest: damaged manifest: {e}");
-                    plan.offer = Offer::full(Fallback::SourceNoManifest);
-                    return Ok(plan);
-                }
-            },
             Ok(r) => r,
             Err(why) => {
                 if why != manifest::Unusable::Missing {
@@ -109,6 +99,18 @@ impl Plan {
                 base: h.volume_digest,
             }
         };
+        // Any session but a delta by change list reads every digest of the base: checked first, so that a damaged
+        // one means a full comparison rather than a failure halfway through. A delta by change list reads only the
+        // pages of the chunks it touches, and checks them as it reads them.
+        let mut base = base;
+        if plan.offer.kind != SyncKind::ChangeList {
+            if let Err(e) = base.verify_all() {
+                tracing::warn!("ignoring the source's manifest: damaged manifest: {e}");
+                plan.offer = Offer::full(Fallback::SourceNoManifest);
+                plan.changes = None;
+                return Ok(plan);
+            }
+        }
         plan.base = Some(base);
         Ok(plan)
     }
@@ -331,25 +333,18 @@ impl Announcer {
             )));
         };
         let from = self.cursor;
-        manifest::copy_base(base, chunk - from, &mut self.digest, &mut self.writer).map_err(
-            |e| {
-                Error::State(format!(
-                    "reading the source's manifest at chunks {from}..{chunk}: {e}"
-                ))
-            },
-        )?;
+        manifest::copy_base(base, chunk - from, &mut self.digest, &mut self.writer)
+            .map_err(|e| base_error(&self.store, from, e))?;
         self.cursor = chunk;
         Ok(())
     }
 
     fn next_base(&mut self) -> Result<Option<Digest>> {
         match &mut self.base {
-            Some(r) => r.next_digest().map(Some).map_err(|e| {
-                Error::State(format!(
-                    "reading the source's manifest at chunk {}: {e}",
-                    self.cursor
-                ))
-            }),
+            Some(r) => r
+                .next_digest()
+                .map(Some)
+                .map_err(|e| base_error(&self.store, self.cursor, e)),
             None => Ok(None),
         }
     }
