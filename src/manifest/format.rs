@@ -68,6 +68,12 @@ fn base_len_v2(identity_len: usize, chunk_count: u64) -> Option<u64> {
         .checked_add(header_len(identity_len))
 }
 
+/// The most changes a changes file of a volume of `chunk_count` chunks holds: past a sixteenth of the chunks (or
+/// 2^20), a patch writes a new base instead.
+pub(super) fn max_changes(chunk_count: u64) -> u64 {
+    (chunk_count / 16).min(1 << 20)
+}
+
 /// Bytes of a changes file of `entries` entries.
 pub(super) fn changes_len(identity_len: usize, pages: u64, entries: u64) -> Option<u64> {
     entries
@@ -398,6 +404,27 @@ pub(super) struct Changes {
 /// entries touch, and that the table gives its volume digest.
 pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>, Unusable> {
     let len = src.len().map_err(read_error)?;
+    // The checksum first, over the whole file (bounded by the most changes a writer keeps): a damaged field must
+    // not pass for a changes file of another base, which would make the base alone the manifest.
+    let most = changes_len(
+        MAX_IDENTITY_LEN,
+        Pages::new(base.header.geometry).count(),
+        max_changes(base.header.geometry.chunk_count()),
+    )
+    .unwrap_or(u64::MAX);
+    if len > most {
+        return damaged(format!(
+            "changes file of {len} bytes, longer than any of this volume ({most})"
+        ));
+    }
+    if len < header_len(0) + 2 * DIGEST_LEN + 8 {
+        return damaged(format!("changes file truncated: {len} bytes"));
+    }
+    let all = src.read_all().map_err(read_error)?;
+    let (body, trailer) = all.split_at(all.len() - DIGEST_LEN as usize);
+    if trailer != changes_checksum(body) {
+        return damaged("changes file checksum mismatch".into());
+    }
     let Parsed { header, bytes, .. } = parse_header(&src, len, &[CHANGES_MAGIC])?;
     let geometry = header.geometry;
     let pages = Pages::new(geometry);
@@ -417,7 +444,7 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
         return damaged("its changes file describes another volume than its base".into());
     }
     let count = u64::from_be_bytes(fixed[32..].try_into().expect("8 bytes"));
-    if count > geometry.chunk_count() {
+    if count > max_changes(geometry.chunk_count()) {
         return damaged(format!("its changes file announces {count} entries"));
     }
     check_len(
@@ -425,11 +452,6 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
         changes_len(header.identity.len(), pages.count(), count),
         count,
     )?;
-    let all = src.read_all().map_err(read_error)?;
-    let (body, trailer) = all.split_at(all.len() - DIGEST_LEN as usize);
-    if trailer != changes_checksum(body) {
-        return damaged("changes file checksum mismatch".into());
-    }
     let table_at = (at + 40) as usize;
     let entries_at = table_at + (pages.count() * DIGEST_LEN) as usize;
     let table = split_table(&body[table_at..entries_at]);

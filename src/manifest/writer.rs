@@ -6,8 +6,8 @@ use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::format::{
-    base_len, changes_checksum, checksum, encode_header, header_len, CHANGES_MAGIC, DIGEST_LEN,
-    MAGIC, MAX_IDENTITY_LEN,
+    base_len, changes_checksum, checksum, encode_header, header_len, max_changes, CHANGES_MAGIC,
+    DIGEST_LEN, MAGIC, MAX_IDENTITY_LEN,
 };
 use super::store::{self, Sink, Store};
 use super::{Header, ManifestError, Meta, Reader, Role};
@@ -321,7 +321,7 @@ impl Patch {
         }
         let merged = merge(&self.base.changes, &self.set);
         let count = self.base.chunk_count();
-        if self.base.file.format < 3 || merged.len() as u64 > (count / 16).min(MAX_HELD as u64) {
+        if self.base.file.format < 3 || merged.len() as u64 > max_changes(count) {
             return self.compact(&merged, meta);
         }
         let h = self.base.header();
