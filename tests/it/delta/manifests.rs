@@ -15,7 +15,7 @@ use super::{
 use crate::common::sparse_file;
 
 /// XORs the byte at `offset` of `path` with 0x01.
-fn flip(path: &Path, offset: u64) -> Result<()> {
+pub(super) fn flip(path: &Path, offset: u64) -> Result<()> {
     let file = OpenOptions::new().read(true).write(true).open(path)?;
     let mut b = [0u8];
     file.read_exact_at(&mut b, offset)?;

@@ -3,12 +3,11 @@
 //! makes a full comparison; found during a delta by change list (which reads only the pages it touches), it fails
 //! that sync as retryable, drops the manifest, and the retry compares in full.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use super::manifests::flip;
 use super::{
     change_list, scribble, warnings, Pair, CHUNK, DESTINATION_NO_MANIFEST, MIB, SOURCE_NO_MANIFEST,
 };
@@ -21,16 +20,6 @@ const VOLUME: u64 = 48 * MIB;
 const IN_PAGE_1: u64 = 600;
 /// Exit code of a failure a retry may cure.
 const RETRYABLE: i32 = 75;
-
-/// XORs the byte at `offset` of `path` with 0x01.
-fn flip(path: &Path, offset: u64) -> Result<()> {
-    let file = OpenOptions::new().read(true).write(true).open(path)?;
-    let mut b = [0u8];
-    file.read_exact_at(&mut b, offset)?;
-    b[0] ^= 1;
-    file.write_all_at(&b, offset)?;
-    Ok(())
-}
 
 /// Where chunk `chunk`'s digest is in the base file `path` of a [`VOLUME`] (two pages of table).
 fn digest_offset(path: &Path, chunk: u64) -> Result<u64> {
