@@ -158,13 +158,6 @@ impl Src {
             }
         }
     }
-
-    /// The whole contents (a changes file, which is small).
-    fn read_all(&self) -> io::Result<Vec<u8>> {
-        let mut b = vec![0u8; self.len()? as usize];
-        self.read_at(&mut b, 0)?;
-        Ok(b)
-    }
 }
 
 /// Big-endian fields out of the fixed header, at known offsets (the slice is [`FIXED_HEADER_LEN`] bytes).
@@ -420,12 +413,17 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
     if len < header_len(0) + 2 * DIGEST_LEN + 8 {
         return damaged(format!("changes file truncated: {len} bytes"));
     }
-    let all = src.read_all().map_err(read_error)?;
-    let (body, trailer) = all.split_at(all.len() - DIGEST_LEN as usize);
+    // Everything below is read from these bytes only: a file changed in place after this read cannot make a field
+    // disagree with the checksum that vouched for it.
+    let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, len as usize).collect();
+    src.read_at(Arc::get_mut(&mut bytes).expect("not shared yet"), 0)
+        .map_err(read_error)?;
+    let all = Src::Memory(bytes.clone());
+    let (body, trailer) = bytes.split_at(bytes.len() - DIGEST_LEN as usize);
     if trailer != changes_checksum(body) {
         return damaged("changes file checksum mismatch".into());
     }
-    let Parsed { header, bytes, .. } = parse_header(&src, len, &[CHANGES_MAGIC])?;
+    let Parsed { header, bytes, .. } = parse_header(&all, len, &[CHANGES_MAGIC])?;
     let geometry = header.geometry;
     let pages = Pages::new(geometry);
     let at = bytes.len() as u64;
@@ -433,7 +431,7 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
         return damaged(format!("changes file truncated: {len} bytes"));
     }
     let mut fixed = [0u8; 40];
-    src.read_at(&mut fixed, at).map_err(read_error)?;
+    all.read_at(&mut fixed, at).map_err(read_error)?;
     if fixed[..32] != base.checksum {
         return Ok(None);
     }

@@ -311,13 +311,12 @@ impl Store {
                     file_in(dir, role, Which::Base),
                     file_in(dir, role, Which::Aside),
                 );
-                let moved = match std::fs::rename(&base, &aside) {
+                // No base (or no directory: someone removed it) is nothing to set aside.
+                match std::fs::rename(&base, &aside) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                    other => other,
-                };
-                moved
-                    .and_then(|()| File::open(dir)?.sync_all())
-                    .map_err(|source| ManifestError::Remove { path: base, source })
+                    moved => moved.and_then(|()| File::open(dir)?.sync_all()),
+                }
+                .map_err(|source| ManifestError::Remove { path: base, source })
             }
         }
     }

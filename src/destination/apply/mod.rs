@@ -164,19 +164,24 @@ impl Apply {
     }
 
     /// Applies messages until the sync is durable and verified; returns the volume digest.
-    pub fn run(self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
-        let store = self.store.clone();
+    pub fn run(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
         let result = self.serve(inbox);
-        if let Err(Error::ManifestDamaged(_)) = &result {
-            // Dropped whether or not the target was written, so that the retry compares in full.
-            if let Err(e) = store.invalidate(Role::Destination) {
+        // A damaged manifest is dropped whether or not the target was written, so that the retry compares in full;
+        // a session that wrote and failed drops the base it set aside, which no longer describes the target.
+        let drop = match &result {
+            Err(Error::ManifestDamaged(_)) => true,
+            Err(_) => self.wrote,
+            Ok(_) => false,
+        };
+        if drop {
+            if let Err(e) = self.store.invalidate(Role::Destination) {
                 tracing::warn!("cannot drop the destination's manifest: {e}");
             }
         }
         result
     }
 
-    fn serve(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+    fn serve(&mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
         let mut held = None;
         loop {
             if self.done() {
@@ -264,12 +269,11 @@ impl Apply {
     /// Makes the sync durable and checks it; keeps the next manifest only if every check passed. A check that
     /// fails (the digests differ, the target was resized, its bytes read back differ) also drops the manifest it
     /// started from: whatever the cause, it no longer describes the target, and the retry compares in full.
-    fn finish(mut self) -> Result<Digest> {
+    fn finish(&mut self) -> Result<Digest> {
         report_misses(&self.figures);
-        let store = self.store.clone();
         let result = self.durable_and_checked();
         if result.is_err() {
-            if let Err(e) = store.invalidate(Role::Destination) {
+            if let Err(e) = self.store.invalidate(Role::Destination) {
                 tracing::warn!("cannot drop the destination's manifest: {e}");
             }
         }

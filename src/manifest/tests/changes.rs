@@ -273,3 +273,16 @@ fn a_damaged_base_page_under_changes_fails_its_read() -> anyhow::Result<()> {
     assert!(r.verify_all().is_err());
     Ok(())
 }
+
+#[test]
+fn setting_aside_in_a_state_directory_that_was_removed_is_not_an_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gone = dir.path().join("state");
+    let store = Store::dir(&gone)?;
+    let g = geometry(100);
+    write(&store, Role::Destination, g, IDENTITY, 1)?;
+    std::fs::remove_dir_all(&gone)?;
+    store.set_aside(Role::Destination)?;
+    assert_eq!(unusable(&store, g), Unusable::Missing);
+    Ok(())
+}

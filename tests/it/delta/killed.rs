@@ -137,6 +137,12 @@ fn a_source_killed_during_a_delta_leaves_no_destination_manifest_and_the_retry_i
     println!("destination: {:?} {}", failed.code(), failed.error_line());
     assert!(!failed.status.success(), "{}", failed.stderr);
     expect_failed(&p.fx.destination_status, Kind::Destination)?;
+    assert!(
+        !std::path::Path::new(&p.sb)
+            .join("destination.manifest.aside")
+            .exists(),
+        "a session that failed after it wrote drops the base it set aside"
+    );
     retry_is_full(&p)
 }
 
