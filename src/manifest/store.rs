@@ -586,12 +586,12 @@ impl Sealed {
                 })?;
                 // What described the previous base would pair with nothing now (a changes file names its base's
                 // checksum); removed so that it does not linger.
-                for stale in [
-                    format!("{}.changes", path.display()),
-                    format!("{}.aside", path.display()),
-                ] {
-                    if let Err(e) = durable::remove_file(Path::new(&stale)) {
-                        tracing::warn!("cannot remove {stale}: {e}");
+                for suffix in [".changes", ".aside"] {
+                    let mut stale = path.clone().into_os_string();
+                    stale.push(suffix);
+                    let stale = PathBuf::from(stale);
+                    if let Err(e) = durable::remove_file(&stale) {
+                        tracing::warn!("cannot remove {}: {e}", stale.display());
                     }
                 }
                 Ok(())
@@ -617,10 +617,17 @@ impl Sealed {
                 match trailer_of(&aside) {
                     None => Ok(()),
                     Some(t) if t != base_checksum => {
-                        tracing::warn!(
-                            "{} is not the base of the new changes: the next sync compares in full",
-                            aside.display()
-                        );
+                        // Left by an earlier base (a compaction that died before removing it): it pairs with
+                        // nothing. Only without a base in place does the next sync compare in full.
+                        if let Err(e) = durable::remove_file(&aside) {
+                            tracing::warn!("cannot remove {}: {e}", aside.display());
+                        }
+                        if !base.exists() {
+                            tracing::warn!(
+                                "{} held another base than the new changes': the next sync compares in full",
+                                aside.display()
+                            );
+                        }
                         Ok(())
                     }
                     Some(_) => std::fs::rename(&aside, &base)

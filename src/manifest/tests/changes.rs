@@ -286,3 +286,24 @@ fn setting_aside_in_a_state_directory_that_was_removed_is_not_an_error() -> anyh
     assert_eq!(unusable(&store, g), Unusable::Missing);
     Ok(())
 }
+
+#[test]
+fn an_aside_file_left_by_an_earlier_base_is_removed_and_the_base_in_place_stays_usable(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = Store::dir(dir.path())?;
+    let g = geometry(800);
+    let aside = dir.path().join("destination.manifest.aside");
+    write(&store, Role::Destination, g, IDENTITY, 1)?;
+    let earlier = std::fs::read(store.path(Role::Destination).context("path")?)?;
+    write(&store, Role::Destination, g, IDENTITY, 2)?;
+    // A compaction that died after renaming the new base in, before removing the aside file it replaced.
+    std::fs::write(&aside, earlier)?;
+    let now = patch_to(&store, Role::Destination, g, 3, &[4, 700])?;
+    assert_eq!(
+        names(dir.path())?,
+        ["destination.manifest", "destination.manifest.changes"]
+    );
+    assert_holds(&store, Role::Destination, g, &now)?;
+    Ok(())
+}
