@@ -129,7 +129,15 @@ impl Plan {
             )));
         }
         let (mut base, selection, check) = match kind {
-            // A full comparison with a change list also tells which changed chunks the list missed.
+            // A full comparison with a change list also tells which changed chunks the list missed. It reads every
+            // digest of a base that, offered for a delta by change list, was not checked whole: checked now, and
+            // a damaged one costs the check, not the sync.
+            SyncKind::Full if self.offer.kind == SyncKind::ChangeList => {
+                match self.base.and_then(checked_whole) {
+                    Some(base) => (Some(base), None, self.changes),
+                    None => (None, None, None),
+                }
+            }
             SyncKind::Full if self.changes.is_some() => (self.base, None, self.changes),
             SyncKind::Full => (None, None, None),
             SyncKind::Manifest => (self.base, None, None),
@@ -173,6 +181,19 @@ impl Plan {
             started_ms: delta::now_ms(),
             previous,
         })
+    }
+}
+
+/// `base` if every page of it holds what its page table says (already checked for any offer but a change list).
+fn checked_whole(mut base: Reader) -> Option<Reader> {
+    match base.verify_all() {
+        Ok(()) => Some(base),
+        Err(e) => {
+            tracing::warn!(
+                "the change list is not checked against the source's manifest: damaged manifest: {e}"
+            );
+            None
+        }
     }
 }
 

@@ -122,6 +122,33 @@ fn a_damaged_page_of_the_sources_manifest_fails_a_change_list_delta_as_retryable
     Ok(())
 }
 
+/// The source offers a delta by change list without reading its whole base; the destination answers with a full
+/// comparison (`--verify full`), which reads every digest of that base to check the list. A damaged page found
+/// there costs the check, not the sync: it ends Successful and equal, and says so.
+#[test]
+fn a_damaged_source_page_under_a_full_comparison_with_a_change_list_drops_only_the_check(
+) -> Result<()> {
+    let p = Pair::new(VOLUME, 0xd9_0004)?;
+    p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
+    let list = change(&p, IN_PAGE_1, 1)?;
+    flip(
+        &p.source_manifest(),
+        digest_offset(&p.source_manifest(), 40)? + 5,
+    )?;
+    let out = p.sync(&["--changed-extents", &list], &["--verify", "full"])?;
+    out.expect_full("the destination asked for a full comparison");
+    assert_eq!(out.src("chunksChanged"), 1, "{}", out.describe());
+    assert!(
+        warnings(&out.source_log)
+            .iter()
+            .any(|l| l.contains("damaged manifest") && l.contains("not checked")),
+        "{}",
+        out.source_log
+    );
+    p.sync(&[], &[])?.expect_delta("delta-manifest");
+    Ok(())
+}
+
 #[test]
 fn a_damaged_page_of_the_destinations_manifest_makes_a_full_comparison() -> Result<()> {
     let p = Pair::new(VOLUME, 0xd9_0003)?;
