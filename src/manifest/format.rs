@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use super::entries::Entries;
 use super::{Expect, Header, Role, Unusable};
 use crate::chunk::pages::{PageHasher, Pages};
 use crate::chunk::{Digest, Geometry};
@@ -388,7 +389,7 @@ fn split_table(raw: &[u8]) -> Vec<[u8; 32]> {
 pub(super) struct Changes {
     pub(super) header: Header,
     pub(super) table: Vec<[u8; 32]>,
-    pub(super) entries: Vec<(u64, Digest)>,
+    pub(super) entries: Entries,
 }
 
 /// Checks the changes file in `src` against `base`: `Ok(None)` if it applies to another base (left over from
@@ -415,11 +416,17 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
     }
     // Everything below is read from these bytes only: a file changed in place after this read cannot make a field
     // disagree with the checksum that vouched for it.
-    let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, len as usize).collect();
-    src.read_at(Arc::get_mut(&mut bytes).expect("not shared yet"), 0)
-        .map_err(read_error)?;
-    let all = Src::Memory(bytes.clone());
-    let (body, trailer) = bytes.split_at(bytes.len() - DIGEST_LEN as usize);
+    let whole: Arc<[u8]> = match src {
+        Src::Memory(b) => b,
+        Src::File(_) => {
+            let mut b: Arc<[u8]> = std::iter::repeat_n(0u8, len as usize).collect();
+            src.read_at(Arc::get_mut(&mut b).expect("not shared yet"), 0)
+                .map_err(read_error)?;
+            b
+        }
+    };
+    let all = Src::Memory(whole.clone());
+    let (body, trailer) = whole.split_at(whole.len() - DIGEST_LEN as usize);
     if trailer != changes_checksum(body) {
         return damaged("changes file checksum mismatch".into());
     }
@@ -453,11 +460,11 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
     let table_at = (at + 40) as usize;
     let entries_at = table_at + (pages.count() * DIGEST_LEN) as usize;
     let table = split_table(&body[table_at..entries_at]);
-    let mut entries = Vec::with_capacity(count as usize);
     let mut touched = vec![false; pages.count() as usize];
+    let mut last = None;
     for e in body[entries_at..].chunks_exact(ENTRY_LEN as usize) {
         let chunk = u64::from_be_bytes(e[..8].try_into().expect("8 bytes"));
-        let ordered = entries.last().is_none_or(|(last, _)| *last < chunk);
+        let ordered = last.is_none_or(|last| last < chunk);
         if !ordered || chunk >= geometry.chunk_count() {
             return damaged(format!(
                 "its changes file has entry {chunk} out of order or past the volume"
@@ -466,8 +473,9 @@ pub(super) fn open_changes(src: Src, base: &BaseFile) -> Result<Option<Changes>,
         pages
             .of_chunk(chunk)
             .for_each(|p| touched[p as usize] = true);
-        entries.push((chunk, Digest(e[8..].try_into().expect("32 bytes"))));
+        last = Some(chunk);
     }
+    let entries = Entries::new(whole.clone(), entries_at, count as usize);
     let untouched_differ =
         (0..pages.count() as usize).any(|p| !touched[p] && table[p] != base.table[p]);
     if untouched_differ {

@@ -20,7 +20,8 @@
 //!
 //! Memory is flat: a [`Reader`] keeps two pages and the table (1 MiB for a 1 TiB volume in 64 KiB chunks, whose
 //! base is 512 MiB), a [`Writer`] a 64 KiB buffer and the table, a [`Patch`] 40 bytes per changed chunk (at most
-//! 2^20 of them; past that it streams a new base). Only the memory store holds whole files, bounded by its limit.
+//! 2^20 of them; past that it streams a new base) beside the base's changes, which a [`Reader`] holds as the
+//! changes file's bytes (40 per chunk), and the new changes file while it is sealed. Only the memory store holds whole files, bounded by its limit.
 //!
 //! # File formats (frozen in manifest format 3; a change takes a new magic)
 //!
@@ -62,6 +63,7 @@
 //! changes file that names another base is left over from before a compaction and ignored. Each checksum detects
 //! damage (a torn or flipped file), not tampering: anyone who can write the state directory can also recompute it.
 
+mod entries;
 mod format;
 mod reader;
 mod store;

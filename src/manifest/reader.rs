@@ -3,6 +3,7 @@
 
 use std::io;
 
+use super::entries::Entries;
 use super::format::{BaseFile, Changes, DIGEST_LEN};
 use super::Header;
 use crate::chunk::pages::Pages;
@@ -24,7 +25,7 @@ pub struct Reader {
     /// The value of each page of the image the manifest describes.
     pub(super) table: Vec<[u8; 32]>,
     /// The digests that differ from the base file, in chunk order.
-    pub(super) changes: Vec<(u64, Digest)>,
+    pub(super) changes: Entries,
     /// Verified pages: the index and the digests of its chunks ([`Pages::chunks`]).
     cache: Vec<(u64, Vec<u8>)>,
     /// The stream's next chunk.
@@ -36,7 +37,7 @@ impl Reader {
         let pages = Pages::new(file.header.geometry);
         let (header, table, changes) = match changes {
             Some(c) => (c.header, c.table, c.entries),
-            None => (file.header.clone(), file.table.clone(), Vec::new()),
+            None => (file.header.clone(), file.table.clone(), Entries::default()),
         };
         Reader {
             file,
@@ -109,10 +110,11 @@ impl Reader {
                 "its digests do not give its value in the page table",
             ));
         }
-        let first = self.changes.partition_point(|(c, _)| *c < chunks.start);
+        let first = self.changes.partition_point(chunks.start);
         let mut applied = false;
-        for (chunk, d) in self.changes[first..]
-            .iter()
+        for (chunk, d) in self
+            .changes
+            .iter_from(first)
             .take_while(|(c, _)| *c < chunks.end)
         {
             let at = ((chunk - chunks.start) * DIGEST_LEN) as usize;

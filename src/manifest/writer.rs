@@ -5,9 +5,10 @@
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::entries::merged;
 use super::format::{
     base_len, changes_checksum, checksum, encode_header, header_len, max_changes, CHANGES_MAGIC,
-    DIGEST_LEN, MAGIC, MAX_IDENTITY_LEN,
+    DIGEST_LEN, ENTRY_LEN, MAGIC, MAX_IDENTITY_LEN,
 };
 use super::store::{self, Sink, Store};
 use super::{Header, ManifestError, Meta, Reader, Role};
@@ -319,19 +320,21 @@ impl Patch {
                 None => Ok(Sealed(store::Sealed::Nothing)),
             };
         }
-        let merged = merge(&self.base.changes, &self.set);
+        // Counted first, then merged straight into the file's bytes: no merged copy of both lists is held.
+        let entries = merged(&self.base.changes, &self.set).count();
         let count = self.base.chunk_count();
-        if self.base.file.format < 3 || merged.len() as u64 > max_changes(count) {
-            return self.compact(&merged, meta);
+        if self.base.file.format < 3 || entries as u64 > max_changes(count) {
+            return self.compact(meta);
         }
         let h = self.base.header();
         let header = header_of(role, h.geometry, h.identity.clone(), &meta);
         let (table, _) = self.done.as_ref().expect("computed above");
         let mut body = encode_header(CHANGES_MAGIC, &header);
+        body.reserve(40 + table.len() * 32 + entries * ENTRY_LEN as usize + 32);
         body.extend_from_slice(&self.base.file.checksum);
-        body.extend_from_slice(&(merged.len() as u64).to_be_bytes());
+        body.extend_from_slice(&(entries as u64).to_be_bytes());
         body.extend_from_slice(&table.concat());
-        for (c, d) in &merged {
+        for (c, d) in merged(&self.base.changes, &self.set) {
             body.extend_from_slice(&c.to_be_bytes());
             body.extend_from_slice(&d.0);
         }
@@ -342,13 +345,15 @@ impl Patch {
             .map(Sealed)
     }
 
-    /// A new base: every digest of the base with `merged` applied, streamed into a [`Writer`].
-    fn compact(mut self, merged: &[(u64, Digest)], meta: Meta) -> Result<Sealed, ManifestError> {
+    /// A new base: every digest of the manifest (the base with its changes) with this session's set applied,
+    /// streamed into a [`Writer`].
+    fn compact(mut self, meta: Meta) -> Result<Sealed, ManifestError> {
         let h = self.base.header().clone();
         let mut writer = self.store.writer(h.role, h.geometry, &h.identity)?;
         let mut buf = vec![0u8; (BULK_DIGESTS * DIGEST_LEN) as usize];
         let mut next = 0u64;
-        let mut changes = merged.iter().peekable();
+        let set = std::mem::take(&mut self.set);
+        let mut changes = set.iter().peekable();
         let count = h.geometry.chunk_count();
         while next < count {
             let n = (count - next).min(BULK_DIGESTS);
@@ -426,24 +431,6 @@ impl Patch {
     /// [`Patch::seal`] and [`Sealed::publish`].
     pub fn commit(self, meta: Meta) -> Result<(), ManifestError> {
         self.seal(meta)?.publish()
-    }
-}
-
-/// `old` with `new` applied (both in chunk order; `new` wins).
-fn merge(old: &[(u64, Digest)], new: &[(u64, Digest)]) -> Vec<(u64, Digest)> {
-    let mut out = Vec::with_capacity(old.len() + new.len());
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if x.0 < y.0 => out.push(*a.next().expect("peeked")),
-            (Some(x), Some(y)) if x.0 == y.0 => {
-                a.next();
-                out.push(*b.next().expect("peeked"));
-            }
-            (_, Some(_)) => out.push(*b.next().expect("peeked")),
-            (Some(_), None) => out.push(*a.next().expect("peeked")),
-            (None, None) => return out,
-        }
     }
 }
 
