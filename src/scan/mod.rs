@@ -5,10 +5,9 @@
 //! with many). A pool of more than [`SEGMENT_CHUNKS`] threads scans several segments at once.
 //!
 //! Each worker reads a chunk into its own buffer and hashes it while the bytes are still in its cache: reading
-//! whole segments on one thread and hashing them on others moved every byte through memory twice, and the copy out
-//! of the page cache was the largest cost of an unchanged scan. Memory budget: one chunk buffer per worker, the
-//! mapped rounds in flight (16 MiB each, two on a pool of its own), and at most [`READ_AHEAD`] segments of
-//! summaries (33 bytes per chunk) waiting for the sink.
+//! whole segments on one thread and hashing them on others moved every byte through memory twice. Memory budget:
+//! one chunk buffer per worker (a 1 MiB `O_DIRECT` buffer with `--direct-reads`), and at most [`READ_AHEAD`]
+//! segments of summaries (33 bytes per chunk) waiting for the sink.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -138,18 +137,17 @@ pub fn scan_in(
     result
 }
 
-/// Segments a round scans at least (16 MiB at 64 KiB chunks, mapped while it is hashed). A round ends when its last
-/// chunk is hashed, and zero chunks cost a fraction of random ones, so with one segment (four 1 MiB groups on two
-/// threads) a thread often waited idle at the end of each round. Alternated A/B on 2 GiB allocated in the page
+/// Segments a round scans at least (16 MiB at 64 KiB chunks). A round ends when its last chunk is hashed, and zero
+/// chunks cost a fraction of random ones, so with one segment (four 1 MiB groups on two threads) a thread often
+/// waited idle at the end of each round. Alternated A/B on 2 GiB allocated in the page
 /// cache, 1% change, five runs each, medians: stateless 0.74 -> 0.61 s, delta by manifest 0.69 -> 0.52 s; 8 or
 /// 16 segments measured no better than 4.
 const MIN_SEGMENTS_PER_ROUND: u64 = 4;
 
 /// Rounds a scan on a pool of its own (the source's `--read-depth` pool) keeps on it at once. With one, every round
 /// ended on a barrier: the workers that finished their part first spun and yielded until the round's last chunk was
-/// hashed, a third of the source's context switches in a delta by manifest. Two cost one more round of mapped
-/// volume (16 MiB). Alternated on the 2 GiB allocated pair, four runs each: delta by manifest 0.415-0.467 s ->
-/// 0.394-0.420 s. A scan on rayon's global pool (the destination's) keeps one: that pool also computes the block
+/// hashed, a third of the source's context switches in a delta by manifest. Alternated on the 2 GiB allocated
+/// pair, four runs each (when rounds were still mapped): delta by manifest 0.415-0.467 s -> 0.394-0.420 s. A scan on rayon's global pool (the destination's) keeps one: that pool also computes the block
 /// digests its NEEDs wait for, and with two its stateless syncs measured no faster and switched more.
 const OWN_POOL_ROUNDS_IN_FLIGHT: usize = 2;
 
@@ -171,10 +169,17 @@ pub fn on<T: Send>(pool: Option<&ThreadPool>, work: impl FnOnce() -> T + Send) -
 /// Chunks read together by one `O_DIRECT` read of a cold segment (1 MiB with 64 KiB chunks, like `dd bs=1M`).
 const DIRECT_CHUNKS: u64 = 16;
 
-/// Summarizes chunks `first..first + n` on the current pool, hashing them in place in one mapping of the segment
-/// when it is in the page cache; when it is not (a cold volume), the pool's workers read it in large `O_DIRECT`
-/// reads into their own reused buffers instead, so the scan neither fills nor thrashes the cache (see
-/// `volume::direct`).
+/// Summarizes chunks `first..first + n` on the current pool: each worker reads a chunk into its own reused buffer
+/// and hashes it there, while it is in the core's cache. With `--direct-reads`, a segment that is not in the page
+/// cache (a cold volume) is read in large `O_DIRECT` reads instead, so the scan neither fills nor thrashes the
+/// cache (see `volume::direct`); the segment is mapped only to ask the kernel that (`mincore`), never read through
+/// the mapping.
+///
+/// Hashing the page cache in place through a mapping (as from 2026-11 to 2026-12-04) measured slower on this
+/// machine's kernel (6.18) and AVX-512 BLAKE3: the per-page work of mapping and unmapping cost about what `pread`'s
+/// copy costs, and BLAKE3 then read memory instead of its cache. 2 GiB allocated, 1% change, alternated three runs
+/// each, ext4 page cache: delta by manifest 0.36-0.43 -> 0.29-0.32 s (source user CPU 0.28-0.36 -> 0.19-0.21 s),
+/// stateless 0.57-0.61 -> 0.43-0.46 s; on tmpfs, delta by manifest 0.34-0.36 -> 0.26-0.28 s.
 fn summarize_segment(
     volume: &Volume,
     geometry: Geometry,
@@ -185,9 +190,10 @@ fn summarize_segment(
 ) -> Result<Vec<ChunkSummary>> {
     let start = geometry.chunk_range(first).0;
     let (last, last_len) = geometry.chunk_range(first + n - 1);
-    let map = volume.map(start, last + last_len as u64 - start);
-    let mapped = map.as_deref().map(|m| (start, m));
-    let cold = volume.direct_reads() && map.as_deref().is_some_and(|m| !resident(m));
+    let cold = volume.direct_reads()
+        && volume
+            .map(start, last + last_len as u64 - start)
+            .is_some_and(|m| !resident(&m));
     let groups: Vec<Vec<ChunkSummary>> = (0..n.div_ceil(DIRECT_CHUNKS))
         .into_par_iter()
         .map(|g| {
@@ -201,7 +207,7 @@ fn summarize_segment(
             }
             (from..to)
                 .into_par_iter()
-                .map(|i| summarize(volume, mapped, geometry, zeros, bytes_read, i))
+                .map(|i| summarize(volume, geometry, zeros, bytes_read, i))
                 .collect()
         })
         .collect::<Result<_>>()?;
@@ -253,11 +259,10 @@ fn summarize_direct(
     })
 }
 
-/// Summarizes one chunk: hashed in place from `map` (the volume mapped), else read into this worker's buffer. A
-/// chunk in a hole of a sparse file is known to be zeros without reading it either way.
+/// Summarizes one chunk, read into this worker's buffer. A chunk in a hole of a sparse file is known to be zeros
+/// without reading it.
 fn summarize(
     volume: &Volume,
-    map: Option<(u64, &[u8])>,
     geometry: Geometry,
     zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
@@ -271,19 +276,6 @@ fn summarize(
     // so not counted in `bytes_read` either.
     if volume.outside_allocation(offset, len as u64) {
         return Ok(zeros.zero_summary(i));
-    }
-    let in_map = map.and_then(|(start, m)| {
-        let at = usize::try_from(offset - start).ok()?;
-        m.get(at..at + len)
-    });
-    if let Some(bytes) = in_map {
-        let hole = volume.is_hole(offset, len as u64);
-        bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        return Ok(if hole {
-            zeros.zero_summary(i)
-        } else {
-            zeros.summarize(i, bytes)
-        });
     }
     BUFFER.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -460,7 +452,7 @@ mod tests {
         let vol = Volume::open_source(&p)?;
         let map = vol.map(0, 128 * 65536).expect("map");
         assert!(!resident(&map), "a direct scan leaves the cache as it was");
-        // Warm: the mapped path gives the same.
+        // Warm: the buffered path gives the same.
         drop(map);
         let _ = std::fs::read(&p)?;
         assert!(resident(&vol.map(0, 64 * 65536).expect("map")));
