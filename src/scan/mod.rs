@@ -175,11 +175,14 @@ const DIRECT_CHUNKS: u64 = 16;
 /// cache (see `volume::direct`); the segment is mapped only to ask the kernel that (`mincore`), never read through
 /// the mapping.
 ///
-/// Hashing the page cache in place through a mapping (as from 2026-11 to 2026-12-04) measured slower on this
-/// machine's kernel (6.18) and AVX-512 BLAKE3: the per-page work of mapping and unmapping cost about what `pread`'s
-/// copy costs, and BLAKE3 then read memory instead of its cache. 2 GiB allocated, 1% change, alternated three runs
-/// each, ext4 page cache: delta by manifest 0.36-0.43 -> 0.29-0.32 s (source user CPU 0.28-0.36 -> 0.19-0.21 s),
-/// stateless 0.57-0.61 -> 0.43-0.46 s; on tmpfs, delta by manifest 0.34-0.36 -> 0.26-0.28 s.
+/// Hashing the page cache in place through a mapping (as from 2026-11 to 2026-12-04) never measured faster on this
+/// machine's kernel (6.18) and AVX-512 BLAKE3, and slower when the page cache holds the volume in small folios
+/// (filled by 4-64 KiB writes): then the per-page work of mapping and unmapping costs more than `pread`'s copy, and
+/// BLAKE3 reads memory instead of its cache. 2 GiB allocated, 1% change, alternated three runs each: small folios,
+/// delta by manifest 0.38-0.42 -> 0.32-0.38 s and stateless 0.59-0.65 -> 0.47-0.52 s; the same volume re-read
+/// after eviction (readahead's large folios), 0.28-0.31 -> 0.27-0.28 s; `bench --allocated --delta`, twice each,
+/// medians within noise (stateless 0.51 either way, manifest 0.37 -> 0.34-0.38 s). Peak RSS of a source 40 -> 14
+/// MiB: no mapped pages of the volume.
 fn summarize_segment(
     volume: &Volume,
     geometry: Geometry,
