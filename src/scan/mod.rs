@@ -51,6 +51,10 @@ pub fn scan_in(
     bytes_read: Arc<AtomicU64>,
     mut sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
 ) -> Result<()> {
+    // Cold, `bench --allocated --cold`, four alternated runs each: the scan against dd, source/destination, 104/95,
+    // 71/97, 74/90, 79/59% without this and 90/175, 63/122, 83/130, 104/111% with it; the cold incremental
+    // 1.80-2.65 s (median 2.19) without and 1.29-2.38 s (median 1.85) with.
+    volume.advise_sequential();
     let round = SEGMENT_CHUNKS * segments_per_round(pool.as_deref());
     let in_flight = if pool.is_some() {
         OWN_POOL_ROUNDS_IN_FLIGHT

@@ -62,6 +62,16 @@ impl Volume {
         }
     }
 
+    /// Tells the kernel the volume is about to be read in order (`posix_fadvise(SEQUENTIAL)`: a larger readahead
+    /// window). A scan reads its chunks with positional reads from several workers, which the kernel's readahead
+    /// no longer saw as one stream once the scan stopped mapping its segments with `MADV_SEQUENTIAL`. Does
+    /// nothing for an NBD export, or where the kernel refuses.
+    pub fn advise_sequential(&self) {
+        if let Backend::File(file) = &self.backend {
+            let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Sequential);
+        }
+    }
+
     /// Reads `len` bytes at `offset` into `buf[..len]`, bypassing the page cache. `buf` must be page-aligned
     /// with room for `len` rounded up to [`DIRECT_ALIGN`] (the volume may end unaligned) and `offset` a multiple of
     /// [`DIRECT_ALIGN`]. `None`: `O_DIRECT` is not available here (or the request is not aligned): read another way.
