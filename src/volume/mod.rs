@@ -242,12 +242,10 @@ impl Volume {
         })
     }
 
-    /// Bytes `[offset, offset + len)` mapped read-only, for a scan to hash the page cache in place (a `pread`
-    /// copies every byte out of it first: a third of an unchanged scan's CPU). A scan maps one segment at a time,
-    /// so the pages it keeps mapped (and its RSS) stay a few MiB. `None` when the kernel refuses the mapping; the
-    /// caller then reads. The mapping shows what the file holds as it changes, like a read would; a volume that
-    /// shrinks under it while it is read faults the process (SIGBUS) instead of failing the read: scan snapshots,
-    /// which do not. Always `None` for an NBD export.
+    /// Bytes `[offset, offset + len)` mapped read-only, for asking the kernel which of them are in the page cache
+    /// ([`resident`]: `mincore`) without reading them. Nothing reads through it: scans `pread` into their own
+    /// buffers (see `scan::summarize_segment` for why). `None` when the kernel refuses the mapping, and always for
+    /// an NBD export.
     pub fn map(&self, offset: u64, len: u64) -> Option<memmap2::Mmap> {
         let Backend::File(file) = &self.backend else {
             return None;
@@ -258,9 +256,7 @@ impl Volume {
         // SAFETY: the mapping is read-only and private to this process; the source reads a snapshot and the
         // destination holds its target exclusively (see `claim`), so what it maps does not shrink while mapped.
         #[allow(unsafe_code)]
-        let map = unsafe { options.map(file) }.ok()?;
-        let _ = map.advise(memmap2::Advice::Sequential);
-        Some(map)
+        unsafe { options.map(file) }.ok()
     }
 
     /// Size in bytes, as it was when this handle was opened (or cloned).
