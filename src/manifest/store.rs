@@ -335,12 +335,18 @@ enum Which {
 
 /// `role`'s file `which` in `dir`.
 fn file_in(dir: &Path, role: Role, which: Which) -> PathBuf {
-    let suffix = match which {
-        Which::Base => "",
-        Which::Changes => ".changes",
-        Which::Aside => ".aside",
-    };
-    dir.join(format!("{}.manifest{suffix}", role.as_str()))
+    dir.join(format!("{}.manifest{}", role.as_str(), which.suffix()))
+}
+
+impl Which {
+    /// What follows the base file's name in this file's.
+    fn suffix(self) -> &'static str {
+        match self {
+            Which::Base => "",
+            Which::Changes => ".changes",
+            Which::Aside => ".aside",
+        }
+    }
 }
 
 /// Opens `path` for reading without following a symbolic link; `None` if there is none.
@@ -586,9 +592,9 @@ impl Sealed {
                 })?;
                 // What described the previous base would pair with nothing now (a changes file names its base's
                 // checksum); removed so that it does not linger.
-                for suffix in [".changes", ".aside"] {
+                for which in [Which::Changes, Which::Aside] {
                     let mut stale = path.clone().into_os_string();
-                    stale.push(suffix);
+                    stale.push(which.suffix());
                     let stale = PathBuf::from(stale);
                     if let Err(e) = durable::remove_file(&stale) {
                         tracing::warn!("cannot remove {}: {e}", stale.display());

@@ -143,16 +143,17 @@ pub fn scan_in(
 
 /// Segments a round scans at least (16 MiB at 64 KiB chunks). A round ends when its last chunk is hashed, and zero
 /// chunks cost a fraction of random ones, so with one segment (four 1 MiB groups on two threads) a thread often
-/// waited idle at the end of each round. Alternated A/B on 2 GiB allocated in the page
-/// cache, 1% change, five runs each, medians: stateless 0.74 -> 0.61 s, delta by manifest 0.69 -> 0.52 s; 8 or
-/// 16 segments measured no better than 4.
+/// waited idle at the end of each round. Alternated A/B on 2 GiB allocated in the page cache, 1% change, five runs
+/// each, medians: stateless 0.74 -> 0.61 s, delta by manifest 0.69 -> 0.52 s; 8 or 16 segments measured no better
+/// than 4.
 const MIN_SEGMENTS_PER_ROUND: u64 = 4;
 
 /// Rounds a scan on a pool of its own (the source's `--read-depth` pool) keeps on it at once. With one, every round
 /// ended on a barrier: the workers that finished their part first spun and yielded until the round's last chunk was
 /// hashed, a third of the source's context switches in a delta by manifest. Alternated on the 2 GiB allocated
-/// pair, four runs each (when rounds were still mapped): delta by manifest 0.415-0.467 s -> 0.394-0.420 s. A scan on rayon's global pool (the destination's) keeps one: that pool also computes the block
-/// digests its NEEDs wait for, and with two its stateless syncs measured no faster and switched more.
+/// pair, four runs each (when rounds were still mapped): delta by manifest 0.415-0.467 s -> 0.394-0.420 s. A scan
+/// on rayon's global pool (the destination's) keeps one: that pool also computes the block digests its NEEDs wait
+/// for, and with two its stateless syncs measured no faster and switched more.
 const OWN_POOL_ROUNDS_IN_FLIGHT: usize = 2;
 
 /// Segments scanned together on `pool`: enough chunks for every thread to have a read in flight.
