@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{RngCore, SeedableRng};
 
-use blockmover::chunk::{block_digests, is_zero, Digest};
+use blockmover::chunk::{block_digests, hash_chunk, is_zero, Digest};
 use blockmover::codec::{parse_frame, DataFrame, Encoding, Message};
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -48,6 +48,9 @@ fn hashing(c: &mut Criterion) {
         b.iter(|| data.chunks(65536).map(block_digests).count())
     });
     let zeros = vec![0u8; 4 << 20];
+    g.bench_function("hash_chunk_64k", |b| {
+        b.iter(|| data.chunks(65536).map(hash_chunk).count())
+    });
     g.bench_function("is_zero", |b| b.iter(|| is_zero(&zeros)));
     g.finish();
 }

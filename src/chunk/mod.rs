@@ -9,7 +9,7 @@ use std::fmt;
 
 mod lanes;
 
-pub use lanes::block_digests;
+pub use lanes::{block_digests, block_digests_at, chunk_digest_of_blocks, hash_chunk};
 
 /// The finest unit that travels: guests write 4 KiB blocks. Frozen in protocol version 1.
 pub const BLOCK_SIZE: u32 = 4096;

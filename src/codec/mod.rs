@@ -22,8 +22,9 @@ pub const MAGIC: [u8; 2] = *b"BM";
 /// The protocol version this build speaks (the version log is in `proto/PROTOCOL.md`). Version 2 added the source's
 /// identity to HELLO and the ABORT code `Busy`; version 3 the delta offer in HELLO and the session's kind in READY;
 /// version 4 the compression lanes (DATA encodings `2 + lane`); version 5 the BLOCKS frame (a delta by change list
-/// pushes the listed blocks of a chunk with its digest).
-pub const VERSION: u8 = 5;
+/// pushes the listed blocks of a chunk with its digest); version 6 the block digest as the chaining value of the
+/// block's subtree at its place in the chunk (`chunk::lanes`), so that block digests merge into the chunk digest.
+pub const VERSION: u8 = 6;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.

@@ -181,12 +181,12 @@ fn absurd_length_is_rejected_before_the_payload_arrives() {
 fn other_version_is_a_version_mismatch() {
     let mut buf = BytesMut::new();
     Message::Ack { through: 1 }.encode(&mut buf);
-    buf[2] = 4;
+    buf[2] = 5;
     let err = parse_frame(&mut buf).expect_err("must reject");
-    assert!(matches!(err, Error::VersionMismatch { peer: 4, ours: 5 }));
+    assert!(matches!(err, Error::VersionMismatch { peer: 5, ours: 6 }));
     assert!(
         err.to_string()
-            .contains("peer speaks version 4, this build speaks version 5"),
+            .contains("peer speaks version 5, this build speaks version 6"),
         "{err}"
     );
 }

@@ -1,25 +1,41 @@
-//! Checking a DATA frame and rebuilding its chunk: masks and lengths, zstd capped at `raw_len`, the rebuilt chunk
-//! hashed against the source's digest before any of it is written.
+//! Checking a DATA frame and rebuilding its chunk: masks and lengths, zstd capped at `raw_len`, the rebuilt chunk's
+//! digest (from its bytes, or from the target's block digests and the blocks that travelled) checked against the
+//! source's before any of it is written.
 
 use std::cell::RefCell;
 
-use crate::chunk::{block_range, blocks_in, Digest, Geometry};
+use crate::chunk::{
+    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, Digest, Geometry, BLOCK_SIZE,
+};
 use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
 use crate::zstream::Decoder;
 
-/// Rebuilds a chunk (the target's bytes with the DATA's blocks replaced or zeroed), checks it against the source's
-/// digest, and only then writes its data blocks. Zero blocks are left to the caller. Buffers are per worker thread:
-/// a fresh 64 KiB allocation per chunk showed up as page faults and unmapping in profiles.
+/// What the blocks of a chunk that do not travel in its DATA hold.
+#[derive(Clone, Copy, Debug)]
+pub enum Base<'a> {
+    /// What the target chunk holds now: it is read (a pushed chunk, BLOCKS).
+    Target,
+    /// Zeros: the target chunk was all zeros when its NEED was sent.
+    Zeros,
+    /// The target chunk's block digests as its NEED sent them (protocol 6): the chunk is verified from the blocks
+    /// that travel and these, without reading it again. The session is the target's one writer and writes an open
+    /// chunk only from its DATA, so its other blocks still hold what was hashed.
+    Blocks(&'a [Digest]),
+}
+
+/// Rebuilds a chunk (its `base` with the DATA's blocks replaced or zeroed), checks it against the source's digest,
+/// and only then writes its data blocks. Zero blocks are left to the caller. Buffers are per worker thread: a fresh
+/// 64 KiB allocation per chunk showed up as page faults and unmapping in profiles.
 pub fn verify_and_write(
     target: &Volume,
     geometry: Geometry,
     figures: &Figures,
     d: &DataFrame,
     expected: Digest,
-    target_zero: bool,
+    base: Base<'_>,
 ) -> Result<()> {
     thread_local! {
         static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -35,7 +51,22 @@ pub fn verify_and_write(
             }
             return target.write_all_at(raw, offset);
         }
+        if let Base::Blocks(blocks) = base {
+            if let Some(digest) = patched_digest(d, raw, len, blocks) {
+                if digest != expected {
+                    return Err(Error::DigestMismatch { chunk: d.chunk });
+                }
+                let mut at = 0;
+                for (b0, b1) in runs(d.send_mask) {
+                    let (start, end) = (block_range(len, b0).start, block_range(len, b1 - 1).end);
+                    target.write_all_at(&raw[at..at + end - start], offset + start as u64)?;
+                    at += end - start;
+                }
+                return Ok(());
+            }
+        }
         chunk.resize(len, 0);
+        let target_zero = matches!(base, Base::Zeros);
         if !target_zero {
             target.read_exact_at(chunk, offset)?;
             add(&figures.bytes_read, len as u64);
@@ -62,6 +93,31 @@ pub fn verify_and_write(
         }
         Ok(())
     })
+}
+
+/// The digest of the chunk (`len` bytes) that the DATA `d` (its decoded payload `raw`) makes of a target chunk whose
+/// block digests are `blocks`: only the blocks that travel, and those it zeroes, are hashed; `None` for a chunk of
+/// one block (or digests that do not fit it), which is verified from its bytes.
+fn patched_digest(d: &DataFrame, raw: &[u8], len: usize, blocks: &[Digest]) -> Option<Digest> {
+    static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+    if blocks.len() != blocks_in(len) as usize {
+        return None;
+    }
+    let mut digests = blocks.to_vec();
+    let mut at = 0;
+    for (b0, b1) in runs(d.send_mask) {
+        let n = block_range(len, b1 - 1).end - block_range(len, b0).start;
+        let sent = block_digests_at(&raw[at..at + n], b0);
+        digests[b0 as usize..b1 as usize].copy_from_slice(&sent);
+        at += n;
+    }
+    for (b0, b1) in runs(d.zero_mask) {
+        for b in b0..b1 {
+            let zeros = &ZEROS[..block_range(len, b).len()];
+            digests[b as usize] = block_digests_at(zeros, b)[0];
+        }
+    }
+    chunk_digest_of_blocks(&digests, len)
 }
 
 /// Decodes the lane payloads of `frames` (the order they arrived in) with the session's lane decoders, lanes in
@@ -226,6 +282,98 @@ mod tests {
         assert!(decode_payload(&wrong_len, 65536).is_err());
         let short_last = frame(0b10, 0, Encoding::Raw, 100, vec![1; 100]);
         assert!(decode_payload(&short_last, 4196).is_ok());
+    }
+
+    /// A target file of `chunks` random chunks, opened as a destination would.
+    fn target_of(
+        dir: &tempfile::TempDir,
+        len: usize,
+    ) -> anyhow::Result<(Vec<u8>, Volume, Geometry)> {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0u8; len];
+        rand_chacha::ChaCha8Rng::seed_from_u64(len as u64).fill_bytes(&mut data);
+        let path = dir.path().join("t.img");
+        std::fs::write(&path, &data)?;
+        let g = Geometry::new(len as u64, 65536).map_err(anyhow::Error::msg)?;
+        let mut target = Volume::open_target(&path)?;
+        target.allow_writes_below(len as u64)?;
+        Ok((data, target, g))
+    }
+
+    #[test]
+    fn a_chunk_is_verified_from_the_needs_block_digests_without_reading_the_target_again(
+    ) -> anyhow::Result<()> {
+        // A whole chunk, and a short last chunk whose short last block travels.
+        for (len, chunk, sent, zeroed) in [
+            (2 * 65536, 1u64, 0b1000_0000_0010_0100u64, 1u64 << 9),
+            (65536 + 3 * 4096 + 100, 1, 0b1000, 0b1),
+        ] {
+            let dir = tempfile::tempdir()?;
+            let (data, target, g) = target_of(&dir, len)?;
+            let (offset, clen) = g.chunk_range(chunk);
+            let before = &data[offset as usize..][..clen];
+            let need = crate::chunk::block_digests(before);
+            // The source's chunk: the sent blocks changed, the zeroed one zeros.
+            let mut wanted = before.to_vec();
+            let mut payload = Vec::new();
+            for b in 0..blocks_in(clen) {
+                let r = block_range(clen, b);
+                if sent & (1 << b) != 0 {
+                    wanted[r.clone()]
+                        .iter_mut()
+                        .for_each(|x| *x = x.wrapping_add(1));
+                    payload.extend_from_slice(&wanted[r]);
+                } else if zeroed & (1 << b) != 0 {
+                    wanted[r].fill(0);
+                }
+            }
+            let mut d = frame(sent, zeroed, Encoding::Raw, payload.len() as u32, payload);
+            d.chunk = chunk;
+            let figures = Figures::default();
+            let expected = Digest::of(&wanted);
+            verify_and_write(&target, g, &figures, &d, expected, Base::Blocks(&need))?;
+            assert_eq!(
+                figures
+                    .bytes_read
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                0,
+                "the target chunk is not read again"
+            );
+            let mut now = vec![0u8; clen];
+            target.read_exact_at(&mut now, offset)?;
+            for b in 0..blocks_in(clen) {
+                let r = block_range(clen, b);
+                // Data blocks are written; zero blocks are left to the caller, and the rest are untouched.
+                let is = if sent & (1 << b) != 0 {
+                    &wanted[r.clone()]
+                } else {
+                    &before[r.clone()]
+                };
+                assert_eq!(&now[r], is, "chunk {chunk} block {b}");
+            }
+
+            // A payload that does not rebuild the chunk is refused before anything is written, and so is a NEED
+            // digest that does not describe the target (the target is not read to find out otherwise).
+            std::fs::write(dir.path().join("t.img"), &data)?;
+            let mut bad = d.clone();
+            let mut tampered = bad.payload.to_vec();
+            tampered[0] ^= 1;
+            bad.payload = Bytes::from(tampered);
+            let mut wrong_need = need.clone();
+            wrong_need[1] = Digest::of(b"another block"); // a block that does not travel
+            for (frame, blocks) in [(&bad, &need), (&d, &wrong_need)] {
+                let err =
+                    verify_and_write(&target, g, &figures, frame, expected, Base::Blocks(blocks))
+                        .expect_err("must not verify");
+                assert!(
+                    matches!(err, Error::DigestMismatch { chunk: c } if c == chunk),
+                    "{err}"
+                );
+            }
+            target.read_exact_at(&mut now, offset)?;
+            assert_eq!(now, before, "nothing written");
+        }
+        Ok(())
     }
 
     #[test]

@@ -313,6 +313,7 @@ impl Session {
             let r = scanned.and_then(|()| {
                 let digest = announcer.finish()?;
                 add(&figures.change_list_missed, announcer.missed());
+                tracing::debug!("scan finished, END sent");
                 // Every chunk is announced (or proven equal to the base): ACKs may now cover all of them.
                 announced.store(geometry.chunk_count(), Ordering::Release);
                 outbox

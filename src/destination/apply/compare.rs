@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::Apply;
+use super::{Apply, Open};
 use crate::chunk::{block_digests, is_zero, ChunkSummary, Digest};
 use crate::codec::Message;
 use crate::error::{Error, Result};
@@ -121,7 +121,13 @@ impl Apply {
                     (false, Some(b)) => Some(b),
                     (false, None) => Some(self.target_block_digests(i)?),
                 };
-                self.open.insert(i, (*theirs, ours.zero));
+                self.open.insert(
+                    i,
+                    Open {
+                        expected: *theirs,
+                        blocks: blocks.clone(),
+                    },
+                );
                 self.finals.hold(i);
                 self.send(Message::Need { chunk: i, blocks })?;
             }

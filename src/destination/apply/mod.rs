@@ -20,7 +20,7 @@ use compare::DIGESTS_BATCH;
 use super::basis::Basis;
 use super::finals::FinalDigests;
 use super::flush::Flusher;
-use super::verify::{decode_lanes, runs, verify_and_write};
+use super::verify::{decode_lanes, runs, verify_and_write, Base};
 use crate::chunk::{
     block_digests, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
 };
@@ -48,6 +48,14 @@ pub struct Options {
     pub window: u32,
     /// After the final fsync, read the target back and check the volume digest of the bytes read.
     pub read_back: bool,
+}
+
+/// A chunk with an open NEED.
+pub(super) struct Open {
+    /// The source's digest of it.
+    expected: Digest,
+    /// The target chunk's block digests as the NEED sent them; `None`: the target chunk was all zeros.
+    blocks: Option<Vec<Digest>>,
 }
 
 /// The session state that applies the source's messages to the target.
@@ -78,8 +86,8 @@ pub struct Apply {
     /// The next chunk index DIGESTS must announce.
     next: u64,
     last_ack: u64,
-    /// Source digests of chunks with an open NEED, and whether the target chunk was all zeros.
-    open: HashMap<u64, (Digest, bool)>,
+    /// The chunks with an open NEED.
+    open: HashMap<u64, Open>,
     finals: FinalDigests,
     end: Option<Digest>,
     /// A run of zeroing not yet issued: (offset, len).
@@ -233,6 +241,7 @@ impl Apply {
                     volume_size,
                     digest,
                 } => {
+                    tracing::debug!("END received, {} NEEDs open", self.open.len());
                     if chunk_count != self.geometry.chunk_count()
                         || volume_size != self.geometry.volume_size()
                     {
@@ -271,6 +280,7 @@ impl Apply {
     /// started from: whatever the cause, it no longer describes the target, and the retry compares in full.
     fn finish(&mut self) -> Result<Digest> {
         report_misses(&self.figures);
+        tracing::debug!("every chunk settled");
         let result = self.durable_and_checked();
         if result.is_err() {
             if let Err(e) = self.store.invalidate(Role::Destination) {
@@ -382,28 +392,32 @@ impl Apply {
         let wire = decode_lanes(&mut batch, &mut self.lanes)?;
         let mut claimed = Vec::with_capacity(batch.len());
         for d in batch {
-            let Some((expected, target_zero)) = self.open.remove(&d.chunk) else {
+            let Some(open) = self.open.remove(&d.chunk) else {
                 return Err(Error::Protocol(format!(
                     "DATA for chunk {} that has no open NEED (unsolicited, replayed or duplicated)",
                     d.chunk
                 )));
             };
-            claimed.push((d, expected, target_zero));
+            claimed.push((d, open));
         }
         self.before_write()?;
         let written: Vec<Result<()>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
             claimed
                 .par_iter()
-                .map(|(d, expected, tz)| {
-                    verify_and_write(target, geometry, figures, d, *expected, *tz)
+                .map(|(d, open)| {
+                    let base = match &open.blocks {
+                        Some(blocks) => Base::Blocks(blocks),
+                        None => Base::Zeros,
+                    };
+                    verify_and_write(target, geometry, figures, d, open.expected, base)
                 })
                 .collect()
         };
-        for (((d, expected, _), result), wire) in claimed.into_iter().zip(written).zip(wire) {
+        for (((d, open), result), wire) in claimed.into_iter().zip(written).zip(wire) {
             result?;
             add(&self.figures.compressed_bytes, wire as u64);
-            self.settle_written(&d, expected)?;
+            self.settle_written(&d, open.expected)?;
         }
         Ok(())
     }

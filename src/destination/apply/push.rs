@@ -5,10 +5,10 @@
 
 use rayon::prelude::*;
 
-use super::Apply;
+use super::{Apply, Open};
 use crate::chunk::{block_digests, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message};
-use crate::destination::verify::{decode_lanes, verify_and_write};
+use crate::destination::verify::{decode_lanes, verify_and_write, Base};
 use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
@@ -64,7 +64,13 @@ impl Apply {
                 Pushed::Written => self.settle_written(d, expected)?,
                 Pushed::Differs(blocks) => {
                     add(&self.figures.push_missed, 1);
-                    self.open.insert(d.chunk, (expected, blocks.is_none()));
+                    self.open.insert(
+                        d.chunk,
+                        Open {
+                            expected,
+                            blocks: blocks.clone(),
+                        },
+                    );
                     self.finals.hold(d.chunk);
                     self.send(Message::Need {
                         chunk: d.chunk,
@@ -94,7 +100,7 @@ fn apply_pushed(
     d: &DataFrame,
     expected: Digest,
 ) -> Result<Pushed> {
-    match verify_and_write(target, geometry, figures, d, expected, false) {
+    match verify_and_write(target, geometry, figures, d, expected, Base::Target) {
         Ok(()) => Ok(Pushed::Written),
         Err(Error::DigestMismatch { .. }) => {
             // Read again: the buffer that failed holds the pushed blocks, not the target's.
