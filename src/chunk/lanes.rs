@@ -86,37 +86,53 @@ pub fn chunk_digest_of_blocks(blocks: &[Digest], chunk_len: usize) -> Option<Dig
 }
 
 /// The chunk digest (`BLAKE3(chunk)`) and the digest of each of its blocks, from one pass over its bytes: the
-/// blocks are hashed side by side, then merged into the chunk's root. As fast as `blake3::hash` alone for a chunk
-/// of a power of two of whole blocks (every chunk but a short last one), whose upper levels are hashed on the lanes
-/// too.
+/// blocks are hashed side by side, then merged into the chunk's root. About as fast as `blake3::hash` alone for a
+/// chunk of a power of two of whole blocks (every chunk but a short last one), whose upper levels are hashed on
+/// the lanes too.
 pub fn hash_chunk(chunk: &[u8]) -> (Digest, Vec<Digest>) {
-    let blocks = block_digests(chunk);
-    let n = blocks.len();
-    let digest = if n < 2 {
-        Digest::of(chunk)
-    } else if n.is_power_of_two() && chunk.len() == n * BLOCK {
-        let mut level: Vec<u8> = blocks.iter().flat_map(|d| d.0).collect();
-        while level.len() > 2 * CV {
-            let mut up = vec![0u8; level.len() / 2];
-            for (children, out) in level
-                .chunks(GROUP * 2 * 2 * CV)
-                .zip(up.chunks_mut(GROUP * 2 * CV))
-            {
-                parents(platform(), children, out);
-            }
-            level = up;
+    let mut blocks = vec![Digest([0; 32]); chunk.len().div_ceil(BLOCK)];
+    (hash_chunk_into(chunk, &mut blocks), blocks)
+}
+
+/// [`hash_chunk`] into `blocks` (one per block of `chunk`), without allocating.
+pub fn hash_chunk_into(chunk: &[u8], blocks: &mut [Digest]) -> Digest {
+    let n = chunk.len().div_ceil(BLOCK);
+    let whole = chunk.len() / BLOCK;
+    hash_blocks(&chunk[..whole * BLOCK], 0, &mut blocks[..whole]);
+    if whole < n {
+        blocks[whole] = block_digests_at(&chunk[whole * BLOCK..], whole as u32)[0];
+    }
+    let blocks = &blocks[..n];
+    if n < 2 {
+        return Digest::of(chunk);
+    }
+    if !(n.is_power_of_two() && chunk.len() == n * BLOCK) {
+        return chunk_digest_of_blocks(blocks, chunk.len()).expect("two blocks or more");
+    }
+    // A power of two of whole blocks: a perfect tree, hashed level by level in place.
+    let mut level = [0u8; 64 * CV];
+    for (d, out) in blocks.iter().zip(level.chunks_exact_mut(CV)) {
+        out.copy_from_slice(&d.0);
+    }
+    let mut len = n * CV;
+    while len > 2 * CV {
+        let mut up = [0u8; 32 * CV];
+        for (children, out) in level[..len]
+            .chunks(GROUP * 2 * 2 * CV)
+            .zip(up.chunks_mut(GROUP * 2 * CV))
+        {
+            parents(platform(), children, &mut out[..children.len() / 2]);
         }
-        let (left, right) = level.split_at(CV);
-        let root = hazmat::merge_subtrees_root(
-            left.try_into().expect("a chaining value"),
-            right.try_into().expect("a chaining value"),
-            Mode::Hash,
-        );
-        Digest(*root.as_bytes())
-    } else {
-        chunk_digest_of_blocks(&blocks, chunk.len()).expect("two blocks or more")
-    };
-    (digest, blocks)
+        len /= 2;
+        level[..len].copy_from_slice(&up[..len]);
+    }
+    let (left, right) = (&level[..CV], &level[CV..2 * CV]);
+    let root = hazmat::merge_subtrees_root(
+        left.try_into().expect("a chaining value"),
+        right.try_into().expect("a chaining value"),
+        Mode::Hash,
+    );
+    Digest(*root.as_bytes())
 }
 
 /// The chaining values of the two children of the subtree made of `blocks` (at least two, `len` bytes): BLAKE3 puts

@@ -9,7 +9,9 @@ use std::fmt;
 
 mod lanes;
 
-pub use lanes::{block_digests, block_digests_at, chunk_digest_of_blocks, hash_chunk};
+pub use lanes::{
+    block_digests, block_digests_at, chunk_digest_of_blocks, hash_chunk, hash_chunk_into,
+};
 
 /// The finest unit that travels: guests write 4 KiB blocks. Frozen in protocol version 1.
 pub const BLOCK_SIZE: u32 = 4096;
@@ -106,6 +108,20 @@ pub fn blocks_in(len: usize) -> u32 {
 pub fn block_range(chunk_len: usize, b: u32) -> std::ops::Range<usize> {
     let start = b as usize * BLOCK_SIZE as usize;
     start..(start + BLOCK_SIZE as usize).min(chunk_len)
+}
+
+/// The runs of set bits of a block mask, as half-open block ranges.
+pub fn runs(mask: u64) -> impl Iterator<Item = (u32, u32)> {
+    let mut m = mask;
+    std::iter::from_fn(move || {
+        if m == 0 {
+            return None;
+        }
+        let start = m.trailing_zeros();
+        let len = (m >> start).trailing_ones();
+        m &= !(((1u128 << len) - 1) as u64) << start;
+        Some((start, start + len))
+    })
 }
 
 /// Whether every byte is zero. Written as an OR-fold over fixed slices so that it vectorises.
@@ -377,6 +393,13 @@ mod tests {
         let s = z.summarize(0, &data);
         assert!(!s.zero);
         assert_eq!(s.digest, Digest::of(&data));
+    }
+
+    #[test]
+    fn runs_split_a_mask_into_consecutive_blocks() {
+        assert_eq!(runs(0b0111_0110).collect::<Vec<_>>(), vec![(1, 3), (4, 7)]);
+        assert_eq!(runs(u64::MAX).collect::<Vec<_>>(), vec![(0, 64)]);
+        assert_eq!(runs(0).count(), 0);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use std::cell::RefCell;
 
 use crate::chunk::{
-    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, Digest, Geometry, BLOCK_SIZE,
+    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, runs, Digest, Geometry,
+    BLOCK_SIZE,
 };
 use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
@@ -233,20 +234,6 @@ fn decompress(payload: &[u8], capacity: usize, out: &mut Vec<u8>) -> std::io::Re
     })
 }
 
-/// Runs of set bits as half-open block ranges.
-pub fn runs(mask: u64) -> impl Iterator<Item = (u32, u32)> {
-    let mut m = mask;
-    std::iter::from_fn(move || {
-        if m == 0 {
-            return None;
-        }
-        let start = m.trailing_zeros();
-        let len = (m >> start).trailing_ones();
-        m &= !(((1u128 << len) - 1) as u64) << start;
-        Some((start, start + len))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,13 +248,6 @@ mod tests {
             raw_len,
             payload: Bytes::from(payload),
         }
-    }
-
-    #[test]
-    fn runs_split_a_mask_into_consecutive_blocks() {
-        assert_eq!(runs(0b0111_0110).collect::<Vec<_>>(), vec![(1, 3), (4, 7)]);
-        assert_eq!(runs(u64::MAX).collect::<Vec<_>>(), vec![(0, 64)]);
-        assert_eq!(runs(0).count(), 0);
     }
 
     #[test]

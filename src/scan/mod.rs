@@ -22,7 +22,7 @@ use std::thread;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
+use crate::chunk::{hash_chunk_into, is_zero, ChunkSummary, Digest, Geometry, ZeroDigests};
 use crate::error::{Error, Result};
 use crate::volume::{resident, Volume, DIRECT_ALIGN};
 
@@ -51,6 +51,58 @@ pub fn scan_in(
     bytes_read: Arc<AtomicU64>,
     mut sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
 ) -> Result<()> {
+    scan_rounds(pool, volume, geometry, bytes_read, false, |first, s, _| {
+        sink(first, s)
+    })
+}
+
+/// [`scan_in`] that also hands the sink the block digests of each chunk (`chunk::hash_chunk`: one pass gives both),
+/// flat, [`Blocks::stride`] per chunk; a zero chunk's are not computed (zeros in their place). The source keeps
+/// those of the chunks it announces, so that answering a NEED reads only the blocks that differ and hashes nothing.
+pub fn scan_keeping_blocks(
+    pool: Option<Arc<ThreadPool>>,
+    volume: Arc<Volume>,
+    geometry: Geometry,
+    bytes_read: Arc<AtomicU64>,
+    sink: impl FnMut(u64, Vec<ChunkSummary>, Blocks) -> Result<()>,
+) -> Result<()> {
+    scan_rounds(pool, volume, geometry, bytes_read, true, sink)
+}
+
+/// The block digests of consecutive chunks of a scan, [`Blocks::stride`] per chunk (the last chunk's may be fewer,
+/// padded with zeros).
+#[derive(Debug, Default)]
+pub struct Blocks {
+    digests: Vec<Digest>,
+    stride: usize,
+}
+
+impl Blocks {
+    /// The digests of the `at`-th chunk of this run (`count` of them, the chunk's blocks).
+    pub fn of(&self, at: usize, count: usize) -> Option<&[Digest]> {
+        self.digests.get(at * self.stride..at * self.stride + count)
+    }
+
+    /// Splits off the chunks from the `at`-th on.
+    fn split_off(&mut self, at: usize) -> Blocks {
+        let digests = self
+            .digests
+            .split_off((at * self.stride).min(self.digests.len()));
+        Blocks {
+            digests,
+            stride: self.stride,
+        }
+    }
+}
+
+fn scan_rounds(
+    pool: Option<Arc<ThreadPool>>,
+    volume: Arc<Volume>,
+    geometry: Geometry,
+    bytes_read: Arc<AtomicU64>,
+    keep_blocks: bool,
+    mut sink: impl FnMut(u64, Vec<ChunkSummary>, Blocks) -> Result<()>,
+) -> Result<()> {
     // Cold, `bench --allocated --cold`, four alternated runs each: the scan against dd, source/destination, 104/95,
     // 71/97, 74/90, 79/59% without this and 90/175, 63/122, 83/130, 104/111% with it; the cold incremental
     // 1.80-2.65 s (median 2.19) without and 1.29-2.38 s (median 1.85) with.
@@ -61,7 +113,7 @@ pub fn scan_in(
     } else {
         1
     };
-    let (tx, rx) = sync_channel::<Result<(u64, Vec<ChunkSummary>)>>(READ_AHEAD);
+    let (tx, rx) = sync_channel::<Result<(u64, Vec<ChunkSummary>, Blocks)>>(READ_AHEAD);
     let scanner = thread::Builder::new()
         .name("scan".into())
         .spawn(move || {
@@ -81,7 +133,15 @@ pub fn scan_in(
                     let job = move || {
                         // A panic here would abort the process (rayon's spawn): it becomes this round's error.
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            summarize_segment(&volume, geometry, &zeros, &bytes_read, first, n)
+                            summarize_segment(
+                                &volume,
+                                geometry,
+                                &zeros,
+                                &bytes_read,
+                                first,
+                                n,
+                                keep_blocks,
+                            )
                         }))
                         .unwrap_or(Err(Error::Cancelled("a scan worker panicked")));
                         // Never blocks: the channel has room for its one result.
@@ -100,7 +160,7 @@ pub fn scan_in(
                 let item = result
                     .recv()
                     .unwrap_or(Err(Error::Cancelled("a scan round ended early")));
-                let mut summaries = match item {
+                let (mut summaries, mut blocks) = match item {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -109,13 +169,16 @@ pub fn scan_in(
                 };
                 let mut at = first;
                 while !summaries.is_empty() {
-                    let rest = summaries.split_off(summaries.len().min(SEGMENT_CHUNKS as usize));
+                    let cut = summaries.len().min(SEGMENT_CHUNKS as usize);
+                    let rest = summaries.split_off(cut);
+                    let more = blocks.split_off(cut);
                     let len = summaries.len() as u64;
-                    if tx.send(Ok((at, summaries))).is_err() {
+                    if tx.send(Ok((at, summaries, blocks))).is_err() {
                         return;
                     }
                     at += len;
                     summaries = rest;
+                    blocks = more;
                 }
             }
         })
@@ -124,9 +187,9 @@ pub fn scan_in(
     let result = rx
         .iter()
         .try_for_each(|segment| {
-            let (first, summaries) = segment?;
+            let (first, summaries, blocks) = segment?;
             delivered = first + summaries.len() as u64;
-            sink(first, summaries)
+            sink(first, summaries, blocks)
         })
         .and_then(|()| {
             // The scan thread ends early only by sending an error, unless it died.
@@ -151,10 +214,13 @@ const MIN_SEGMENTS_PER_ROUND: u64 = 4;
 /// Rounds a scan on a pool of its own (the source's `--read-depth` pool) keeps on it at once. With one, every round
 /// ended on a barrier: the workers that finished their part first spun and yielded until the round's last chunk was
 /// hashed, a third of the source's context switches in a delta by manifest. Alternated on the 2 GiB allocated
-/// pair, four runs each (when rounds were still mapped): delta by manifest 0.415-0.467 s -> 0.394-0.420 s. A scan
+/// pair, four runs each (when rounds were still mapped): delta by manifest 0.415-0.467 s -> 0.394-0.420 s. A round
+/// is 16 MiB, hashed in 2-3 ms on two threads, so with two in flight the pool idled whenever the thread that hands
+/// out rounds waited longer than that for a core: in a delta by manifest, system-wide idle (perf cpu-clock, 2026-12-04)
+/// was 16-18% of the sync with 2, 12-14% with 4, 9-12% with 8 or 16; the results cost 33 bytes a chunk. A scan
 /// on rayon's global pool (the destination's) keeps one: that pool also computes the block digests its NEEDs wait
 /// for, and with two its stateless syncs measured no faster and switched more.
-const OWN_POOL_ROUNDS_IN_FLIGHT: usize = 2;
+const OWN_POOL_ROUNDS_IN_FLIGHT: usize = 8;
 
 /// Segments scanned together on `pool`: enough chunks for every thread to have a read in flight.
 fn segments_per_round(pool: Option<&ThreadPool>) -> u64 {
@@ -195,31 +261,77 @@ fn summarize_segment(
     bytes_read: &AtomicU64,
     first: u64,
     n: u64,
-) -> Result<Vec<ChunkSummary>> {
+    keep_blocks: bool,
+) -> Result<(Vec<ChunkSummary>, Blocks)> {
     let start = geometry.chunk_range(first).0;
+    let stride = if keep_blocks {
+        geometry.blocks_in_chunk(0) as usize
+    } else {
+        0
+    };
     let (last, last_len) = geometry.chunk_range(first + n - 1);
     let cold = volume.direct_reads()
         && volume
             .map(start, last + last_len as u64 - start)
             .is_some_and(|m| !resident(&m));
-    let groups: Vec<Vec<ChunkSummary>> = (0..n.div_ceil(DIRECT_CHUNKS))
-        .into_par_iter()
-        .map(|g| {
-            let from = first + g * DIRECT_CHUNKS;
-            let to = (from + DIRECT_CHUNKS).min(first + n);
-            if cold {
-                if let Some(done) = summarize_direct(volume, geometry, zeros, bytes_read, from, to)
-                {
-                    return done;
-                }
+    let mut digests = vec![Digest([0; 32]); n as usize * stride];
+    let groups: Vec<Vec<ChunkSummary>> = parts(
+        &mut digests,
+        n.div_ceil(DIRECT_CHUNKS),
+        DIRECT_CHUNKS as usize * stride,
+    )
+    .into_par_iter()
+    .enumerate()
+    .map(|(g, blocks)| {
+        let from = first + g as u64 * DIRECT_CHUNKS;
+        let to = (from + DIRECT_CHUNKS).min(first + n);
+        if cold {
+            if let Some(done) =
+                summarize_direct(volume, geometry, zeros, bytes_read, from, to, blocks)
+            {
+                return done;
             }
-            (from..to)
-                .into_par_iter()
-                .map(|i| summarize(volume, geometry, zeros, bytes_read, i))
-                .collect()
-        })
-        .collect::<Result<_>>()?;
-    Ok(groups.into_iter().flatten().collect())
+        }
+        parts(blocks, to - from, stride)
+            .into_par_iter()
+            .enumerate()
+            .map(|(k, blocks)| {
+                summarize(volume, geometry, zeros, bytes_read, from + k as u64, blocks)
+            })
+            .collect()
+    })
+    .collect::<Result<_>>()?;
+    Ok((
+        groups.into_iter().flatten().collect(),
+        Blocks { digests, stride },
+    ))
+}
+
+/// `count` consecutive pieces of `size` digests of `digests` (the last may be short), or `count` empty ones when
+/// `size` is 0 (no block digests kept).
+fn parts(digests: &mut [Digest], count: u64, size: usize) -> Vec<&mut [Digest]> {
+    if size == 0 {
+        return (0..count).map(|_| <&mut [Digest]>::default()).collect();
+    }
+    digests.chunks_mut(size).collect()
+}
+
+/// Summarizes a chunk's bytes: with room for its block digests (`blocks` not empty), in one pass that gives both.
+fn summarize_bytes(
+    zeros: &ZeroDigests,
+    i: u64,
+    bytes: &[u8],
+    blocks: &mut [Digest],
+) -> ChunkSummary {
+    if blocks.is_empty() || is_zero(bytes) {
+        return zeros.summarize(i, bytes);
+    }
+    let count = bytes.len().div_ceil(crate::chunk::BLOCK_SIZE as usize);
+    let digest = hash_chunk_into(bytes, &mut blocks[..count]);
+    ChunkSummary {
+        digest,
+        zero: false,
+    }
 }
 
 /// Summarizes chunks `from..to` from one `O_DIRECT` read into this worker's aligned buffer. `None` when that
@@ -232,7 +344,10 @@ fn summarize_direct(
     bytes_read: &AtomicU64,
     from: u64,
     to: u64,
+    blocks: &mut [Digest],
 ) -> Option<Result<Vec<ChunkSummary>>> {
+    // Room for each chunk's block digests, or none.
+    let stride = blocks.len() / (to - from) as usize;
     thread_local! {
         static DIRECT: RefCell<Option<memmap2::MmapMut>> = const { RefCell::new(None) };
     }
@@ -261,7 +376,8 @@ fn summarize_direct(
             .map(|i| {
                 let (o, l) = geometry.chunk_range(i);
                 let at = (o - start) as usize;
-                zeros.summarize(i, &buf[at..at + l])
+                let k = (i - from) as usize * stride;
+                summarize_bytes(zeros, i, &buf[at..at + l], &mut blocks[k..k + stride])
             })
             .collect()))
     })
@@ -275,6 +391,7 @@ fn summarize(
     zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
     i: u64,
+    blocks: &mut [Digest],
 ) -> Result<ChunkSummary> {
     thread_local! {
         static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -293,246 +410,10 @@ fn summarize(
         Ok(if hole {
             zeros.zero_summary(i)
         } else {
-            zeros.summarize(i, &buf)
+            summarize_bytes(zeros, i, &buf, blocks)
         })
     })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::chunk::Digest;
-
-    #[test]
-    fn scan_reports_every_chunk_in_order_with_digests_and_zero_flags() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("v.img");
-        let size = 130 * 65536 + 777;
-        let mut data = vec![0u8; size];
-        for (i, b) in data.iter_mut().enumerate().skip(65536 * 3) {
-            *b = (i % 251) as u8;
-        }
-        data[65536 * 128..65536 * 129].fill(0);
-        std::fs::write(&p, &data)?;
-        let vol = Arc::new(Volume::open_source(&p)?);
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let read = Arc::new(AtomicU64::new(0));
-        let mut all = Vec::new();
-        scan(vol, g, read.clone(), |first, s| {
-            assert_eq!(first, all.len() as u64);
-            all.extend(s);
-            Ok(())
-        })?;
-        assert_eq!(all.len() as u64, g.chunk_count());
-        assert_eq!(read.load(Ordering::Relaxed), size as u64);
-        for (i, s) in all.iter().enumerate() {
-            let (off, len) = g.chunk_range(i as u64);
-            let bytes = &data[off as usize..off as usize + len];
-            assert_eq!(s.digest, Digest::of(bytes), "chunk {i}");
-            assert_eq!(s.zero, i < 3 || i == 128, "chunk {i}");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn a_pool_deeper_than_a_segment_scans_several_at_once_and_delivers_them_in_order(
-    ) -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let p = dir.path().join("v.img");
-        let size = 300 * 65536 + 5;
-        let data: Vec<u8> = (0..size)
-            .map(|i| (i % 241) as u8 ^ (i >> 16) as u8)
-            .collect();
-        std::fs::write(&p, &data)?;
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(130).build()?);
-        assert_eq!(
-            segments_per_round(Some(&pool)),
-            3.max(MIN_SEGMENTS_PER_ROUND)
-        );
-        let two = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
-        assert_eq!(segments_per_round(Some(&two)), MIN_SEGMENTS_PER_ROUND);
-        let read = Arc::new(AtomicU64::new(0));
-        let mut all = Vec::new();
-        scan_in(
-            Some(pool.clone()),
-            Arc::new(Volume::open_source(&p)?),
-            g,
-            read.clone(),
-            |first, s| {
-                assert_eq!(first, all.len() as u64);
-                assert!(s.len() <= SEGMENT_CHUNKS as usize);
-                all.extend(s);
-                Ok(())
-            },
-        )?;
-        assert_eq!(all.len() as u64, g.chunk_count());
-        assert_eq!(read.load(Ordering::Relaxed), size as u64);
-        for (i, s) in all.iter().enumerate() {
-            let (off, len) = g.chunk_range(i as u64);
-            assert_eq!(
-                s.digest,
-                Digest::of(&data[off as usize..][..len]),
-                "chunk {i}"
-            );
-        }
-        let list = crate::changes::ChangedChunks::from_extents(&[(0, size as u64)], g)
-            .map_err(|e| anyhow::anyhow!(e.0))?;
-        let mut seen = Vec::new();
-        scan_selected(
-            Some(pool),
-            Arc::new(Volume::open_source(&p)?),
-            g,
-            Arc::new(list),
-            Arc::new(AtomicU64::new(0)),
-            |_, _, _| None::<()>,
-            |s| {
-                assert!(s.len() <= SEGMENT_CHUNKS as usize);
-                seen.extend(s.into_iter().map(|(i, s, _)| (i, s.digest)));
-                Ok(())
-            },
-        )?;
-        let expected: Vec<(u64, Digest)> = all
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i as u64, s.digest))
-            .collect();
-        assert_eq!(seen, expected);
-        Ok(())
-    }
-
-    fn direct(mut v: Volume) -> Volume {
-        v.set_direct_reads(true);
-        v
-    }
-
-    /// Writes `size` bytes of varied data (zero chunks too) at `p`, written back and dropped from the cache.
-    fn cold_file(p: &std::path::Path, size: usize) -> anyhow::Result<Vec<u8>> {
-        let mut data: Vec<u8> = (0..size)
-            .map(|i| (i % 239) as u8 ^ (i >> 16) as u8)
-            .collect();
-        data[65536 * 5..65536 * 6].fill(0);
-        std::fs::write(p, &data)?;
-        evict(p)?;
-        Ok(data)
-    }
-
-    fn evict(p: &std::path::Path) -> anyhow::Result<()> {
-        let f = std::fs::File::open(p)?;
-        f.sync_all()?;
-        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)?;
-        Ok(())
-    }
-
-    fn scan_all(vol: Volume, g: Geometry) -> anyhow::Result<(Vec<ChunkSummary>, u64)> {
-        let read = Arc::new(AtomicU64::new(0));
-        let mut all = Vec::new();
-        scan(Arc::new(vol), g, read.clone(), |first, s| {
-            assert_eq!(first, all.len() as u64);
-            all.extend(s);
-            Ok(())
-        })?;
-        Ok((all, read.load(Ordering::Relaxed)))
-    }
-
-    fn assert_digests(all: &[ChunkSummary], data: &[u8], g: Geometry) {
-        assert_eq!(all.len() as u64, g.chunk_count());
-        for (i, s) in all.iter().enumerate() {
-            let (off, len) = g.chunk_range(i as u64);
-            let bytes = &data[off as usize..][..len];
-            assert_eq!(s.digest, Digest::of(bytes), "chunk {i}");
-            assert_eq!(s.zero, bytes.iter().all(|b| *b == 0), "chunk {i}");
-        }
-    }
-
-    #[test]
-    fn a_cold_file_is_scanned_with_direct_reads_to_the_same_digests_and_stays_uncached(
-    ) -> anyhow::Result<()> {
-        // On the disk (not tmpfs), so that the cache can be dropped and O_DIRECT works.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
-        let p = dir.path().join("cold.img");
-        let size = 150 * 65536 + 777;
-        let data = cold_file(&p, size)?;
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let (cold, read) = scan_all(direct(Volume::open_source(&p)?), g)?;
-        assert_eq!(read, size as u64);
-        assert_digests(&cold, &data, g);
-        let vol = Volume::open_source(&p)?;
-        let map = vol.map(0, 128 * 65536).expect("map");
-        assert!(!resident(&map), "a direct scan leaves the cache as it was");
-        // Warm: the buffered path gives the same.
-        drop(map);
-        let _ = std::fs::read(&p)?;
-        assert!(resident(&vol.map(0, 64 * 65536).expect("map")));
-        let (warm, _) = scan_all(vol, g)?;
-        assert_eq!(warm, cold);
-        Ok(())
-    }
-
-    #[test]
-    fn a_cold_loop_device_is_scanned_with_direct_reads_to_the_same_digests() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
-        let p = dir.path().join("backing.img");
-        let size = 140 * 65536;
-        let data = cold_file(&p, size)?;
-        let out = std::process::Command::new("losetup")
-            .args(["--read-only", "--find", "--show"])
-            .arg(&p)
-            .output();
-        let dev = match out {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-            other => {
-                eprintln!("skipped: loop devices unavailable ({other:?})");
-                return Ok(());
-            }
-        };
-        struct Detach(String);
-        impl Drop for Detach {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("losetup")
-                    .args(["-d", &self.0])
-                    .status();
-            }
-        }
-        let dev = Detach(dev);
-        let dev_path = std::path::Path::new(&dev.0);
-        evict(dev_path)?;
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let (cold, read) = scan_all(direct(Volume::open_source(dev_path)?), g)?;
-        assert_eq!(read, size as u64);
-        assert_digests(&cold, &data, g);
-        assert!(!resident(
-            &Volume::open_source(dev_path)?
-                .map(0, 64 * 65536)
-                .expect("map")
-        ));
-        Ok(())
-    }
-
-    #[test]
-    fn direct_reads_fall_back_cleanly_where_refused_and_the_scan_still_reads_right(
-    ) -> anyhow::Result<()> {
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-            eprintln!("skipped: no /dev/shm");
-            return Ok(());
-        };
-        let p = dir.path().join("shm.img");
-        let size = 70 * 65536 + 5;
-        let data = cold_file(&p, size)?;
-        let vol = Volume::open_source(&p)?;
-        let mut buf = memmap2::MmapMut::map_anon(2 << 20)?;
-        // tmpfs refuses O_DIRECT on older kernels and accepts it on newer ones: either way, no wrong bytes.
-        match vol.read_direct(&mut buf, size - 65536 * 64, 65536 * 64) {
-            None => {}
-            Some(r) => {
-                r?;
-                assert_eq!(&buf[..size - 65536 * 64], &data[65536 * 64..]);
-            }
-        }
-        assert!(vol.read_direct(&mut buf, 4096, 512).is_none(), "unaligned");
-        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
-        let (all, _) = scan_all(vol, g)?;
-        assert_digests(&all, &data, g);
-        Ok(())
-    }
-}
+mod tests;

@@ -14,9 +14,23 @@ use crate::chunk::Digest;
 /// scan.
 pub struct Credit {
     open: Mutex<VecDeque<(u64, Digest)>>,
+    /// The scan's block digests of announced chunks, until a NEED takes them or an ACK settles the chunk: at most
+    /// [`KEPT_BYTES`] of them (a chunk announced past that is read again and hashed to answer its NEED).
+    blocks: Mutex<Kept>,
     moved: Condvar,
     stop: AtomicBool,
 }
+
+/// Block digests kept for announced chunks, and their size in bytes.
+#[derive(Default)]
+struct Kept {
+    map: std::collections::BTreeMap<u64, Box<[Digest]>>,
+    bytes: usize,
+}
+
+/// The most block digests kept for announced chunks: 16 MiB, the blocks of 32768 chunks of 64 KiB, four default
+/// windows.
+pub const KEPT_BYTES: usize = 16 << 20;
 
 impl Credit {
     /// Credit for a session whose destination allows `window` unsettled chunks. The buffer is sized once for the
@@ -25,6 +39,7 @@ impl Credit {
         let most = window + crate::scan::SEGMENT_CHUNKS;
         Credit {
             open: Mutex::new(VecDeque::with_capacity(most as usize)),
+            blocks: Mutex::new(Kept::default()),
             moved: Condvar::new(),
             stop: AtomicBool::new(false),
         }
@@ -35,6 +50,30 @@ impl Credit {
         if let Ok(mut open) = self.open.lock() {
             open.extend(chunks.iter().copied());
         }
+    }
+
+    /// Keeps the scan's block digests of announced chunks (`(chunk, digests)`), within [`KEPT_BYTES`].
+    pub fn keep_blocks(&self, chunks: impl IntoIterator<Item = (u64, Box<[Digest]>)>) {
+        if let Ok(mut kept) = self.blocks.lock() {
+            let Kept { map, bytes } = &mut *kept;
+            for (chunk, digests) in chunks {
+                let size = digests.len() * 32;
+                if *bytes + size > KEPT_BYTES {
+                    break;
+                }
+                *bytes += size;
+                map.insert(chunk, digests);
+            }
+        }
+    }
+
+    /// The scan's block digests of `chunk`, if they were kept; they are kept no longer.
+    pub fn take_blocks(&self, chunk: u64) -> Option<Box<[Digest]>> {
+        let mut kept = self.blocks.lock().ok()?;
+        let Kept { map, bytes } = &mut *kept;
+        let digests = map.remove(&chunk)?;
+        *bytes -= digests.len() * 32;
+        Some(digests)
     }
 
     /// The unsettled chunks among `answered` (a bit per chunk), with the digests the scan announced for them.
@@ -81,6 +120,12 @@ impl Credit {
                 open.pop_front();
             }
         }
+        if let Ok(mut kept) = self.blocks.lock() {
+            let Kept { map, bytes } = &mut *kept;
+            let rest = map.split_off(&through);
+            *bytes -= map.values().map(|d| d.len() * 32).sum::<usize>();
+            *map = rest;
+        }
         self.moved.notify_all();
     }
 
@@ -111,5 +156,23 @@ mod tests {
         assert_eq!(c.unsettled(&answered), vec![(5000, d)]);
         c.stop();
         assert!(!c.wait(3, 4), "a stopped session does not wait");
+    }
+
+    #[test]
+    fn block_digests_are_kept_within_the_budget_until_taken_or_settled() {
+        let c = Credit::new(64);
+        let blocks = |n: usize| vec![Digest::of(b"b"); n].into_boxed_slice();
+        c.keep_blocks([(3, blocks(16)), (7, blocks(16)), (9, blocks(2))]);
+        assert_eq!(c.take_blocks(7).map(|d| d.len()), Some(16));
+        assert_eq!(c.take_blocks(7), None, "taken once");
+        c.ack(5);
+        assert_eq!(c.take_blocks(3), None, "settled by the ACK");
+        assert_eq!(c.take_blocks(9).map(|d| d.len()), Some(2));
+        assert_eq!(c.blocks.lock().map(|k| k.bytes).ok(), Some(0));
+        // Past the budget, nothing more is kept.
+        let per = KEPT_BYTES / 32 / 64;
+        c.keep_blocks((0..per as u64 + 2).map(|i| (100 + i, blocks(64))));
+        let kept = c.blocks.lock().map(|k| (k.map.len(), k.bytes)).ok();
+        assert_eq!(kept, Some((per, KEPT_BYTES)));
     }
 }

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use rayon::prelude::*;
 
-use crate::chunk::{block_digests, block_range, is_zero, Digest, Geometry, BLOCK_SIZE};
+use crate::chunk::{block_digests, block_range, is_zero, runs, Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
@@ -47,14 +47,23 @@ pub fn changed_chunk(
 /// The chunk is read again, not taken from the scan: on a snapshot it holds the bytes the scan hashed. On a live
 /// volume it may not, and the destination then refuses the rebuilt chunk (its digest is checked before anything is
 /// written); [`changed_chunk`] tells the source why.
+///
+/// With `scanned`, the chunk's block digests as the scan computed them, only the blocks whose digests differ from
+/// the target's are read, and nothing is hashed.
 pub fn build_data(
     volume: &Volume,
     geometry: Geometry,
     chunk: u64,
     target_blocks: Option<&[Digest]>,
+    scanned: Option<&[Digest]>,
     compress: Option<i32>,
 ) -> Result<(DataFrame, bool)> {
     let (offset, len) = geometry.chunk_range(chunk);
+    if let (Some(theirs), Some(ours)) = (target_blocks, scanned) {
+        if theirs.len() == ours.len() && ours.len() == geometry.blocks_in_chunk(chunk) as usize {
+            return differing_blocks(volume, geometry, chunk, theirs, ours, compress);
+        }
+    }
     // Read into the buffer that becomes the payload: a chunk whose blocks all travel (a first sync) is sent from
     // where it was read; otherwise the blocks that travel are moved to the front.
     let mut raw = Vec::with_capacity(len);
@@ -89,6 +98,50 @@ pub fn build_data(
         // An incremental's few changed blocks: give the chunk-sized buffer back now rather than hold it while the
         // frame waits to be sent (and have every NEED take fresh, kernel-zeroed pages).
         raw.shrink_to_fit();
+    }
+    Ok(raw_frame(chunk, send_mask, zero_mask, raw, compress))
+}
+
+/// The DATA answer to a NEED from the scan's block digests: the blocks whose digests differ from the target's are
+/// read (a run of them in one read), and those that hold zeros become marks.
+fn differing_blocks(
+    volume: &Volume,
+    geometry: Geometry,
+    chunk: u64,
+    theirs: &[Digest],
+    ours: &[Digest],
+    compress: Option<i32>,
+) -> Result<(DataFrame, bool)> {
+    let (offset, len) = geometry.chunk_range(chunk);
+    let differ = theirs
+        .iter()
+        .zip(ours)
+        .enumerate()
+        .filter(|(_, (t, o))| t != o)
+        .fold(0u64, |mask, (b, _)| mask | 1 << b);
+    let (mut send_mask, mut zero_mask) = (0u64, 0u64);
+    let mut raw = Vec::new();
+    for (b0, b1) in runs(differ) {
+        let start = block_range(len, b0).start;
+        let end = block_range(len, b1 - 1).end;
+        let at = raw.len();
+        volume.read_append(&mut raw, offset + start as u64, end - start)?;
+        // Zero blocks of the run become marks; the others move down over them.
+        let mut kept = at;
+        for b in b0..b1 {
+            let r = block_range(len, b);
+            let from = at + r.start - start;
+            if is_zero(&raw[from..from + r.len()]) {
+                zero_mask |= 1 << b;
+                continue;
+            }
+            send_mask |= 1 << b;
+            if from != kept {
+                raw.copy_within(from..from + r.len(), kept);
+            }
+            kept += r.len();
+        }
+        raw.truncate(kept);
     }
     Ok(raw_frame(chunk, send_mask, zero_mask, raw, compress))
 }
@@ -235,9 +288,9 @@ mod tests {
         let (volume, g) = volume_of(&dir, &data)?;
 
         let mut frames = vec![
-            build_data(&volume, g, 0, None, Some(1))?,
-            build_data(&volume, g, 1, None, Some(1))?,
-            build_data(&volume, g, 1, None, None)?,
+            build_data(&volume, g, 0, None, None, Some(1))?,
+            build_data(&volume, g, 1, None, None, Some(1))?,
+            build_data(&volume, g, 1, None, None, None)?,
         ];
         assert_eq!(
             frames.iter().map(|(_, worth)| *worth).collect::<Vec<_>>(),
@@ -298,7 +351,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let (volume, g) = volume_of(&dir, &data)?;
         let mut frames = (0..chunks as u64)
-            .map(|c| build_data(&volume, g, c, None, Some(3)))
+            .map(|c| build_data(&volume, g, c, None, None, Some(3)))
             .collect::<Result<Vec<_>>>()?;
         let mut lanes: Vec<Option<Encoder>> = vec![None, None];
         compress_in_lanes(&mut frames, &mut lanes, 0, 3)?;
@@ -333,10 +386,58 @@ mod tests {
         let mut theirs = block_digests(&data);
         theirs[1] = Digest::of(&[9u8; 4096]); // target block 1 is not zero: it must be zeroed
         theirs[10] = Digest::of(&[7u8; 4096]); // target block 10 differs: it must travel
-        let (d, _) = build_data(&volume, g, 0, Some(&theirs), Some(1))?;
+        let (d, _) = build_data(&volume, g, 0, Some(&theirs), None, Some(1))?;
         assert_eq!(d.send_mask, 1 << 10);
         assert_eq!(d.zero_mask, 1 << 1);
         assert_eq!(d.raw_len, 4096);
+        // From the scan's block digests the same answer, with only the differing blocks read.
+        let scanned = block_digests(&data);
+        let (from_scan, _) = build_data(&volume, g, 0, Some(&theirs), Some(&scanned), Some(1))?;
+        assert_eq!(
+            (from_scan.send_mask, from_scan.zero_mask, &from_scan.payload),
+            (d.send_mask, d.zero_mask, &d.payload)
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn from_the_scans_block_digests_runs_of_differing_blocks_are_read_and_their_zero_blocks_marked(
+    ) -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        // A short last chunk (3 blocks and 100 bytes) after a whole one.
+        let mut data = vec![0u8; 65536 + 3 * 4096 + 100];
+        rand_chacha::ChaCha8Rng::seed_from_u64(5).fill_bytes(&mut data);
+        data[2 * 4096..3 * 4096].fill(0);
+        data[65536 + 4096..65536 + 2 * 4096].fill(0);
+        let (volume, g) = volume_of(&dir, &data)?;
+        for (chunk, differ, sent, zeros) in [
+            (
+                0u64,
+                0b0111_1000_0000_0110u64,
+                0b0111_1000_0000_0010u64,
+                0b100u64,
+            ),
+            (1, 0b1111, 0b1101, 0b10),
+            (0, 0, 0, 0),
+        ] {
+            let (offset, len) = g.chunk_range(chunk);
+            let bytes = &data[offset as usize..][..len];
+            let scanned = block_digests(bytes);
+            let mut theirs = scanned.clone();
+            for (b, t) in theirs.iter_mut().enumerate() {
+                if differ & (1 << b) != 0 {
+                    *t = Digest::of(&[b as u8]);
+                }
+            }
+            let (d, _) = build_data(&volume, g, chunk, Some(&theirs), Some(&scanned), None)?;
+            assert_eq!((d.send_mask, d.zero_mask), (sent, zeros), "chunk {chunk}");
+            let expected: Vec<u8> = (0..crate::chunk::blocks_in(len))
+                .filter(|b| sent & (1 << b) != 0)
+                .flat_map(|b| bytes[block_range(len, b)].to_vec())
+                .collect();
+            assert_eq!(&d.payload[..], &expected[..], "chunk {chunk}");
+            assert_eq!(d.raw_len as usize, expected.len());
+        }
         Ok(())
     }
 

@@ -228,6 +228,11 @@ impl Announcer {
         super::push::pushes(self.selection.as_ref())
     }
 
+    /// Whether this session announces only chunks that differ from the base (a delta), not every chunk.
+    pub fn is_delta(&self) -> bool {
+        self.kind != SyncKind::Full
+    }
+
     /// The chunks to read: a change list, or `None` for all.
     pub fn take_selection(&mut self) -> Option<ChangedChunks> {
         self.selection.take()

@@ -243,8 +243,10 @@ impl Session {
             let mut pusher = Pusher::new(push_lanes, level);
             // Chunks that differ from the base (or all, in a full comparison) are announced in chunk order: pushed
             // with their listed blocks, or in DIGESTS runs.
+            let zeros = crate::chunk::ZeroDigests::new(geometry);
             let mut announce = |announcer: &mut Announcer,
                                 scanned: Vec<(u64, Digest)>,
+                                blocks: Option<(u64, crate::scan::Blocks)>,
                                 mut pushed: Vec<(DataFrame, bool)>| {
                 let chunks = announcer.feed(scanned)?;
                 let Some(last) = chunks.last().map(|(c, _)| *c) else {
@@ -258,6 +260,18 @@ impl Session {
                     return Err(stopped());
                 }
                 credit.announce(&chunks);
+                // Only in a delta, whose announced chunks are the changed ones: in a full comparison most of them
+                // are equal on the target, and keeping every chunk's digests to answer a few NEEDs measured no
+                // faster than reading those chunks again.
+                if let Some((first, blocks)) = &blocks {
+                    // Before DIGESTS go out: their NEEDs take these. A zero chunk gets no NEED.
+                    credit.keep_blocks(chunks.iter().filter_map(|&(c, d)| {
+                        let count = geometry.blocks_in_chunk(c) as usize;
+                        let at = c.checked_sub(*first)? as usize;
+                        (d != zeros.for_chunk(c)).then_some(())?;
+                        Some((c, blocks.of(at, count)?.into()))
+                    }));
+                }
                 announced.store(last + 1, Ordering::Release);
                 let pushed = pushed.into_iter().map(|(d, _)| d).collect();
                 for msg in push::announcements(&chunks, pushed) {
@@ -295,10 +309,21 @@ impl Session {
                                 digests.push((c, s.digest));
                                 pushed.extend(frame);
                             }
-                            announce(&mut announcer, digests, pushed)
+                            announce(&mut announcer, digests, None, pushed)
                         },
                     )
                 }
+                // A delta keeps the scan's block digests of the chunks it announces (`announce`).
+                None if announcer.is_delta() => crate::scan::scan_keeping_blocks(
+                    Some(pool.clone()),
+                    volume,
+                    geometry,
+                    bytes_read,
+                    |first, summaries, blocks| {
+                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
+                        announce(&mut announcer, digests, Some((first, blocks)), Vec::new())
+                    },
+                ),
                 None => crate::scan::scan_in(
                     Some(pool.clone()),
                     volume,
@@ -306,7 +331,7 @@ impl Session {
                     bytes_read,
                     |first, summaries| {
                         let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                        announce(&mut announcer, digests, Vec::new())
+                        announce(&mut announcer, digests, None, Vec::new())
                     },
                 ),
             };
@@ -353,7 +378,7 @@ impl Session {
             self.zstd_level,
             self.compression,
         );
-        let pool = self.pool.clone();
+        let (pool, credit) = (self.pool.clone(), self.credit.clone());
         // A batch keeps every reader thread busy (and at most one chunk per thread waits to be sent).
         let batch_size = NEED_BATCH.max(pool.current_num_threads());
         tokio::task::spawn_blocking(move || {
@@ -388,7 +413,15 @@ impl Session {
                             let level = compression
                                 .wanted(blocks.is_some(), measured)
                                 .then_some(level);
-                            build_data(&volume, geometry, chunk, blocks.as_deref(), level)
+                            let scanned = blocks.as_ref().and_then(|_| credit.take_blocks(chunk));
+                            build_data(
+                                &volume,
+                                geometry,
+                                chunk,
+                                blocks.as_deref(),
+                                scanned.as_deref(),
+                                level,
+                            )
                         })
                         .collect::<Result<Vec<_>>>()?;
                     sample = frames

@@ -20,9 +20,9 @@ use compare::DIGESTS_BATCH;
 use super::basis::Basis;
 use super::finals::FinalDigests;
 use super::flush::Flusher;
-use super::verify::{decode_lanes, runs, verify_and_write, Base};
+use super::verify::{decode_lanes, verify_and_write, Base};
 use crate::chunk::{
-    block_digests, block_range, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
+    block_digests, block_range, runs, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
 };
 use crate::codec::{DataFrame, Message, SyncKind};
 use crate::error::{Error, Result};
