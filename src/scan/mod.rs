@@ -51,22 +51,9 @@ pub fn scan_in(
     bytes_read: Arc<AtomicU64>,
     mut sink: impl FnMut(u64, Vec<ChunkSummary>) -> Result<()>,
 ) -> Result<()> {
-    scan_rounds(pool, volume, geometry, bytes_read, false, |first, s, _| {
+    scan_keeping_blocks(pool, volume, geometry, bytes_read, false, |first, s, _| {
         sink(first, s)
     })
-}
-
-/// [`scan_in`] that also hands the sink the block digests of each chunk (`chunk::hash_chunk`: one pass gives both),
-/// flat, [`Blocks::stride`] per chunk; a zero chunk's are not computed (zeros in their place). The source keeps
-/// those of the chunks it announces, so that answering a NEED reads only the blocks that differ and hashes nothing.
-pub fn scan_keeping_blocks(
-    pool: Option<Arc<ThreadPool>>,
-    volume: Arc<Volume>,
-    geometry: Geometry,
-    bytes_read: Arc<AtomicU64>,
-    sink: impl FnMut(u64, Vec<ChunkSummary>, Blocks) -> Result<()>,
-) -> Result<()> {
-    scan_rounds(pool, volume, geometry, bytes_read, true, sink)
 }
 
 /// The block digests of consecutive chunks of a scan, [`Blocks::stride`] per chunk (the last chunk's may be fewer,
@@ -95,7 +82,11 @@ impl Blocks {
     }
 }
 
-fn scan_rounds(
+/// [`scan_in`] that, with `keep_blocks`, also hands the sink the block digests of each chunk (`chunk::hash_chunk`:
+/// one pass gives both), flat, [`Blocks::stride`] per chunk; a zero chunk's are not computed (zeros in their place).
+/// Without it the sink's [`Blocks`] hold none. The source keeps those of the chunks a delta announces, so that
+/// answering a NEED reads only the blocks that differ and hashes nothing.
+pub fn scan_keeping_blocks(
     pool: Option<Arc<ThreadPool>>,
     volume: Arc<Volume>,
     geometry: Geometry,

@@ -44,6 +44,7 @@ fn check_kept_blocks(vol: Volume, g: Geometry, data: &[u8]) -> anyhow::Result<()
         Arc::new(vol),
         g,
         Arc::new(AtomicU64::new(0)),
+        true,
         |first, summaries, blocks| {
             assert_eq!(first, seen);
             for (k, s) in summaries.iter().enumerate() {

@@ -313,27 +313,23 @@ impl Session {
                         },
                     )
                 }
-                // A delta keeps the scan's block digests of the chunks it announces (`announce`).
-                None if announcer.is_delta() => crate::scan::scan_keeping_blocks(
-                    Some(pool.clone()),
-                    volume,
-                    geometry,
-                    bytes_read,
-                    |first, summaries, blocks| {
-                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                        announce(&mut announcer, digests, Some((first, blocks)), Vec::new())
-                    },
-                ),
-                None => crate::scan::scan_in(
-                    Some(pool.clone()),
-                    volume,
-                    geometry,
-                    bytes_read,
-                    |first, summaries| {
-                        let digests = (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                        announce(&mut announcer, digests, None, Vec::new())
-                    },
-                ),
+                None => {
+                    // A delta keeps the scan's block digests of the chunks it announces (`announce`).
+                    let delta = announcer.is_delta();
+                    crate::scan::scan_keeping_blocks(
+                        Some(pool.clone()),
+                        volume,
+                        geometry,
+                        bytes_read,
+                        delta,
+                        |first, summaries, blocks| {
+                            let digests =
+                                (first..).zip(summaries.iter().map(|s| s.digest)).collect();
+                            let blocks = delta.then_some((first, blocks));
+                            announce(&mut announcer, digests, blocks, Vec::new())
+                        },
+                    )
+                }
             };
             let r = scanned.and_then(|()| {
                 let digest = announcer.finish()?;
