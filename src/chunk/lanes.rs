@@ -147,7 +147,7 @@ fn split(blocks: &[Digest], len: usize) -> ([u8; CV], [u8; CV]) {
 }
 
 /// The chaining value of the subtree made of `blocks` (`len` bytes).
-fn subtree(blocks: &[Digest], len: usize) -> [u8; CV] {
+pub(super) fn subtree(blocks: &[Digest], len: usize) -> [u8; CV] {
     if let [one] = blocks {
         return one.0;
     }

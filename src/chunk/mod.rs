@@ -7,8 +7,10 @@ pub mod pages;
 
 use std::fmt;
 
+mod cover;
 mod lanes;
 
+pub use cover::{chunk_digest_with_cover, cover};
 pub use lanes::{
     block_digests, block_digests_at, chunk_digest_of_blocks, hash_chunk, hash_chunk_into,
 };

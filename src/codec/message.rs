@@ -103,9 +103,23 @@ impl Message {
                 tail = Some(&d.payload);
                 kind::DATA
             }
-            Message::Blocks { digest, data } => {
+            Message::Blocks {
+                digest,
+                cover,
+                data,
+            } => {
                 dst.put_u64(data.chunk);
                 dst.put_slice(&digest.0);
+                // At most 63 for a chunk of 64 blocks (`Message::Blocks`): a cover never fills a byte.
+                debug_assert!(
+                    cover.len() < 64,
+                    "a cover of {} chaining values",
+                    cover.len()
+                );
+                dst.put_u8(cover.len() as u8);
+                for c in cover {
+                    dst.put_slice(&c.0);
+                }
                 put_blocks(dst, data);
                 tail = Some(&data.payload);
                 kind::BLOCKS
@@ -224,13 +238,24 @@ impl Message {
                 Message::Data(take_blocks(chunk, p, "DATA")?)
             }
             kind::BLOCKS => {
-                if p.len() < 61 {
+                if p.len() < 62 {
                     return Err(short("BLOCKS"));
                 }
                 let chunk = p.get_u64();
                 let digest = take_digest(&mut p).ok_or_else(|| short("BLOCKS"))?;
+                let count = usize::from(p.get_u8());
+                if p.len() < count * 32 + 21 {
+                    return Err(short("BLOCKS"));
+                }
+                let cover = (0..count)
+                    .map(|_| take_digest(&mut p).ok_or_else(|| short("BLOCKS")))
+                    .collect::<Result<_>>()?;
                 let data = take_blocks(chunk, p, "BLOCKS")?;
-                Message::Blocks { digest, data }
+                Message::Blocks {
+                    digest,
+                    cover,
+                    data,
+                }
             }
             kind::END | kind::COMMIT => {
                 need(&p, 48, if ty == kind::END { "END" } else { "COMMIT" })?;

@@ -23,8 +23,10 @@ pub const MAGIC: [u8; 2] = *b"BM";
 /// identity to HELLO and the ABORT code `Busy`; version 3 the delta offer in HELLO and the session's kind in READY;
 /// version 4 the compression lanes (DATA encodings `2 + lane`); version 5 the BLOCKS frame (a delta by change list
 /// pushes the listed blocks of a chunk with its digest); version 6 the block digest as the chaining value of the
-/// block's subtree at its place in the chunk (`chunk::lanes`), so that block digests merge into the chunk digest.
-pub const VERSION: u8 = 6;
+/// block's subtree at its place in the chunk (`chunk::lanes`), so that block digests merge into the chunk digest;
+/// version 7 the cover in BLOCKS (`chunk::cover`), so that a pushed chunk is verified without reading the target's
+/// blocks the change list does not name.
+pub const VERSION: u8 = 7;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.
@@ -187,11 +189,15 @@ pub enum Message {
     /// Changed blocks of a chunk.
     Data(DataFrame),
     /// A delta by change list: announces chunk `data.chunk` (like a DIGESTS entry, in the same order and under the
-    /// same window) with its digest, and carries the blocks of it the change list names. The destination writes
-    /// them if the target chunk with them hashes to `digest`, and otherwise asks with NEED.
+    /// same window) with its digest, and carries the blocks of it the change list names, with the cover of the
+    /// others (`chunk::cover`). The destination writes them if the cover with its target's listed blocks gives its
+    /// base's digest of the chunk and with the pushed ones `digest`, and otherwise asks with NEED.
     Blocks {
         /// The source's digest of the whole chunk.
         digest: Digest,
+        /// The chaining values of the chunk's largest subtrees without a listed block, left to right (at most 63:
+        /// a chunk has at most 64 blocks, and at least one is listed).
+        cover: Vec<Digest>,
         /// The listed blocks, as in DATA.
         data: DataFrame,
     },

@@ -141,6 +141,7 @@ fn every_message_roundtrips() {
     assert!(err.to_string().contains("unknown encoding 6"), "{err}");
     roundtrip(Message::Blocks {
         digest: d,
+        cover: vec![Digest::of(b"left"), Digest::of(b"right")],
         data: DataFrame {
             chunk: 1 << 40,
             send_mask: 0b1001,
@@ -181,12 +182,12 @@ fn absurd_length_is_rejected_before_the_payload_arrives() {
 fn other_version_is_a_version_mismatch() {
     let mut buf = BytesMut::new();
     Message::Ack { through: 1 }.encode(&mut buf);
-    buf[2] = 5;
+    buf[2] = 6;
     let err = parse_frame(&mut buf).expect_err("must reject");
-    assert!(matches!(err, Error::VersionMismatch { peer: 5, ours: 6 }));
+    assert!(matches!(err, Error::VersionMismatch { peer: 6, ours: 7 }));
     assert!(
         err.to_string()
-            .contains("peer speaks version 5, this build speaks version 6"),
+            .contains("peer speaks version 6, this build speaks version 7"),
         "{err}"
     );
 }
@@ -209,6 +210,7 @@ fn bad_magic_and_wrong_payload_lengths_are_rejected() {
     let mut blocks = BytesMut::new();
     Message::Blocks {
         digest: Digest::of(b"chunk"),
+        cover: Vec::new(),
         data: DataFrame {
             chunk: 2,
             send_mask: 1,
@@ -219,10 +221,18 @@ fn bad_magic_and_wrong_payload_lengths_are_rejected() {
         },
     }
     .encode(&mut blocks);
-    assert_eq!(blocks.len(), super::HEADER_LEN + 61, "BLOCKS' fixed fields");
-    blocks.truncate(blocks.len() - 1);
-    blocks[super::HEADER_LEN - 1] -= 1;
-    let err = parse_frame(&mut blocks).expect_err("BLOCKS without its raw_len's last byte");
+    assert_eq!(blocks.len(), super::HEADER_LEN + 62, "BLOCKS' fixed fields");
+    let mut short = blocks.clone();
+    short.truncate(short.len() - 1);
+    short[super::HEADER_LEN - 1] -= 1;
+    let err = parse_frame(&mut short).expect_err("BLOCKS without its raw_len's last byte");
+    assert!(
+        err.to_string().contains("BLOCKS frame has a wrong length"),
+        "{err}"
+    );
+    // A cover count the frame does not hold: one chaining value announced, none there.
+    blocks[super::HEADER_LEN + 40] = 1;
+    let err = parse_frame(&mut blocks).expect_err("a cover longer than the frame");
     assert!(
         err.to_string().contains("BLOCKS frame has a wrong length"),
         "{err}"

@@ -56,6 +56,17 @@ impl FinalDigests {
         self.advance()
     }
 
+    /// Delta: the base's digest of `chunk` (the destination's manifest), checked as it is read.
+    pub fn base_digest(&mut self, chunk: u64) -> Result<Digest> {
+        let patch = self
+            .patch
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("a full comparison has no base".into()))?;
+        patch.base().digest(chunk).map_err(|e| {
+            Error::ManifestDamaged(format!("the destination's, at chunk {chunk}: {e}"))
+        })
+    }
+
     /// Delta: every chunk below `through` that was not announced is equal to the base.
     pub fn base_through(&mut self, through: u64) -> Result<()> {
         self.base_through = self.base_through.max(through);

@@ -5,8 +5,8 @@
 use std::cell::RefCell;
 
 use crate::chunk::{
-    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, runs, Digest, Geometry,
-    BLOCK_SIZE,
+    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, chunk_digest_with_cover,
+    runs, Digest, Geometry, BLOCK_SIZE,
 };
 use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
@@ -17,8 +17,6 @@ use crate::zstream::Decoder;
 /// What the blocks of a chunk that do not travel in its DATA hold.
 #[derive(Clone, Copy, Debug)]
 pub enum Base<'a> {
-    /// What the target chunk holds now: it is read (a pushed chunk, BLOCKS).
-    Target,
     /// Zeros: the target chunk was all zeros when its NEED was sent.
     Zeros,
     /// The target chunk's block digests as its NEED sent them (protocol 6): the chunk is verified from the blocks
@@ -100,11 +98,18 @@ pub fn verify_and_write(
 /// block digests are `blocks`: only the blocks that travel, and those it zeroes, are hashed; `None` for a chunk of
 /// one block (or digests that do not fit it), which is verified from its bytes.
 fn patched_digest(d: &DataFrame, raw: &[u8], len: usize, blocks: &[Digest]) -> Option<Digest> {
-    static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
     if blocks.len() != blocks_in(len) as usize {
         return None;
     }
     let mut digests = blocks.to_vec();
+    travelling_digests(d, raw, len, &mut digests);
+    chunk_digest_of_blocks(&digests, len)
+}
+
+/// Puts into `digests` (one per block of the chunk, `len` bytes) the digest of each block the DATA or BLOCKS `d`
+/// carries (from `raw`, its decoded payload) or zeroes; the others are left as they are.
+fn travelling_digests(d: &DataFrame, raw: &[u8], len: usize, digests: &mut [Digest]) {
+    static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
     let mut at = 0;
     for (b0, b1) in runs(d.send_mask) {
         let n = block_range(len, b1 - 1).end - block_range(len, b0).start;
@@ -118,7 +123,85 @@ fn patched_digest(d: &DataFrame, raw: &[u8], len: usize, blocks: &[Digest]) -> O
             digests[b as usize] = block_digests_at(zeros, b)[0];
         }
     }
-    chunk_digest_of_blocks(&digests, len)
+}
+
+/// Checks a pushed chunk (BLOCKS, protocol 7) and only then writes its data blocks (zero blocks are left to the
+/// caller). Only the target's listed blocks (`send_mask | zero_mask`) are read:
+/// - the cover with the target's listed blocks must give `base`, the destination's manifest digest of the chunk: so
+///   the source's blocks outside the list are the base's, and the list missed no change of this chunk;
+/// - the cover with the pushed blocks must give `expected`, the source's digest of the chunk.
+///
+/// The target's blocks outside the list are not read: they are trusted to hold the base, as every chunk the list
+/// does not name is (PROTOCOL.md, "Why a delta sync is safe"). A chunk whose every block is listed has no cover and
+/// is checked from what travels alone. `DigestMismatch` when a check fails, with nothing written; a frame that names
+/// no block, or whose cover does not fit its listed blocks, is a protocol violation.
+pub fn verify_pushed(
+    target: &Volume,
+    geometry: Geometry,
+    figures: &Figures,
+    d: &DataFrame,
+    expected: Digest,
+    cover: &[Digest],
+    base: Digest,
+) -> Result<()> {
+    thread_local! {
+        static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+    BUFFERS.with(|cell| {
+        let (scratch, buf) = &mut *cell.borrow_mut();
+        let (offset, len) = geometry.chunk_range(d.chunk);
+        let raw = decoded(d, len, scratch)?;
+        let n = blocks_in(len);
+        let listed = d.send_mask | d.zero_mask;
+        let every = if n == 64 { u64::MAX } else { (1 << n) - 1 };
+        let bad = |why: &str| Error::Protocol(format!("BLOCKS for chunk {}: {why}", d.chunk));
+        if listed == 0 {
+            return Err(bad("no block listed"));
+        }
+        let mut pushed = vec![Digest([0; 32]); n as usize];
+        let digest = if listed == every {
+            if !cover.is_empty() {
+                return Err(bad("a cover for a chunk whose every block is listed"));
+            }
+            // Nothing of the target stays: the chunk is what travels.
+            buf.clear();
+            buf.resize(len, 0);
+            let mut at = 0;
+            for (b0, b1) in runs(d.send_mask) {
+                let r = block_range(len, b0).start..block_range(len, b1 - 1).end;
+                buf[r.clone()].copy_from_slice(&raw[at..at + r.len()]);
+                at += r.len();
+            }
+            Digest::of(buf)
+        } else {
+            let mut had = vec![Digest([0; 32]); n as usize];
+            for (b0, b1) in runs(listed) {
+                let r = block_range(len, b0).start..block_range(len, b1 - 1).end;
+                buf.resize(r.len(), 0);
+                target.read_exact_at(&mut buf[..r.len()], offset + r.start as u64)?;
+                add(&figures.bytes_read, r.len() as u64);
+                had[b0 as usize..b1 as usize]
+                    .copy_from_slice(&block_digests_at(&buf[..r.len()], b0));
+            }
+            let misfit = || bad("its cover does not fit its listed blocks");
+            let was = chunk_digest_with_cover(cover, &had, len, listed).ok_or_else(misfit)?;
+            if was != base {
+                return Err(Error::DigestMismatch { chunk: d.chunk });
+            }
+            travelling_digests(d, raw, len, &mut pushed);
+            chunk_digest_with_cover(cover, &pushed, len, listed).ok_or_else(misfit)?
+        };
+        if digest != expected {
+            return Err(Error::DigestMismatch { chunk: d.chunk });
+        }
+        let mut at = 0;
+        for (b0, b1) in runs(d.send_mask) {
+            let (start, end) = (block_range(len, b0).start, block_range(len, b1 - 1).end);
+            target.write_all_at(&raw[at..at + end - start], offset + start as u64)?;
+            at += end - start;
+        }
+        Ok(())
+    })
 }
 
 /// Decodes the lane payloads of `frames` (the order they arrived in) with the session's lane decoders, lanes in

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 
 mod selected;
-pub use selected::scan_selected;
+pub use selected::{scan_selected, Keep, Read};
 use std::sync::Arc;
 use std::thread;
 

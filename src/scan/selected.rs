@@ -12,27 +12,53 @@ use rayon::ThreadPool;
 
 use super::{on, segments_per_round, READ_AHEAD, SEGMENT_CHUNKS};
 use crate::changes::ChangedChunks;
-use crate::chunk::{ChunkSummary, Geometry, ZeroDigests};
+use crate::chunk::{
+    blocks_in, hash_chunk_into, is_zero, ChunkSummary, Digest, Geometry, ZeroDigests,
+};
 use crate::error::{Error, Result};
 use crate::volume::Volume;
 
 /// A scanned chunk: its index, its summary, and what `keep` took from its bytes.
 pub type Selected<T> = (u64, ChunkSummary, Option<T>);
 
+/// What `keep` sees of a chunk a selected scan read: its bytes, its summary, and with `keep_blocks` (and the chunk
+/// not all zeros) the digests of its blocks, from the same pass as its digest (empty otherwise).
+pub struct Read<'a> {
+    /// The chunk's bytes.
+    pub bytes: &'a [u8],
+    /// Its digest, and whether it is all zeros.
+    pub summary: &'a ChunkSummary,
+    /// Its block digests, or none.
+    pub blocks: &'a [Digest],
+}
+
+/// What a selected scan does with each chunk it read: `keep` takes what it wants of it (see [`scan_selected`]);
+/// with `blocks`, it also gets the chunk's block digests.
+pub struct Keep<F> {
+    /// Compute each chunk's block digests in the pass that gives its digest.
+    pub blocks: bool,
+    /// Takes what it wants of a chunk read.
+    pub keep: F,
+}
+
 /// Scans only the chunks in `chunks` (a change list), calling `sink` with up to [`SEGMENT_CHUNKS`] of them at a
-/// time, in order, the reads and hashes on `pool` (rayon's global pool without one). `keep` sees each chunk's
-/// bytes right after they were hashed (not a chunk known to be zeros without reading: a hole, or outside the
-/// allocation map), on the worker that read them. The same budget as [`super::scan`]: one buffer per worker, a few
-/// segments ahead, plus what `keep` returns for them.
-pub fn scan_selected<T: Send + 'static>(
+/// time, in order, the reads and hashes on `pool` (rayon's global pool without one). `keep.keep` sees each chunk
+/// right after it was hashed (not a chunk known to be zeros without reading: a hole, or outside the allocation
+/// map), on the worker that read it; with `keep.blocks` it also sees the chunk's block digests (a pushed chunk's
+/// cover is made of them). The same budget as [`super::scan`]: one buffer per worker, a few segments ahead, plus
+/// what `keep` returns for them.
+pub fn scan_selected<T: Send + 'static, F>(
     pool: Option<Arc<ThreadPool>>,
     volume: Arc<Volume>,
     geometry: Geometry,
     chunks: Arc<ChangedChunks>,
     bytes_read: Arc<AtomicU64>,
-    keep: impl Fn(u64, &[u8], &ChunkSummary) -> Option<T> + Send + Sync + 'static,
+    keep: Keep<F>,
     mut sink: impl FnMut(Vec<Selected<T>>) -> Result<()>,
-) -> Result<()> {
+) -> Result<()>
+where
+    F: Fn(u64, Read<'_>) -> Option<T> + Send + Sync + 'static,
+{
     let (tx, rx) = sync_channel::<Result<Vec<Selected<T>>>>(READ_AHEAD);
     let scanner = thread::Builder::new()
         .name("scan".into())
@@ -79,10 +105,10 @@ fn read_one<T>(
     zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
     i: u64,
-    keep: &impl Fn(u64, &[u8], &ChunkSummary) -> Option<T>,
+    keep: &Keep<impl Fn(u64, Read<'_>) -> Option<T>>,
 ) -> Result<Selected<T>> {
     thread_local! {
-        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static BUFFER: RefCell<(Vec<u8>, Vec<Digest>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
     let (offset, len) = geometry.chunk_range(i);
     // Outside the allocation map a tracker gave: zeros by the storage's word, not read and not counted.
@@ -90,15 +116,31 @@ fn read_one<T>(
         return Ok((i, zeros.zero_summary(i), None));
     }
     BUFFER.with(|cell| {
-        let mut buf = cell.borrow_mut();
+        let (buf, blocks) = &mut *cell.borrow_mut();
         buf.resize(len, 0);
-        let hole = volume.read_unless_hole(&mut buf, offset)?;
+        let hole = volume.read_unless_hole(buf, offset)?;
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         if hole {
             return Ok((i, zeros.zero_summary(i), None));
         }
-        let summary = zeros.summarize(i, &buf);
-        let kept = keep(i, &buf, &summary);
+        blocks.clear();
+        let summary = if keep.blocks && !is_zero(buf) {
+            blocks.resize(blocks_in(len) as usize, Digest([0; 32]));
+            ChunkSummary {
+                digest: hash_chunk_into(buf, blocks),
+                zero: false,
+            }
+        } else {
+            zeros.summarize(i, buf)
+        };
+        let kept = (keep.keep)(
+            i,
+            Read {
+                bytes: buf,
+                summary: &summary,
+                blocks,
+            },
+        );
         Ok((i, summary, kept))
     })
 }
@@ -106,7 +148,7 @@ fn read_one<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunk::Digest;
+    use crate::chunk::block_digests;
 
     #[test]
     fn a_selected_scan_reads_only_the_listed_chunks() -> anyhow::Result<()> {
@@ -126,7 +168,12 @@ mod tests {
             g,
             Arc::new(list),
             read.clone(),
-            |i, bytes, s| (i % 2 == 1).then_some((bytes.len(), s.zero)),
+            Keep {
+                blocks: true,
+                keep: |i, r: Read<'_>| {
+                    (i % 2 == 1).then(|| (r.bytes.len(), r.summary.zero, r.blocks.to_vec()))
+                },
+            },
             |s| {
                 assert!(s.len() <= SEGMENT_CHUNKS as usize);
                 seen.extend(s);
@@ -146,8 +193,11 @@ mod tests {
         for (i, s, kept) in &seen {
             let bytes = &data[*i as usize * 65536..][..65536];
             assert_eq!(s.digest, Digest::of(bytes), "chunk {i}");
-            let expected = (i % 2 == 1).then_some((65536, false));
-            assert_eq!(*kept, expected, "keep saw chunk {i}'s bytes");
+            let expected = (i % 2 == 1).then(|| (65536, false, block_digests(bytes)));
+            assert_eq!(
+                *kept, expected,
+                "keep saw chunk {i}'s bytes and block digests"
+            );
         }
         Ok(())
     }

@@ -137,7 +137,10 @@ fn a_pool_deeper_than_a_segment_scans_several_at_once_and_delivers_them_in_order
         g,
         Arc::new(list),
         Arc::new(AtomicU64::new(0)),
-        |_, _, _| None::<()>,
+        crate::scan::Keep {
+            blocks: false,
+            keep: |_, _: crate::scan::Read<'_>| None::<()>,
+        },
         |s| {
             assert!(s.len() <= SEGMENT_CHUNKS as usize);
             seen.extend(s.into_iter().map(|(i, s, _)| (i, s.digest)));

@@ -5,7 +5,7 @@
 
 use super::data::{compress_in_lanes, raw_frame};
 use crate::changes::ChangedChunks;
-use crate::chunk::{block_range, is_zero, Digest, Geometry};
+use crate::chunk::{block_range, cover, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message, MAX_DIGESTS_PER_FRAME};
 use crate::error::Result;
 use crate::zstream::{Encoder, MAX_LANES};
@@ -29,15 +29,20 @@ pub fn lanes(pushing: bool, per_core: usize) -> (std::ops::Range<usize>, std::op
     }
 }
 
-/// The listed blocks of a scanned chunk as a raw BLOCKS payload (zero blocks as marks), and whether it is worth
-/// compressing at `level`.
+/// A pushed chunk's listed blocks as a raw BLOCKS payload, whether it is worth compressing, and the cover of the
+/// chunk's other blocks.
+pub type Pushed = (DataFrame, bool, Vec<Digest>);
+
+/// The listed blocks of a scanned chunk as a raw BLOCKS payload (zero blocks as marks), whether it is worth
+/// compressing at `level`, and the cover of its other blocks from `blocks`, the digests of all its blocks.
 pub fn listed_blocks(
     geometry: Geometry,
     chunk: u64,
     bytes: &[u8],
+    blocks: &[Digest],
     listed: u64,
     level: Option<i32>,
-) -> (DataFrame, bool) {
+) -> Pushed {
     let len = bytes.len();
     let (mut send_mask, mut zero_mask) = (0u64, 0u64);
     let mut raw =
@@ -54,7 +59,8 @@ pub fn listed_blocks(
             raw.extend_from_slice(block);
         }
     }
-    raw_frame(chunk, send_mask, zero_mask, raw, level)
+    let (frame, worth) = raw_frame(chunk, send_mask, zero_mask, raw, level);
+    (frame, worth, cover(blocks, len, listed))
 }
 
 /// Compresses pushed payloads in the push lanes.
@@ -80,15 +86,22 @@ impl Pusher {
     }
 }
 
-/// The announcements of `chunks` (in increasing order): a BLOCKS frame for each chunk with a frame in `pushed`
-/// (also in increasing order), DIGESTS frames for runs of consecutive others.
-pub fn announcements(chunks: &[(u64, Digest)], pushed: Vec<DataFrame>) -> Vec<Message> {
+/// The announcements of `chunks` (in increasing order): a BLOCKS frame for each chunk with a frame (and its
+/// cover) in `pushed` (also in increasing order), DIGESTS frames for runs of consecutive others.
+pub fn announcements(
+    chunks: &[(u64, Digest)],
+    pushed: Vec<(DataFrame, Vec<Digest>)>,
+) -> Vec<Message> {
     let mut out: Vec<Message> = Vec::new();
     let mut pushed = pushed.into_iter().peekable();
     for &(chunk, digest) in chunks {
-        if pushed.peek().is_some_and(|d| d.chunk == chunk) {
-            if let Some(data) = pushed.next() {
-                out.push(Message::Blocks { digest, data });
+        if pushed.peek().is_some_and(|(d, _)| d.chunk == chunk) {
+            if let Some((data, cover)) = pushed.next() {
+                out.push(Message::Blocks {
+                    digest,
+                    cover,
+                    data,
+                });
             }
             continue;
         }
@@ -126,13 +139,21 @@ mod tests {
             raw_len: 4096,
             payload: Bytes::from(vec![chunk as u8; 4096]),
         };
-        let out = announcements(&chunks, vec![frame(2), frame(9)]);
+        let out = announcements(
+            &chunks,
+            vec![(frame(2), vec![d(20)]), (frame(9), Vec::new())],
+        );
         let shape: Vec<String> = out
             .iter()
             .map(|m| match m {
                 Message::Digests { first, digests } => format!("D{first}+{}", digests.len()),
-                Message::Blocks { digest, data } => {
+                Message::Blocks {
+                    digest,
+                    cover,
+                    data,
+                } => {
                     assert_eq!(*digest, d(data.chunk));
+                    assert_eq!(cover.len(), usize::from(data.chunk == 2), "its own cover");
                     format!("B{}", data.chunk)
                 }
                 other => other.name().into(),
@@ -146,14 +167,23 @@ mod tests {
         let g = Geometry::new(65536 + 8192, 65536).expect("geometry");
         let mut chunk = vec![3u8; 65536];
         chunk[2 * 4096..3 * 4096].fill(0);
-        let (d, _) = listed_blocks(g, 0, &chunk, 0b1110, Some(1));
+        let blocks = crate::chunk::block_digests(&chunk);
+        let (d, _, c) = listed_blocks(g, 0, &chunk, &blocks, 0b1110, Some(1));
         assert_eq!(
             (d.send_mask, d.zero_mask, d.raw_len),
             (0b1010, 0b0100, 8192)
         );
+        assert_eq!(
+            c,
+            cover(&blocks, 65536, 0b1110),
+            "the cover of the other blocks"
+        );
+        assert_eq!(c.len(), 3, "block 0, blocks 4-7 and blocks 8-15");
         assert_eq!(&d.payload[..4096], &chunk[4096..8192]);
         assert_eq!(&d.payload[4096..], &chunk[3 * 4096..4 * 4096]);
-        let (short, worth) = listed_blocks(g, 1, &[0u8; 8192], 0b11, Some(1));
+        let zeros = crate::chunk::block_digests(&[0u8; 8192]);
+        let (short, worth, c) = listed_blocks(g, 1, &[0u8; 8192], &zeros, 0b11, Some(1));
+        assert!(c.is_empty(), "every block listed: no cover");
         assert_eq!(
             (short.send_mask, short.zero_mask, short.raw_len),
             (0, 0b11, 0)

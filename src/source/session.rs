@@ -247,12 +247,17 @@ impl Session {
             let mut announce = |announcer: &mut Announcer,
                                 scanned: Vec<(u64, Digest)>,
                                 blocks: Option<(u64, crate::scan::Blocks)>,
-                                mut pushed: Vec<(DataFrame, bool)>| {
+                                mut pushed: Vec<push::Pushed>| {
                 let chunks = announcer.feed(scanned)?;
                 let Some(last) = chunks.last().map(|(c, _)| *c) else {
                     return Ok(());
                 };
-                pushed.retain(|(d, _)| chunks.binary_search_by_key(&d.chunk, |(c, _)| *c).is_ok());
+                pushed
+                    .retain(|(d, _, _)| chunks.binary_search_by_key(&d.chunk, |(c, _)| *c).is_ok());
+                let (mut pushed, covers): (Vec<(DataFrame, bool)>, Vec<Vec<Digest>>) = pushed
+                    .into_iter()
+                    .map(|(d, worth, c)| ((d, worth), c))
+                    .unzip();
                 if pushed.iter().any(|(_, worth)| *worth) {
                     pool.install(|| pusher.compress(&mut pushed))?;
                 }
@@ -273,7 +278,7 @@ impl Session {
                     }));
                 }
                 announced.store(last + 1, Ordering::Release);
-                let pushed = pushed.into_iter().map(|(d, _)| d).collect();
+                let pushed = pushed.into_iter().map(|(d, _)| d).zip(covers).collect();
                 for msg in push::announcements(&chunks, pushed) {
                     if let Message::Blocks { data, .. } = &msg {
                         count_data(&figures, data, true);
@@ -295,12 +300,18 @@ impl Session {
                         geometry,
                         list,
                         bytes_read,
-                        move |chunk, bytes, summary| {
-                            let push = pushing && !summary.zero;
-                            push.then(|| {
-                                let mask = listed.listed_blocks(chunk);
-                                push::listed_blocks(geometry, chunk, bytes, mask, compress)
-                            })
+                        crate::scan::Keep {
+                            blocks: pushing,
+                            keep: move |chunk, read: crate::scan::Read<'_>| {
+                                let push = pushing && !read.summary.zero;
+                                push.then(|| {
+                                    let mask = listed.listed_blocks(chunk);
+                                    let (bytes, blocks) = (read.bytes, read.blocks);
+                                    push::listed_blocks(
+                                        geometry, chunk, bytes, blocks, mask, compress,
+                                    )
+                                })
+                            },
                         },
                         |segment| {
                             let mut digests = Vec::with_capacity(segment.len());

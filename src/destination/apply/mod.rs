@@ -220,9 +220,26 @@ impl Apply {
                     self.on_digests(&frames)?;
                     self.acknowledge()?;
                 }
-                Message::Blocks { digest, data } => {
-                    let batch = gather(inbox, &mut held, (digest, data), |m| match m {
-                        Message::Blocks { digest, data } => Ok((digest, data)),
+                Message::Blocks {
+                    digest,
+                    cover,
+                    data,
+                } => {
+                    let first = push::Push {
+                        digest,
+                        cover,
+                        data,
+                    };
+                    let batch = gather(inbox, &mut held, first, |m| match m {
+                        Message::Blocks {
+                            digest,
+                            cover,
+                            data,
+                        } => Ok(push::Push {
+                            digest,
+                            cover,
+                            data,
+                        }),
                         other => Err(other),
                     });
                     self.on_blocks(batch)?;

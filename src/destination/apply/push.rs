@@ -1,22 +1,34 @@
-//! BLOCKS (protocol 5): in a delta by change list the source pushes the blocks its list names with the chunk's
-//! digest. The destination rebuilds the chunk from its target and those blocks and writes them only if it hashes to
-//! the digest; a chunk that does not (the list missed a changed block of it, or the target drifted) is asked for
-//! with NEED and block digests, as any announced chunk of a full session would be.
+//! BLOCKS (protocol 5, with its cover since 7): in a delta by change list the source pushes the blocks its list
+//! names with the chunk's digest and the cover of its other blocks (`chunk::cover`). The destination reads only its
+//! target's listed blocks: with the cover they must give its base's digest of the chunk, and with the pushed blocks
+//! the source's; then it writes them. A chunk that does not verify (the list missed a changed block of it, or the
+//! target's listed blocks drifted from the base) is asked for with NEED and block digests, as any announced chunk
+//! of a full session would be.
 
 use rayon::prelude::*;
 
 use super::{Apply, Open};
 use crate::chunk::{block_digests, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message};
-use crate::destination::verify::{decode_lanes, verify_and_write, Base};
+use crate::destination::verify::{decode_lanes, verify_pushed};
 use crate::error::{Error, Result};
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
 
+/// A BLOCKS frame's fields.
+pub struct Push {
+    /// The source's digest of the chunk.
+    pub digest: Digest,
+    /// The cover of its blocks the frame does not carry.
+    pub cover: Vec<Digest>,
+    /// The listed blocks.
+    pub data: DataFrame,
+}
+
 impl Apply {
     /// Pushed chunks (BLOCKS): announced like DIGESTS entries, in order and within the window, and verified with
     /// their blocks on all cores. A chunk whose blocks do not rebuild the source's is asked for with NEED.
-    pub(super) fn on_blocks(&mut self, batch: Vec<(Digest, DataFrame)>) -> Result<()> {
+    pub(super) fn on_blocks(&mut self, batch: Vec<Push>) -> Result<()> {
         if !self.pushes {
             return Err(Error::Protocol(
                 "BLOCKS outside a delta by change list".into(),
@@ -24,11 +36,12 @@ impl Apply {
         }
         let count = self.geometry.chunk_count();
         let mut next = self.next;
-        for (_, d) in &batch {
-            if d.chunk < next || d.chunk >= count {
+        let mut bases = Vec::with_capacity(batch.len());
+        for p in &batch {
+            let chunk = p.data.chunk;
+            if chunk < next || chunk >= count {
                 return Err(Error::Protocol(format!(
-                    "BLOCKS for chunk {}, expected from {next} (volume has {count})",
-                    d.chunk
+                    "BLOCKS for chunk {chunk}, expected from {next} (volume has {count})"
                 )));
             }
             if self.pending.len() as u64 >= self.window {
@@ -38,21 +51,29 @@ impl Apply {
                     self.window
                 )));
             }
-            self.pending.push_back(d.chunk);
-            next = d.chunk + 1;
+            self.pending.push_back(chunk);
+            bases.push(self.finals.base_digest(chunk)?);
+            next = chunk + 1;
         }
-        let (expected, mut frames): (Vec<Digest>, Vec<DataFrame>) = batch.into_iter().unzip();
+        let (mut frames, pushes): (Vec<DataFrame>, Vec<(Digest, Vec<Digest>)>) = batch
+            .into_iter()
+            .map(|p| (p.data, (p.digest, p.cover)))
+            .unzip();
         let wire = decode_lanes(&mut frames, &mut self.lanes)?;
         self.before_write()?;
         let outcomes: Vec<Result<Pushed>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
             frames
                 .par_iter()
-                .zip(&expected)
-                .map(|(d, e)| apply_pushed(target, geometry, figures, d, *e))
+                .zip(&pushes)
+                .zip(&bases)
+                .map(|((d, (expected, cover)), base)| {
+                    apply_pushed(target, geometry, figures, d, *expected, cover, *base)
+                })
                 .collect()
         };
-        for (((d, expected), outcome), wire) in frames.iter().zip(expected).zip(outcomes).zip(wire)
+        for (((d, (expected, _)), outcome), wire) in
+            frames.iter().zip(pushes).zip(outcomes).zip(wire)
         {
             // Every chunk skipped before this one is equal to the base.
             self.finals.base_through(d.chunk)?;
@@ -85,6 +106,7 @@ impl Apply {
 }
 
 /// What became of a pushed chunk.
+#[derive(Debug, PartialEq)]
 enum Pushed {
     /// It verified, and its data blocks are written (its zero blocks are left to the caller).
     Written,
@@ -92,18 +114,20 @@ enum Pushed {
     Differs(Option<Vec<Digest>>),
 }
 
-/// Rebuilds and checks one pushed chunk, writing its data blocks if it verifies.
+/// Checks one pushed chunk against `base` (the manifest's digest of it) and `expected` (the source's), writing its
+/// data blocks if it verifies; if not, reads the whole target chunk for its NEED.
 fn apply_pushed(
     target: &Volume,
     geometry: Geometry,
     figures: &Figures,
     d: &DataFrame,
     expected: Digest,
+    cover: &[Digest],
+    base: Digest,
 ) -> Result<Pushed> {
-    match verify_and_write(target, geometry, figures, d, expected, Base::Target) {
+    match verify_pushed(target, geometry, figures, d, expected, cover, base) {
         Ok(()) => Ok(Pushed::Written),
         Err(Error::DigestMismatch { .. }) => {
-            // Read again: the buffer that failed holds the pushed blocks, not the target's.
             let (offset, len) = geometry.chunk_range(d.chunk);
             let mut chunk = vec![0u8; len];
             target.read_exact_at(&mut chunk, offset)?;
@@ -127,5 +151,176 @@ pub fn report_misses(figures: &Figures) {
              block by block in this sync; a tracker that misses blocks may miss whole chunks, which only a full \
              comparison finds (--verify full)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{block_range, cover, BLOCK_SIZE};
+    use crate::codec::Encoding;
+    use bytes::Bytes;
+    use std::sync::atomic::Ordering;
+
+    const CHUNK: usize = 65536;
+    const BLOCK: usize = BLOCK_SIZE as usize;
+
+    /// A pushed chunk 1 of a three-chunk target: the source's chunk, its frame (blocks in `sent` changed and sent,
+    /// those in `zeroed` zeros) and the cover of the blocks the frame does not carry.
+    struct Case {
+        source: Vec<u8>,
+        frame: DataFrame,
+        cover: Vec<Digest>,
+    }
+
+    fn case(base: &[u8], sent: u64, zeroed: u64, unlisted_change: Option<usize>) -> Case {
+        let mut source = base.to_vec();
+        let mut payload = Vec::new();
+        for b in 0..16u32 {
+            let r = block_range(CHUNK, b);
+            if sent & (1 << b) != 0 {
+                source[r.clone()]
+                    .iter_mut()
+                    .for_each(|x| *x = x.wrapping_add(1));
+                payload.extend_from_slice(&source[r]);
+            } else if zeroed & (1 << b) != 0 {
+                source[r].fill(0);
+            }
+        }
+        if let Some(b) = unlisted_change {
+            source[b * BLOCK + 7] ^= 0x80;
+        }
+        let cover = cover(&block_digests(&source), CHUNK, sent | zeroed);
+        let frame = DataFrame {
+            chunk: 1,
+            send_mask: sent,
+            zero_mask: zeroed,
+            encoding: Encoding::Raw,
+            raw_len: payload.len() as u32,
+            payload: Bytes::from(payload),
+        };
+        Case {
+            source,
+            frame,
+            cover,
+        }
+    }
+
+    #[test]
+    fn a_pushed_chunk_is_checked_from_its_cover_and_the_targets_listed_blocks_only(
+    ) -> anyhow::Result<()> {
+        use rand::{RngCore, SeedableRng};
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("t.img");
+        let mut data = vec![0u8; 3 * CHUNK];
+        rand_chacha::ChaCha8Rng::seed_from_u64(3).fill_bytes(&mut data);
+        let g = Geometry::new(data.len() as u64, CHUNK as u32).map_err(anyhow::Error::msg)?;
+        let base = data[CHUNK..2 * CHUNK].to_vec();
+        let base_digest = Digest::of(&base);
+        let now = |target: &Volume| -> anyhow::Result<Vec<u8>> {
+            let mut chunk = vec![0u8; CHUNK];
+            target.read_exact_at(&mut chunk, CHUNK as u64)?;
+            Ok(chunk)
+        };
+        let run =
+            |c: &Case, target_chunk: &[u8]| -> anyhow::Result<(Result<Pushed>, u64, Vec<u8>)> {
+                let mut bytes = data.clone();
+                bytes[CHUNK..2 * CHUNK].copy_from_slice(target_chunk);
+                std::fs::write(&path, &bytes)?;
+                let mut target = Volume::open_target(&path)?;
+                target.allow_writes_below(bytes.len() as u64)?;
+                let figures = Figures::default();
+                let expected = Digest::of(&c.source);
+                let out = apply_pushed(
+                    &target,
+                    g,
+                    &figures,
+                    &c.frame,
+                    expected,
+                    &c.cover,
+                    base_digest,
+                );
+                Ok((
+                    out,
+                    figures.bytes_read.load(Ordering::Relaxed),
+                    now(&target)?,
+                ))
+            };
+        let (sent, zeroed) = ((1u64 << 3) | (1 << 9), 1u64 << 12);
+
+        // The list is right: only the three listed blocks are read, the two data blocks written.
+        let right = case(&base, sent, zeroed, None);
+        let (out, read, after) = run(&right, &base)?;
+        assert_eq!(out?, Pushed::Written);
+        assert_eq!(
+            read,
+            3 * BLOCK as u64,
+            "only the listed blocks of the target are read"
+        );
+        for b in 0..16 {
+            let r = block_range(CHUNK, b);
+            let is = if sent & (1 << b) != 0 {
+                &right.source[r.clone()]
+            } else {
+                &base[r.clone()]
+            };
+            assert_eq!(
+                &after[r], is,
+                "block {b} (zero blocks are left to the caller)"
+            );
+        }
+
+        // The list missed a changed block of the chunk: the cover does not give the base's digest. The whole target
+        // chunk is read for the NEED, and nothing is written.
+        let missed = case(&base, sent, zeroed, Some(5));
+        let (out, read, after) = run(&missed, &base)?;
+        assert_eq!(out?, Pushed::Differs(Some(block_digests(&base))));
+        assert_eq!(read, (3 * BLOCK + CHUNK) as u64);
+        assert_eq!(after, base, "nothing written");
+
+        // A listed block of the target drifted from the base: asked for with NEED too.
+        let mut drifted = base.clone();
+        drifted[9 * BLOCK] ^= 1;
+        let (out, _, after) = run(&right, &drifted)?;
+        assert_eq!(out?, Pushed::Differs(Some(block_digests(&drifted))));
+        assert_eq!(after, drifted, "nothing written");
+
+        // A payload that does not rebuild the source's chunk is refused the same way.
+        let mut tampered = case(&base, sent, zeroed, None);
+        let mut payload = tampered.frame.payload.to_vec();
+        payload[0] ^= 1;
+        tampered.frame.payload = Bytes::from(payload);
+        let (out, _, after) = run(&tampered, &base)?;
+        assert!(matches!(out?, Pushed::Differs(_)));
+        assert_eq!(after, base, "nothing written");
+
+        // The documented trust (PROTOCOL.md, "Why a delta sync is safe"): a target block outside the list that
+        // drifted from the base is not read, so not seen; the next full comparison finds it.
+        let mut behind = base.clone();
+        behind[BLOCK] ^= 1;
+        let (out, read, _) = run(&right, &behind)?;
+        assert_eq!((out?, read), (Pushed::Written, 3 * BLOCK as u64));
+
+        // Every block listed: nothing of the target is read.
+        let whole = case(&base, 0xffff & !zeroed, zeroed, None);
+        assert!(whole.cover.is_empty());
+        let (out, read, _) = run(&whole, &base)?;
+        assert_eq!((out?, read), (Pushed::Written, 0));
+
+        // A cover that does not fit the listed blocks, and a frame that lists nothing, are protocol violations.
+        let mut short = case(&base, sent, zeroed, None);
+        short.cover.pop();
+        let mut none = case(&base, 0, 0, None);
+        none.cover = right.cover.clone();
+        for (bad, needle) in [(short, "cover does not fit"), (none, "no block listed")] {
+            let (out, _, after) = run(&bad, &base)?;
+            let err = out.expect_err("a protocol violation");
+            assert!(
+                matches!(&err, Error::Protocol(m) if m.contains(needle)),
+                "{err}"
+            );
+            assert_eq!(after, base, "nothing written");
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,8 @@
-//! Protocol 5's BLOCKS: a delta by change list that names blocks pushes them with each chunk's digest, and the
-//! destination writes them without a NEED; a list that names a chunk but misses one of its changed blocks is
-//! caught by the chunk's digest and repaired in the same sync; a list of whole chunks says nothing finer and is
-//! compared with NEED and block digests as before.
+//! Protocol 5's BLOCKS: a delta by change list that names blocks pushes them with each chunk's digest (and since
+//! protocol 7 the cover of its other blocks), and the destination writes them without a NEED, reading only the
+//! listed blocks of its target; a list that names a chunk but misses one of its changed blocks is caught by the
+//! cover against the destination's manifest and repaired in the same sync; a list of whole chunks says nothing
+//! finer and is compared with NEED and block digests as before.
 
 use anyhow::Result;
 
@@ -42,8 +43,8 @@ fn a_change_list_of_blocks_is_pushed_and_written_without_a_need() -> Result<()> 
     );
     assert_eq!(
         o.dst("bytesRead"),
-        n * CHUNK,
-        "the destination reads each pushed chunk once, to rebuild it: {}",
+        n * BLOCK,
+        "the destination reads only the listed block of each pushed chunk: {}",
         o.describe()
     );
     let asked = o.dst("wireBytesSent");
@@ -71,6 +72,12 @@ fn a_list_that_misses_a_block_of_a_listed_chunk_is_repaired_in_the_same_sync() -
         o.dst("blocksSent"),
         1 + 2,
         "chunk 40's pushed block, then the two differing blocks of chunk 10: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.dst("bytesRead"),
+        2 * BLOCK + CHUNK,
+        "the listed block of each chunk, then chunk 10 whole for its NEED: {}",
         o.describe()
     );
     let log = o.destination_log.as_deref().unwrap_or("");

@@ -143,6 +143,7 @@ async fn blocks_pushed_in_a_full_session_are_refused_and_not_written() -> Result
     };
     peer.send(&Message::Blocks {
         digest: Digest::of(&rebuilt),
+        cover: Vec::new(),
         data,
     })
     .await?;
