@@ -1,6 +1,6 @@
-//! Checking a DATA frame and rebuilding its chunk: masks and lengths, zstd capped at `raw_len`, the rebuilt chunk's
-//! digest (from its bytes, or from the target's block digests and the blocks that travelled) checked against the
-//! source's before any of it is written.
+//! Checking a DATA or BLOCKS frame and rebuilding its chunk: masks and lengths, zstd capped at `raw_len`, the
+//! rebuilt chunk's digest (from its bytes, from the target's block digests and the blocks that travelled, or for a
+//! pushed chunk from its cover) checked against the source's before any of it is written.
 
 use std::cell::RefCell;
 
