@@ -298,6 +298,24 @@ pub(super) struct BaseFile {
     pub(super) format: u8,
 }
 
+impl BaseFile {
+    /// Another handle on the same validated file (a file's descriptor duplicated: reads are at offsets).
+    pub(super) fn try_clone(&self) -> io::Result<Self> {
+        let src = match &self.src {
+            Src::File(f) => Src::File(f.try_clone()?),
+            Src::Memory(b) => Src::Memory(b.clone()),
+        };
+        Ok(BaseFile {
+            src,
+            header: self.header.clone(),
+            digests_at: self.digests_at,
+            table: self.table.clone(),
+            checksum: self.checksum,
+            format: self.format,
+        })
+    }
+}
+
 /// Checks the base file in `src`. Format 3: header, exact length, checksum, and the page table's root against the
 /// volume digest (the digests themselves are checked page by page when read). Formats 1 and 2: every digest is
 /// read once, for the checksum (format 1), the volume digest and the page table.

@@ -63,6 +63,7 @@
 //! changes file that names another base is left over from before a compaction and ignored. Each checksum detects
 //! damage (a torn or flipped file), not tampering: anyone who can write the state directory can also recompute it.
 
+mod blocks;
 mod entries;
 mod format;
 mod reader;
@@ -79,6 +80,7 @@ use crate::chunk::{Digest, Geometry};
 pub use crate::codec::SyncKind;
 pub use crate::status::Role;
 
+pub use blocks::{BlockFile, KnownBlocks};
 pub use format::MAX_IDENTITY_LEN;
 pub use reader::Reader;
 pub use store::Store;

@@ -50,6 +50,20 @@ impl Reader {
         }
     }
 
+    /// A second reader of the same validated manifest, from its first chunk, with its own page cache (for a
+    /// thread that looks digests up while this one streams them).
+    pub fn try_clone(&self) -> io::Result<Reader> {
+        Ok(Reader {
+            file: self.file.try_clone()?,
+            header: self.header.clone(),
+            pages: self.pages,
+            table: self.table.clone(),
+            changes: self.changes.clone(),
+            cache: Vec::with_capacity(CACHED_PAGES),
+            next: 0,
+        })
+    }
+
     /// The manifest's header.
     pub fn header(&self) -> &Header {
         &self.header

@@ -119,6 +119,14 @@ impl Store {
         }
     }
 
+    /// The source's block digests file in a state directory (`source.blocks`, see [`super::BlockFile`]).
+    pub fn blocks_path(&self) -> Option<PathBuf> {
+        match &self.inner {
+            Inner::Dir(dir) => Some(dir.join("source.blocks")),
+            Inner::Nothing | Inner::Memory(_) => None,
+        }
+    }
+
     /// The changes file of `role`'s manifest in a state directory (`source.manifest.changes`, ...).
     pub fn changes_path(&self, role: Role) -> Option<PathBuf> {
         match &self.inner {

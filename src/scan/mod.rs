@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 
 mod selected;
-pub use selected::{scan_selected, Keep, Read};
+pub use selected::{scan_selected, BaseBlocks, Keep, Read};
 use std::sync::Arc;
 use std::thread;
 
@@ -65,6 +65,16 @@ pub struct Blocks {
 }
 
 impl Blocks {
+    /// Every chunk's digests in order, [`Blocks::stride`] per chunk.
+    pub fn flat(&self) -> &[Digest] {
+        &self.digests
+    }
+
+    /// Digests per chunk.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
     /// The digests of the `at`-th chunk of this run (`count` of them, the chunk's blocks).
     pub fn of(&self, at: usize, count: usize) -> Option<&[Digest]> {
         self.digests.get(at * self.stride..at * self.stride + count)

@@ -13,7 +13,8 @@ use rayon::ThreadPool;
 use super::{on, segments_per_round, READ_AHEAD, SEGMENT_CHUNKS};
 use crate::changes::ChangedChunks;
 use crate::chunk::{
-    blocks_in, hash_chunk_into, is_zero, ChunkSummary, Digest, Geometry, ZeroDigests,
+    block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, hash_chunk_into, is_zero,
+    runs, ChunkSummary, Digest, Geometry, ZeroDigests, BLOCK_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::volume::Volume;
@@ -24,12 +25,22 @@ pub type Selected<T> = (u64, ChunkSummary, Option<T>);
 /// What `keep` sees of a chunk a selected scan read: its bytes, its summary, and with `keep_blocks` (and the chunk
 /// not all zeros) the digests of its blocks, from the same pass as its digest (empty otherwise).
 pub struct Read<'a> {
-    /// The chunk's bytes.
+    /// The chunk's bytes; only its listed blocks' when `partial`.
     pub bytes: &'a [u8],
+    /// Only the listed blocks were read (the others' digests are the base's, from [`Keep::base`]).
+    pub partial: bool,
     /// Its digest, and whether it is all zeros.
     pub summary: &'a ChunkSummary,
     /// Its block digests, or none.
     pub blocks: &'a [Digest],
+}
+
+/// Where a selected scan finds the block digests of a chunk of the image its change list is relative to (the
+/// base): a chunk whose base block digests are known is read in its listed blocks only, and its unlisted blocks
+/// are taken to be the base's (what a change list says).
+pub trait BaseBlocks: Send + Sync {
+    /// The digests of every block of base chunk `chunk` (`chunk_len` bytes), proven against the base, or `None`.
+    fn of(&self, chunk: u64, chunk_len: usize) -> Option<Vec<Digest>>;
 }
 
 /// What a selected scan does with each chunk it read: `keep` takes what it wants of it (see [`scan_selected`]);
@@ -37,6 +48,8 @@ pub struct Read<'a> {
 pub struct Keep<F> {
     /// Compute each chunk's block digests in the pass that gives its digest.
     pub blocks: bool,
+    /// With `blocks`: read only the listed blocks of a chunk whose base block digests these know.
+    pub base: Option<Arc<dyn BaseBlocks>>,
     /// Takes what it wants of a chunk read.
     pub keep: F,
 }
@@ -67,11 +80,13 @@ where
             let round = (SEGMENT_CHUNKS * segments_per_round(pool.as_deref())) as usize;
             let mut indices = chunks.iter().peekable();
             while indices.peek().is_some() {
-                let chunks: Vec<u64> = indices.by_ref().take(round).collect();
+                let these: Vec<u64> = indices.by_ref().take(round).collect();
                 let item: Result<Vec<Selected<T>>> = on(pool.as_deref(), || {
-                    chunks
+                    these
                         .par_iter()
-                        .map(|&i| read_one(&volume, geometry, &zeros, &bytes_read, i, &keep))
+                        .map(|&i| {
+                            read_one(&volume, geometry, &zeros, &bytes_read, &chunks, i, &keep)
+                        })
                         .collect()
                 });
                 let mut summaries = match item {
@@ -104,6 +119,7 @@ fn read_one<T>(
     geometry: Geometry,
     zeros: &ZeroDigests,
     bytes_read: &AtomicU64,
+    chunks: &ChangedChunks,
     i: u64,
     keep: &Keep<impl Fn(u64, Read<'_>) -> Option<T>>,
 ) -> Result<Selected<T>> {
@@ -118,12 +134,48 @@ fn read_one<T>(
     BUFFER.with(|cell| {
         let (buf, blocks) = &mut *cell.borrow_mut();
         buf.resize(len, 0);
+        blocks.clear();
+        let listed = chunks.listed_blocks(i);
+        let all = if len as u64 >= 64 * u64::from(BLOCK_SIZE) {
+            u64::MAX
+        } else {
+            (1u64 << blocks_in(len)) - 1
+        };
+        let known = match &keep.base {
+            Some(base) if keep.blocks && listed & all != all => base.of(i, len),
+            _ => None,
+        };
+        if let Some(known) = known {
+            // Only the listed blocks are read and hashed; the others are the base's.
+            *blocks = known;
+            for (b0, b1) in runs(listed) {
+                let range = block_range(len, b0).start..block_range(len, b1 - 1).end;
+                volume.read_exact_at(&mut buf[range.clone()], offset + range.start as u64)?;
+                bytes_read.fetch_add(range.len() as u64, Ordering::Relaxed);
+                let fresh = block_digests_at(&buf[range], b0);
+                blocks[b0 as usize..b1 as usize].copy_from_slice(&fresh);
+            }
+            let digest = chunk_digest_of_blocks(blocks, len).ok_or_else(|| {
+                Error::Config(format!("chunk {i} of one block has no block digests"))
+            })?;
+            let summary = ChunkSummary {
+                zero: digest == zeros.for_chunk(i),
+                digest,
+            };
+            let read = Read {
+                bytes: buf,
+                partial: true,
+                summary: &summary,
+                blocks,
+            };
+            let kept = (keep.keep)(i, read);
+            return Ok((i, summary, kept));
+        }
         let hole = volume.read_unless_hole(buf, offset)?;
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         if hole {
             return Ok((i, zeros.zero_summary(i), None));
         }
-        blocks.clear();
         let summary = if keep.blocks && !is_zero(buf) {
             blocks.resize(blocks_in(len) as usize, Digest([0; 32]));
             ChunkSummary {
@@ -137,6 +189,7 @@ fn read_one<T>(
             i,
             Read {
                 bytes: buf,
+                partial: false,
                 summary: &summary,
                 blocks,
             },
@@ -170,6 +223,7 @@ mod tests {
             read.clone(),
             Keep {
                 blocks: true,
+                base: None,
                 keep: |i, r: Read<'_>| {
                     (i % 2 == 1).then(|| (r.bytes.len(), r.summary.zero, r.blocks.to_vec()))
                 },
@@ -199,6 +253,75 @@ mod tests {
                 "keep saw chunk {i}'s bytes and block digests"
             );
         }
+        Ok(())
+    }
+
+    /// The base's block digests of chunk 2 only.
+    struct Chunk2(Vec<Digest>);
+
+    impl BaseBlocks for Chunk2 {
+        fn of(&self, chunk: u64, _: usize) -> Option<Vec<Digest>> {
+            (chunk == 2).then(|| self.0.clone())
+        }
+    }
+
+    #[test]
+    fn a_chunk_whose_base_blocks_are_known_is_read_in_its_listed_blocks_only() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("v.img");
+        let size = 4 * 65536;
+        let base: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+        let mut now = base.clone();
+        // Blocks 5 and 6 of chunk 2 and block 1 of chunk 3 changed and are listed; block 9 of chunk 2 changed
+        // unlisted (a tracker that lies).
+        for b in [2 * 16 + 5, 2 * 16 + 6, 3 * 16 + 1, 2 * 16 + 9] {
+            now[b * 4096..][..4096].fill(7);
+        }
+        std::fs::write(&p, &now)?;
+        let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
+        let listed = [(2 * 65536 + 5 * 4096, 8192), (3 * 65536 + 4096, 4096)];
+        let list = ChangedChunks::from_extents(&listed, g).map_err(|e| anyhow::anyhow!(e.0))?;
+        let known = Chunk2(block_digests(&base[2 * 65536..][..65536]));
+        let read = Arc::new(AtomicU64::new(0));
+        let mut seen = Vec::new();
+        scan_selected(
+            None,
+            Arc::new(Volume::open_source(&p)?),
+            g,
+            Arc::new(list),
+            read.clone(),
+            Keep {
+                blocks: true,
+                base: Some(Arc::new(known)),
+                keep: |_, r: Read<'_>| Some((r.partial, r.blocks.to_vec())),
+            },
+            |s| {
+                seen.extend(s);
+                Ok(())
+            },
+        )?;
+        assert_eq!(
+            read.load(Ordering::Relaxed),
+            8192 + 65536,
+            "chunk 2's two listed blocks, chunk 3 whole (no base digests)"
+        );
+        let mut trusted = base[2 * 65536..][..65536].to_vec();
+        trusted[5 * 4096..7 * 4096].fill(7);
+        let chunk3 = &now[3 * 65536..][..65536];
+        let expected = vec![
+            (
+                2,
+                Digest::of(&trusted),
+                Some((true, block_digests(&trusted))),
+            ),
+            (3, Digest::of(chunk3), Some((false, block_digests(chunk3)))),
+        ];
+        let got: Vec<_> = seen.into_iter().map(|(i, s, k)| (i, s.digest, k)).collect();
+        assert_eq!(
+            got, expected,
+            "chunk 2 is the base with its listed blocks: its unlisted change is not seen"
+        );
         Ok(())
     }
 }

@@ -139,6 +139,7 @@ fn a_pool_deeper_than_a_segment_scans_several_at_once_and_delivers_them_in_order
         Arc::new(AtomicU64::new(0)),
         crate::scan::Keep {
             blocks: false,
+            base: None,
             keep: |_, _: crate::scan::Read<'_>| None::<()>,
         },
         |s| {

@@ -244,6 +244,8 @@ impl Session {
             // Chunks that differ from the base (or all, in a full comparison) are announced in chunk order: pushed
             // with their listed blocks, or in DIGESTS runs.
             let zeros = crate::chunk::ZeroDigests::new(geometry);
+            let delta = announcer.is_delta();
+            let block_file = announcer.block_file();
             let mut announce = |announcer: &mut Announcer,
                                 scanned: Vec<(u64, Digest)>,
                                 blocks: Option<(u64, crate::scan::Blocks)>,
@@ -268,7 +270,23 @@ impl Session {
                 // Only in a delta, whose announced chunks are the changed ones: in a full comparison most of them
                 // are equal on the target, and keeping every chunk's digests to answer a few NEEDs measured no
                 // faster than reading those chunks again.
-                if let Some((first, blocks)) = &blocks {
+                if let (Some(file), Some((first, blocks))) = (&block_file, &blocks) {
+                    // The block digests of what this sync hashed, for later deltas by change list: a full
+                    // comparison's whole segment, a delta's changed chunks (the others' entries still hold).
+                    match delta {
+                        false => file.write_run(*first, blocks.flat(), blocks.stride()),
+                        true => chunks.iter().for_each(|&(c, _)| {
+                            let count = geometry.blocks_in_chunk(c) as usize;
+                            if let Some(b) = c
+                                .checked_sub(*first)
+                                .and_then(|at| blocks.of(at as usize, count))
+                            {
+                                file.write(c, b);
+                            }
+                        }),
+                    }
+                }
+                if let (true, Some((first, blocks))) = (delta, &blocks) {
                     // Before DIGESTS go out: their NEEDs take these. A zero chunk gets no NEED.
                     credit.keep_blocks(chunks.iter().filter_map(|&(c, d)| {
                         let count = geometry.blocks_in_chunk(c) as usize;
@@ -290,6 +308,11 @@ impl Session {
             };
             let bytes_read = figures.bytes_read.clone();
             let pushing = announcer.pushes();
+            let known = match (&block_file, pushing) {
+                (Some(file), true) => announcer.known_blocks(file),
+                _ => None,
+            };
+            let entries = block_file.clone();
             let scanned = match announcer.take_selection() {
                 Some(list) => {
                     let list = Arc::new(list);
@@ -302,7 +325,11 @@ impl Session {
                         bytes_read,
                         crate::scan::Keep {
                             blocks: pushing,
+                            base: known.map(|k| k as Arc<dyn crate::scan::BaseBlocks>),
                             keep: move |chunk, read: crate::scan::Read<'_>| {
+                                if let (Some(file), false) = (&entries, read.blocks.is_empty()) {
+                                    file.write(chunk, read.blocks);
+                                }
                                 let push = pushing && !read.summary.zero;
                                 push.then(|| {
                                     let mask = listed.listed_blocks(chunk);
@@ -325,18 +352,19 @@ impl Session {
                     )
                 }
                 None => {
-                    // A delta keeps the scan's block digests of the chunks it announces (`announce`).
-                    let delta = announcer.is_delta();
+                    // A delta keeps the scan's block digests of the chunks it announces (`announce`); with a
+                    // block digests file, every sync writes them there.
+                    let keep_blocks = delta || block_file.is_some();
                     crate::scan::scan_keeping_blocks(
                         Some(pool.clone()),
                         volume,
                         geometry,
                         bytes_read,
-                        delta,
+                        keep_blocks,
                         |first, summaries, blocks| {
                             let digests =
                                 (first..).zip(summaries.iter().map(|s| s.digest)).collect();
-                            let blocks = delta.then_some((first, blocks));
+                            let blocks = keep_blocks.then_some((first, blocks));
                             announce(&mut announcer, digests, blocks, Vec::new())
                         },
                     )

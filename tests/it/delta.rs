@@ -247,6 +247,11 @@ impl Pair {
         Path::new(&self.sa).join("source.manifest")
     }
 
+    /// The source's block digests file.
+    pub fn source_blocks(&self) -> PathBuf {
+        Path::new(&self.sa).join("source.blocks")
+    }
+
     /// The destination's manifest file.
     pub fn destination_manifest(&self) -> PathBuf {
         Path::new(&self.sb).join("destination.manifest")

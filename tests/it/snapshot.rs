@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 
 use crate::common::mounts::{not_root, run, LoopDevice, Mount};
 use crate::common::{error_line, expect_failed, external_str, run_source_with, sparse_file};
-use crate::delta::{scattered, scribble, text, Pair, CHUNK, MIB, SOURCE_NO_MANIFEST};
+use crate::delta::{scattered, scribble, text, Pair, BLOCK, MIB, SOURCE_NO_MANIFEST};
 use crate::or_skip;
 use crate::schema::Kind;
 
@@ -122,8 +122,8 @@ fn reflink_clones_give_the_change_list_without_reading_unchanged_data() -> Resul
     let n = blocks.len() as u64;
     assert_eq!(
         second.src("bytesRead"),
-        n * CHUNK,
-        "the source reads the written chunks only: {}",
+        n * BLOCK,
+        "the source reads the written blocks only: {}",
         second.describe()
     );
     assert_eq!(second.src("chunksChanged"), n, "{}", second.describe());

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use super::Cbt;
 use crate::common::{run_bin, AGENT_TIMEOUT};
-use crate::delta::{scattered, scribble, text, CHUNK, MIB};
+use crate::delta::{scattered, scribble, text, BLOCK, MIB};
 
 /// `flags` with the value after `name` replaced by `value`, or `name value` added.
 fn with(flags: &[String], name: &str, value: &str) -> Vec<String> {
@@ -68,7 +68,7 @@ fn the_service_certificate_is_checked() -> Result<()> {
     assert!(flags.iter().any(|f| f.starts_with("127.0.0.1:")));
     let out = c.sync(&flags, &[])?;
     out.expect_delta("delta-changelist");
-    assert_eq!(out.src("bytesRead"), 3 * CHUNK, "{}", out.describe());
+    assert_eq!(out.src("bytesRead"), 3 * BLOCK, "{}", out.describe());
     Ok(())
 }
 

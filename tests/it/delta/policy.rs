@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::{
-    change_list, scattered, scribble, text, Outcome, Pair, CHUNK, DESTINATION_NO_STATE, MIB,
+    change_list, scattered, scribble, text, Outcome, Pair, BLOCK, CHUNK, DESTINATION_NO_STATE, MIB,
     SOURCE_NO_MANIFEST, SOURCE_NO_STATE,
 };
 use crate::common::{
@@ -165,7 +165,7 @@ fn a_serving_destination_keeps_its_manifest_in_memory() -> Result<()> {
     let list = change_list(p.fx.dir.path(), "changes.json", &extents)?;
     let out = served.sync(&["--changed-extents", &list])?;
     out.expect_delta("delta-changelist");
-    assert_eq!(out.src("bytesRead"), 2 * CHUNK, "{}", out.describe());
+    assert_eq!(out.src("bytesRead"), 2 * BLOCK, "{}", out.describe());
     assert!(!std::path::Path::new(&p.sb).exists());
     let finished = served.stop()?;
     assert!(

@@ -2,7 +2,9 @@
 //! protocol 7 the cover of its other blocks), and the destination writes them without a NEED, reading only the
 //! listed blocks of its target; a list that names a chunk but misses one of its changed blocks is caught by the
 //! cover against the destination's manifest and repaired in the same sync; a list of whole chunks says nothing
-//! finer and is compared with NEED and block digests as before.
+//! finer and is compared with NEED and block digests as before. With the block digests of its last sync
+//! (`source.blocks`) the source reads only the listed blocks too, and a missed block of a listed chunk is then
+//! trusted like a missed chunk: `--verify full` repairs it.
 
 use anyhow::Result;
 
@@ -27,33 +29,45 @@ fn a_change_list_of_blocks_is_pushed_and_written_without_a_need() -> Result<()> 
     let p = Pair::new(32 * MIB, 0x9_5001)?;
     p.sync(&[], &[])?;
     let n = 64;
-    let changed = scattered(p.size(), n, 5);
-    let extents = scribble(&p.fx.volume, &changed, 1)?;
-    let list = change_list(p.fx.dir.path(), "blocks.json", &extents)?;
-    let o = p.sync(&["--changed-extents", &list], &[])?;
-    o.expect_delta("delta-changelist");
-    assert_eq!(pushed(&o), (Some(n), Some(n), None), "{}", o.describe());
-    assert_eq!(o.src("blocksSent"), n, "{}", o.describe());
-    assert_eq!(o.dst("blocksSent"), n, "{}", o.describe());
-    assert_eq!(
-        o.src("bytesRead"),
-        n * CHUNK,
-        "the source reads each listed chunk once: {}",
-        o.describe()
-    );
-    assert_eq!(
-        o.dst("bytesRead"),
-        n * BLOCK,
-        "the destination reads only the listed block of each pushed chunk: {}",
-        o.describe()
-    );
-    let asked = o.dst("wireBytesSent");
-    assert!(
-        asked < n * NEED_BYTES / 2,
-        "the destination sent {asked} bytes: no NEED for {n} pushed chunks ({} bytes of NEED): {}",
-        n * NEED_BYTES,
-        o.describe()
-    );
+    // Round 1 with the block digests of the full sync: the source reads only the listed blocks. Round 2 without
+    // them (deleted) and round 3 with a damaged file: it reads each listed chunk whole, and the sync is as exact.
+    for (round, src_read) in [(1, BLOCK), (2, CHUNK), (3, CHUNK)] {
+        match round {
+            2 => std::fs::remove_file(p.source_blocks())?,
+            3 => {
+                let len = std::fs::metadata(p.source_blocks())?.len();
+                crate::common::random_volume(&p.source_blocks(), len, 9)?;
+            }
+            _ => {}
+        }
+        let changed = scattered(p.size(), n, 5 + round);
+        let extents = scribble(&p.fx.volume, &changed, round)?;
+        let list = change_list(p.fx.dir.path(), "blocks.json", &extents)?;
+        let o = p.sync(&["--changed-extents", &list], &[])?;
+        o.expect_delta("delta-changelist");
+        assert_eq!(pushed(&o), (Some(n), Some(n), None), "{}", o.describe());
+        assert_eq!(o.src("blocksSent"), n, "{}", o.describe());
+        assert_eq!(o.dst("blocksSent"), n, "{}", o.describe());
+        assert_eq!(
+            o.src("bytesRead"),
+            n * src_read,
+            "round {round}: the source's reads of the {n} listed blocks: {}",
+            o.describe()
+        );
+        assert_eq!(
+            o.dst("bytesRead"),
+            n * BLOCK,
+            "the destination reads only the listed block of each pushed chunk: {}",
+            o.describe()
+        );
+        let asked = o.dst("wireBytesSent");
+        assert!(
+            asked < n * NEED_BYTES / 2,
+            "the destination sent {asked} bytes: no NEED for {n} pushed chunks ({} bytes of NEED): {}",
+            n * NEED_BYTES,
+            o.describe()
+        );
+    }
     Ok(())
 }
 
@@ -61,6 +75,8 @@ fn a_change_list_of_blocks_is_pushed_and_written_without_a_need() -> Result<()> 
 fn a_list_that_misses_a_block_of_a_listed_chunk_is_repaired_in_the_same_sync() -> Result<()> {
     let p = Pair::new(16 * MIB, 0x9_5002)?;
     p.sync(&[], &[])?;
+    // Without its block digests the source reads listed chunks whole, and its cover tells the missed block.
+    std::fs::remove_file(p.source_blocks())?;
     let per = CHUNK / BLOCK;
     // Chunk 10: blocks 3 and 4 written, only block 3 listed. Chunk 40: block 7 written and listed.
     let written = scribble(&p.fx.volume, &[10 * per + 3, 10 * per + 4, 40 * per + 7], 2)?;
@@ -88,6 +104,49 @@ fn a_list_that_misses_a_block_of_a_listed_chunk_is_repaired_in_the_same_sync() -
                 .contains("1 chunks of the change list changed in blocks the list did not name")),
         "{log}"
     );
+    Ok(())
+}
+
+/// With block digests the source reads only a listed chunk's listed blocks and covers the others with their
+/// digests from the last sync: a block the list misses is then not seen, as a chunk it misses is not (the
+/// documented trust in a change list), and `--verify full` finds and repairs it.
+#[test]
+fn with_block_digests_a_missed_block_of_a_listed_chunk_waits_for_verify_full() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0x9_5004)?;
+    p.sync(&[], &[])?;
+    let per = CHUNK / BLOCK;
+    let written = scribble(&p.fx.volume, &[10 * per + 3, 10 * per + 4, 40 * per + 7], 2)?;
+    let list = change_list(p.fx.dir.path(), "short.json", &[written[0], written[2]])?;
+    let lied = p.sync_unchecked(&["--changed-extents", &list], &[])?;
+    lied.expect_delta("delta-changelist");
+    assert_eq!(lied.src("bytesRead"), 2 * BLOCK, "{}", lied.describe());
+    assert_eq!(
+        pushed(&lied),
+        (Some(2), Some(2), None),
+        "{}",
+        lied.describe()
+    );
+    assert_ne!(
+        p.fx.target_digest()?,
+        p.fx.volume_digest()?,
+        "the missed block is behind on the target (documented)"
+    );
+    let empty = change_list(p.fx.dir.path(), "empty.json", &[])?;
+    let fixed = p.sync(&["--changed-extents", &empty, "--verify", "full"], &[])?;
+    fixed.expect_full("the source asked for a full comparison");
+    assert_eq!(
+        fixed.src("changeListMissedChunks"),
+        1,
+        "{}",
+        fixed.describe()
+    );
+    assert_eq!(fixed.src("blocksSent"), 1, "only the missed block travels");
+    // The full comparison rewrote the block digests: the next list is read block by block again.
+    let again = scribble(&p.fx.volume, &[10 * per + 5], 3)?;
+    let list = change_list(p.fx.dir.path(), "next.json", &again)?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    o.expect_delta("delta-changelist");
+    assert_eq!(o.src("bytesRead"), BLOCK, "{}", o.describe());
     Ok(())
 }
 
