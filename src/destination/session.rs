@@ -207,9 +207,18 @@ async fn session(
     within("hello", t.handshake, writer.send(&ready)).await?;
     let _progress = Progress::start("destination", figures.clone());
 
+    // The destination's block digests (with a state directory): written as its target's chunks are hashed and
+    // written, read instead of the target in a delta (see `manifest::BlockFile`).
+    let blocks = crate::manifest::BlockFile::in_store(&config.state, Role::Destination, geometry);
     // A delta does not hash the target: the manifest says what it holds.
-    let local = (!kind.is_delta())
-        .then(|| spawn_target_scan(target.clone(), geometry, figures.bytes_read.clone()));
+    let local = (!kind.is_delta()).then(|| {
+        spawn_target_scan(
+            target.clone(),
+            geometry,
+            figures.bytes_read.clone(),
+            blocks.clone(),
+        )
+    });
     let (outbox, writer_task) = spawn_writer(writer, 256, t.idle);
     let _abort_writer = AbortOnDrop(writer_task.abort_handle());
     let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
@@ -223,6 +232,7 @@ async fn session(
             apply::Options {
                 window: config.window,
                 read_back: config.read_back,
+                blocks,
             },
             basis,
         );
@@ -339,18 +349,31 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// Hashes the target's first `volume_size` bytes on a blocking thread, feeding the worker segment by segment.
+/// Hashes the target's first `volume_size` bytes on a blocking thread, feeding the worker segment by segment; with
+/// `blocks`, also computes the chunks' block digests in the same pass and keeps them there.
 fn spawn_target_scan(
     target: Arc<Volume>,
     geometry: Geometry,
     bytes_read: Arc<AtomicU64>,
+    blocks: Option<Arc<crate::manifest::BlockFile>>,
 ) -> apply::LocalDigests {
     let (tx, rx) = std::sync::mpsc::sync_channel(crate::scan::READ_AHEAD + 2);
     tokio::task::spawn_blocking(move || {
-        let r = crate::scan::scan(target, geometry, bytes_read, |first, s| {
-            tx.send(Ok((first, s)))
-                .map_err(|_| Error::Cancelled("session end"))
-        });
+        let keep = blocks.is_some();
+        let r = crate::scan::scan_keeping_blocks(
+            None,
+            target,
+            geometry,
+            bytes_read,
+            keep,
+            |first, s, digests| {
+                if let Some(file) = &blocks {
+                    file.write_run(first, digests.flat(), digests.stride());
+                }
+                tx.send(Ok((first, s)))
+                    .map_err(|_| Error::Cancelled("session end"))
+            },
+        );
         if let Err(e) = r {
             let _ = tx.send(Err(e));
         }

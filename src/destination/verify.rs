@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use crate::chunk::{
     block_digests_at, block_range, blocks_in, chunk_digest_of_blocks, chunk_digest_with_cover,
-    runs, Digest, Geometry, BLOCK_SIZE,
+    hash_chunk, runs, Digest, Geometry, BLOCK_SIZE,
 };
 use crate::codec::{DataFrame, Encoding};
 use crate::error::{Error, Result};
@@ -26,8 +26,9 @@ pub enum Base<'a> {
 }
 
 /// Rebuilds a chunk (its `base` with the DATA's blocks replaced or zeroed), checks it against the source's digest,
-/// and only then writes its data blocks. Zero blocks are left to the caller. Buffers are per worker thread: a fresh
-/// 64 KiB allocation per chunk showed up as page faults and unmapping in profiles.
+/// and only then writes its data blocks. Zero blocks are left to the caller. Returns the block digests of the chunk
+/// as written (from the same hashing). Buffers are per worker thread: a fresh 64 KiB allocation per chunk showed up
+/// as page faults and unmapping in profiles.
 pub fn verify_and_write(
     target: &Volume,
     geometry: Geometry,
@@ -35,7 +36,7 @@ pub fn verify_and_write(
     d: &DataFrame,
     expected: Digest,
     base: Base<'_>,
-) -> Result<()> {
+) -> Result<Vec<Digest>> {
     thread_local! {
         static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
@@ -45,13 +46,15 @@ pub fn verify_and_write(
         let raw = decoded(d, len, scratch)?;
         if raw.len() == len {
             // Every block travelled (a chunk copied whole): the payload is the chunk, hashed and written in place.
-            if Digest::of(raw) != expected {
+            let (digest, blocks) = hash_chunk(raw);
+            if digest != expected {
                 return Err(Error::DigestMismatch { chunk: d.chunk });
             }
-            return target.write_all_at(raw, offset);
+            target.write_all_at(raw, offset)?;
+            return Ok(blocks);
         }
         if let Base::Blocks(blocks) = base {
-            if let Some(digest) = patched_digest(d, raw, len, blocks) {
+            if let Some((digest, blocks)) = patched_digest(d, raw, len, blocks) {
                 if digest != expected {
                     return Err(Error::DigestMismatch { chunk: d.chunk });
                 }
@@ -61,7 +64,7 @@ pub fn verify_and_write(
                     target.write_all_at(&raw[at..at + end - start], offset + start as u64)?;
                     at += end - start;
                 }
-                return Ok(());
+                return Ok(blocks);
             }
         }
         chunk.resize(len, 0);
@@ -83,27 +86,34 @@ pub fn verify_and_write(
                 chunk[r].fill(0);
             }
         }
-        if Digest::of(chunk) != expected {
+        let (digest, blocks) = hash_chunk(chunk);
+        if digest != expected {
             return Err(Error::DigestMismatch { chunk: d.chunk });
         }
         for (b0, b1) in runs(d.send_mask) {
             let (start, end) = (block_range(len, b0).start, block_range(len, b1 - 1).end);
             target.write_all_at(&chunk[start..end], offset + start as u64)?;
         }
-        Ok(())
+        Ok(blocks)
     })
 }
 
 /// The digest of the chunk (`len` bytes) that the DATA `d` (its decoded payload `raw`) makes of a target chunk whose
 /// block digests are `blocks`: only the blocks that travel, and those it zeroes, are hashed; `None` for a chunk of
-/// one block (or digests that do not fit it), which is verified from its bytes.
-fn patched_digest(d: &DataFrame, raw: &[u8], len: usize, blocks: &[Digest]) -> Option<Digest> {
+/// one block (or digests that do not fit it), which is verified from its bytes. With the digest, the new chunk's
+/// block digests.
+fn patched_digest(
+    d: &DataFrame,
+    raw: &[u8],
+    len: usize,
+    blocks: &[Digest],
+) -> Option<(Digest, Vec<Digest>)> {
     if blocks.len() != blocks_in(len) as usize {
         return None;
     }
     let mut digests = blocks.to_vec();
     travelling_digests(d, raw, len, &mut digests);
-    chunk_digest_of_blocks(&digests, len)
+    Some((chunk_digest_of_blocks(&digests, len)?, digests))
 }
 
 /// Puts into `digests` (one per block of the chunk, `len` bytes) the digest of each block the DATA or BLOCKS `d`
@@ -126,7 +136,9 @@ fn travelling_digests(d: &DataFrame, raw: &[u8], len: usize, digests: &mut [Dige
 }
 
 /// Checks a pushed chunk (BLOCKS, protocol 7) and only then writes its data blocks (zero blocks are left to the
-/// caller). Only the target's listed blocks (`send_mask | zero_mask`) are read:
+/// caller). `(base, known)`: the destination's manifest digest of the chunk and, when known, the target chunk's block
+/// digests (from the destination's block digests file, proven against `base`). Only the target's listed blocks
+/// (`send_mask | zero_mask`) are read, and none when `known`:
 /// - the cover with the target's listed blocks must give `base`, the destination's manifest digest of the chunk: so
 ///   the source's blocks outside the list are the base's, and the list missed no change of this chunk;
 /// - the cover with the pushed blocks must give `expected`, the source's digest of the chunk.
@@ -134,7 +146,8 @@ fn travelling_digests(d: &DataFrame, raw: &[u8], len: usize, digests: &mut [Dige
 /// The target's blocks outside the list are not read: they are trusted to hold the base, as every chunk the list
 /// does not name is (PROTOCOL.md, "Why a delta sync is safe"). A chunk whose every block is listed has no cover and
 /// is checked from what travels alone. `DigestMismatch` when a check fails, with nothing written; a frame that names
-/// no block, or whose cover does not fit its listed blocks, is a protocol violation.
+/// no block, or whose cover does not fit its listed blocks, is a protocol violation. Returns the chunk's block
+/// digests as written when they are known (every block listed, or `known`).
 pub fn verify_pushed(
     target: &Volume,
     geometry: Geometry,
@@ -142,8 +155,8 @@ pub fn verify_pushed(
     d: &DataFrame,
     expected: Digest,
     cover: &[Digest],
-    base: Digest,
-) -> Result<()> {
+    (base, known): (Digest, Option<&[Digest]>),
+) -> Result<Option<Vec<Digest>>> {
     thread_local! {
         static BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
@@ -159,6 +172,8 @@ pub fn verify_pushed(
             return Err(bad("no block listed"));
         }
         let mut pushed = vec![Digest([0; 32]); n as usize];
+        // The chunk's block digests after the write, where they are known.
+        let mut now = None;
         let digest = if listed == every {
             if !cover.is_empty() {
                 return Err(bad("a cover for a chunk whose every block is listed"));
@@ -172,7 +187,24 @@ pub fn verify_pushed(
                 buf[r.clone()].copy_from_slice(&raw[at..at + r.len()]);
                 at += r.len();
             }
-            Digest::of(buf)
+            let (digest, blocks) = hash_chunk(buf);
+            now = Some(blocks);
+            digest
+        } else if let Some(had) = known.filter(|k| k.len() == n as usize) {
+            // The target chunk's block digests, proven against the base: nothing of the target is read.
+            let misfit = || bad("its cover does not fit its listed blocks");
+            let was = chunk_digest_with_cover(cover, had, len, listed).ok_or_else(misfit)?;
+            if was != base {
+                return Err(Error::DigestMismatch { chunk: d.chunk });
+            }
+            travelling_digests(d, raw, len, &mut pushed);
+            let digest = chunk_digest_with_cover(cover, &pushed, len, listed).ok_or_else(misfit)?;
+            let mut blocks = had.to_vec();
+            for (b0, b1) in runs(listed) {
+                blocks[b0 as usize..b1 as usize].copy_from_slice(&pushed[b0 as usize..b1 as usize]);
+            }
+            now = Some(blocks);
+            digest
         } else {
             let mut had = vec![Digest([0; 32]); n as usize];
             for (b0, b1) in runs(listed) {
@@ -200,7 +232,7 @@ pub fn verify_pushed(
             target.write_all_at(&raw[at..at + end - start], offset + start as u64)?;
             at += end - start;
         }
-        Ok(())
+        Ok(now)
     })
 }
 

@@ -1,14 +1,17 @@
-//! The source's block digests, kept beside its manifest (`source.blocks` in the state directory): for each chunk
-//! the digests of its 4 KiB blocks (nodes of the chunk's BLAKE3 tree, see `chunk::lanes`), so that a delta by change
-//! list reads only the blocks its list names and takes the digests of the chunk's other blocks from here.
+//! An agent's block digests, kept beside its manifest (`source.blocks`, `destination.blocks` in the state
+//! directory): for each chunk the digests of its 4 KiB blocks (nodes of the chunk's BLAKE3 tree, see
+//! `chunk::lanes`). With them a source's delta by change list reads only the blocks its list names and takes the
+//! digests of the chunk's other blocks from here, and a destination's delta reads nothing of its target to check a
+//! pushed chunk or to ask for a changed one.
 //!
 //! A cache, not a record: nothing in it is believed until it proves itself. An entry is used only when its block
-//! digests merge into the digest the source's manifest (checksummed, validated page by page) holds for that chunk;
+//! digests merge into the digest the agent's manifest (checksummed, validated page by page) holds for that chunk;
 //! finding other block digests that merge into the same chunk digest is a BLAKE3 collision. So the file needs no
 //! header, checksum, fsync or atomic replacement: an entry that is torn, stale (its chunk changed since), from
 //! another geometry or another volume, or a hole, merges into another digest (or is short), and its chunk is read
 //! whole, as without the file. Entries are written whenever the source hashed a chunk with its block digests, in any
-//! sync; an entry of a sync that then fails describes bytes the manifest does not, and is never used.
+//! sync; an entry of a sync that then fails describes bytes the manifest does not, and is never used. A whole chunk
+//! of zeros in the manifest needs no entry.
 //!
 //! Layout: the entry of chunk `c` is at byte `c × S × 32`, `S = chunk_size / 4096`: the digests of its blocks in
 //! order, 32 bytes each (a short last chunk's entry holds fewer). The file is sparse: 1/128 of the volume at most,
@@ -21,7 +24,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::Reader;
+use super::{Reader, Role, Store};
 use crate::chunk::{
     block_digests, blocks_in, chunk_digest_of_blocks, Digest, Geometry, BLOCK_SIZE,
 };
@@ -31,6 +34,8 @@ pub struct BlockFile {
     file: File,
     /// Digests per entry: the blocks of a whole chunk.
     stride: u64,
+    /// A whole chunk of zeros: its digest and its blocks'.
+    zero: (Digest, Vec<Digest>),
     /// A write failed (logged once): later ones are skipped. Only speed is lost.
     failed: AtomicBool,
 }
@@ -52,11 +57,26 @@ impl BlockFile {
                 path.display()
             )));
         }
+        let zeros = vec![0u8; geometry.chunk_size() as usize];
         Ok(BlockFile {
             file,
             stride: u64::from(geometry.chunk_size() / BLOCK_SIZE),
+            zero: (Digest::of(&zeros), block_digests(&zeros)),
             failed: AtomicBool::new(false),
         })
+    }
+
+    /// `role`'s block digests file in `store`'s directory, opened for chunks of `geometry`; `None` without a
+    /// directory, or when it cannot be opened (logged: the agent then reads what it would read without it).
+    pub fn in_store(store: &Store, role: Role, geometry: Geometry) -> Option<Arc<Self>> {
+        let path = store.blocks_path(role)?;
+        match BlockFile::open(&path, geometry) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!("cannot open {}: {e}", path.display());
+                None
+            }
+        }
     }
 
     fn at(&self, chunk: u64) -> Option<u64> {
@@ -76,6 +96,16 @@ impl BlockFile {
                 .map(|d| Digest(d.try_into().expect("32 bytes")))
                 .collect(),
         )
+    }
+
+    /// The digests of the blocks of chunk `chunk` (`chunk_len` bytes) of the image whose digest of that chunk is
+    /// `base`: its entry if it merges into `base` (the zero blocks' for a whole chunk of zeros), else `None`.
+    pub fn known(&self, chunk: u64, chunk_len: usize, base: Digest) -> Option<Vec<Digest>> {
+        if base == self.zero.0 && chunk_len == self.zero.1.len() * BLOCK_SIZE as usize {
+            return Some(self.zero.1.clone());
+        }
+        let entry = self.read(chunk, blocks_in(chunk_len) as usize)?;
+        (chunk_digest_of_blocks(&entry, chunk_len)? == base).then_some(entry)
     }
 
     /// Writes the entry of `chunk`: the digests of all of its blocks.
@@ -117,32 +147,22 @@ impl BlockFile {
 pub struct KnownBlocks {
     base: Mutex<Reader>,
     file: Arc<BlockFile>,
-    /// A whole chunk of zeros: its digest and its blocks' (a zero chunk needs no entry).
-    zero: (Digest, Vec<Digest>),
 }
 
 impl KnownBlocks {
     /// Block digests of the image `base` describes, from `file`.
-    pub fn new(base: Reader, file: Arc<BlockFile>, geometry: Geometry) -> Self {
-        let zeros = vec![0u8; geometry.chunk_size() as usize];
+    pub fn new(base: Reader, file: Arc<BlockFile>) -> Self {
         KnownBlocks {
             base: Mutex::new(base),
             file,
-            zero: (Digest::of(&zeros), block_digests(&zeros)),
         }
     }
 
     /// The digests of the blocks of base chunk `chunk` (`chunk_len` bytes), if its entry merges into the base's
-    /// digest of it; `None` otherwise (no entry, another chunk's, a damaged base page). A base chunk of zeros
-    /// (a whole one) has the zero blocks' digests, entry or not.
+    /// digest of it; `None` otherwise (no entry, another chunk's, a damaged base page). See [`BlockFile::known`].
     pub fn of(&self, chunk: u64, chunk_len: usize) -> Option<Vec<Digest>> {
         let base = self.base.lock().ok()?.digest(chunk).ok()?;
-        if base == self.zero.0 && chunk_len == self.zero.1.len() * BLOCK_SIZE as usize {
-            return Some(self.zero.1.clone());
-        }
-        let entry = self.file.read(chunk, blocks_in(chunk_len) as usize)?;
-        let merged = chunk_digest_of_blocks(&entry, chunk_len)?;
-        (merged == base).then_some(entry)
+        self.file.known(chunk, chunk_len, base)
     }
 }
 

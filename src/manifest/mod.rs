@@ -67,6 +67,7 @@ mod blocks;
 mod entries;
 mod format;
 mod reader;
+mod sink;
 mod store;
 #[cfg(test)]
 mod tests;

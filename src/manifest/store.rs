@@ -2,12 +2,13 @@
 
 use std::fmt;
 use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::format::{self, Src, BUFFER_LEN};
+use super::sink::{Sealed, Sink, Writeback};
 use super::{Expect, ManifestError, Patch, Reader, Role, Unusable, Writer};
 use crate::chunk::Geometry;
 use crate::durable;
@@ -28,7 +29,7 @@ enum Inner {
 
 /// The memory store: the bytes a state directory would hold, at most `limit` per manifest.
 pub(super) struct Memory {
-    limit: u64,
+    pub(super) limit: u64,
     slots: Mutex<Slots>,
 }
 
@@ -40,10 +41,10 @@ struct Slots {
 
 /// A role's files in memory: the base, its changes, and a base set aside.
 #[derive(Default, Clone)]
-struct Files {
-    base: Option<Arc<[u8]>>,
-    changes: Option<Arc<[u8]>>,
-    aside: Option<Arc<[u8]>>,
+pub(super) struct Files {
+    pub(super) base: Option<Arc<[u8]>>,
+    pub(super) changes: Option<Arc<[u8]>>,
+    pub(super) aside: Option<Arc<[u8]>>,
 }
 
 impl Memory {
@@ -53,7 +54,7 @@ impl Memory {
     }
 
     /// Changes `role`'s files under the lock.
-    fn with<T>(&self, role: Role, f: impl FnOnce(&mut Files) -> T) -> T {
+    pub(super) fn with<T>(&self, role: Role, f: impl FnOnce(&mut Files) -> T) -> T {
         let mut slots = self.slots();
         match role {
             Role::Source => f(&mut slots.source),
@@ -119,10 +120,14 @@ impl Store {
         }
     }
 
-    /// The source's block digests file in a state directory (`source.blocks`, see [`super::BlockFile`]).
-    pub fn blocks_path(&self) -> Option<PathBuf> {
+    /// `role`'s block digests file in a state directory (`source.blocks`, ..., see [`super::BlockFile`]).
+    pub fn blocks_path(&self, role: Role) -> Option<PathBuf> {
+        let name = match role {
+            Role::Source => "source.blocks",
+            Role::Destination => "destination.blocks",
+        };
         match &self.inner {
-            Inner::Dir(dir) => Some(dir.join("source.blocks")),
+            Inner::Dir(dir) => Some(dir.join(name)),
             Inner::Nothing | Inner::Memory(_) => None,
         }
     }
@@ -294,6 +299,14 @@ impl Store {
                     durable::remove_file(&path)
                         .map_err(|source| ManifestError::Remove { path, source })?;
                 }
+                // Its block digests prove nothing without it (see `BlockFile`): removed to free their space.
+                if let Some(path) = self.blocks_path(role) {
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!("cannot remove {}: {e}", path.display());
+                        }
+                    }
+                }
                 Ok(())
             }
         }
@@ -332,7 +345,7 @@ impl Store {
 
 /// The files of a role's manifest.
 #[derive(Clone, Copy)]
-enum Which {
+pub(super) enum Which {
     /// Every digest and the page table.
     Base,
     /// The digests that differ from the base.
@@ -342,13 +355,13 @@ enum Which {
 }
 
 /// `role`'s file `which` in `dir`.
-fn file_in(dir: &Path, role: Role, which: Which) -> PathBuf {
+pub(super) fn file_in(dir: &Path, role: Role, which: Which) -> PathBuf {
     dir.join(format!("{}.manifest{}", role.as_str(), which.suffix()))
 }
 
 impl Which {
     /// What follows the base file's name in this file's.
-    fn suffix(self) -> &'static str {
+    pub(super) fn suffix(self) -> &'static str {
         match self {
             Which::Base => "",
             Which::Changes => ".changes",
@@ -371,286 +384,13 @@ fn open_nofollow(path: &Path) -> Result<Option<File>, Unusable> {
 }
 
 /// The last 32 bytes of the file at `path` (a base's checksum), `None` if it cannot be read.
-fn trailer_of(path: &Path) -> Option<[u8; 32]> {
+pub(super) fn trailer_of(path: &Path) -> Option<[u8; 32]> {
     use std::os::unix::fs::FileExt;
     let file = open_nofollow(path).ok()??;
     let len = file.metadata().ok()?.len();
     let mut t = [0u8; 32];
     file.read_exact_at(&mut t, len.checked_sub(32)?).ok()?;
     Some(t)
-}
-
-/// Where a [`Writer`] puts its bytes: the header's placeholder is already there, then the digests.
-pub(super) enum Sink {
-    /// [`Store::none`]: nothing is written or checked.
-    Nothing,
-    /// A temporary file beside `path`, removed if the writer drops.
-    File {
-        out: BufWriter<tempfile::NamedTempFile>,
-        path: PathBuf,
-        writeback: Writeback,
-    },
-    /// The memory store's next manifest; `None` once it would exceed the limit.
-    Memory {
-        memory: Arc<Memory>,
-        buf: Option<Vec<u8>>,
-        file_len: u64,
-    },
-}
-
-impl Sink {
-    /// Whether this is [`Store::none`]'s sink.
-    pub(super) fn is_nothing(&self) -> bool {
-        matches!(self, Sink::Nothing)
-    }
-
-    /// Appends digest bytes.
-    pub(super) fn write(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
-        match self {
-            Sink::Nothing | Sink::Memory { buf: None, .. } => Ok(()),
-            Sink::Memory { buf: Some(buf), .. } => {
-                buf.extend_from_slice(bytes);
-                Ok(())
-            }
-            Sink::File {
-                out,
-                path,
-                writeback,
-            } => {
-                out.write_all(bytes)
-                    .map_err(|source| ManifestError::Write {
-                        path: path.clone(),
-                        source,
-                    })?;
-                writeback.wrote(out.get_ref().as_file(), bytes.len() as u64);
-                Ok(())
-            }
-        }
-    }
-
-    /// Appends the trailer, writes the header over its placeholder and makes the bytes durable (for a file), ready
-    /// for [`Sealed::publish`] to make them `role`'s manifest.
-    pub(super) fn seal(
-        self,
-        role: Role,
-        header: &[u8],
-        trailer: &[u8],
-    ) -> Result<Sealed, ManifestError> {
-        match self {
-            Sink::Nothing => Ok(Sealed::Nothing),
-            Sink::Memory {
-                memory,
-                buf: None,
-                file_len,
-            } => Ok(Sealed::TooLarge {
-                memory,
-                role,
-                file_len,
-            }),
-            Sink::Memory {
-                memory,
-                buf: Some(mut buf),
-                ..
-            } => {
-                buf[..header.len()].copy_from_slice(header);
-                buf.extend_from_slice(trailer);
-                Ok(Sealed::Memory { memory, role, buf })
-            }
-            Sink::File { mut out, path, .. } => {
-                let sealed = out
-                    .write_all(trailer)
-                    .and_then(|()| out.into_inner().map_err(|e| e.into_error()))
-                    .and_then(|mut tmp| {
-                        let file: &mut File = tmp.as_file_mut();
-                        file.seek(SeekFrom::Start(0))?;
-                        file.write_all(header)?;
-                        file.sync_all()?;
-                        Ok(tmp)
-                    });
-                match sealed {
-                    Ok(tmp) => Ok(Sealed::File { tmp, path }),
-                    Err(source) => Err(ManifestError::Write { path, source }),
-                }
-            }
-        }
-    }
-}
-
-/// Bytes of a manifest being written after which the kernel is asked to start writing them back.
-const WRITEBACK_STEP: u64 = 8 << 20;
-
-/// Starts the writeback of a large manifest while it is still being written, so that the fsync that seals it
-/// waits only for the last [`WRITEBACK_STEP`] or so. A 1 TiB volume's manifest is 512 MiB: sealed at the end of a
-/// delta by change list, its fsync alone took 2.5-3 s of a 4.7 s sync on this machine's disk. Only a hint: the
-/// seal's fsync is what makes the file durable and reports write errors.
-#[derive(Default)]
-pub(super) struct Writeback {
-    /// Digest bytes handed to the writer since the last hint.
-    pending: u64,
-    /// Digest bytes hinted so far: the next hint starts there, at or before the first byte not yet hinted (the
-    /// header is not counted), and runs to the end of the file.
-    from: u64,
-}
-
-impl Writeback {
-    fn wrote(&mut self, file: &File, n: u64) {
-        self.pending += n;
-        if self.pending < WRITEBACK_STEP {
-            return;
-        }
-        // SYNC_FILE_RANGE_WRITE starts writeback of the dirty pages of the range and returns without waiting;
-        // a length of 0 means to the end of the file. Errors are left to the fsync.
-        // (rustix has no sync_file_range.)
-        // SAFETY: a plain syscall on a descriptor `file` keeps open for the call; it touches no memory of ours.
-        #[allow(unsafe_code)]
-        let _ = unsafe {
-            libc::sync_file_range(
-                std::os::fd::AsRawFd::as_raw_fd(file),
-                self.from as libc::off64_t,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        self.from += self.pending;
-        self.pending = 0;
-    }
-}
-
-/// A manifest complete and durable (for a file) under a temporary name; [`Sealed::publish`] makes it the role's.
-pub(super) enum Sealed {
-    Nothing,
-    TooLarge {
-        memory: Arc<Memory>,
-        role: Role,
-        file_len: u64,
-    },
-    Memory {
-        memory: Arc<Memory>,
-        role: Role,
-        buf: Vec<u8>,
-    },
-    MemoryChanges {
-        memory: Arc<Memory>,
-        role: Role,
-        buf: Vec<u8>,
-        base_checksum: [u8; 32],
-    },
-    File {
-        tmp: tempfile::NamedTempFile,
-        path: PathBuf,
-    },
-    Changes {
-        tmp: tempfile::NamedTempFile,
-        dir: PathBuf,
-        role: Role,
-        base_checksum: [u8; 32],
-    },
-}
-
-impl Sealed {
-    pub(super) fn publish(self) -> Result<(), ManifestError> {
-        match self {
-            Sealed::Nothing => Ok(()),
-            Sealed::TooLarge {
-                memory,
-                role,
-                file_len,
-            } => {
-                memory.with(role, |f| *f = Files::default());
-                tracing::info!(
-                    role = role.as_str(),
-                    "the {} manifest ({file_len} bytes) is too large to keep in memory (limit {} bytes): the next \
-                     sync compares in full; give the agent a --state-dir to keep manifests on disk",
-                    role.as_str(),
-                    memory.limit
-                );
-                Ok(())
-            }
-            Sealed::Memory { memory, role, buf } => {
-                memory.with(role, |f| {
-                    *f = Files {
-                        base: Some(Arc::from(buf)),
-                        ..Files::default()
-                    }
-                });
-                Ok(())
-            }
-            Sealed::MemoryChanges {
-                memory,
-                role,
-                buf,
-                base_checksum,
-            } => {
-                memory.with(role, |f| {
-                    f.changes = Some(Arc::from(buf));
-                    if let Some(aside) = f.aside.take() {
-                        if aside[aside.len().saturating_sub(32)..] == base_checksum {
-                            f.base = Some(aside);
-                        }
-                    }
-                });
-                Ok(())
-            }
-            Sealed::File { tmp, path } => {
-                durable::publish(tmp, &path, durable::Existing::Replace).map_err(|source| {
-                    ManifestError::Write {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                // What described the previous base would pair with nothing now (a changes file names its base's
-                // checksum); removed so that it does not linger.
-                for which in [Which::Changes, Which::Aside] {
-                    let mut stale = path.clone().into_os_string();
-                    stale.push(which.suffix());
-                    let stale = PathBuf::from(stale);
-                    if let Err(e) = durable::remove_file(&stale) {
-                        tracing::warn!("cannot remove {}: {e}", stale.display());
-                    }
-                }
-                Ok(())
-            }
-            Sealed::Changes {
-                tmp,
-                dir,
-                role,
-                base_checksum,
-            } => {
-                let path = file_in(&dir, role, Which::Changes);
-                durable::publish(tmp, &path, durable::Existing::Replace).map_err(|source| {
-                    ManifestError::Write {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
-                // The changes are in place; the base they apply to goes back where it is read, if it was set aside.
-                let (base, aside) = (
-                    file_in(&dir, role, Which::Base),
-                    file_in(&dir, role, Which::Aside),
-                );
-                match trailer_of(&aside) {
-                    None => Ok(()),
-                    Some(t) if t != base_checksum => {
-                        // Left by an earlier base (a compaction that died before removing it): it pairs with
-                        // nothing. Only without a base in place does the next sync compare in full.
-                        if let Err(e) = durable::remove_file(&aside) {
-                            tracing::warn!("cannot remove {}: {e}", aside.display());
-                        }
-                        if !base.exists() {
-                            tracing::warn!(
-                                "{} held another base than the new changes': the next sync compares in full",
-                                aside.display()
-                            );
-                        }
-                        Ok(())
-                    }
-                    Some(_) => std::fs::rename(&aside, &base)
-                        .and_then(|()| File::open(&dir)?.sync_all())
-                        .map_err(|source| ManifestError::Write { path: base, source }),
-                }
-            }
-        }
-    }
 }
 
 /// Creates a state directory (mode 0700, with its parents) unless it exists.

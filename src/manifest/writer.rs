@@ -10,7 +10,8 @@ use super::format::{
     base_len, changes_checksum, checksum, encode_header, header_len, max_changes, CHANGES_MAGIC,
     DIGEST_LEN, ENTRY_LEN, MAGIC, MAX_IDENTITY_LEN,
 };
-use super::store::{self, Sink, Store};
+use super::sink::{self, Sink};
+use super::store::Store;
 use super::{Header, ManifestError, Meta, Reader, Role};
 use crate::chunk::pages::{PageHasher, Pages};
 use crate::chunk::{Digest, Geometry, VolumeDigest};
@@ -125,7 +126,7 @@ impl Writer {
     /// the target durable, so that their two fsyncs overlap; dropped unpublished, it leaves the previous manifest.
     pub fn seal(self, meta: Meta) -> Result<Sealed, ManifestError> {
         if self.sink.is_nothing() {
-            return Ok(Sealed(store::Sealed::Nothing));
+            return Ok(Sealed(sink::Sealed::Nothing));
         }
         let expected = self.geometry.chunk_count();
         if self.pushed != expected {
@@ -167,7 +168,7 @@ fn header_of(role: Role, geometry: Geometry, identity: String, meta: &Meta) -> H
 }
 
 /// A manifest written and made durable under a temporary name ([`Writer::seal`], [`Patch::seal`]).
-pub struct Sealed(pub(super) store::Sealed);
+pub struct Sealed(pub(super) sink::Sealed);
 
 impl Sealed {
     /// Makes it the role's manifest (rename, fsync of the directory).
@@ -312,12 +313,12 @@ impl Patch {
             });
         }
         if !self.store.keeps_state() {
-            return Ok(Sealed(store::Sealed::Nothing));
+            return Ok(Sealed(sink::Sealed::Nothing));
         }
         if let Some(full) = self.full.take() {
             return match full.writer {
                 Some(w) => w.seal(meta),
-                None => Ok(Sealed(store::Sealed::Nothing)),
+                None => Ok(Sealed(sink::Sealed::Nothing)),
             };
         }
         // Counted first, then merged straight into the file's bytes: no merged copy of both lists is held.

@@ -231,14 +231,7 @@ impl Announcer {
     /// The block digests file of the source's state directory (see [`manifest::BlockFile`]), `None` without one
     /// or when it cannot be opened (logged: a delta by change list then reads listed chunks whole).
     pub fn block_file(&self) -> Option<Arc<manifest::BlockFile>> {
-        let path = self.store.blocks_path()?;
-        match manifest::BlockFile::open(&path, self.geometry) {
-            Ok(f) => Some(Arc::new(f)),
-            Err(e) => {
-                tracing::warn!("cannot open {}: {e}", path.display());
-                None
-            }
-        }
+        manifest::BlockFile::in_store(&self.store, manifest::Role::Source, self.geometry)
     }
 
     /// A delta's base block digests from `file`, each checked against the base before use (a second reader of
@@ -248,11 +241,7 @@ impl Announcer {
         file: &Arc<manifest::BlockFile>,
     ) -> Option<Arc<manifest::KnownBlocks>> {
         let base = self.patch.as_mut()?.base().try_clone().ok()?;
-        Some(Arc::new(manifest::KnownBlocks::new(
-            base,
-            file.clone(),
-            self.geometry,
-        )))
+        Some(Arc::new(manifest::KnownBlocks::new(base, file.clone())))
     }
 
     /// Whether this session announces only chunks that differ from the base (a delta), not every chunk.

@@ -252,6 +252,11 @@ impl Pair {
         Path::new(&self.sa).join("source.blocks")
     }
 
+    /// The destination's block digests file.
+    pub fn destination_blocks(&self) -> PathBuf {
+        Path::new(&self.sb).join("destination.blocks")
+    }
+
     /// The destination's manifest file.
     pub fn destination_manifest(&self) -> PathBuf {
         Path::new(&self.sb).join("destination.manifest")

@@ -84,7 +84,9 @@ impl Apply {
                 .flat_map(|(first, digests)| (*first..).zip(digests))
         };
         let local: Vec<Local> = if self.delta {
-            self.read_announced(announced().collect())?
+            let announced: Vec<(u64, &Digest)> = announced().collect();
+            let known = self.known_announced(&announced)?;
+            self.read_announced(announced, known)?
         } else {
             let mut local = Vec::with_capacity(frames.iter().map(|(_, d)| d.len()).sum());
             let mut changed = Vec::new();
@@ -141,24 +143,70 @@ impl Apply {
     /// the destination's manifest says the target holds the base. A target chunk of zeros needs no hashing to be
     /// known. One that holds the announced bytes after all (written behind the manifest's back) costs a NEED whose
     /// DATA carries no blocks, and is checked like any other before it is settled.
-    fn read_announced(&self, announced: Vec<(u64, &Digest)>) -> Result<Vec<Local>> {
+    /// The chunks `known` already describes (see [`Apply::known_announced`]) are not read.
+    fn read_announced(
+        &self,
+        announced: Vec<(u64, &Digest)>,
+        known: Vec<Option<Local>>,
+    ) -> Result<Vec<Local>> {
         let zeros = &self.zeros;
-        self.read_target_chunks(
-            announced,
-            |(i, _)| *i,
-            |(i, theirs), buf| {
-                if is_zero(buf) {
-                    Local::hashed(zeros.zero_summary(i), None)
-                } else {
-                    let blocks = (*theirs != zeros.for_chunk(i)).then(|| block_digests(buf));
-                    Local {
-                        digest: None,
-                        zero: false,
-                        blocks,
+        let unknown: Vec<(u64, &Digest)> = announced
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|(a, _)| *a)
+            .collect();
+        let mut read = self
+            .read_target_chunks(
+                unknown,
+                |(i, _)| *i,
+                |(i, theirs), buf| {
+                    if is_zero(buf) {
+                        Local::hashed(zeros.zero_summary(i), None)
+                    } else {
+                        let blocks = (*theirs != zeros.for_chunk(i)).then(|| block_digests(buf));
+                        Local {
+                            digest: None,
+                            zero: false,
+                            blocks,
+                        }
                     }
+                },
+            )?
+            .into_iter();
+        known
+            .into_iter()
+            .map(|k| {
+                k.or_else(|| read.next())
+                    .ok_or_else(|| Error::Protocol("a target chunk read went missing".into()))
+            })
+            .collect()
+    }
+
+    /// A delta's announced chunks as the destination's manifest and block digests describe them, without reading
+    /// the target: a chunk of zeros in the base is zeros, and one whose entry in the block digests file merges into
+    /// the base's digest has those block digests (the same trust as every chunk the session does not read: the
+    /// target holds the base). `None` for a chunk that must be read.
+    fn known_announced(&mut self, announced: &[(u64, &Digest)]) -> Result<Vec<Option<Local>>> {
+        let Some(file) = self.blocks.clone() else {
+            return Ok(announced.iter().map(|_| None).collect());
+        };
+        announced
+            .iter()
+            .map(|&(i, theirs)| {
+                let base = self.finals.base_digest(i)?;
+                let zero = self.zeros.for_chunk(i);
+                if base == zero {
+                    return Ok(Some(Local::hashed(self.zeros.zero_summary(i), None)));
                 }
-            },
-        )
+                let len = self.geometry.chunk_range(i).1;
+                Ok(file.known(i, len, base).map(|blocks| Local {
+                    digest: None,
+                    zero: false,
+                    blocks: (*theirs != zero).then_some(blocks),
+                }))
+            })
+            .collect()
     }
 
     /// The block digests of the target chunks of a full comparison that will need data (`(_, chunk)` pairs), read

@@ -26,7 +26,7 @@ use crate::chunk::{
 };
 use crate::codec::{DataFrame, Message, SyncKind};
 use crate::error::{Error, Result};
-use crate::manifest::{Reader, Role, Store};
+use crate::manifest::{BlockFile, Reader, Role, Store};
 use crate::net::Outbox;
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
@@ -42,12 +42,14 @@ const DATA_BATCH: usize = 32;
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
 
 /// How a session applies the source's messages.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Options {
     /// Chunks the source may announce beyond those settled.
     pub window: u32,
     /// After the final fsync, read the target back and check the volume digest of the bytes read.
     pub read_back: bool,
+    /// The destination's block digests file (see `manifest::BlockFile`), with a state directory.
+    pub blocks: Option<Arc<BlockFile>>,
 }
 
 /// A chunk with an open NEED.
@@ -99,6 +101,9 @@ pub struct Apply {
     target_size: u64,
     /// The decoders of the source's compression lanes, created when a lane is first used.
     lanes: Vec<Option<crate::zstream::Decoder>>,
+    /// The block digests of the target's chunks as this session hashes and writes them; in a delta, what the
+    /// target holds where an entry proves itself against the base.
+    blocks: Option<Arc<BlockFile>>,
 }
 
 impl Apply {
@@ -168,6 +173,7 @@ impl Apply {
             zero_run: None,
             flusher: None,
             lanes: (0..crate::zstream::MAX_LANES).map(|_| None).collect(),
+            blocks: options.blocks,
         }
     }
 
@@ -420,6 +426,7 @@ impl Apply {
         self.before_write()?;
         let written: Vec<Result<()>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
+            let file = self.blocks.as_deref();
             claimed
                 .par_iter()
                 .map(|(d, open)| {
@@ -427,7 +434,11 @@ impl Apply {
                         Some(blocks) => Base::Blocks(blocks),
                         None => Base::Zeros,
                     };
-                    verify_and_write(target, geometry, figures, d, open.expected, base)
+                    let now = verify_and_write(target, geometry, figures, d, open.expected, base)?;
+                    if let Some(file) = file {
+                        file.write(d.chunk, &now);
+                    }
+                    Ok(())
                 })
                 .collect()
         };

@@ -12,6 +12,7 @@ use crate::chunk::{block_digests, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message};
 use crate::destination::verify::{decode_lanes, verify_pushed};
 use crate::error::{Error, Result};
+use crate::manifest::BlockFile;
 use crate::stats::{add, Figures};
 use crate::volume::Volume;
 
@@ -52,7 +53,10 @@ impl Apply {
                 )));
             }
             self.pending.push_back(chunk);
-            bases.push(self.finals.base_digest(chunk)?);
+            let base = self.finals.base_digest(chunk)?;
+            let len = self.geometry.chunk_range(chunk).1;
+            let known = self.blocks.as_ref().and_then(|f| f.known(chunk, len, base));
+            bases.push((base, known));
             next = chunk + 1;
         }
         let (mut frames, pushes): (Vec<DataFrame>, Vec<(Digest, Vec<Digest>)>) = batch
@@ -63,12 +67,22 @@ impl Apply {
         self.before_write()?;
         let outcomes: Vec<Result<Pushed>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
+            let file = self.blocks.as_deref();
             frames
                 .par_iter()
                 .zip(&pushes)
                 .zip(&bases)
-                .map(|((d, (expected, cover)), base)| {
-                    apply_pushed(target, geometry, figures, d, *expected, cover, *base)
+                .map(|((d, (expected, cover)), (base, known))| {
+                    let target_now = (d, *expected, cover.as_slice());
+                    apply_pushed(
+                        target,
+                        geometry,
+                        figures,
+                        target_now,
+                        *base,
+                        known.as_deref(),
+                        file,
+                    )
                 })
                 .collect()
         };
@@ -114,19 +128,25 @@ enum Pushed {
     Differs(Option<Vec<Digest>>),
 }
 
-/// Checks one pushed chunk against `base` (the manifest's digest of it) and `expected` (the source's), writing its
-/// data blocks if it verifies; if not, reads the whole target chunk for its NEED.
+/// Checks one pushed chunk (its frame, the source's digest of it and its cover) against `base` (the manifest's
+/// digest of it, and the target chunk's block digests when `known`), writing its data blocks, and its block
+/// digests to `file`, if it verifies; if not, reads the whole target chunk for its NEED.
 fn apply_pushed(
     target: &Volume,
     geometry: Geometry,
     figures: &Figures,
-    d: &DataFrame,
-    expected: Digest,
-    cover: &[Digest],
+    (d, expected, cover): (&DataFrame, Digest, &[Digest]),
     base: Digest,
+    known: Option<&[Digest]>,
+    file: Option<&BlockFile>,
 ) -> Result<Pushed> {
-    match verify_pushed(target, geometry, figures, d, expected, cover, base) {
-        Ok(()) => Ok(Pushed::Written),
+    match verify_pushed(target, geometry, figures, d, expected, cover, (base, known)) {
+        Ok(now) => {
+            if let (Some(file), Some(now)) = (file, now) {
+                file.write(d.chunk, &now);
+            }
+            Ok(Pushed::Written)
+        }
         Err(Error::DigestMismatch { .. }) => {
             let (offset, len) = geometry.chunk_range(d.chunk);
             let mut chunk = vec![0u8; len];
@@ -222,30 +242,34 @@ mod tests {
             target.read_exact_at(&mut chunk, CHUNK as u64)?;
             Ok(chunk)
         };
-        let run =
-            |c: &Case, target_chunk: &[u8]| -> anyhow::Result<(Result<Pushed>, u64, Vec<u8>)> {
-                let mut bytes = data.clone();
-                bytes[CHUNK..2 * CHUNK].copy_from_slice(target_chunk);
-                std::fs::write(&path, &bytes)?;
-                let mut target = Volume::open_target(&path)?;
-                target.allow_writes_below(bytes.len() as u64)?;
-                let figures = Figures::default();
-                let expected = Digest::of(&c.source);
-                let out = apply_pushed(
-                    &target,
-                    g,
-                    &figures,
-                    &c.frame,
-                    expected,
-                    &c.cover,
-                    base_digest,
-                );
-                Ok((
-                    out,
-                    figures.bytes_read.load(Ordering::Relaxed),
-                    now(&target)?,
-                ))
-            };
+        let blocks_file = BlockFile::open(&dir.path().join("destination.blocks"), g)?;
+        let run_known = |c: &Case,
+                         target_chunk: &[u8],
+                         known: Option<&[Digest]>|
+         -> anyhow::Result<(Result<Pushed>, u64, Vec<u8>)> {
+            let mut bytes = data.clone();
+            bytes[CHUNK..2 * CHUNK].copy_from_slice(target_chunk);
+            std::fs::write(&path, &bytes)?;
+            let mut target = Volume::open_target(&path)?;
+            target.allow_writes_below(bytes.len() as u64)?;
+            let figures = Figures::default();
+            let expected = Digest::of(&c.source);
+            let out = apply_pushed(
+                &target,
+                g,
+                &figures,
+                (&c.frame, expected, &c.cover),
+                base_digest,
+                known,
+                Some(&blocks_file),
+            );
+            Ok((
+                out,
+                figures.bytes_read.load(Ordering::Relaxed),
+                now(&target)?,
+            ))
+        };
+        let run = |c: &Case, target_chunk: &[u8]| run_known(c, target_chunk, None);
         let (sent, zeroed) = ((1u64 << 3) | (1 << 9), 1u64 << 12);
 
         // The list is right: only the three listed blocks are read, the two data blocks written.
@@ -305,6 +329,23 @@ mod tests {
         let whole = case(&base, 0xffff & !zeroed, zeroed, None);
         assert!(whole.cover.is_empty());
         let (out, read, _) = run(&whole, &base)?;
+        assert_eq!((out?, read), (Pushed::Written, 0));
+
+        // With the target chunk's block digests known (the destination's block digests file): nothing of the
+        // target is read, and the chunk's new block digests are kept. A missed block is still caught (the cover
+        // does not give the base's digest); a listed block that drifted is now trusted like the unlisted ones.
+        let known = block_digests(&base);
+        let (out, read, _) = run_known(&right, &base, Some(&known))?;
+        assert_eq!((out?, read), (Pushed::Written, 0));
+        assert_eq!(
+            blocks_file.read(1, 16),
+            Some(block_digests(&right.source)),
+            "the chunk's block digests as written"
+        );
+        let (out, read, after) = run_known(&missed, &base, Some(&known))?;
+        assert_eq!(out?, Pushed::Differs(Some(block_digests(&base))));
+        assert_eq!((read, after), (CHUNK as u64, base.clone()));
+        let (out, read, _) = run_known(&right, &drifted, Some(&known))?;
         assert_eq!((out?, read), (Pushed::Written, 0));
 
         // A cover that does not fit the listed blocks, and a frame that lists nothing, are protocol violations.

@@ -34,13 +34,14 @@ impl Site {
         }
     }
 
-    /// Which manifests its state directory holds: (source, destination).
-    fn manifests(&self) -> (bool, bool) {
+    /// Which manifests its state directory holds: (source, destination), each with its block digests file.
+    fn manifests(&self) -> [(bool, bool); 2] {
         let dir = Path::new(&self.state);
-        (
-            dir.join("source.manifest").exists(),
-            dir.join("destination.manifest").exists(),
-        )
+        let has = |name: &str| dir.join(name).exists();
+        [
+            (has("source.manifest"), has("source.blocks")),
+            (has("destination.manifest"), has("destination.blocks")),
+        ]
     }
 }
 
@@ -73,9 +74,11 @@ fn sync(psk: &Path, from: &Site, to: &Site) -> Result<Outcome> {
         out.kind(),
         out.reason()
     );
-    // The source holds only its source manifest, the destination only its destination manifest.
-    assert_eq!(from.manifests(), (true, false), "{}", from.state);
-    assert_eq!(to.manifests(), (false, true), "{}", to.state);
+    // The source holds only its source manifest, the destination only its destination manifest: a role swap
+    // removes the other role's block digests with its manifest.
+    let (yes, no) = ((true, true), (false, false));
+    assert_eq!(from.manifests(), [yes, no], "{}", from.state);
+    assert_eq!(to.manifests(), [no, yes], "{}", to.state);
     Ok(out)
 }
 
