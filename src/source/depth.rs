@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use rayon::ThreadPool;
 
+use crate::codec::SyncKind;
 use crate::error::{Error, Result};
 use crate::volume::Kind;
 
@@ -24,6 +25,20 @@ pub fn default_read_depth(kind: Kind) -> usize {
     match kind {
         Kind::File => std::thread::available_parallelism().map_or(1, |n| n.get()),
         Kind::BlockDevice => QUEUE_DEPTH,
+    }
+}
+
+/// The default depth of a session of `kind` on a volume of `kind`: [`default_read_depth`], but at least
+/// [`QUEUE_DEPTH`] for a delta by change list. Its reads are the scattered blocks of the listed chunks, a few bytes
+/// of hashing each: on a snapshot that is not in the page cache their latency, not the hashing, is the sync, and
+/// one read per core leaves the storage's queue empty. (2 GiB allocated file, 1 % changed, `bench --allocated
+/// --cold --delta --repeat 3`, two runs of each build alternated: the change-list delta took 0.31 and 0.28 s at the
+/// file's default depth of 2, 0.19 and 0.19 s at 16; cached, 0.14-0.16 s either way.)
+pub fn default_for(volume: Kind, session: SyncKind) -> usize {
+    let depth = default_read_depth(volume);
+    match session {
+        SyncKind::ChangeList => depth.max(QUEUE_DEPTH),
+        SyncKind::Full | SyncKind::Manifest => depth,
     }
 }
 

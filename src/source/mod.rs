@@ -86,7 +86,8 @@ pub struct SourceConfig {
     pub snapshot: SnapshotConfig,
     /// `--bwlimit`: at most this many bytes per second on the wire.
     pub bwlimit: Option<u64>,
-    /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`default_read_depth`] of the volume.
+    /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`depth::default_for`] the volume and the
+    /// session.
     pub read_depth: Option<usize>,
     /// Scans read the parts of the volume not in the page cache with `O_DIRECT` (`--direct-reads`).
     pub direct_reads: bool,
@@ -207,12 +208,6 @@ async fn run_on(
     let volume = Arc::new(volume);
     let geometry = Geometry::new(volume.size(), config.chunk_size).map_err(Error::Config)?;
     figures.set_geometry(&geometry);
-    let depth = config
-        .read_depth
-        .unwrap_or_else(|| default_read_depth(volume.kind()));
-    let pool = depth::read_pool(depth)?;
-    figures.read_depth.store(depth as u64, Ordering::Relaxed);
-    tracing::info!("read depth {depth}: reads in flight on the volume");
     // An NBD export answers change lists from its dirty bitmap (if one was asked for) and allocation maps from
     // base:allocation (always, for full comparisons that do not verify).
     let nbd = volume.nbd_tracker();
@@ -304,6 +299,12 @@ async fn run_on(
         SyncKind::Full => tracing::info!("full comparison: {reason}"),
         _ => tracing::info!("{kind} sync against the image of the last sync"),
     }
+    let depth = config
+        .read_depth
+        .unwrap_or_else(|| depth::default_for(volume.kind(), kind));
+    let pool = abort_on_error(&mut writer, depth::read_pool(depth)).await?;
+    figures.read_depth.store(depth as u64, Ordering::Relaxed);
+    tracing::info!("read depth {depth}: reads in flight on the volume");
     let (outbox, writer_task) = spawn_writer(writer, 64, t.idle);
     let mut writer_task = Some(writer_task);
     let session = Session {
