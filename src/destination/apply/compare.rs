@@ -191,6 +191,7 @@ impl Apply {
         let Some(file) = self.blocks.clone() else {
             return Ok(announced.iter().map(|_| None).collect());
         };
+        file.prefetch(announced.iter().map(|&(i, _)| i));
         announced
             .iter()
             .map(|&(i, theirs)| {

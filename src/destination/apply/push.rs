@@ -38,6 +38,9 @@ impl Apply {
         let count = self.geometry.chunk_count();
         let mut next = self.next;
         let mut bases = Vec::with_capacity(batch.len());
+        if let Some(file) = &self.blocks {
+            file.prefetch(batch.iter().map(|p| p.data.chunk));
+        }
         for p in &batch {
             let chunk = p.data.chunk;
             if chunk < next || chunk >= count {
