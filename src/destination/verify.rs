@@ -190,38 +190,41 @@ pub fn verify_pushed(
             let (digest, blocks) = hash_chunk(buf);
             now = Some(blocks);
             digest
-        } else if let Some(had) = known.filter(|k| k.len() == n as usize) {
-            // The target chunk's block digests, proven against the base: nothing of the target is read.
-            let misfit = || bad("its cover does not fit its listed blocks");
-            let was = chunk_digest_with_cover(cover, had, len, listed).ok_or_else(misfit)?;
-            if was != base {
-                return Err(Error::DigestMismatch { chunk: d.chunk });
-            }
-            travelling_digests(d, raw, len, &mut pushed);
-            let digest = chunk_digest_with_cover(cover, &pushed, len, listed).ok_or_else(misfit)?;
-            let mut blocks = had.to_vec();
-            for (b0, b1) in runs(listed) {
-                blocks[b0 as usize..b1 as usize].copy_from_slice(&pushed[b0 as usize..b1 as usize]);
-            }
-            now = Some(blocks);
-            digest
         } else {
-            let mut had = vec![Digest([0; 32]); n as usize];
-            for (b0, b1) in runs(listed) {
-                let r = block_range(len, b0).start..block_range(len, b1 - 1).end;
-                buf.resize(r.len(), 0);
-                target.read_exact_at(&mut buf[..r.len()], offset + r.start as u64)?;
-                add(&figures.bytes_read, r.len() as u64);
-                had[b0 as usize..b1 as usize]
-                    .copy_from_slice(&block_digests_at(&buf[..r.len()], b0));
-            }
+            // The target's digests of its listed blocks: from its block digests (proven against the base, so
+            // nothing of the target is read) when known, else read.
+            let known = known.filter(|k| k.len() == n as usize);
+            let had = match known {
+                Some(k) => k.to_vec(),
+                None => {
+                    let mut had = vec![Digest([0; 32]); n as usize];
+                    for (b0, b1) in runs(listed) {
+                        let r = block_range(len, b0).start..block_range(len, b1 - 1).end;
+                        buf.resize(r.len(), 0);
+                        target.read_exact_at(&mut buf[..r.len()], offset + r.start as u64)?;
+                        add(&figures.bytes_read, r.len() as u64);
+                        had[b0 as usize..b1 as usize]
+                            .copy_from_slice(&block_digests_at(&buf[..r.len()], b0));
+                    }
+                    had
+                }
+            };
             let misfit = || bad("its cover does not fit its listed blocks");
             let was = chunk_digest_with_cover(cover, &had, len, listed).ok_or_else(misfit)?;
             if was != base {
                 return Err(Error::DigestMismatch { chunk: d.chunk });
             }
             travelling_digests(d, raw, len, &mut pushed);
-            chunk_digest_with_cover(cover, &pushed, len, listed).ok_or_else(misfit)?
+            let digest = chunk_digest_with_cover(cover, &pushed, len, listed).ok_or_else(misfit)?;
+            if known.is_some() {
+                let mut blocks = had;
+                for (b0, b1) in runs(listed) {
+                    blocks[b0 as usize..b1 as usize]
+                        .copy_from_slice(&pushed[b0 as usize..b1 as usize]);
+                }
+                now = Some(blocks);
+            }
+            digest
         };
         if digest != expected {
             return Err(Error::DigestMismatch { chunk: d.chunk });
