@@ -245,8 +245,8 @@ pub struct SourceArgs {
     #[arg(long, value_name = "RATE", value_parser = blockmover::ratelimit::parse_rate)]
     pub bwlimit: Option<u64>,
     /// Reads kept in flight on the volume, 1..=256 (network disks give their throughput only with many).
-    /// Default: the number of cores for a regular file, 16 for a block device or an NBD export, and at least 16
-    /// for a delta by change list (scattered reads of the listed blocks).
+    /// Default: the number of cores for a regular file (a delta by change list asks the kernel for each round of
+    /// its scattered reads at once), 16 for a block device or an NBD export.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub read_depth: Option<u16>,
     /// Seconds each snapshot hook may run before it is killed (the sync then fails, retryable).

@@ -203,6 +203,10 @@ impl crate::scan::BaseBlocks for KnownBlocks {
     fn of(&self, chunk: u64, chunk_len: usize) -> Option<Vec<Digest>> {
         KnownBlocks::of(self, chunk, chunk_len)
     }
+
+    fn prefetch(&self, chunks: &[u64]) {
+        self.file.prefetch(chunks.iter().copied());
+    }
 }
 
 #[cfg(test)]

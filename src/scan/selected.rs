@@ -41,6 +41,9 @@ pub struct Read<'a> {
 pub trait BaseBlocks: Send + Sync {
     /// The digests of every block of base chunk `chunk` (`chunk_len` bytes), proven against the base, or `None`.
     fn of(&self, chunk: u64, chunk_len: usize) -> Option<Vec<Digest>>;
+
+    /// A hint that [`BaseBlocks::of`] is about to be asked for `chunks` (a round of the scan): start reading them.
+    fn prefetch(&self, _chunks: &[u64]) {}
 }
 
 /// What a selected scan does with each chunk it read: `keep` takes what it wants of it (see [`scan_selected`]);
@@ -78,9 +81,23 @@ where
         .spawn(move || {
             let zeros = ZeroDigests::new(geometry);
             let round = (SEGMENT_CHUNKS * segments_per_round(pool.as_deref())) as usize;
-            let mut indices = chunks.iter().peekable();
-            while indices.peek().is_some() {
-                let these: Vec<u64> = indices.by_ref().take(round).collect();
+            let partial = keep.blocks && keep.base.is_some();
+            // The listed blocks are scattered: no readahead around each, and each round's reads are handed to the
+            // storage together while the round before it is hashed, so that its queue holds them all whatever
+            // the number of reader threads.
+            volume.advise_random();
+            let prefetch = |these: &[u64]| {
+                volume.prefetch(round_ranges(geometry, &chunks, these, partial));
+                if let Some(base) = keep.base.as_ref().filter(|_| partial) {
+                    base.prefetch(these);
+                }
+            };
+            let mut indices = chunks.iter();
+            let mut next: Vec<u64> = indices.by_ref().take(round).collect();
+            prefetch(&next);
+            while !next.is_empty() {
+                let these = std::mem::replace(&mut next, indices.by_ref().take(round).collect());
+                prefetch(&next);
                 let item: Result<Vec<Selected<T>>> = on(pool.as_deref(), || {
                     these
                         .par_iter()
@@ -112,6 +129,49 @@ where
     result
 }
 
+/// The byte ranges `(offset, length)` the reads of the listed chunks `these` will cover, adjacent ones merged: a
+/// chunk's listed blocks when it may be read in part (`partial`: its base block digests may be known, see
+/// [`Keep::base`]), else the whole chunk.
+fn round_ranges(
+    geometry: Geometry,
+    chunks: &ChangedChunks,
+    these: &[u64],
+    partial: bool,
+) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &i in these {
+        let (offset, len) = geometry.chunk_range(i);
+        let all = all_blocks(len);
+        let listed = if partial {
+            chunks.listed_blocks(i) & all
+        } else {
+            all
+        };
+        let mut add = |from: u64, to: u64| match ranges.last_mut() {
+            Some((o, l)) if *o + *l == from => *l = to - *o,
+            _ => ranges.push((from, to - from)),
+        };
+        if listed == all {
+            add(offset, offset + len as u64);
+            continue;
+        }
+        for (b0, b1) in runs(listed) {
+            let (start, end) = (block_range(len, b0).start, block_range(len, b1 - 1).end);
+            add(offset + start as u64, offset + end as u64);
+        }
+    }
+    ranges
+}
+
+/// The mask of every block of a chunk of `len` bytes.
+fn all_blocks(len: usize) -> u64 {
+    if len as u64 >= 64 * u64::from(BLOCK_SIZE) {
+        u64::MAX
+    } else {
+        (1u64 << blocks_in(len)) - 1
+    }
+}
+
 /// Reads and summarizes one listed chunk into this worker's buffer (a change list's chunks are scattered: read,
 /// not mapped one by one), then lets `keep` look at it.
 fn read_one<T>(
@@ -136,11 +196,7 @@ fn read_one<T>(
         buf.resize(len, 0);
         blocks.clear();
         let listed = chunks.listed_blocks(i);
-        let all = if len as u64 >= 64 * u64::from(BLOCK_SIZE) {
-            u64::MAX
-        } else {
-            (1u64 << blocks_in(len)) - 1
-        };
+        let all = all_blocks(len);
         let known = match &keep.base {
             Some(base) if keep.blocks && listed & all != all => base.of(i, len),
             _ => None,
@@ -253,6 +309,48 @@ mod tests {
                 "keep saw chunk {i}'s bytes and block digests"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_round_prefetches_the_listed_blocks_of_chunks_read_in_part_and_whole_chunks_otherwise(
+    ) -> anyhow::Result<()> {
+        let size = 5 * 65536 + 5000;
+        let g = Geometry::new(size, 65536).map_err(anyhow::Error::msg)?;
+        // Chunk 2: blocks 5 and 6; chunk 3: every block; chunk 4: block 0; chunk 5 (5000 bytes): its short block 1.
+        let listed = [
+            (2 * 65536 + 5 * 4096, 8192),
+            (3 * 65536, 65536 + 4096),
+            (5 * 65536 + 4096, 904),
+        ];
+        let list = ChangedChunks::from_extents(&listed, g).map_err(|e| anyhow::anyhow!(e.0))?;
+        let these: Vec<u64> = list.iter().collect();
+        assert_eq!(these, [2, 3, 4, 5]);
+        assert_eq!(
+            round_ranges(g, &list, &these, true),
+            [
+                (2 * 65536 + 5 * 4096, 8192),
+                (3 * 65536, 65536 + 4096),
+                (5 * 65536 + 4096, 904)
+            ],
+            "the listed blocks, adjacent ones merged across chunks"
+        );
+        assert_eq!(
+            round_ranges(g, &list, &these, false),
+            [(2 * 65536, 3 * 65536 + 5000)],
+            "whole chunks when none is read in part"
+        );
+        assert_eq!(
+            round_ranges(g, &list, &[5], true),
+            [(5 * 65536 + 4096, 904)]
+        );
+        let whole = ChangedChunks::from_extents(&[(5 * 65536, 5000)], g)
+            .map_err(|e| anyhow::anyhow!(e.0))?;
+        assert_eq!(
+            round_ranges(g, &whole, &[5], true),
+            [(5 * 65536, 5000)],
+            "a short last chunk listed whole"
+        );
         Ok(())
     }
 

@@ -86,8 +86,8 @@ pub struct SourceConfig {
     pub snapshot: SnapshotConfig,
     /// `--bwlimit`: at most this many bytes per second on the wire.
     pub bwlimit: Option<u64>,
-    /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`depth::default_for`] the volume and the
-    /// session.
+    /// `--read-depth`: reads in flight (1..=[`MAX_READ_DEPTH`]); `None`: [`depth::default_read_depth`] of the
+    /// volume.
     pub read_depth: Option<usize>,
     /// Scans read the parts of the volume not in the page cache with `O_DIRECT` (`--direct-reads`).
     pub direct_reads: bool,
@@ -301,7 +301,7 @@ async fn run_on(
     }
     let depth = config
         .read_depth
-        .unwrap_or_else(|| depth::default_for(volume.kind(), kind));
+        .unwrap_or_else(|| depth::default_read_depth(volume.kind()));
     let pool = abort_on_error(&mut writer, depth::read_pool(depth)).await?;
     figures.read_depth.store(depth as u64, Ordering::Relaxed);
     tracing::info!("read depth {depth}: reads in flight on the volume");

@@ -49,16 +49,33 @@ impl Volume {
     /// Does nothing without direct reads (a buffered scan left them cached), for an NBD export, or where the
     /// kernel refuses.
     pub fn will_need(&self, ranges: impl IntoIterator<Item = (u64, u64)>) {
+        if self.direct_reads {
+            self.prefetch(ranges);
+        }
+    }
+
+    /// Asks the kernel to start reading `ranges` (byte `(offset, length)`) into the page cache now
+    /// (`posix_fadvise(WILLNEED)`), whatever the read mode, so that the positional reads that follow find them
+    /// there: the storage gets every range at once instead of one read per reader thread. Only a hint: does
+    /// nothing for an NBD export, or where the kernel refuses.
+    pub fn prefetch(&self, ranges: impl IntoIterator<Item = (u64, u64)>) {
         let Backend::File(file) = &self.backend else {
             return;
         };
-        if !self.direct_reads {
-            return;
-        }
         for (offset, len) in ranges {
             if let Some(len) = std::num::NonZeroU64::new(len) {
                 let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
             }
+        }
+    }
+
+    /// Tells the kernel the volume is about to be read at scattered places (`posix_fadvise(RANDOM)`: no
+    /// readahead), as a delta by change list reads it: readahead would add 16 KiB or more to each cold 4 KiB block
+    /// read (2 GiB allocated, 1 % changed, evicted: 33-35 MiB read from the disk for 20.4 MiB of listed blocks;
+    /// 24 MiB with this). [`Volume::advise_sequential`] undoes it. Does nothing for an NBD export.
+    pub fn advise_random(&self) {
+        if let Backend::File(file) = &self.backend {
+            let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Random);
         }
     }
 
