@@ -226,22 +226,47 @@ pub(super) fn compressible(raw: &[u8], level: i32) -> bool {
 /// Bits per byte above which a block is taken for random (4096 random bytes measure about 7.95).
 const RANDOM_BITS: f64 = 7.5;
 
-/// The order-0 entropy of `bytes` in bits per byte (0 for an empty slice).
+/// The order-0 entropy of `bytes` in bits per byte (0 for an empty slice). It is asked of every chunk a delta sends,
+/// so it is counted in four tables (a run of equal bytes would otherwise wait on its own increments) and `c log2 c`
+/// comes from a table: with one table and `log2` per value it was 8% of a change-list source's CPU (`perf`, 2822
+/// chunks).
 fn entropy_bits(bytes: &[u8]) -> f64 {
     if bytes.is_empty() {
         return 0.0;
     }
-    let mut counts = [0u32; 256];
-    for &b in bytes {
-        counts[usize::from(b)] += 1;
+    let mut counts = [[0u32; 256]; 4];
+    let mut quads = bytes.chunks_exact(4);
+    for q in &mut quads {
+        for (table, &b) in counts.iter_mut().zip(q) {
+            table[usize::from(b)] += 1;
+        }
     }
-    let n = bytes.len() as f64;
-    let sum: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| f64::from(c) * f64::from(c).log2())
+    for &b in quads.remainder() {
+        counts[0][usize::from(b)] += 1;
+    }
+    let sum: f64 = (0..256)
+        .map(|v| c_log2_c(counts.iter().map(|t| t[v]).sum()))
         .sum();
+    let n = bytes.len() as f64;
     n.log2() - sum / n
+}
+
+/// `c log2 c` (0 for 0), from a table up to a block's count.
+fn c_log2_c(c: u32) -> f64 {
+    static TABLE: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..=BLOCK_SIZE).map(exact_c_log2_c).collect());
+    table
+        .get(c as usize)
+        .copied()
+        .unwrap_or_else(|| exact_c_log2_c(c))
+}
+
+fn exact_c_log2_c(c: u32) -> f64 {
+    if c == 0 {
+        0.0
+    } else {
+        f64::from(c) * f64::from(c).log2()
+    }
 }
 
 /// zstd with one reusable context per thread: a fresh context per 64 KiB chunk costs as much as compressing it.
@@ -337,6 +362,11 @@ mod tests {
         assert!(compressible(&pattern, 1), "64 random bytes repeated");
         assert_eq!(entropy_bits(&[]), 0.0);
         assert_eq!(entropy_bits(&[7; 100]), 0.0);
+        // Two values, equally often, in a length that is not a multiple of four: one bit.
+        let halves: Vec<u8> = (0..4098).map(|i| (i % 2) as u8 * 200).collect();
+        assert!((entropy_bits(&halves) - 1.0).abs() < 1e-9);
+        // Longer than a block (counts past the table).
+        assert!((entropy_bits(&[5u8; 3 * 4096 + 1])).abs() < 1e-9);
     }
 
     #[test]
