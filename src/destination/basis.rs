@@ -180,6 +180,13 @@ fn spot_check(base: &mut Reader, target: &Volume, geometry: Geometry) -> Result<
     let (mut data, zero) = (data.items, zero.items);
     let top_up = delta::SPOT_CHECKS.saturating_sub(data.len());
     data.extend(zero.into_iter().take(top_up));
+    // All at once to the storage: a target that is not in the page cache (a block device nothing else reads) would
+    // otherwise be read one chunk per core at a time, a round trip each on a network disk. (This machine's virtio
+    // disk showed no difference: 16 GiB target evicted, the session's set-up 10-17 ms either way.)
+    target.prefetch(data.iter().map(|&(chunk, _)| {
+        let (offset, len) = geometry.chunk_range(chunk);
+        (offset, len as u64)
+    }));
     let differs: Vec<u64> = data
         .par_iter()
         .filter_map(|&(chunk, expected)| {
