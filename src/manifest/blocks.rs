@@ -49,6 +49,8 @@ fn prefetch_runs(entry: u64, at: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
 /// The block digests file of a state directory.
 pub struct BlockFile {
     file: File,
+    /// It held no entry when opened (just created, e.g. after `--block-digests off`).
+    empty: bool,
     /// Digests per entry: the blocks of a whole chunk.
     stride: u64,
     /// A whole chunk of zeros: its digest and its blocks'.
@@ -74,8 +76,10 @@ impl BlockFile {
                 path.display()
             )));
         }
+        let empty = file.metadata()?.len() == 0;
         let zeros = vec![0u8; geometry.chunk_size() as usize];
         Ok(BlockFile {
+            empty,
             file,
             stride: u64::from(geometry.chunk_size() / BLOCK_SIZE),
             zero: (Digest::of(&zeros), block_digests(&zeros)),
@@ -139,6 +143,12 @@ impl BlockFile {
         }
         let entry = self.read(chunk, blocks_in(chunk_len) as usize)?;
         (chunk_digest_of_blocks(&entry, chunk_len)? == base).then_some(entry)
+    }
+
+    /// Whether the file held no entry when it was opened: a scan that hashes every chunk anyway should then write
+    /// all their entries, not only those of the chunks that changed.
+    pub fn was_empty(&self) -> bool {
+        self.empty
     }
 
     /// Writes the entry of `chunk`: the digests of all of its blocks.

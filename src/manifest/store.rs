@@ -18,6 +18,8 @@ use crate::durable;
 #[derive(Clone)]
 pub struct Store {
     inner: Inner,
+    /// A state directory also holds the agent's block digests file (see [`super::BlockFile`]).
+    block_digests: bool,
 }
 
 #[derive(Clone)]
@@ -78,6 +80,7 @@ impl Store {
     pub fn none() -> Self {
         Store {
             inner: Inner::Nothing,
+            block_digests: false,
         }
     }
 
@@ -98,7 +101,24 @@ impl Store {
             })?;
         Ok(Store {
             inner: Inner::Dir(path),
+            block_digests: true,
         })
+    }
+
+    /// This store without block digests files (`--block-digests off`): none is kept, and those of both roles left
+    /// in its state directory are removed (their space freed; a sync then reads what it reads without them).
+    pub fn without_block_digests(mut self) -> Self {
+        for role in [Role::Source, Role::Destination] {
+            let Some(path) = self.blocks_path(role) else {
+                continue;
+            };
+            match durable::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+        self.block_digests = false;
+        self
     }
 
     /// Manifests kept in memory, for a long-running agent without a state directory: the same bytes as the file,
@@ -109,6 +129,7 @@ impl Store {
                 limit: limit_bytes,
                 slots: Mutex::default(),
             })),
+            block_digests: false,
         }
     }
 
@@ -120,15 +141,16 @@ impl Store {
         }
     }
 
-    /// `role`'s block digests file in a state directory (`source.blocks`, ..., see [`super::BlockFile`]).
+    /// `role`'s block digests file in a state directory (`source.blocks`, ..., see [`super::BlockFile`]); `None`
+    /// without one, or [`Store::without_block_digests`].
     pub fn blocks_path(&self, role: Role) -> Option<PathBuf> {
         let name = match role {
             Role::Source => "source.blocks",
             Role::Destination => "destination.blocks",
         };
         match &self.inner {
-            Inner::Dir(dir) => Some(dir.join(name)),
-            Inner::Nothing | Inner::Memory(_) => None,
+            Inner::Dir(dir) if self.block_digests => Some(dir.join(name)),
+            Inner::Dir(_) | Inner::Nothing | Inner::Memory(_) => None,
         }
     }
 

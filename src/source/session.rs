@@ -251,6 +251,13 @@ impl Session {
                                 blocks: Option<(u64, crate::scan::Blocks)>,
                                 mut pushed: Vec<push::Pushed>| {
                 let chunks = announcer.feed(scanned)?;
+                // The block digests of what this sync hashed, for later deltas by change list: a full comparison's
+                // whole segment, and a delta's too when the file was empty (new, or after `--block-digests off`);
+                // otherwise a delta's changed chunks (below: the others' entries still hold).
+                let whole = block_file.as_ref().filter(|f| !delta || f.was_empty());
+                if let (Some(file), Some((first, blocks))) = (whole, &blocks) {
+                    file.write_run(*first, blocks.flat(), blocks.stride());
+                }
                 let Some(last) = chunks.last().map(|(c, _)| *c) else {
                     return Ok(());
                 };
@@ -270,20 +277,16 @@ impl Session {
                 // Only in a delta, whose announced chunks are the changed ones: in a full comparison most of them
                 // are equal on the target, and keeping every chunk's digests to answer a few NEEDs measured no
                 // faster than reading those chunks again.
-                if let (Some(file), Some((first, blocks))) = (&block_file, &blocks) {
-                    // The block digests of what this sync hashed, for later deltas by change list: a full
-                    // comparison's whole segment, a delta's changed chunks (the others' entries still hold).
-                    match delta {
-                        false => file.write_run(*first, blocks.flat(), blocks.stride()),
-                        true => chunks.iter().for_each(|&(c, _)| {
-                            let count = geometry.blocks_in_chunk(c) as usize;
-                            if let Some(b) = c
-                                .checked_sub(*first)
-                                .and_then(|at| blocks.of(at as usize, count))
-                            {
-                                file.write(c, b);
-                            }
-                        }),
+                let changed = block_file.as_ref().filter(|f| delta && !f.was_empty());
+                if let (Some(file), Some((first, blocks))) = (changed, &blocks) {
+                    for &(c, _) in &chunks {
+                        let count = geometry.blocks_in_chunk(c) as usize;
+                        if let Some(b) = c
+                            .checked_sub(*first)
+                            .and_then(|at| blocks.of(at as usize, count))
+                        {
+                            file.write(c, b);
+                        }
                     }
                 }
                 if let (true, Some((first, blocks))) = (delta, &blocks) {

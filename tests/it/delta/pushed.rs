@@ -184,3 +184,54 @@ fn a_list_of_whole_chunks_is_compared_block_by_block_not_pushed() -> Result<()> 
     assert_eq!(o.src("blocksSent"), 2 * per, "{}", o.describe());
     Ok(())
 }
+
+/// `--block-digests off` trades reads for space (the files take up to 1/128 of the volume per role): an agent
+/// keeps no block digests file and removes one left from before, and its deltas read what they read without
+/// one. Turned back on, the files come back with the next sync.
+#[test]
+fn block_digests_off_keeps_no_block_digests_file_and_deltas_read_whole_chunks() -> Result<()> {
+    let p = Pair::new(32 * MIB, 0x9_5005)?;
+    p.sync(&[], &[])?;
+    assert!(p.source_blocks().exists() && p.destination_blocks().exists());
+    let off = ["--block-digests", "off"];
+    let n = 16;
+    let changed = scattered(p.size(), n, 7);
+    let extents = scribble(&p.fx.volume, &changed, 1)?;
+    let list = change_list(p.fx.dir.path(), "off.json", &extents)?;
+    let o = p.sync(&["--changed-extents", &list, off[0], off[1]], &off)?;
+    o.expect_delta("delta-changelist");
+    assert!(
+        !p.source_blocks().exists() && !p.destination_blocks().exists(),
+        "both files removed: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.src("bytesRead"),
+        n * CHUNK,
+        "the source reads each listed chunk whole: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.dst("bytesRead"),
+        n * BLOCK,
+        "the destination reads its target's listed blocks: {}",
+        o.describe()
+    );
+    // A delta by manifest: the destination reads each announced chunk for its NEED.
+    scribble_chunks(&p.fx.volume, &[3, 200, 411], 2)?;
+    let o = p.sync(&off, &off)?;
+    o.expect_delta("delta-manifest");
+    assert_eq!(o.dst("bytesRead"), 3 * CHUNK, "{}", o.describe());
+    assert!(!p.source_blocks().exists() && !p.destination_blocks().exists());
+    // Back on: the next sync writes them again, and the one after reads only the listed blocks.
+    scribble_chunks(&p.fx.volume, &[5], 3)?;
+    let o = p.sync(&[], &[])?;
+    o.expect_delta("delta-manifest");
+    assert!(p.source_blocks().exists() && p.destination_blocks().exists());
+    let extents = scribble(&p.fx.volume, &scattered(p.size(), n, 8), 4)?;
+    let list = change_list(p.fx.dir.path(), "on.json", &extents)?;
+    let o = p.sync(&["--changed-extents", &list], &[])?;
+    o.expect_delta("delta-changelist");
+    assert_eq!(o.src("bytesRead"), n * BLOCK, "{}", o.describe());
+    Ok(())
+}
