@@ -100,7 +100,8 @@ fn a_pool_deeper_than_a_segment_scans_several_at_once_and_delivers_them_in_order
     let pool = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(130).build()?);
     assert_eq!(
         segments_per_round(Some(&pool)),
-        3.max(MIN_SEGMENTS_PER_ROUND)
+        9,
+        "a run of chunks in flight on each of 130 threads: 520 chunks"
     );
     let two = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
     assert_eq!(segments_per_round(Some(&two)), MIN_SEGMENTS_PER_ROUND);
@@ -289,5 +290,39 @@ fn direct_reads_fall_back_cleanly_where_refused_and_the_scan_still_reads_right(
     let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
     let (all, _) = scan_all(vol, g)?;
     assert_digests(&all, &data, g);
+    Ok(())
+}
+
+#[test]
+fn runs_of_chunks_read_together_around_the_holes_of_a_sparse_file_hash_as_their_chunks(
+) -> anyhow::Result<()> {
+    // 23 chunks and a short one: data in runs of every length, holes alone, at a run's edges and inside one (the
+    // chunks of such a run are read one by one): every digest and zero flag is its chunk's.
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR"))?;
+    let p = dir.path().join("sparse.img");
+    let size = 23 * 65536 + 3000;
+    let holes = [1u64, 4, 9, 10, 11, 18];
+    let mut data = vec![0u8; size];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&p)?;
+        f.set_len(size as u64)?;
+        for (i, piece) in data.chunks_mut(65536).enumerate() {
+            if holes.contains(&(i as u64)) {
+                continue;
+            }
+            for (k, b) in piece.iter_mut().enumerate() {
+                *b = (k % 253) as u8 ^ i as u8 | 1;
+            }
+            f.write_all_at(piece, i as u64 * 65536)?;
+        }
+    }
+    let g = Geometry::new(size as u64, 65536).map_err(anyhow::Error::msg)?;
+    let (all, read) = scan_all(Volume::open_source(&p)?, g)?;
+    assert_digests(&all, &data, g);
+    for (i, s) in all.iter().enumerate() {
+        assert_eq!(s.zero, holes.contains(&(i as u64)), "chunk {i}");
+    }
+    assert_eq!(read, size as u64, "progress counts the holes too");
     Ok(())
 }
