@@ -1,7 +1,7 @@
 //! How many reads the source keeps in flight (`source --read-depth N`): the scan and the NEED servicer run their
-//! parallel reads on one pool of N threads, built once per sync, each thread with one read (and one chunk buffer)
-//! at a time. On the NBD source every thread's read is a request on the shared connection, so N is the depth on
-//! the wire.
+//! parallel reads on one pool of N threads, built once per sync, each thread with one read (and its buffer) at a
+//! time: four chunks in a scan (`scan::RUN_CHUNKS`), one in a NEED's answer. On the NBD source every thread's read
+//! is a request on the shared connection, so N is the depth on the wire.
 //!
 //! Trusted: nothing from the peer; N comes from the command line (bounded by [`MAX_READ_DEPTH`]).
 
