@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{RngCore, SeedableRng};
 
-use blockmover::chunk::{block_digests, hash_chunk, is_zero, Digest};
+use blockmover::chunk::{block_digests, chunk_digest_of_blocks, hash_chunk, is_zero, Digest};
 use blockmover::codec::{parse_frame, DataFrame, Encoding, Message};
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -52,6 +52,20 @@ fn hashing(c: &mut Criterion) {
         b.iter(|| data.chunks(65536).map(hash_chunk).count())
     });
     g.bench_function("is_zero", |b| b.iter(|| is_zero(&zeros)));
+    g.finish();
+    // A delta by change list merges each changed chunk's 16 block digests into its chunk digest (twice on each side:
+    // the base's entry, proven against the manifest, and the new chunk).
+    let blocks: Vec<Vec<Digest>> = data.chunks(65536).map(block_digests).collect();
+    let mut g = c.benchmark_group("merge");
+    g.throughput(Throughput::Elements(blocks.len() as u64));
+    g.bench_function("chunk_digest_of_16_blocks", |b| {
+        b.iter(|| {
+            blocks
+                .iter()
+                .filter_map(|d| chunk_digest_of_blocks(d, 65536))
+                .count()
+        })
+    });
     g.finish();
 }
 

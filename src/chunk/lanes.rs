@@ -77,8 +77,12 @@ pub fn block_digests_at(bytes: &[u8], first: u32) -> Vec<Digest> {
 /// `None` for a chunk of one block, whose digest is not a merge of anything (hash its bytes).
 pub fn chunk_digest_of_blocks(blocks: &[Digest], chunk_len: usize) -> Option<Digest> {
     debug_assert_eq!(blocks.len(), chunk_len.div_ceil(BLOCK));
-    if blocks.len() < 2 {
+    let n = blocks.len();
+    if n < 2 {
         return None;
+    }
+    if n <= 64 && n.is_power_of_two() && chunk_len == n * BLOCK {
+        return Some(perfect_root(blocks));
     }
     let (left, right) = split(blocks, chunk_len);
     let root = hazmat::merge_subtrees_root(&left, &right, Mode::Hash);
@@ -106,10 +110,15 @@ pub fn hash_chunk_into(chunk: &[u8], blocks: &mut [Digest]) -> Digest {
     if n < 2 {
         return Digest::of(chunk);
     }
-    if !(n.is_power_of_two() && chunk.len() == n * BLOCK) {
-        return chunk_digest_of_blocks(blocks, chunk.len()).expect("two blocks or more");
-    }
-    // A power of two of whole blocks: a perfect tree, hashed level by level in place.
+    chunk_digest_of_blocks(blocks, chunk.len()).expect("two blocks or more")
+}
+
+/// The root of a perfect tree over `blocks` (a power of two of them, at least two, each a whole block): hashed level
+/// by level on the SIMD lanes, every level but the root in one `hash_many` call per [`GROUP`] pairs, instead of one
+/// compression per parent node.
+fn perfect_root(blocks: &[Digest]) -> Digest {
+    let n = blocks.len();
+    debug_assert!((2..=64).contains(&n) && n.is_power_of_two());
     let mut level = [0u8; 64 * CV];
     for (d, out) in blocks.iter().zip(level.chunks_exact_mut(CV)) {
         out.copy_from_slice(&d.0);
