@@ -365,13 +365,8 @@ fn summarize_direct(
     thread_local! {
         static DIRECT: RefCell<Option<memmap2::MmapMut>> = const { RefCell::new(None) };
     }
-    let start = geometry.chunk_range(from).0;
-    let (last, last_len) = geometry.chunk_range(to - 1);
-    let len = (last + last_len as u64 - start) as usize;
-    if (from..to).any(|i| {
-        let (o, l) = geometry.chunk_range(i);
-        volume.is_hole(o, l as u64)
-    }) {
+    let (start, len) = span(geometry, from, to);
+    if any_hole(volume, geometry, from, to) {
         return None;
     }
     let room = (len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
@@ -386,15 +381,53 @@ fn summarize_direct(
             return Some(Err(e));
         }
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        Some(Ok((from..to)
-            .map(|i| {
-                let (o, l) = geometry.chunk_range(i);
-                let at = (o - start) as usize;
-                let k = (i - from) as usize * stride;
-                summarize_bytes(zeros, i, &buf[at..at + l], &mut blocks[k..k + stride])
-            })
-            .collect()))
+        Some(Ok(summarize_read(
+            geometry,
+            zeros,
+            from..to,
+            &buf[..len],
+            blocks,
+            stride,
+        )))
     })
+}
+
+/// The byte range `(offset, length)` of chunks `from..to`.
+fn span(geometry: Geometry, from: u64, to: u64) -> (u64, usize) {
+    let start = geometry.chunk_range(from).0;
+    let (last, last_len) = geometry.chunk_range(to - 1);
+    (start, (last + last_len as u64 - start) as usize)
+}
+
+/// Whether any of chunks `from..to` is a hole or outside the allocation map ([`Volume::is_hole`]): the per-chunk
+/// path knows those are zeros without reading them.
+fn any_hole(volume: &Volume, geometry: Geometry, from: u64, to: u64) -> bool {
+    (from..to).any(|i| {
+        let (o, l) = geometry.chunk_range(i);
+        volume.is_hole(o, l as u64)
+    })
+}
+
+/// Summarizes `chunks`, read together into `buf` (from the first one's offset), with room for `stride` block
+/// digests each in `blocks`.
+fn summarize_read(
+    geometry: Geometry,
+    zeros: &ZeroDigests,
+    chunks: std::ops::Range<u64>,
+    buf: &[u8],
+    blocks: &mut [Digest],
+    stride: usize,
+) -> Vec<ChunkSummary> {
+    let start = geometry.chunk_range(chunks.start).0;
+    let from = chunks.start;
+    chunks
+        .map(|i| {
+            let (o, l) = geometry.chunk_range(i);
+            let at = (o - start) as usize;
+            let k = (i - from) as usize * stride;
+            summarize_bytes(zeros, i, &buf[at..at + l], &mut blocks[k..k + stride])
+        })
+        .collect()
 }
 
 /// Chunks read together into a worker's buffer: 256 KiB at 64 KiB chunks, still in a core's 512 KiB L2 when hashed,
@@ -404,7 +437,7 @@ fn summarize_direct(
 pub const RUN_CHUNKS: u64 = 4;
 
 /// Summarizes chunks `from..to`, read by one `pread` into this worker's buffer when none of them is a hole or
-/// outside the allocation map (else chunk by chunk, as [`summarize`]).
+/// outside the allocation map (else chunk by chunk, as [`summarize`], which skips those without reading).
 fn summarize_run(
     volume: &Volume,
     geometry: Geometry,
@@ -415,11 +448,7 @@ fn summarize_run(
     blocks: &mut [Digest],
 ) -> Result<Vec<ChunkSummary>> {
     let stride = blocks.len() / (to - from) as usize;
-    let skippable = |i| {
-        let (o, l) = geometry.chunk_range(i);
-        volume.outside_allocation(o, l as u64) || volume.is_hole(o, l as u64)
-    };
-    if to - from == 1 || (from..to).any(skippable) {
+    if to - from == 1 || any_hole(volume, geometry, from, to) {
         return parts(blocks, to - from, stride)
             .into_iter()
             .enumerate()
@@ -429,22 +458,20 @@ fn summarize_run(
     thread_local! {
         static RUN: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    let start = geometry.chunk_range(from).0;
-    let (last, last_len) = geometry.chunk_range(to - 1);
-    let len = (last + last_len as u64 - start) as usize;
+    let (start, len) = span(geometry, from, to);
     RUN.with(|cell| {
         let mut buf = cell.borrow_mut();
         buf.resize(len, 0);
         volume.read_exact_at(&mut buf, start)?;
         bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        Ok((from..to)
-            .zip(parts(blocks, to - from, stride))
-            .map(|(i, b)| {
-                let (o, l) = geometry.chunk_range(i);
-                let at = (o - start) as usize;
-                summarize_bytes(zeros, i, &buf[at..at + l], b)
-            })
-            .collect())
+        Ok(summarize_read(
+            geometry,
+            zeros,
+            from..to,
+            &buf,
+            blocks,
+            stride,
+        ))
     })
 }
 
