@@ -25,8 +25,9 @@ pub const MAGIC: [u8; 2] = *b"BM";
 /// pushes the listed blocks of a chunk with its digest); version 6 the block digest as the chaining value of the
 /// block's subtree at its place in the chunk (`chunk::lanes`), so that block digests merge into the chunk digest;
 /// version 7 the cover in BLOCKS (`chunk::cover`), so that a pushed chunk is verified without reading the target's
-/// blocks the change list does not name.
-pub const VERSION: u8 = 7;
+/// blocks the change list does not name; version 8 BLOCKS in a delta by manifest too (the source pushes the blocks
+/// whose digests differ from its base's).
+pub const VERSION: u8 = 8;
 /// Frame header length in bytes. Frozen.
 pub const HEADER_LEN: usize = 8;
 /// The largest payload a frame may carry. Frozen.

@@ -182,12 +182,12 @@ fn absurd_length_is_rejected_before_the_payload_arrives() {
 fn other_version_is_a_version_mismatch() {
     let mut buf = BytesMut::new();
     Message::Ack { through: 1 }.encode(&mut buf);
-    buf[2] = 6;
+    buf[2] = 7;
     let err = parse_frame(&mut buf).expect_err("must reject");
-    assert!(matches!(err, Error::VersionMismatch { peer: 6, ours: 7 }));
+    assert!(matches!(err, Error::VersionMismatch { peer: 7, ours: 8 }));
     assert!(
         err.to_string()
-            .contains("peer speaks version 6, this build speaks version 7"),
+            .contains("peer speaks version 7, this build speaks version 8"),
         "{err}"
     );
 }

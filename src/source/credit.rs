@@ -17,6 +17,9 @@ pub struct Credit {
     /// The scan's block digests of announced chunks, until a NEED takes them or an ACK settles the chunk: at most
     /// [`KEPT_BYTES`] of them (a chunk announced past that is read again and hashed to answer its NEED).
     blocks: Mutex<Kept>,
+    /// The announced chunks that were pushed (BLOCKS), until an ACK settles them: a NEED for one answers a push
+    /// the destination could not verify.
+    pushed: Mutex<std::collections::BTreeSet<u64>>,
     moved: Condvar,
     stop: AtomicBool,
 }
@@ -40,6 +43,7 @@ impl Credit {
         Credit {
             open: Mutex::new(VecDeque::with_capacity(most as usize)),
             blocks: Mutex::new(Kept::default()),
+            pushed: Mutex::default(),
             moved: Condvar::new(),
             stop: AtomicBool::new(false),
         }
@@ -74,6 +78,18 @@ impl Credit {
         let digests = map.remove(&chunk)?;
         *bytes -= digests.len() * 32;
         Some(digests)
+    }
+
+    /// Records that announced chunk `chunk` was pushed.
+    pub fn pushed(&self, chunk: u64) {
+        if let Ok(mut pushed) = self.pushed.lock() {
+            pushed.insert(chunk);
+        }
+    }
+
+    /// Whether `chunk` was pushed and is not settled yet.
+    pub fn was_pushed(&self, chunk: u64) -> bool {
+        self.pushed.lock().is_ok_and(|p| p.contains(&chunk))
     }
 
     /// The unsettled chunks among `answered` (a bit per chunk), with the digests the scan announced for them.
@@ -125,6 +141,10 @@ impl Credit {
             let rest = map.split_off(&through);
             *bytes -= map.values().map(|d| d.len() * 32).sum::<usize>();
             *map = rest;
+        }
+        if let Ok(mut pushed) = self.pushed.lock() {
+            let rest = pushed.split_off(&through);
+            *pushed = rest;
         }
         self.moved.notify_all();
     }

@@ -104,7 +104,7 @@ pub fn build_data(
 
 /// The DATA answer to a NEED from the scan's block digests: the blocks whose digests differ from the target's are
 /// read (a run of them in one read), and those that hold zeros become marks.
-fn differing_blocks(
+pub(super) fn differing_blocks(
     volume: &Volume,
     geometry: Geometry,
     chunk: u64,

@@ -180,6 +180,7 @@ impl Plan {
             missed: 0,
             started_ms: delta::now_ms(),
             previous,
+            block_file: std::sync::OnceLock::new(),
         })
     }
 }
@@ -220,18 +221,38 @@ pub struct Announcer {
     started_ms: u64,
     /// The base's last full comparison and deltas since.
     previous: Option<(u64, u32)>,
+    /// The block digests file, once opened.
+    block_file: std::sync::OnceLock<Option<Arc<manifest::BlockFile>>>,
 }
 
 impl Announcer {
-    /// Whether this session pushes the blocks its change list names (see `source::push`).
+    /// Whether this session pushes blocks (BLOCKS): those its change list names, or those that differ from the
+    /// base (see `source::push`).
     pub fn pushes(&self) -> bool {
+        self.pushes_listed() || self.pushes_differing()
+    }
+
+    /// Whether this session pushes the blocks its change list names.
+    pub fn pushes_listed(&self) -> bool {
         super::push::pushes(self.selection.as_ref())
     }
 
+    /// Whether this delta by manifest pushes the blocks of a changed chunk whose digests differ from the base's
+    /// (protocol 8): only with the base's block digests to compare with (a block digests file that held entries
+    /// when the session opened it).
+    pub fn pushes_differing(&self) -> bool {
+        self.kind == SyncKind::Manifest && self.block_file().is_some_and(|f| !f.was_empty())
+    }
+
     /// The block digests file of the source's state directory (see [`manifest::BlockFile`]), `None` without one
-    /// or when it cannot be opened (logged: a delta by change list then reads listed chunks whole).
+    /// or when it cannot be opened (logged: a delta by change list then reads listed chunks whole). Opened once
+    /// per session.
     pub fn block_file(&self) -> Option<Arc<manifest::BlockFile>> {
-        manifest::BlockFile::in_store(&self.store, manifest::Role::Source, self.geometry)
+        self.block_file
+            .get_or_init(|| {
+                manifest::BlockFile::in_store(&self.store, manifest::Role::Source, self.geometry)
+            })
+            .clone()
     }
 
     /// A delta's base block digests from `file`, each checked against the base before use (a second reader of

@@ -2,12 +2,20 @@
 //! scan hashed, compressed in lanes of their own, and sent with the chunk's digest, in chunk order among the
 //! DIGESTS runs. The destination writes them if its chunk with them hashes to the digest and asks with NEED
 //! otherwise, so a list that names a chunk but misses some of its changed blocks costs a round trip, not the sync.
+//!
+//! A delta by manifest pushes too (protocol 8): of a chunk whose digest differs from the base's, the blocks whose
+//! digests (from the scan) differ from the base's (from `source.blocks`, each entry proven against the manifest),
+//! read again, with the cover of the others. That spares the destination's NEED, its block digests and the round
+//! trip, as a change list's push does; the destination checks the chunk the same way.
 
-use super::data::{compress_in_lanes, raw_frame};
+use super::data::{compress_in_lanes, differing_blocks, raw_frame};
 use crate::changes::ChangedChunks;
-use crate::chunk::{block_range, cover, is_zero, Digest, Geometry};
+use crate::chunk::{block_range, cover, is_zero, Digest, Geometry, ZeroDigests};
 use crate::codec::{DataFrame, Message, MAX_DIGESTS_PER_FRAME};
 use crate::error::Result;
+use crate::manifest::KnownBlocks;
+use crate::scan::{BaseBlocks, Blocks};
+use crate::volume::Volume;
 use crate::zstream::{Encoder, MAX_LANES};
 
 /// Whether a session with this selection pushes: only a change list that names blocks inside chunks says which
@@ -61,6 +69,49 @@ pub fn listed_blocks(
     }
     let (frame, worth) = raw_frame(chunk, send_mask, zero_mask, raw, level);
     (frame, worth, cover(blocks, len, listed))
+}
+
+/// The pushes of a delta by manifest among `chunks`, the announced ones of a scanned segment from chunk `first`
+/// whose block digests are `blocks`: each chunk that is not zeros and whose base block digests `known` proves is
+/// pushed with its blocks whose digests differ from the base's (read again from `volume`; zero blocks as marks),
+/// compressible at `level`, and the cover of the others. A chunk without a proven entry is left to DIGESTS and NEED.
+pub fn differing(
+    volume: &Volume,
+    geometry: Geometry,
+    known: &KnownBlocks,
+    zeros: &ZeroDigests,
+    chunks: &[(u64, Digest)],
+    (first, blocks): (u64, &Blocks),
+    level: Option<i32>,
+) -> Result<Vec<Pushed>> {
+    let wanted: Vec<u64> = chunks
+        .iter()
+        .filter(|&&(c, d)| d != zeros.for_chunk(c))
+        .map(|&(c, _)| c)
+        .collect();
+    BaseBlocks::prefetch(known, &wanted);
+    let mut out = Vec::with_capacity(wanted.len());
+    for chunk in wanted {
+        let len = geometry.chunk_range(chunk).1;
+        let count = geometry.blocks_in_chunk(chunk) as usize;
+        let Some(ours) = chunk
+            .checked_sub(first)
+            .and_then(|at| blocks.of(at as usize, count))
+        else {
+            continue;
+        };
+        let Some(base) = known.of(chunk, len) else {
+            continue;
+        };
+        let (frame, worth) = differing_blocks(volume, geometry, chunk, &base, ours, level)?;
+        let listed = frame.send_mask | frame.zero_mask;
+        // A chunk whose digest differs from the base's has a block that does; none would be a chunk announced in
+        // error, which DIGESTS and NEED settle.
+        if listed != 0 {
+            out.push((frame, worth, cover(ours, len, listed)));
+        }
+    }
+    Ok(out)
 }
 
 /// Compresses pushed payloads in the push lanes.

@@ -54,7 +54,7 @@ impl Session {
             .is_ok_and(|a| a.as_ref().is_some_and(Announcer::pushes));
         let (push_lanes, need_lanes) = push::lanes(pushing, lane_count());
         let scanner = self.spawn_scanner(outbox.clone(), fail_tx.clone(), push_lanes);
-        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx, need_lanes, pushing);
+        let servicer = self.spawn_servicer(need_rx, outbox.clone(), fail_tx, need_lanes);
         let mut answered = vec![0u64; self.geometry.chunk_count().div_ceil(64) as usize];
         // The writer only ends early on an error: a peer that stopped reading (send timeout) or a broken socket.
         // A peer that gives up sends ABORT and closes, and our next write then fails: its reason may be waiting
@@ -246,11 +246,24 @@ impl Session {
             let zeros = crate::chunk::ZeroDigests::new(geometry);
             let delta = announcer.is_delta();
             let block_file = announcer.block_file();
+            // A delta by manifest pushes the blocks that differ from the base's (protocol 8), read again here.
+            let differing = match (&block_file, announcer.pushes_differing()) {
+                (Some(file), true) => announcer.known_blocks(file),
+                _ => None,
+            };
+            let reread = volume.clone();
             let mut announce = |announcer: &mut Announcer,
                                 scanned: Vec<(u64, Digest)>,
                                 blocks: Option<(u64, crate::scan::Blocks)>,
                                 mut pushed: Vec<push::Pushed>| {
                 let chunks = announcer.feed(scanned)?;
+                // Before this segment's entries are replaced below: they still hold the base's block digests.
+                if let (Some(known), Some((first, blocks))) = (&differing, &blocks) {
+                    let segment = (*first, blocks);
+                    pushed = push::differing(
+                        &reread, geometry, known, &zeros, &chunks, segment, compress,
+                    )?;
+                }
                 // The block digests of what this sync hashed, for later deltas by change list: a full comparison's
                 // whole segment, and a delta's too when the file was empty (new, or after `--block-digests off`);
                 // otherwise a delta's changed chunks (below: the others' entries still hold).
@@ -304,13 +317,14 @@ impl Session {
                     if let Message::Blocks { data, .. } = &msg {
                         count_data(&figures, data, true);
                         add(&figures.pushed_chunks, 1);
+                        credit.pushed(data.chunk);
                     }
                     outbox.blocking_send(msg).map_err(|_| stopped())?;
                 }
                 Ok(())
             };
             let bytes_read = figures.bytes_read.clone();
-            let pushing = announcer.pushes();
+            let pushing = announcer.pushes_listed();
             let known = match (&block_file, pushing) {
                 (Some(file), true) => announcer.known_blocks(file),
                 _ => None,
@@ -407,7 +421,6 @@ impl Session {
         outbox: Outbox,
         fail: mpsc::UnboundedSender<Error>,
         lanes: std::ops::Range<usize>,
-        pushing: bool,
     ) -> tokio::task::JoinHandle<()> {
         let (volume, geometry, figures, level, compression) = (
             self.volume.clone(),
@@ -480,8 +493,8 @@ impl Session {
                 };
                 let (mut raw, mut waiting, mut lanes) = (0, Duration::ZERO, 0);
                 for (d, _) in frames {
-                    // In a session that pushes, a NEED answers a chunk whose pushed blocks were counted.
-                    count_data(&figures, &d, !pushing);
+                    // A NEED for a pushed chunk answers a chunk whose pushed blocks were counted.
+                    count_data(&figures, &d, !credit.was_pushed(d.chunk));
                     raw += u64::from(d.raw_len);
                     if matches!(d.encoding, Encoding::Lane(_)) {
                         lanes += u64::from(d.raw_len);

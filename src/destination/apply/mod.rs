@@ -24,7 +24,7 @@ use super::verify::{decode_lanes, verify_and_write, Base};
 use crate::chunk::{
     block_digests, block_range, runs, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
 };
-use crate::codec::{DataFrame, Message, SyncKind};
+use crate::codec::{DataFrame, Message};
 use crate::error::{Error, Result};
 use crate::manifest::{BlockFile, Reader, Role, Store};
 use crate::net::Outbox;
@@ -74,7 +74,8 @@ pub struct Apply {
     /// Announced chunks not yet covered by an ACK we sent (the window counts these).
     pending: VecDeque<u64>,
     delta: bool,
-    /// A delta by change list, where the source may push blocks (BLOCKS).
+    /// A delta session, where the source may push blocks (BLOCKS: by change list since protocol 5, by manifest
+    /// since 8).
     pushes: bool,
     /// Where the manifest lives; it is invalidated before the first write of the session.
     store: Arc<Store>,
@@ -119,7 +120,7 @@ impl Apply {
     ) -> Self {
         let store = basis.store.clone();
         let delta = basis.kind.is_delta();
-        let pushes = basis.kind == SyncKind::ChangeList;
+        let pushes = delta;
         let base = basis.base.take();
         // A delta keeps its next manifest as changes to its base; a full comparison writes it whole, and counts
         // what the target holds against the base (`drift`).
@@ -302,7 +303,7 @@ impl Apply {
     /// fails (the digests differ, the target was resized, its bytes read back differ) also drops the manifest it
     /// started from: whatever the cause, it no longer describes the target, and the retry compares in full.
     fn finish(&mut self) -> Result<Digest> {
-        report_misses(&self.figures);
+        report_misses(&self.figures, self.basis.kind);
         tracing::debug!("every chunk settled");
         let result = self.durable_and_checked();
         if result.is_err() {

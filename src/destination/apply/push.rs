@@ -1,6 +1,7 @@
-//! BLOCKS (protocol 5, with its cover since 7): in a delta by change list the source pushes the blocks its list
-//! names with the chunk's digest and the cover of its other blocks (`chunk::cover`). The destination reads only its
-//! target's listed blocks: with the cover they must give its base's digest of the chunk, and with the pushed blocks
+//! BLOCKS (protocol 5, with its cover since 7, in a delta by manifest too since 8): the source pushes the blocks its
+//! change list names, or whose digests differ from its base's, with the chunk's digest and the cover of its other
+//! blocks (`chunk::cover`). The destination reads only its target's listed blocks (nothing, with their digests in
+//! `destination.blocks`): with the cover they must give its base's digest of the chunk, and with the pushed blocks
 //! the source's; then it writes them. A chunk that does not verify (the list missed a changed block of it, or the
 //! target's listed blocks drifted from the base) is asked for with NEED and block digests, as any announced chunk
 //! of a full session would be.
@@ -31,9 +32,7 @@ impl Apply {
     /// their blocks on all cores. A chunk whose blocks do not rebuild the source's is asked for with NEED.
     pub(super) fn on_blocks(&mut self, batch: Vec<Push>) -> Result<()> {
         if !self.pushes {
-            return Err(Error::Protocol(
-                "BLOCKS outside a delta by change list".into(),
-            ));
+            return Err(Error::Protocol("BLOCKS outside a delta session".into()));
         }
         let count = self.geometry.chunk_count();
         let mut next = self.next;
@@ -163,12 +162,20 @@ fn apply_pushed(
     }
 }
 
-/// Logs the pushed chunks that needed more than their listed blocks, once per session.
-pub fn report_misses(figures: &Figures) {
+/// Logs the pushed chunks that needed more than their listed blocks, once per session of `kind`.
+pub fn report_misses(figures: &Figures, kind: crate::codec::SyncKind) {
     let missed = figures
         .push_missed
         .load(std::sync::atomic::Ordering::Relaxed);
-    if missed > 0 {
+    if missed > 0 && kind == crate::codec::SyncKind::Manifest {
+        // The source found the blocks that differ by hashing, so what differs is the target: its listed blocks,
+        // read here without their digests in `destination.blocks`, no longer hold the base.
+        tracing::warn!(
+            "{missed} pushed chunks did not verify against the target's manifest (their target blocks changed \
+             since the last sync, behind the destination's back): compared and repaired block by block in this \
+             sync; other such writes are found only by a full comparison (--verify full)"
+        );
+    } else if missed > 0 {
         tracing::warn!(
             "{missed} chunks of the change list changed in blocks the list did not name: compared and repaired \
              block by block in this sync; a tracker that misses blocks may miss whole chunks, which only a full \

@@ -181,8 +181,9 @@ fn a_small_window_carries_sparse_deltas() -> Result<()> {
 /// base, which the source says they differ from), only their blocks. A target chunk that holds the announced bytes
 /// after all (written behind the destination's back, its mtime put back so that the stamp does not see it, in a
 /// chunk the manifest says is zeros so that the spot check, which reads chunks of data, does not either) is
-/// answered with a NEED, gets a DATA with no blocks, is checked and settled: the delta succeeds and sends nothing
-/// for it, and the other changed chunk travels as usual.
+/// pushed (protocol 8), does not verify against the manifest (its target block is not the base's), is asked for
+/// with a NEED, gets a DATA with no blocks, is checked and settled: the delta succeeds, and the other changed
+/// chunk travels as usual.
 #[test]
 fn a_delta_chunk_the_target_already_holds_is_settled_without_data() -> Result<()> {
     let p = Pair::new(16 * MIB, 0xed6_0005)?;
@@ -207,7 +208,13 @@ fn a_delta_chunk_the_target_already_holds_is_settled_without_data() -> Result<()
     let out = p.sync(&[], &[])?;
     out.expect_delta("delta-manifest");
     assert_eq!(out.src("chunksChanged"), 2, "{}", out.describe());
-    assert_eq!(out.src("blocksSent"), 1, "{}", out.describe());
+    assert_eq!(
+        out.src("blocksSent"),
+        2,
+        "the two pushed blocks; the NEED's DATA carries none: {}",
+        out.describe()
+    );
+    assert_eq!(out.dst("pushMissedChunks"), 1, "{}", out.describe());
     let log = out.destination_log.as_deref().unwrap_or("");
     assert!(
         super::warnings(log)

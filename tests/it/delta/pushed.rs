@@ -235,3 +235,103 @@ fn block_digests_off_keeps_no_block_digests_file_and_deltas_read_whole_chunks() 
     assert_eq!(o.src("bytesRead"), n * BLOCK, "{}", o.describe());
     Ok(())
 }
+
+/// Protocol 8: a delta by manifest pushes too. The source compares the block digests of each chunk it hashed
+/// with the base's (`source.blocks`) and pushes the blocks that differ with the cover of the others, so that the
+/// destination asks nothing and reads nothing; the same check as a change list's proves each chunk against the
+/// destination's manifest. Without the source's block digests it announces in DIGESTS and answers NEEDs.
+#[test]
+fn a_delta_by_manifest_pushes_the_blocks_that_differ_without_a_need() -> Result<()> {
+    let p = Pair::new(32 * MIB, 0x9_5006)?;
+    p.sync(&[], &[])?;
+    let n = 64;
+    scribble(&p.fx.volume, &scattered(p.size(), n, 21), 1)?;
+    let o = p.sync(&[], &[])?;
+    o.expect_delta("delta-manifest");
+    assert_eq!(pushed(&o), (Some(n), Some(n), None), "{}", o.describe());
+    assert_eq!(o.src("blocksSent"), n, "{}", o.describe());
+    assert_eq!(o.dst("bytesRead"), 0, "{}", o.describe());
+    assert_eq!(
+        o.src("bytesRead"),
+        p.size(),
+        "the scan (the pushed blocks read again are not counted, as a NEED's are not): {}",
+        o.describe()
+    );
+    let asked = o.dst("wireBytesSent");
+    assert!(
+        asked < n * NEED_BYTES / 2,
+        "the destination sent {asked} bytes: no NEED for {n} pushed chunks: {}",
+        o.describe()
+    );
+
+    // Without the source's block digests: DIGESTS and NEEDs, as exact.
+    std::fs::remove_file(p.source_blocks())?;
+    scribble(&p.fx.volume, &scattered(p.size(), n, 22), 2)?;
+    let o = p.sync(&[], &[])?;
+    o.expect_delta("delta-manifest");
+    assert_eq!(pushed(&o), (None, None, None), "{}", o.describe());
+    assert_eq!(o.src("blocksSent"), n, "{}", o.describe());
+    assert!(
+        o.dst("wireBytesSent") >= n * NEED_BYTES,
+        "a NEED for each of the {n} chunks: {}",
+        o.describe()
+    );
+    Ok(())
+}
+
+/// A pushed chunk of a delta by manifest whose target blocks drifted from the base (written behind the
+/// destination's back, its mtime put back, and no `destination.blocks` to take the base's block digests from; in a
+/// chunk of zeros in the base, which the spot check does not read) does not verify against the destination's
+/// manifest: nothing is written, the destination asks with NEED, and the chunk is repaired in the same sync and
+/// counted.
+#[test]
+fn a_manifest_push_onto_a_drifted_target_block_is_asked_again_and_repaired() -> Result<()> {
+    let p = Pair::new(16 * MIB, 0x9_5007)?;
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::File::options().write(true).open(&p.fx.volume)?,
+        &vec![0u8; CHUNK as usize],
+        12 * CHUNK,
+    )?;
+    p.sync(&[], &[])?;
+    let per = CHUNK / BLOCK;
+    let (drifted, other) = (12 * per + 5, 70 * per + 1);
+    scribble(&p.fx.volume, &[drifted, other], 4)?;
+    let mtime = std::fs::metadata(&p.fx.target)?.modified()?;
+    scribble(&p.fx.target, &[drifted], 5)?;
+    std::fs::File::options()
+        .write(true)
+        .open(&p.fx.target)?
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+    // A directory in place of the file: it cannot be opened (logged), so the destination reads what it checks.
+    std::fs::remove_file(p.destination_blocks())?;
+    std::fs::create_dir(p.destination_blocks())?;
+    let o = p.sync(&[], &[])?;
+    o.expect_delta("delta-manifest");
+    assert_eq!(pushed(&o), (Some(2), Some(2), Some(1)), "{}", o.describe());
+    assert_eq!(
+        o.dst("bytesRead"),
+        2 * BLOCK + CHUNK,
+        "each pushed chunk's listed block, then the drifted chunk whole for its NEED: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.src("blocksSent"),
+        2 + 1,
+        "two pushed blocks, then the drifted chunk's differing block again: {}",
+        o.describe()
+    );
+    assert_eq!(
+        o.dst("blocksSent"),
+        1 + 1,
+        "the written pushed block, then the drifted chunk's: {}",
+        o.describe()
+    );
+    let log = o.destination_log.as_deref().unwrap_or("");
+    assert!(
+        warnings(log)
+            .iter()
+            .any(|l| l.contains("1 pushed chunks did not verify against the target")),
+        "{log}"
+    );
+    Ok(())
+}

@@ -147,7 +147,7 @@ async fn blocks_pushed_in_a_full_session_are_refused_and_not_written() -> Result
         data,
     })
     .await?;
-    let needle = "BLOCKS outside a delta by change list";
+    let needle = "BLOCKS outside a delta session";
     let got = refused(&site, dest, peer, 1, needle).await?;
     aborted(&got, AbortCode::Protocol, needle)
 }
