@@ -8,6 +8,8 @@
 //! read again, with the cover of the others. That spares the destination's NEED, its block digests and the round
 //! trip, as a change list's push does; the destination checks the chunk the same way.
 
+use rayon::prelude::*;
+
 use super::data::{compress_in_lanes, differing_blocks, raw_frame};
 use crate::changes::ChangedChunks;
 use crate::chunk::{block_range, cover, is_zero, Digest, Geometry, ZeroDigests};
@@ -75,7 +77,14 @@ pub fn listed_blocks(
 /// whose block digests are `blocks`: each chunk that is not zeros and whose base block digests `known` proves is
 /// pushed with its blocks whose digests differ from the base's (read again from `volume`; zero blocks as marks),
 /// compressible at `level`, and the cover of the others. A chunk without a proven entry is left to DIGESTS and NEED.
+///
+/// A file or device is read here, on the caller's thread: on `pool` the reads would wait behind the scan's rounds
+/// there (measured by hand on the 2 GiB pair, four alternated runs: 0.36-0.37 s here, but for one outlier, and
+/// 0.41-0.46 s on the pool).
+/// An NBD export is read on `pool`, whose depth is the session's reads in flight: there each read is a round trip.
+#[allow(clippy::too_many_arguments)]
 pub fn differing(
+    pool: &rayon::ThreadPool,
     volume: &Volume,
     geometry: Geometry,
     known: &KnownBlocks,
@@ -90,28 +99,29 @@ pub fn differing(
         .map(|&(c, _)| c)
         .collect();
     BaseBlocks::prefetch(known, &wanted);
-    let mut out = Vec::with_capacity(wanted.len());
-    for chunk in wanted {
-        let len = geometry.chunk_range(chunk).1;
-        let count = geometry.blocks_in_chunk(chunk) as usize;
-        let Some(ours) = chunk
-            .checked_sub(first)
-            .and_then(|at| blocks.of(at as usize, count))
-        else {
-            continue;
-        };
-        let Some(base) = known.of(chunk, len) else {
-            continue;
-        };
-        let (frame, worth) = differing_blocks(volume, geometry, chunk, &base, ours, level)?;
+    // The base's entries in chunk order (its reader streams the manifest), then the reads in parallel.
+    let jobs: Vec<(u64, &[Digest], Vec<Digest>)> = wanted
+        .into_iter()
+        .filter_map(|chunk| {
+            let count = geometry.blocks_in_chunk(chunk) as usize;
+            let ours = blocks.of(chunk.checked_sub(first)? as usize, count)?;
+            let base = known.of(chunk, geometry.chunk_range(chunk).1)?;
+            Some((chunk, ours, base))
+        })
+        .collect();
+    let build = |(chunk, ours, base): &(u64, &[Digest], Vec<Digest>)| -> Result<Option<Pushed>> {
+        let (frame, worth) = differing_blocks(volume, geometry, *chunk, base, ours, level)?;
         let listed = frame.send_mask | frame.zero_mask;
+        let len = geometry.chunk_range(*chunk).1;
         // A chunk whose digest differs from the base's has a block that does; none would be a chunk announced in
         // error, which DIGESTS and NEED settle.
-        if listed != 0 {
-            out.push((frame, worth, cover(ours, len, listed)));
-        }
-    }
-    Ok(out)
+        Ok((listed != 0).then(|| (frame, worth, cover(ours, len, listed))))
+    };
+    let built: Vec<Option<Pushed>> = match volume.is_export() {
+        true => pool.install(|| jobs.par_iter().map(build).collect::<Result<_>>())?,
+        false => jobs.iter().map(build).collect::<Result<_>>()?,
+    };
+    Ok(built.into_iter().flatten().collect())
 }
 
 /// Compresses pushed payloads in the push lanes.

@@ -261,7 +261,7 @@ impl Session {
                 if let (Some(known), Some((first, blocks))) = (&differing, &blocks) {
                     let segment = (*first, blocks);
                     pushed = push::differing(
-                        &reread, geometry, known, &zeros, &chunks, segment, compress,
+                        &pool, &reread, geometry, known, &zeros, &chunks, segment, compress,
                     )?;
                 }
                 // The block digests of what this sync hashed, for later deltas by change list: a full comparison's

@@ -269,6 +269,11 @@ impl Volume {
         self.kind
     }
 
+    /// Whether reads go to an NBD export (each a round trip on its connection) rather than to the kernel.
+    pub fn is_export(&self) -> bool {
+        matches!(self.backend, Backend::Nbd(_))
+    }
+
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -86,6 +86,9 @@ fn a_bitmap_the_export_lacks_falls_back_to_a_full_comparison() -> Result<()> {
     img.serve(None)?;
     let manifest = img.sync(&[])?;
     manifest.expect_delta("delta-manifest");
+    // Protocol 8: the changed block is pushed, read again from the export on the read-depth pool.
+    assert_eq!(manifest.src("pushedChunks"), 1, "{}", manifest.describe());
+    assert_eq!(manifest.src("blocksSent"), 1, "{}", manifest.describe());
     img.stop()?;
     img.write(&[(0x43, 9 * MIB, 4096)])?;
     // Served without -B: qemu:dirty-bitmap:b0 is not offered.
