@@ -15,6 +15,7 @@ mod coldscan;
 mod compare;
 mod delay;
 mod files;
+mod floor;
 mod hashrate;
 mod notes;
 mod procs;

@@ -136,6 +136,8 @@ pub struct Report {
     /// With `--cold`: per volume size, the volume and the target read at once with `O_DIRECT` (a reference for a
     /// cold sync here, where both are on one disk).
     pub cold_references: Vec<super::coldscan::ColdReference>,
+    /// With `--delta --cold`: per change, the storage's floor under its delta by change list.
+    pub change_floors: Vec<super::floor::ChangeFloor>,
     /// Comparisons that were asked for but could not run, with the reason.
     pub skipped: Vec<String>,
     /// How to read the figures.
@@ -308,6 +310,20 @@ pub fn table(report: &Report) -> String {
         let _ = writeln!(
             out,
             "storage floor (a full sync makes every byte it writes durable; it cannot beat the storage):"
+        );
+        for line in floors {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    let floors = super::floor::lines(&report.change_floors, &report.syncs);
+    if !floors.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "storage floor of a delta by change list (its ranges read from the evicted volume, all asked of the \
+             kernel at once and read by {} threads; then written to the target and fdatasynced; a sync of the \
+             change cannot take less than the larger):",
+            super::floor::READERS
         );
         for line in floors {
             let _ = writeln!(out, "  {line}");

@@ -47,6 +47,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         raw: raw.clone(),
         dir: dir.to_owned(),
         cached: Vec::new(),
+        floors: Vec::new(),
     };
     let mut skipped = Vec::new();
     let mut cold_scans = Vec::new();
@@ -205,6 +206,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> anyhow::Result<Report> {
         syncs: bench.rows,
         cold_scans,
         cold_references,
+        change_floors: bench.floors,
         skipped,
         notes,
     })
@@ -221,6 +223,8 @@ struct Bench<'a> {
     dir: PathBuf,
     /// With `--cold`: the share of each evicted file still in the page cache when the clock started.
     cached: Vec<f64>,
+    /// With `--delta --cold`: the storage's floor under each change's delta by change list.
+    floors: Vec<super::floor::ChangeFloor>,
 }
 
 /// One blockmover sync as the bench runs it: its row's tool name, how the agents run, the kind they must report.
@@ -367,6 +371,13 @@ impl Bench<'_> {
             self.rows.extend(repeat::merge(rows, rounds as usize));
             for rollback in rollback.into_iter().chain(rsync_rollbacks) {
                 rollback.discard()?;
+            }
+            // After the last run, which left the change on the target: writing it again changes no data.
+            if self.args.cold && state.is_some() && !extents.is_empty() {
+                eprintln!("bench: measuring the storage's floor under the change list");
+                let of = (size, rate);
+                self.floors
+                    .push(super::floor::measure(volume, target, of, &extents)?);
             }
         }
         Ok(())

@@ -151,6 +151,52 @@ fn bench_delta_rows_are_verified_deltas_and_the_change_list_reads_only_the_chang
     Ok(())
 }
 
+/// `--delta --cold`: after each change's runs the bench measures the storage's floor under its delta by change list
+/// (the changed ranges read cold, then written and made durable), on its own files. Writing them again must leave
+/// the next change's delta a delta (the target's mtime put back), and every sync still verifies.
+#[test]
+fn bench_cold_deltas_measure_the_storage_floor_of_each_change_list() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let args = [
+        "--delta",
+        "--cold",
+        "--allocated",
+        "--change-percent",
+        "0.1,1",
+    ];
+    let report = bench_with(dir.path(), 32, &args)?;
+    let syncs = report["syncs"].as_array().context("syncs")?;
+    let lists: Vec<&Value> = syncs
+        .iter()
+        .filter(|s| s["tool"] == "blockmover+changelist")
+        .collect();
+    assert_eq!(lists.len(), 2, "{syncs:?}");
+    for s in syncs {
+        assert_eq!(s["verified"], true, "{s}");
+    }
+    let manifests = syncs.iter().filter(|s| s["syncKind"] == "delta-manifest");
+    assert_eq!(
+        manifests.count(),
+        2,
+        "the second change is a delta too: {syncs:?}"
+    );
+    let floors = report["changeFloors"].as_array().context("changeFloors")?;
+    assert_eq!(floors.len(), 2, "{report}");
+    for (floor, list) in floors.iter().zip(lists) {
+        assert_eq!(
+            u(floor, "bytes"),
+            u(list, "changedBlocks") * 4096,
+            "the floor moves the change's bytes: {floor} {list}"
+        );
+        assert!(u(floor, "ranges") >= 1 && u(floor, "ranges") <= u(list, "changedBlocks"));
+        for key in ["readSecs", "writeSecs"] {
+            let t = floor[key].as_f64().context("seconds")?;
+            assert!(t > 0.0 && t < 60.0, "{key} {t}: {floor}");
+        }
+    }
+    Ok(())
+}
+
 /// `--repeat 3`: each incremental row is one of three runs from the same target state (its median), every run is
 /// a verified sync of the same change (the rollback between them put the target and the state back: otherwise the
 /// second and third would send nothing, or not be deltas), and the JSON lists the three durations.
