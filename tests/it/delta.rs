@@ -288,6 +288,18 @@ pub fn scribble(path: &Path, blocks: &[u64], seed: u64) -> Result<Vec<(u64, u64)
     Ok(extents)
 }
 
+/// [`scribble`] on a target behind the destination's back: its mtime is put back, so that the manifest's stamp
+/// does not see the writes (as on a block device, which has none).
+pub fn scribble_behind(target: &Path, blocks: &[u64], seed: u64) -> Result<Vec<(u64, u64)>> {
+    let mtime = std::fs::metadata(target)?.modified()?;
+    let extents = scribble(target, blocks, seed)?;
+    std::fs::File::options()
+        .write(true)
+        .open(target)?
+        .set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+    Ok(extents)
+}
+
 /// Overwrites whole chunks `chunks` of `path` with random bytes; returns the extents written.
 pub fn scribble_chunks(path: &Path, chunks: &[u64], seed: u64) -> Result<Vec<(u64, u64)>> {
     let per = CHUNK / BLOCK;

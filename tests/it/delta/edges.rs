@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::{change_list, scribble, Pair, BLOCK, CHUNK, MIB, SOURCE_NO_MANIFEST};
+use super::{change_list, scribble, scribble_behind, Pair, BLOCK, CHUNK, MIB, SOURCE_NO_MANIFEST};
 use crate::common::{file_bytes, run_source_with, Destination, Started};
 
 /// Writes `bytes` at `offset` of `path`.
@@ -193,12 +193,7 @@ fn a_delta_chunk_the_target_already_holds_is_settled_without_data() -> Result<()
     let per = CHUNK / BLOCK;
     let (held, other) = (3 * per + 2, 40 * per + 7);
     scribble(&p.fx.volume, &[held, other], 11)?;
-    let mtime = std::fs::metadata(&p.fx.target)?.modified()?;
-    scribble(&p.fx.target, &[held], 11)?;
-    std::fs::File::options()
-        .write(true)
-        .open(&p.fx.target)?
-        .set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+    scribble_behind(&p.fx.target, &[held], 11)?;
 
     // Without its block digests file (a directory in its place cannot be opened: logged, and the sync goes on
     // without it), the destination reads the announced chunks and sees the block that is already there. (With

@@ -2,15 +2,15 @@
 //! size, or stale because the target was written behind the destination's back. Each is ignored with a WARN line
 //! and the sync is a full comparison that ends with target == volume.
 
-use std::fs::{File, FileTimes, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 
 use super::{
-    scattered, scribble, sync_files, warnings, End, Pair, CHUNK, DESTINATION_NO_MANIFEST, MIB,
-    SOURCE_NO_MANIFEST,
+    scattered, scribble, scribble_behind, sync_files, warnings, End, Pair, CHUNK,
+    DESTINATION_NO_MANIFEST, MIB, SOURCE_NO_MANIFEST,
 };
 use crate::common::sparse_file;
 
@@ -227,11 +227,7 @@ fn destination_verify_full_finds_and_repairs_target_drift() -> Result<()> {
     p.sync(&[], &[])?.expect_full(SOURCE_NO_MANIFEST);
 
     let mtime = std::fs::metadata(&p.fx.target)?.modified()?;
-    scribble(&p.fx.target, &[17 * 16 + 1, 18 * 16 + 1, 200 * 16], 7)?;
-    File::options()
-        .write(true)
-        .open(&p.fx.target)?
-        .set_times(FileTimes::new().set_modified(mtime))?;
+    scribble_behind(&p.fx.target, &[17 * 16 + 1, 18 * 16 + 1, 200 * 16], 7)?;
     assert_eq!(std::fs::metadata(&p.fx.target)?.modified()?, mtime);
 
     let out = p.sync(&[], &["--verify", "full"])?;

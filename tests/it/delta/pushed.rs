@@ -9,7 +9,8 @@
 use anyhow::Result;
 
 use super::{
-    change_list, scattered, scribble, scribble_chunks, warnings, Outcome, Pair, BLOCK, CHUNK, MIB,
+    change_list, scattered, scribble, scribble_behind, scribble_chunks, warnings, Outcome, Pair,
+    BLOCK, CHUNK, MIB,
 };
 use crate::common::external_u64;
 
@@ -296,12 +297,7 @@ fn a_manifest_push_onto_a_drifted_target_block_is_asked_again_and_repaired() -> 
     let per = CHUNK / BLOCK;
     let (drifted, other) = (12 * per + 5, 70 * per + 1);
     scribble(&p.fx.volume, &[drifted, other], 4)?;
-    let mtime = std::fs::metadata(&p.fx.target)?.modified()?;
-    scribble(&p.fx.target, &[drifted], 5)?;
-    std::fs::File::options()
-        .write(true)
-        .open(&p.fx.target)?
-        .set_times(std::fs::FileTimes::new().set_modified(mtime))?;
+    scribble_behind(&p.fx.target, &[drifted], 5)?;
     // A directory in place of the file: it cannot be opened (logged), so the destination reads what it checks.
     std::fs::remove_file(p.destination_blocks())?;
     std::fs::create_dir(p.destination_blocks())?;
