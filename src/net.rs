@@ -302,6 +302,16 @@ where
 /// Frames queued for the peer; the capacity bounds what waits for the socket.
 pub type Outbox = tokio::sync::mpsc::Sender<Message>;
 
+/// `future`'s output if it is ready at its first poll, else `None` (the future is dropped: only for cancel-safe
+/// ones, such as a `FrameReader` read). For taking what a socket read already brought without waiting for more.
+pub fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// Starts the task that owns the write half: it sends queued messages, batching what is queued together, and
 /// hands the writer back when every [`Outbox`] is dropped, so the caller can close the stream.
 ///

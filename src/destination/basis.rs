@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::chunk::{Digest, Geometry, ZeroDigests};
 use crate::codec::{Fallback, Offer, SyncKind};
 use crate::delta::{self, Policy};
-use crate::manifest::{self, Expect, Meta, NextManifest, Reader, Role, Store};
+use crate::manifest::{self, Expect, Meta, NextManifest, Reader, Role, Sealed, Store};
 use crate::volume::Volume;
 
 /// What a session compares against, and what it needs to keep the next manifest.
@@ -264,7 +264,15 @@ fn open_unit(rng: &mut impl rand::Rng) -> f64 {
 impl Basis {
     /// Keeps the manifest of what the target now holds (durable, verified): `identity` is taken now, after the
     /// session's writes. A manifest that cannot be kept is logged; the next sync then compares in full.
-    pub fn commit(&self, next: NextManifest, volume_digest: Digest, target: &Volume) {
+    /// Writes the manifest `next` will be of the target once it is durable, with `volume_digest`, under a temporary
+    /// name (see [`Sealed`]); [`publish`] makes it the manifest. `None` (and a warning) when it cannot be kept: the
+    /// next sync then compares in full. The target is not written any more: its stamp (size, mtime) is final.
+    pub fn seal(
+        &self,
+        next: NextManifest,
+        volume_digest: Digest,
+        target: &Volume,
+    ) -> Option<Sealed> {
         let (last_full, deltas) =
             delta::verification_after(self.kind, self.previous, self.started_ms);
         let stamp = match delta::target_identity(target) {
@@ -273,7 +281,7 @@ impl Basis {
                 tracing::warn!(
                     "the destination's manifest was not kept: cannot stat the target: {e}"
                 );
-                return;
+                return None;
             }
         };
         let meta = Meta {
@@ -283,9 +291,16 @@ impl Basis {
             last_full_unix_ms: last_full,
             deltas_since_full: deltas,
         };
-        if let Err(e) = next.commit(meta) {
-            tracing::warn!("the destination's manifest was not kept: {e}");
-        }
+        next.seal(meta)
+            .map_err(|e| tracing::warn!("the destination's manifest was not kept: {e}"))
+            .ok()
+    }
+}
+
+/// Makes a manifest [`Basis::seal`] wrote the destination's manifest (a warning if it cannot).
+pub fn publish(sealed: Sealed) {
+    if let Err(e) = sealed.publish() {
+        tracing::warn!("the destination's manifest was not kept: {e}");
     }
 }
 

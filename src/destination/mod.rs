@@ -12,6 +12,7 @@ mod apply;
 mod basis;
 mod finals;
 mod flush;
+mod inbox;
 mod session;
 mod verify;
 

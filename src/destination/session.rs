@@ -9,15 +9,17 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::accept::{Arrival, Hello, Session};
-use super::{apply, DestinationConfig, INBOX};
+use super::{apply, inbox, DestinationConfig, INBOX};
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
 use crate::codec::{FrameReader, Message, SyncKind};
 use crate::error::{Error, Result};
-use crate::net::{finish_writer, linger_close, spawn_writer, tell_peer, within, ABORT_GRACE};
+use crate::net::{
+    finish_writer, linger_close, ready_now, spawn_writer, tell_peer, within, ABORT_GRACE,
+};
 use crate::progress::Progress;
 use crate::stats::Figures;
 use crate::status::{Role, StatusFile};
@@ -88,11 +90,11 @@ async fn recorded(
     if let Some(m) = &config.metrics {
         m.started(figures.clone());
     }
-    let status = StatusFile::load(config.status.clone(), Role::Destination).and_then(|mut s| {
+    // Its in-progress state is written by the session, while it decides the sync's kind.
+    let status = StatusFile::load(config.status.clone(), Role::Destination).map(|mut s| {
         s.set_rsync_tls_address(shared.local.clone());
         s.set_schedule(config.schedule.clone());
-        s.begin(chrono::Utc::now())?;
-        Ok(s)
+        s
     });
     let mut status = match status {
         Ok(s) => s,
@@ -118,10 +120,16 @@ async fn recorded(
         superseded,
     )
     .await;
-    if let Err(e) = &result {
-        let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
-        if let Err(s) = status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs) {
-            tracing::error!("cannot record the failure: {s}");
+    // A status that could not be written (its in-progress state, or Successful) is not written again to say so.
+    match &result {
+        Ok(_) | Err(Error::Status(_)) => {}
+        Err(e) => {
+            let logs = format!("{}error: {e}\n", figures.summary(started.elapsed()));
+            if let Err(s) =
+                status.fail(chrono::Utc::now(), &e.to_string(), figures.external(), logs)
+            {
+                tracing::error!("cannot record the failure: {s}");
+            }
         }
     }
     result
@@ -180,11 +188,26 @@ async fn session(
             hello.offer,
             target.clone(),
         );
-        tokio::task::spawn_blocking(move || {
+        let deciding = tokio::task::spawn_blocking(move || {
             super::basis::decide(&state, &policy, &offer, &t, geometry)
-        })
-        .await
-        .map_err(|e| Error::Protocol(format!("deciding the sync's kind failed: {e}")))?
+        });
+        // Meanwhile the status says a sync is in progress, durably before READY, so before any write to the
+        // target: a crash in the middle of the sync cannot leave it saying Successful.
+        let begun = status.begin(chrono::Utc::now());
+        let basis = deciding
+            .await
+            .map_err(|e| Error::Protocol(format!("deciding the sync's kind failed: {e}")));
+        match begun.map_err(Error::from).and(basis) {
+            Ok(basis) => basis,
+            Err(e) => {
+                let abort = Message::Abort {
+                    code: e.abort_code(),
+                    message: e.to_string(),
+                };
+                let _ = within("send", ABORT_GRACE, writer.send(&abort)).await;
+                return Err(e);
+            }
+        }
     };
     let kind = basis.kind;
     figures.set_kind(kind, basis.reason);
@@ -221,7 +244,7 @@ async fn session(
     });
     let (outbox, writer_task) = spawn_writer(writer, 256, t.idle);
     let _abort_writer = AbortOnDrop(writer_task.abort_handle());
-    let (inbox_tx, mut inbox_rx) = mpsc::channel::<Message>(INBOX);
+    let (inbox_tx, mut inbox_rx) = inbox::channel(INBOX);
     let worker = {
         let apply = apply::Apply::new(
             target,
@@ -308,41 +331,64 @@ fn open_target(shared: &Shared, hello: &Hello) -> Result<(Volume, Geometry)> {
     Ok((target, geometry))
 }
 
-/// Reads the source's frames into the worker's inbox until the worker finishes or something fails.
+/// Reads the source's frames into the worker's inbox until the worker finishes or something fails. Each wait for a
+/// frame is followed by the frames already read off the socket (a TLS read brings several small ones), handed to
+/// the worker together (see `inbox`).
 async fn pump<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    inbox: mpsc::Sender<Message>,
+    inbox: inbox::Sender,
     mut worker: tokio::task::JoinHandle<Result<Digest>>,
     idle: Duration,
 ) -> Result<Digest> {
     let joined = |r: std::result::Result<Result<Digest>, tokio::task::JoinError>| {
         r.unwrap_or_else(|e| Err(Error::Protocol(format!("session worker failed: {e}"))))
     };
+    let accepted = |m: Result<Message>| match m {
+        Ok(Message::Abort { code, message }) => Err(Error::PeerAbort { code, message }),
+        Ok(
+            msg @ (Message::Digests { .. }
+            | Message::Data(_)
+            | Message::Blocks { .. }
+            | Message::End { .. }),
+        ) => Ok(msg),
+        Ok(other) => Err(Error::Protocol(format!(
+            "unexpected {} from the source",
+            other.name()
+        ))),
+        Err(e) => Err(e),
+    };
     loop {
         tokio::select! {
             r = &mut worker => return joined(r),
             m = within("idle read", idle, reader.expect("sync")) => {
-                let msg = match m {
-                    Ok(Message::Abort { code, message }) => Err(Error::PeerAbort { code, message }),
-                    Ok(msg @ (Message::Digests { .. } | Message::Data(_) | Message::Blocks { .. } | Message::End { .. })) => Ok(msg),
-                    Ok(other) => Err(Error::Protocol(format!("unexpected {} from the source", other.name()))),
-                    Err(e) => Err(e),
-                };
-                match msg {
-                    Ok(msg) => {
-                        if inbox.send(msg).await.is_err() {
-                            return joined(worker.await);
+                let mut batch = Vec::with_capacity(inbox::BATCH);
+                let mut failed = None;
+                let mut next = Some(m);
+                while let Some(m) = next.take() {
+                    match accepted(m) {
+                        Ok(msg) => batch.push(msg),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
                         }
                     }
-                    Err(e) => {
-                        drop(inbox);
-                        // The worker's own error, if it has one, is the cause; otherwise ours. A worker stuck
-                        // sending to a peer that stopped reading is not waited for past the grace period.
-                        return match tokio::time::timeout(ABORT_GRACE, worker).await {
-                            Ok(Ok(Err(w))) if !matches!(w, Error::PeerClosed(_)) => Err(w),
-                            _ => Err(e),
-                        };
+                    if batch.len() < inbox::BATCH {
+                        // Cancel-safe: a frame read in part stays in the reader for the next wait.
+                        next = ready_now(reader.expect("sync"));
                     }
+                }
+                // The frames before a failure are the worker's still: its own error may be the cause.
+                if !batch.is_empty() && inbox.send(batch).await.is_err() {
+                    return joined(worker.await);
+                }
+                if let Some(e) = failed {
+                    drop(inbox);
+                    // The worker's own error, if it has one, is the cause; otherwise ours. A worker stuck
+                    // sending to a peer that stopped reading is not waited for past the grace period.
+                    return match tokio::time::timeout(ABORT_GRACE, worker).await {
+                        Ok(Ok(Err(w))) if !matches!(w, Error::PeerClosed(_)) => Err(w),
+                        _ => Err(e),
+                    };
                 }
             }
         }

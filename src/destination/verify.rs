@@ -259,22 +259,27 @@ pub fn decode_lanes(frames: &mut [DataFrame], lanes: &mut [Option<Decoder>]) -> 
             }
         }
     }
-    work.into_par_iter()
-        .filter(|(_, list)| !list.is_empty())
-        .try_for_each(|(decoder, list)| {
-            let decoder = match decoder {
-                Some(d) => d,
-                None => decoder.insert(Decoder::new().map_err(Error::compression)?),
-            };
-            for d in list {
-                let raw = decoder
-                    .decompress(&d.payload, d.raw_len as usize)
-                    .map_err(|why| Error::Protocol(format!("DATA for chunk {}: {why}", d.chunk)))?;
-                d.payload = bytes::Bytes::from(raw);
-                d.encoding = Encoding::Raw;
-            }
-            Ok::<(), Error>(())
-        })?;
+    work.retain(|(_, list)| !list.is_empty());
+    // One lane (or none) has nothing to run in parallel: decoded here, without waking a pool thread.
+    let decode = |(decoder, list): (&mut Option<Decoder>, Vec<&mut DataFrame>)| {
+        let decoder = match decoder {
+            Some(d) => d,
+            None => decoder.insert(Decoder::new().map_err(Error::compression)?),
+        };
+        for d in list {
+            let raw = decoder
+                .decompress(&d.payload, d.raw_len as usize)
+                .map_err(|why| Error::Protocol(format!("DATA for chunk {}: {why}", d.chunk)))?;
+            d.payload = bytes::Bytes::from(raw);
+            d.encoding = Encoding::Raw;
+        }
+        Ok::<(), Error>(())
+    };
+    if work.len() > 1 {
+        work.into_par_iter().try_for_each(decode)?;
+    } else {
+        work.into_iter().try_for_each(decode)?;
+    }
     Ok(wire)
 }
 

@@ -467,3 +467,61 @@ fn read_back_catches_a_target_truncated_during_the_sync() -> Result<()> {
         .set_len(quarter)?;
     expect_caught_then_repaired(held, &["read-back", "size"])
 }
+
+/// The destination writes its next manifest while it makes the target durable, and keeps it only once the target
+/// is checked. Here the check after the fsync fails (`--read-back` finds a write made behind its back while the
+/// sync was held): the destination's state directory must hold no manifest afterwards (neither the one sealed
+/// during the fsync under a temporary name, never published, nor anything the failure invalidates), so that the
+/// next sync compares in full; that sync repairs the target.
+#[test]
+fn a_manifest_written_during_the_final_fsync_is_dropped_when_the_read_back_fails() -> Result<()> {
+    let state = tempfile::tempdir()?;
+    let state_dir = state.path().join("destination-state");
+    let dir_flag = state_dir.to_string_lossy().into_owned();
+    let held = held_with_chunk_written(0xc0_0008, &["--read-back", "--state-dir", &dir_flag], 0)?;
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&held.fx.target)?;
+    target.write_all_at(&[0xee; 4096], 0)?;
+    drop(target);
+    let fx_target = held.fx.target.clone();
+    let HeldSync {
+        fx,
+        mut destination,
+        proxy,
+        source,
+    } = held;
+    proxy.release();
+    let source_exit = source.wait(AGENT_TIMEOUT)?.status;
+    let finished = destination.wait(AGENT_TIMEOUT)?;
+    ensure!(
+        finished.status.code() == Some(RETRYABLE) && !source_exit.success(),
+        "the read-back must fail both sides: destination {}, source {source_exit}: {}",
+        finished.status,
+        error_line(&finished.stderr)
+    );
+    expect_failed(&fx.destination_status, Kind::Destination)?;
+    let left: Vec<String> = std::fs::read_dir(&state_dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    println!("destination state directory after the failed read-back: {left:?}");
+    ensure!(
+        !left.iter().any(|f| f.contains("manifest")),
+        "a manifest (or its temporary) outlived the failed sync: {left:?}"
+    );
+    let mut again = Destination::spawn(
+        &fx_target,
+        &fx.psk,
+        &fx.destination_status,
+        &["--state-dir", &dir_flag],
+    )?;
+    let run = fx.sync_into(&mut again, &[])?;
+    run.ensure_success()?;
+    fx.expect_target_matches_volume()?;
+    let dst = expect_successful(&fx.destination_status, Kind::Destination)?;
+    ensure!(
+        dst["external"]["syncKind"] == "full",
+        "the sync after the failure compares in full: {dst:#}"
+    );
+    Ok(())
+}

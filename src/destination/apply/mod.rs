@@ -20,6 +20,7 @@ use compare::DIGESTS_BATCH;
 use super::basis::Basis;
 use super::finals::FinalDigests;
 use super::flush::Flusher;
+use super::inbox::Inbox;
 use super::verify::{decode_lanes, verify_and_write, Base};
 use crate::chunk::{
     block_digests, block_range, runs, ChunkSummary, Digest, Geometry, VolumeDigest, ZeroDigests,
@@ -37,6 +38,22 @@ pub const ACK_EVERY: u64 = 1024;
 
 /// DATA frames verified together on all cores.
 const DATA_BATCH: usize = 32;
+
+/// A batch of DATA or BLOCKS frames with fewer payload bytes than this is verified and written on the session
+/// worker's own thread. Handing a batch to rayon from this (non-rayon) thread wakes a pool thread and puts the
+/// worker to sleep until the batch is done: two thread switches, which on a 2-core VM cost more than hashing and
+/// writing a few 4 KiB blocks. A delta's batches are mostly of that kind (a change list's chunks carry 1-2 blocks
+/// each); a full sync's 64 KiB chunks still go to all cores.
+const ON_CORES_BYTES: usize = 256 * 1024;
+
+/// Whether a batch of `frames` is worth verifying on all cores (see [`ON_CORES_BYTES`]).
+fn on_cores<'a>(frames: impl IntoIterator<Item = &'a DataFrame>) -> bool {
+    frames
+        .into_iter()
+        .map(|d| d.raw_len as usize)
+        .sum::<usize>()
+        >= ON_CORES_BYTES
+}
 
 /// Segments of local digests from the target's scan.
 pub type LocalDigests = Receiver<Result<(u64, Vec<ChunkSummary>)>>;
@@ -179,7 +196,7 @@ impl Apply {
     }
 
     /// Applies messages until the sync is durable and verified; returns the volume digest.
-    pub fn run(mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+    pub fn run(mut self, inbox: &mut Inbox) -> Result<Digest> {
         let result = self.serve(inbox);
         // A damaged manifest is dropped whether or not the target was written, so that the retry compares in full;
         // a session that wrote and failed drops the base it set aside, which no longer describes the target.
@@ -196,7 +213,7 @@ impl Apply {
         result
     }
 
-    fn serve(&mut self, inbox: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<Digest> {
+    fn serve(&mut self, inbox: &mut Inbox) -> Result<Digest> {
         let mut held = None;
         loop {
             if self.done() {
@@ -213,15 +230,15 @@ impl Apply {
                     let mut chunks = frames[0].1.len();
                     while self.delta && chunks < DIGESTS_BATCH {
                         match inbox.try_recv() {
-                            Ok(Message::Digests { first, digests }) => {
+                            Some(Message::Digests { first, digests }) => {
                                 chunks += digests.len();
                                 frames.push((first, digests));
                             }
-                            Ok(other) => {
+                            Some(other) => {
                                 held = Some(other);
                                 break;
                             }
-                            Err(_) => break,
+                            None => break,
                         }
                     }
                     self.on_digests(&frames)?;
@@ -316,12 +333,6 @@ impl Apply {
 
     fn durable_and_checked(&mut self) -> Result<Digest> {
         self.flush_zero_run()?;
-        let flushing = std::time::Instant::now();
-        if let Some(f) = self.flusher.take() {
-            f.finish()?;
-        }
-        self.target.sync()?;
-        tracing::info!("target fsynced in {:.2}s", flushing.elapsed().as_secs_f64());
         let (ours, manifest) = self.finals.finish()?;
         let theirs = self.end.unwrap_or(ours);
         if ours != theirs {
@@ -330,6 +341,19 @@ impl Apply {
                 destination_digest: ours.to_hex(),
             });
         }
+        // The next manifest is written and fsynced under a temporary name while the target is made durable, so
+        // that the two fsyncs overlap; it becomes the manifest only once the target is durable and checked.
+        let flushing = std::time::Instant::now();
+        let (target, basis, flusher) = (&self.target, &self.basis, self.flusher.take());
+        let (durable, sealed) = std::thread::scope(|scope| {
+            let sealing = manifest.map(|m| scope.spawn(move || basis.seal(m, ours, target)));
+            let durable = flusher
+                .map_or(Ok(()), Flusher::finish)
+                .and_then(|()| target.sync());
+            (durable, sealing.and_then(|h| h.join().ok().flatten()))
+        });
+        durable?;
+        tracing::info!("target fsynced in {:.2}s", flushing.elapsed().as_secs_f64());
         // `ours` is built from the digests this session computed or verified, not from the target's bytes now:
         // these two checks look at the target itself.
         let size = self.target.current_size()?;
@@ -355,8 +379,8 @@ impl Apply {
                 });
             }
         }
-        if let Some(writer) = manifest {
-            self.basis.commit(writer, ours, &self.target);
+        if let Some(sealed) = sealed {
+            super::basis::publish(sealed);
         }
         Ok(ours)
     }
@@ -428,20 +452,22 @@ impl Apply {
         let written: Vec<Result<()>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
             let file = self.blocks.as_deref();
-            claimed
-                .par_iter()
-                .map(|(d, open)| {
-                    let base = match &open.blocks {
-                        Some(blocks) => Base::Blocks(blocks),
-                        None => Base::Zeros,
-                    };
-                    let now = verify_and_write(target, geometry, figures, d, open.expected, base)?;
-                    if let Some(file) = file {
-                        file.write(d.chunk, &now);
-                    }
-                    Ok(())
-                })
-                .collect()
+            let one = |(d, open): &(DataFrame, Open)| {
+                let base = match &open.blocks {
+                    Some(blocks) => Base::Blocks(blocks),
+                    None => Base::Zeros,
+                };
+                let now = verify_and_write(target, geometry, figures, d, open.expected, base)?;
+                if let Some(file) = file {
+                    file.write(d.chunk, &now);
+                }
+                Ok(())
+            };
+            if on_cores(claimed.iter().map(|(d, _)| d)) {
+                claimed.par_iter().map(one).collect()
+            } else {
+                claimed.iter().map(one).collect()
+            }
         };
         for (((d, open), result), wire) in claimed.into_iter().zip(written).zip(wire) {
             result?;
@@ -503,7 +529,7 @@ impl Apply {
 /// `first` and the messages of its kind already waiting in `inbox` (`take` says which), up to [`DATA_BATCH`]; the
 /// first message of another kind is kept in `held`.
 fn gather<T>(
-    inbox: &mut tokio::sync::mpsc::Receiver<Message>,
+    inbox: &mut Inbox,
     held: &mut Option<Message>,
     first: T,
     take: impl Fn(Message) -> std::result::Result<T, Message>,
@@ -511,12 +537,12 @@ fn gather<T>(
     let mut batch = vec![first];
     while batch.len() < DATA_BATCH {
         match inbox.try_recv().map(&take) {
-            Ok(Ok(item)) => batch.push(item),
-            Ok(Err(other)) => {
+            Some(Ok(item)) => batch.push(item),
+            Some(Err(other)) => {
                 *held = Some(other);
                 break;
             }
-            Err(_) => break,
+            None => break,
         }
     }
     batch

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::{Apply, Open};
+use super::{on_cores, Apply, Open};
 use crate::chunk::{block_digests, is_zero, Digest, Geometry};
 use crate::codec::{DataFrame, Message};
 use crate::destination::verify::{decode_lanes, verify_pushed};
@@ -70,23 +70,23 @@ impl Apply {
         let outcomes: Vec<Result<Pushed>> = {
             let (target, geometry, figures) = (&*self.target, self.geometry, &*self.figures);
             let file = self.blocks.as_deref();
-            frames
-                .par_iter()
-                .zip(&pushes)
-                .zip(&bases)
-                .map(|((d, (expected, cover)), (base, known))| {
-                    let target_now = (d, *expected, cover.as_slice());
-                    apply_pushed(
-                        target,
-                        geometry,
-                        figures,
-                        target_now,
-                        *base,
-                        known.as_deref(),
-                        file,
-                    )
-                })
-                .collect()
+            let one = |i: usize| {
+                let (d, (expected, cover), (base, known)) = (&frames[i], &pushes[i], &bases[i]);
+                let target_now = (d, *expected, cover.as_slice());
+                apply_pushed(
+                    target,
+                    geometry,
+                    figures,
+                    target_now,
+                    *base,
+                    known.as_deref(),
+                    file,
+                )
+            };
+            match on_cores(&frames) {
+                true => (0..frames.len()).into_par_iter().map(one).collect(),
+                false => (0..frames.len()).map(one).collect(),
+            }
         };
         for (((d, (expected, _)), outcome), wire) in
             frames.iter().zip(pushes).zip(outcomes).zip(wire)
