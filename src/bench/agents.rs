@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 
 use super::delay::DelayProxy;
-use super::procs::{self, ChildGuard, Probe};
+use super::procs::{ChildGuard, Probe};
+use super::wait;
 
 /// The longest one sync may take before the bench gives up on it.
 pub const SYNC_LIMIT: Duration = Duration::from_secs(3600);
@@ -216,26 +217,25 @@ impl Agents {
         )?;
         let mut src_probe = Probe::process(source.pid());
         let mut dst_probe = Probe::process(dest.pid());
-        let ended = procs::wait_all(
+        let ended = wait::wait_all(
             &mut [&mut source, &mut dest],
             &mut [&mut src_probe, &mut dst_probe],
             SYNC_LIMIT,
         )?;
         drop(lines);
-        let (src_exit, src_end) = ended[0];
-        let (dst_exit, _) = ended[1];
-        if !src_exit.success() {
-            return Err(source.failure(&format!("failed ({src_exit})")));
+        let (src, dst) = (ended[0], ended[1]);
+        if !src.status.success() {
+            return Err(source.failure(&format!("failed ({})", src.status)));
         }
-        if !dst_exit.success() {
-            return Err(dest.failure(&format!("failed ({dst_exit})")));
+        if !dst.status.success() {
+            return Err(dest.failure(&format!("failed ({})", dst.status)));
         }
         Ok(AgentSync {
-            duration: src_end - start,
+            duration: src.at - start,
             rss_source: src_probe.peak(),
             rss_destination: dst_probe.peak(),
-            cpu_source: src_probe.cpu_secs(),
-            cpu_destination: dst_probe.cpu_secs(),
+            cpu_source: Some(src.usage.cpu_secs),
+            cpu_destination: Some(dst.usage.cpu_secs),
             source: external(&src_status)?,
             destination: external(&dst_status)?,
         })

@@ -24,6 +24,7 @@ mod report;
 mod rsync;
 mod scenario;
 mod storage;
+mod wait;
 
 use std::path::PathBuf;
 

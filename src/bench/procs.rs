@@ -1,9 +1,13 @@
-//! Child processes of the bench: kill-on-drop guards, peak-RSS probes read from `/proc`, waiting with a deadline.
+//! Child processes of the bench: kill-on-drop guards, and probes of the processes a daemon forks, read from `/proc`
+//! (waiting for them is `wait`'s).
 //!
-//! Peak RSS is the kernel's high-water mark (`VmHWM` in `/proc/PID/status`), sampled every [`TICK`] until the
-//! process exits. The mark only grows, so a sample misses at most what the process gained in its last tick before
-//! exiting. A probe on a server (rsync's daemon, stunnel) sums the marks of the processes it forks for the
-//! connection, because rsync's receiving side is two processes (generator and receiver).
+//! Peak RSS is the kernel's high-water mark (`VmHWM` in `/proc/PID/status`), sampled every `wait::SAMPLE_TICK`
+//! until the process exits. The mark only grows, so a sample misses at most what the process gained in its last
+//! tick before exiting. (`wait4`'s `ru_maxrss` cannot stand in for it: it keeps the mark of the bench's own memory,
+//! which the child shared until its `exec`.) A child's CPU time comes from the kernel when it is reaped
+//! (`wait::reap`). A probe on a server (rsync's daemon, stunnel) sums the marks and CPU times of the processes it
+//! forks for the connection, which are not our children, because rsync's receiving side is two processes
+//! (generator and receiver).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,10 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
-/// How often the probes sample `/proc` and the children are polled for exit.
-pub const TICK: Duration = Duration::from_millis(2);
+use super::wait::{reap, Usage};
 
 /// A child process that is killed (SIGKILL) and reaped when the guard is dropped before it exited, so an error
 /// anywhere in the bench leaves no agent, daemon or tunnel behind.
@@ -71,15 +74,18 @@ impl ChildGuard {
         self.child.stdout.take()
     }
 
-    /// Its exit status if it has exited (reaping it), without waiting.
-    fn poll(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        if self.exited.is_none() {
-            self.exited = self
-                .child
-                .try_wait()
-                .with_context(|| format!("cannot wait for {}", self.name))?;
+    /// Its exit status and resource use if it has exited (reaping it), without waiting; `None` for a child reaped
+    /// by [`ChildGuard::stop`].
+    pub(super) fn poll(&mut self) -> anyhow::Result<Option<(ExitStatus, Usage)>> {
+        if self.exited.is_some() {
+            return Ok(None);
         }
-        Ok(self.exited)
+        let reaped =
+            reap(self.pid(), false).with_context(|| format!("cannot wait for {}", self.name))?;
+        if let Some((status, _)) = reaped {
+            self.exited = Some(status);
+        }
+        Ok(reaped)
     }
 
     /// An error naming the child and its log; the log's last lines go to stderr first (the error itself is printed
@@ -98,7 +104,10 @@ impl ChildGuard {
     pub fn stop(&mut self) {
         if self.exited.is_none() {
             let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
+            self.exited = reap(self.pid(), true)
+                .ok()
+                .flatten()
+                .map(|(status, _)| status);
         }
     }
 }
@@ -157,10 +166,9 @@ impl Probe {
 
     /// Reads the current high-water marks and CPU times.
     pub fn sample(&mut self) {
-        let pids = if self.descendants {
-            descendants_of(self.pid)
-        } else {
-            vec![self.pid]
+        let pids = match self.descendants {
+            true => descendants_of(self.pid),
+            false => vec![self.pid],
         };
         for pid in pids {
             if let Some(hwm) = vm_hwm(pid) {
@@ -236,53 +244,6 @@ fn descendants_of(pid: u32) -> Vec<u32> {
     found
 }
 
-/// How long the other children may take to exit once one has failed.
-const GRACE_AFTER_FAILURE: Duration = Duration::from_secs(30);
-
-/// Waits until every child in `children` has exited, sampling `probes` each tick; returns each child's exit
-/// status and the instant it was first seen exited. Fails (the guards then kill what is left) after `limit`, or
-/// [`GRACE_AFTER_FAILURE`] after a child exited unsuccessfully.
-pub fn wait_all(
-    children: &mut [&mut ChildGuard],
-    probes: &mut [&mut Probe],
-    mut limit: Duration,
-) -> anyhow::Result<Vec<(ExitStatus, Instant)>> {
-    let start = Instant::now();
-    let mut done: Vec<Option<(ExitStatus, Instant)>> = vec![None; children.len()];
-    loop {
-        for probe in probes.iter_mut() {
-            probe.sample();
-        }
-        for (child, slot) in children.iter_mut().zip(done.iter_mut()) {
-            if slot.is_none() {
-                if let Some(status) = child.poll()? {
-                    *slot = Some((status, Instant::now()));
-                    if !status.success() {
-                        limit = limit.min(start.elapsed() + GRACE_AFTER_FAILURE);
-                    }
-                }
-            }
-        }
-        if let Some(all) = done.iter().copied().collect::<Option<Vec<_>>>() {
-            return Ok(all);
-        }
-        if start.elapsed() > limit {
-            let running: Vec<&str> = children
-                .iter()
-                .zip(&done)
-                .filter(|(_, d)| d.is_none())
-                .map(|(c, _)| c.name.as_str())
-                .collect();
-            bail!(
-                "{} still running after {:.0} s; stopped",
-                running.join(" and "),
-                limit.as_secs_f64()
-            );
-        }
-        std::thread::sleep(TICK);
-    }
-}
-
 /// A TCP port on 127.0.0.1 that was free a moment ago (for daemons that cannot be told to pick one themselves).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener =
@@ -299,7 +260,7 @@ pub fn wait_listening(daemon: &mut ChildGuard, port: u16) -> anyhow::Result<()> 
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
             return Ok(());
         }
-        if let Some(status) = daemon.poll()? {
+        if let Some((status, _)) = daemon.poll()? {
             return Err(daemon.failure(&format!("exited ({status}) before listening on {addr}")));
         }
         if start.elapsed() > Duration::from_secs(10) {

@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 
 use super::agents::SYNC_LIMIT;
 use super::procs::{self, ChildGuard, Probe};
+use super::wait;
 
 /// Which rsync setup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -257,14 +258,14 @@ impl RsyncSetup {
             ChildGuard::spawn(&format!("{} client", self.flavour.name()), cmd, &log, false)?;
         let mut client_probe = Probe::process(client.pid());
         let mut server_probe = Probe::descendants(self.server.pid());
-        let ended = procs::wait_all(
+        let ended = wait::wait_all(
             &mut [&mut client],
             &mut [&mut client_probe, &mut server_probe],
             SYNC_LIMIT,
         )?;
-        let (status, _) = ended[0];
-        if !status.success() {
-            return Err(client.failure(&format!("failed ({status})")));
+        let client_exit = ended[0];
+        if !client_exit.status.success() {
+            return Err(client.failure(&format!("failed ({})", client_exit.status)));
         }
         let target = self.target(volume);
         std::fs::File::open(&target)
@@ -280,7 +281,7 @@ impl RsyncSetup {
             received,
             rss_client: client_probe.peak(),
             rss_server: server_probe.peak(),
-            cpu_client: client_probe.cpu_secs(),
+            cpu_client: Some(client_exit.usage.cpu_secs),
             cpu_server: server_probe.cpu_secs(),
         })
     }
