@@ -370,7 +370,10 @@ mod tests {
         let ints: Vec<u8> = (0..4096)
             .map(|i| if i % 4 == 0 { random[i] } else { 0 })
             .collect();
-        assert!(entropy_bits(&ints, 4) > RANDOM_BITS, "the trap an even step falls in");
+        assert!(
+            entropy_bits(&ints, 4) > RANDOM_BITS,
+            "the trap an even step falls in"
+        );
         assert!(compressible(&ints, 1), "u32 values below 256");
         assert_eq!(entropy_bits(&[], 1), 0.0);
         assert_eq!(entropy_bits(&[7; 100], ENTROPY_STEP), 0.0);
