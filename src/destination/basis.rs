@@ -262,8 +262,6 @@ fn open_unit(rng: &mut impl rand::Rng) -> f64 {
 }
 
 impl Basis {
-    /// Keeps the manifest of what the target now holds (durable, verified): `identity` is taken now, after the
-    /// session's writes. A manifest that cannot be kept is logged; the next sync then compares in full.
     /// Writes the manifest `next` will be of the target once it is durable, with `volume_digest`, under a temporary
     /// name (see [`Sealed`]); [`publish`] makes it the manifest. `None` (and a warning) when it cannot be kept: the
     /// next sync then compares in full. The target is not written any more: its stamp (size, mtime) is final.

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::accept::{Arrival, Hello, Session};
 use super::{apply, inbox, DestinationConfig, INBOX};
 use crate::chunk::{Digest, Geometry, BLOCK_SIZE};
-use crate::codec::{FrameReader, Message, SyncKind};
+use crate::codec::{FrameReader, FrameWriter, Message, SyncKind};
 use crate::error::{Error, Result};
 use crate::net::{
     finish_writer, linger_close, ready_now, spawn_writer, tell_peer, within, ABORT_GRACE,
@@ -100,13 +100,7 @@ async fn recorded(
         Ok(s) => s,
         Err(e) => {
             // The source must learn why (not see a reset connection), and so must whoever reads the logs.
-            let e = Error::from(e);
-            let abort = Message::Abort {
-                code: e.abort_code(),
-                message: e.to_string(),
-            };
-            let _ = within("send", ABORT_GRACE, writer.send(&abort)).await;
-            return Err(e);
+            return Err(refused(&mut writer, Error::from(e)).await);
         }
     };
     let result = session(
@@ -133,6 +127,17 @@ async fn recorded(
         }
     }
     result
+}
+
+/// `e`, after telling the source in an ABORT (best effort, for at most [`ABORT_GRACE`]): a session refused before
+/// its worker starts.
+async fn refused<W: tokio::io::AsyncWrite + Unpin>(writer: &mut FrameWriter<W>, e: Error) -> Error {
+    let abort = Message::Abort {
+        code: e.abort_code(),
+        message: e.to_string(),
+    };
+    let _ = within("send", ABORT_GRACE, writer.send(&abort)).await;
+    e
 }
 
 /// Resolves when the serve loop says a new connection of the same source supersedes this session.
@@ -169,14 +174,7 @@ async fn session(
     let opened = opened.and_then(|o| writing.map(|w| (o, w)));
     let ((target, geometry), writing) = match opened {
         Ok(o) => o,
-        Err(e) => {
-            let abort = Message::Abort {
-                code: e.abort_code(),
-                message: e.to_string(),
-            };
-            let _ = within("send", ABORT_GRACE, writer.send(&abort)).await;
-            return Err(e);
-        }
+        Err(e) => return Err(refused(&mut writer, e).await),
     };
     figures.set_geometry(&geometry);
     let target = Arc::new(target);
@@ -199,14 +197,7 @@ async fn session(
             .map_err(|e| Error::Protocol(format!("deciding the sync's kind failed: {e}")));
         match begun.map_err(Error::from).and(basis) {
             Ok(basis) => basis,
-            Err(e) => {
-                let abort = Message::Abort {
-                    code: e.abort_code(),
-                    message: e.to_string(),
-                };
-                let _ = within("send", ABORT_GRACE, writer.send(&abort)).await;
-                return Err(e);
-            }
+            Err(e) => return Err(refused(&mut writer, e).await),
         }
     };
     let kind = basis.kind;

@@ -18,7 +18,7 @@ use crate::common::proxy::{Direction, Faults, Proxy};
 use crate::common::{
     error_line, expect_failed, expect_successful, external_u64, keygen, last_sync_time,
     random_spec, read_status, result_of, run_source_with, sparse_file, spawn_source_with,
-    wait_until, Destination, Fixture, ObservedSource, Running, AGENT_TIMEOUT,
+    wait_until, Destination, Finished, Fixture, ObservedSource, Running, AGENT_TIMEOUT,
 };
 use crate::schema::Kind;
 use observe::{bytes_through_hello, wait_scanned};
@@ -359,6 +359,32 @@ struct HeldSync {
     source: Running,
 }
 
+impl HeldSync {
+    /// Writes 4 KiB of 0xee at byte 0 of the target (a chunk the sync already wrote), behind the destination's back.
+    fn scribble_first_block(&self) -> Result<()> {
+        let target = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.fx.target)?;
+        target.write_all_at(&[0xee; 4096], 0)?;
+        Ok(())
+    }
+
+    /// Lets the sync go on and waits for both agents: the fixture, the source's exit status and the destination's
+    /// end.
+    fn release(self) -> Result<(Fixture, std::process::ExitStatus, Finished)> {
+        let HeldSync {
+            fx,
+            mut destination,
+            proxy,
+            source,
+        } = self;
+        proxy.release();
+        let source_exit = source.wait(AGENT_TIMEOUT)?.status;
+        let finished = destination.wait(AGENT_TIMEOUT)?;
+        Ok((fx, source_exit, finished))
+    }
+}
+
 /// Starts a [`HeldSync`] into a destination started with `flags`; returns once the destination has written `chunk`
 /// (polled on the target's bytes; its DATA lies well before the stall point), so that chunk is settled and this
 /// session will not write it again.
@@ -398,15 +424,7 @@ fn chunk_bytes(path: &Path, chunk: u64) -> Result<Vec<u8>> {
 /// sides: the destination exits 75 with status Failed naming one of `needles`, the source exits non-zero, and no
 /// status says Successful. Then a plain sync repairs the target.
 fn expect_caught_then_repaired(held: HeldSync, needles: &[&str]) -> Result<()> {
-    let HeldSync {
-        fx,
-        mut destination,
-        proxy,
-        source,
-    } = held;
-    proxy.release();
-    let source_exit = source.wait(AGENT_TIMEOUT)?.status;
-    let finished = destination.wait(AGENT_TIMEOUT)?;
+    let (fx, source_exit, finished) = held.release()?;
     let line = error_line(&finished.stderr);
     println!(
         "destination: {}: {line}; source: {source_exit}",
@@ -442,11 +460,7 @@ fn expect_caught_then_repaired(held: HeldSync, needles: &[&str]) -> Result<()> {
 #[test]
 fn read_back_catches_a_write_to_the_target_during_the_sync() -> Result<()> {
     let held = held_with_chunk_written(0xc0_0006, &["--read-back"], 0)?;
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&held.fx.target)?;
-    target.write_all_at(&[0xee; 4096], 0)?;
-    drop(target);
+    held.scribble_first_block()?;
     expect_caught_then_repaired(held, &["read-back"])
 }
 
@@ -479,21 +493,8 @@ fn a_manifest_written_during_the_final_fsync_is_dropped_when_the_read_back_fails
     let state_dir = state.path().join("destination-state");
     let dir_flag = state_dir.to_string_lossy().into_owned();
     let held = held_with_chunk_written(0xc0_0008, &["--read-back", "--state-dir", &dir_flag], 0)?;
-    let target = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&held.fx.target)?;
-    target.write_all_at(&[0xee; 4096], 0)?;
-    drop(target);
-    let fx_target = held.fx.target.clone();
-    let HeldSync {
-        fx,
-        mut destination,
-        proxy,
-        source,
-    } = held;
-    proxy.release();
-    let source_exit = source.wait(AGENT_TIMEOUT)?.status;
-    let finished = destination.wait(AGENT_TIMEOUT)?;
+    held.scribble_first_block()?;
+    let (fx, source_exit, finished) = held.release()?;
     ensure!(
         finished.status.code() == Some(RETRYABLE) && !source_exit.success(),
         "the read-back must fail both sides: destination {}, source {source_exit}: {}",
@@ -510,7 +511,7 @@ fn a_manifest_written_during_the_final_fsync_is_dropped_when_the_read_back_fails
         "a manifest (or its temporary) outlived the failed sync: {left:?}"
     );
     let mut again = Destination::spawn(
-        &fx_target,
+        &fx.target,
         &fx.psk,
         &fx.destination_status,
         &["--state-dir", &dir_flag],
